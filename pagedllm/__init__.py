@@ -1,0 +1,11 @@
+"""pagedllm: a vLLM-class inference engine in readable Python.
+
+The public surface mirrors vLLM's, so a vLLM script runs by changing its import.
+"""
+
+from pagedllm.entrypoints.llm import LLM
+from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]

@@ -1,0 +1,85 @@
+"""Paged attention in plain PyTorch: the reference implementation and the CPU backend.
+
+K/V live in a per-layer cache shaped [num_blocks, block_size, num_kv_heads, head_dim];
+a sequence's keys are found through its block table. Each step first writes the new K/V
+at their `slot_mapping` slots, then attends: decodes all at once over their gathered
+blocks, prefills (whole prompts, chunks, or prompts behind a cached prefix) one by one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pagedllm.attention.metadata import AttentionMetadata
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+def write_to_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
+    """Scatter this step's K/V [num_tokens, num_kv_heads, head_dim] into their cache slots."""
+    k_cache, v_cache = kv_cache
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value)
+
+
+class TorchPagedAttention:
+    """Attention over a paged KV cache with `torch.nn.functional.scaled_dot_product_attention`."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.gqa = num_heads != num_kv_heads
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        write_to_kv_cache(key, value, kv_cache, meta.slot_mapping)
+        out = torch.empty_like(query)
+        if meta.num_decodes:
+            out[meta.decode_token_idx] = self._decode(query[meta.decode_token_idx], kv_cache, meta)
+        for seq in meta.prefills:
+            rows = slice(seq.token_start, seq.token_start + seq.query_len)
+            if seq.context_len == 0:
+                # Nothing cached before: attend over this step's own K/V, no gather needed.
+                k, v = key[rows], value[rows]
+            else:
+                k, v = self._gather(kv_cache, seq.block_ids, seq.seq_len)
+            out[rows] = self._prefill(query[rows], k, v, seq.context_len)
+        return out
+
+    def _gather(self, kv_cache: KVCache, block_ids: torch.Tensor, seq_len: int) -> KVCache:
+        k_cache, v_cache = kv_cache
+        k = k_cache[block_ids].flatten(0, 1)[:seq_len]
+        v = v_cache[block_ids].flatten(0, 1)[:seq_len]
+        return k, v
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int) -> torch.Tensor:
+        # [len, heads, dim] -> [heads, len, dim]
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if context_len == 0:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.gqa)
+        else:
+            # Query i sits at position context_len + i and sees keys 0..context_len + i.
+            q_pos = torch.arange(context_len, context_len + q.shape[1])
+            mask = torch.arange(k.shape[1])[None, :] <= q_pos[:, None]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.gqa)
+        return o.transpose(0, 1)
+
+    def _decode(self, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        k_cache, v_cache = kv_cache
+        # [num_decodes, max_blocks, block_size, kv_heads, dim] -> [num_decodes, kv_heads, keys, dim]
+        k = k_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
+        v = v_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
+        mask = meta.decode_key_mask[:, None, None, :]
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.gqa
+        )  # [num_decodes, heads, 1, dim]
+        return o.squeeze(2)

@@ -1,0 +1,200 @@
+"""The scheduler: each step, decide which requests run and how many tokens each feeds.
+
+One token budget (`max_num_batched_tokens`) is shared by running requests (decodes and
+unfinished prefill chunks, served first, in admission order) and newly admitted waiting
+requests (FCFS, their prompts chunked to fit). When the KV cache runs out of blocks, the
+most recently admitted running request is preempted: its blocks are freed and it goes
+back to the front of the waiting queue, to be recomputed later. The scheduler touches no
+tensors; its decision leaves as one `SchedulerOutput`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable
+
+from pagedllm.config import SchedulerConfig
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache_manager = kv_cache_manager
+        self.block_size = kv_cache_manager.block_size
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._finished_since_last_step: set[str] = set()
+
+    # ----- queue management -------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        """End requests from outside a step (a stop string matched, or an abort)."""
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self._free(request)
+
+    def _free(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        self._finished_since_last_step.add(request.request_id)
+        del self.requests[request.request_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ----- the decision -----------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        preempted: set[str] = set()
+
+        # 1. Running requests first, oldest first; preempt the newest when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while self.kv_cache_manager.allocate_slots(request, num_new) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.add(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                scheduled.append((request, num_new))
+                budget -= num_new
+                i += 1
+
+        # 2. Admit waiting requests, unless this step already had to preempt.
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
+            num_new = request.num_tokens - num_hit_tokens
+            if not self.config.enable_chunked_prefill and num_new > budget:
+                break
+            num_new = min(num_new, budget)
+            if self.kv_cache_manager.allocate_slots(request, num_new, hits) is None:
+                break
+            self.waiting.popleft()
+            self.kv_cache_manager.record_prefix_cache_lookup(request.num_tokens, num_hit_tokens)
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            request.num_computed_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append((request, num_new))
+            budget -= num_new
+
+        out = SchedulerOutput(
+            scheduled=[self._make_scheduled(r, n) for r, n in scheduled],
+            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            finished_req_ids=self._finished_since_last_step,
+            preempted_req_ids=preempted,
+        )
+        self._finished_since_last_step = set()
+        return out
+
+    def _preempt(self, request: Request) -> None:
+        """Free everything the request holds; it will recompute prompt and output later."""
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        logger.debug("preempted %s (%d tokens)", request.request_id, request.num_tokens)
+
+    def _make_scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        params = request.sampling_params
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.all_token_ids[start : start + num_new],
+            num_computed_tokens=start,
+            block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
+            sampling_params=params,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
+            sample=start + num_new == request.num_tokens,
+            compute_prompt_logprobs=params.prompt_logprobs is not None
+            and start < request.num_prompt_tokens - 1
+            and request.num_output_tokens == 0,
+        )
+
+    # ----- after the model ran ----------------------------------------------------
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[Request]:
+        """Advance computed tokens, append sampled ones, and end requests that stopped.
+
+        Returns the requests that received a new token this step (finished ones included).
+        """
+        updated = []
+        for sched in scheduler_output.scheduled:
+            request = self.requests.get(sched.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += len(sched.token_ids)
+            token_id = runner_output.sampled_token_ids.get(sched.request_id)
+            if token_id is None:
+                continue
+            request.append_output_token(token_id)
+            self._check_stop(request, token_id)
+            updated.append(request)
+            if request.is_finished:
+                self.running.remove(request)
+                self._free(request)
+        return updated
+
+    def _check_stop(self, request: Request, token_id: int) -> None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens and token_id in params.all_stop_token_ids:
+            request.status = RequestStatus.FINISHED_STOPPED
+            # EOS ends a request with no stop_reason; a user's stop token id is the reason.
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+        elif request.num_output_tokens >= request.max_tokens:
+            request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.kv_cache_manager.usage(),
+            num_preemptions=self.num_preemptions,
+            prefix_cache_queries=self.kv_cache_manager.prefix_cache_queries,
+            prefix_cache_hits=self.kv_cache_manager.prefix_cache_hits,
+        )

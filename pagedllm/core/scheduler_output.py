@@ -1,0 +1,59 @@
+"""The one message between deciding and doing.
+
+The scheduler fills a `SchedulerOutput` from pure Python state; the model runner turns it
+into tensors and returns a `ModelRunnerOutput`. Both are plain picklable data so that a
+tensor-parallel worker in another process can receive the same message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pagedllm.sampling_params import SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step: which tokens to run, where their KV goes, what to sample."""
+
+    request_id: str
+    token_ids: list[int]  # the tokens fed this step (a prompt chunk, or the last sampled token)
+    num_computed_tokens: int  # position of token_ids[0]; KV before it is already cached
+    block_ids: list[int]  # the request's block table (logical block i -> physical block)
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # generated so far: penalties and min_tokens need them
+    sample: bool  # True when this chunk reaches the end of the known tokens
+    compute_prompt_logprobs: bool = False
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    num_batched_tokens: int
+    # Requests that ended since the previous step: the runner drops their state.
+    finished_req_ids: set[str] = field(default_factory=set)
+    preempted_req_ids: set[str] = field(default_factory=set)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprobs at one or more positions: row i holds the chosen token first, then the top-k."""
+
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    ranks: list[list[int]]
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # request id -> (first prompt position covered, logprobs for the following positions)
+    prompt_logprobs: dict[str, tuple[int, TokenLogprobs]] = field(default_factory=dict)
+    error: Optional[str] = None

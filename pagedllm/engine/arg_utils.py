@@ -1,0 +1,97 @@
+"""`EngineArgs`: the user-facing knobs (vLLM's names and defaults) turned into validated configs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from pagedllm.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    resolve_device,
+    resolve_dtype,
+)
+from pagedllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+
+@dataclass
+class EngineArgs:
+    model: Optional[str] = None
+    tokenizer: Optional[str] = None
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: Optional[int] = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: Optional[int] = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    num_gpu_blocks_override: Optional[int] = None
+    kv_cache_memory_bytes: Optional[int] = None
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    device: str = "auto"
+
+    def load_hf_config(self, model_path: str) -> Any:
+        if model_path.endswith(".gguf"):
+            from pagedllm.model_executor.gguf_loader import load_gguf_config
+
+            return load_gguf_config(model_path)
+        from transformers import AutoConfig
+
+        if not os.path.isfile(os.path.join(model_path, "config.json")):
+            raise ValueError(f"{model_path} is not a Hugging Face checkpoint directory (no config.json)")
+        return AutoConfig.from_pretrained(model_path)
+
+    def create_engine_config(self, model_path: str, hf_config: Any) -> EngineConfig:
+        device = resolve_device(self.device)
+        max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
+        sliding = getattr(hf_config, "sliding_window", None)
+        if sliding and getattr(hf_config, "use_sliding_window", True) and sliding < max_pos:
+            # Attention here is always full; capping the context at the window keeps results exact.
+            logger.warning("Model uses a sliding window of %d tokens; max_model_len is capped to it", sliding)
+            max_pos = sliding
+        max_model_len = self.max_model_len or max_pos
+        if max_model_len > max_pos:
+            raise ValueError(
+                f"max_model_len ({max_model_len}) is larger than the model's maximum context ({max_pos})"
+            )
+        if max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
+        batched = self.max_num_batched_tokens or max(8192, self.max_num_seqs)
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens is None:
+            batched = max(batched, max_model_len)
+        config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        return EngineConfig(
+            model_config=ModelConfig(
+                model=model_path,
+                tokenizer=self.tokenizer or model_path,
+                hf_config=hf_config,
+                dtype=resolve_dtype(self.dtype, config_dtype, device),
+                max_model_len=max_model_len,
+                vocab_size=hf_config.vocab_size,
+                seed=self.seed,
+                enforce_eager=self.enforce_eager,
+            ),
+            cache_config=CacheConfig(
+                block_size=self.block_size,
+                enable_prefix_caching=self.enable_prefix_caching,
+                num_gpu_blocks_override=self.num_gpu_blocks_override,
+                kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+            ),
+            scheduler_config=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=batched,
+                max_model_len=max_model_len,
+                enable_chunked_prefill=self.enable_chunked_prefill,
+            ),
+            device=device,
+        )

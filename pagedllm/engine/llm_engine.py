@@ -1,0 +1,191 @@
+"""`LLMEngine`: one engine step = schedule, run the model, update requests, build outputs.
+
+The engine owns the tokenizer (prompts in, text out), the scheduler (what runs) and the
+model runner (how it runs). `LLM` drives it to completion offline; the server will drive
+it step by step.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any, Optional, Union
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.scheduler import Scheduler
+from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.metrics import EngineCounters, Metric, StatLogger, collect_metrics
+from pagedllm.engine.output_processor import OutputProcessor
+from pagedllm.engine.parent_request import child_request_id, child_sampling_params
+from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.engine.tokenizer import eos_token_ids, load_generation_config, load_tokenizer
+from pagedllm.logger import init_logger
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.model_runner import ModelRunner
+
+logger = init_logger(__name__)
+
+PromptType = Union[str, list[int], dict]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer: Any, generation_config: Optional[dict] = None,
+                 log_stats: bool = True) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config or {}
+        mc, cc = config.model_config, config.cache_config
+        self.eos_token_ids = eos_token_ids(tokenizer, mc.hf_config, self.generation_config)
+        start = time.perf_counter()
+        self.model_runner = ModelRunner(config)
+        num_blocks = self.model_runner.num_blocks
+        capacity = num_blocks * cc.block_size
+        if mc.max_model_len > capacity:
+            raise ValueError(
+                f"max_model_len ({mc.max_model_len}) is larger than the KV cache can hold "
+                f"({num_blocks} blocks x {cc.block_size} = {capacity} tokens); lower max_model_len or "
+                "give the cache more room (num_gpu_blocks_override, kv_cache_memory_bytes, "
+                "PAGEDLLM_CPU_KVCACHE_SPACE)"
+            )
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens on %s; maximum concurrency for %d-token requests: %.2fx",
+            num_blocks, cc.block_size, capacity, config.device, mc.max_model_len, capacity / mc.max_model_len,
+        )
+        self.kv_cache_manager = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler_config, self.kv_cache_manager)
+        self.output_processor = OutputProcessor(tokenizer)
+        self.counters = EngineCounters()
+        self.stat_logger = StatLogger() if log_stats else None
+        logger.info("Engine ready in %.2f s", time.perf_counter() - start)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, model_path: str) -> "LLMEngine":
+        hf_config = args.load_hf_config(model_path)
+        config = args.create_engine_config(model_path, hf_config)
+        tokenizer = load_tokenizer(config.model_config.tokenizer)
+        return cls(config, tokenizer, load_generation_config(model_path))
+
+    # ----- requests -----------------------------------------------------------------
+    def process_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        """Normalise any accepted prompt form to (text or None, token ids), checking it."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                text, ids = prompt["prompt"], None
+            else:
+                raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
+        elif isinstance(prompt, str):
+            text, ids = prompt, None
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            text, ids = None, list(prompt)
+        else:
+            raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
+        if ids is None:
+            if not isinstance(text, str):
+                raise ValueError(f"prompt must be a string, got {type(text).__name__}")
+            ids = self.tokenizer.encode(text)  # with the tokenizer's default special tokens (BOS)
+        if not ids:
+            raise ValueError("the prompt is empty (no tokens)")
+        vocab = self.config.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of vocabulary (size {vocab}): {bad[:5]}")
+        max_len = self.config.model_config.max_model_len
+        if len(ids) >= max_len:
+            raise ValueError(
+                f"the prompt ({len(ids)} tokens) is too long for the maximum model length of {max_len} "
+                "tokens (it must leave room for at least one generated token)"
+            )
+        return text, ids
+
+    def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
+                    arrival_time: Optional[float] = None) -> None:
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if self.output_processor.has_request(request_id):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self.process_prompt(prompt)
+        params.verify_vocab(self.config.model_config.vocab_size)
+        params = params.clone()
+        if params.max_tokens is not None and params.min_tokens > params.max_tokens:
+            raise ValueError("min_tokens must not exceed max_tokens")
+        if not params.ignore_eos:
+            params.all_stop_token_ids |= self.eos_token_ids
+        max_model_len = self.config.model_config.max_model_len
+        max_tokens = max_model_len - len(ids)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        child_ids = [child_request_id(request_id, i, params.n) for i in range(params.n)]
+        self.output_processor.add_request(request_id, text, ids, params, child_ids)
+        block_size = self.config.cache_config.block_size
+        for i, child_id in enumerate(child_ids):
+            child_params = child_sampling_params(params, i)
+            self.scheduler.add_request(Request(child_id, ids, child_params, max_tokens, block_size, arrival_time))
+
+    def abort_request(self, request_id: Union[str, list[str]]) -> None:
+        for rid in [request_id] if isinstance(request_id, str) else request_id:
+            if not self.output_processor.has_request(rid):
+                continue
+            self.scheduler.finish_requests(self.output_processor.child_ids(rid), RequestStatus.FINISHED_ABORTED)
+            self.output_processor.remove(rid)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.output_processor.parents)
+
+    # ----- the step -----------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; return the outputs of requests that advanced."""
+        sched_out = self.scheduler.schedule()
+        runner_out = self.model_runner.execute_model(sched_out)
+        updated = self.scheduler.update_from_output(sched_out, runner_out)
+        touched: dict[str, None] = {}
+        for child_id, (first_pos, lp) in runner_out.prompt_logprobs.items():
+            if child_id in self.output_processor.child_to_parent:
+                self.output_processor.add_prompt_logprobs(child_id, first_pos, lp)
+        stopped_by_string = []
+        for request in updated:
+            if request.num_output_tokens == 1:
+                self.counters.prompt_tokens += request.num_prompt_tokens
+            self.counters.generation_tokens += 1
+            new_tokens = request.output_token_ids[-1:]
+            if self.output_processor.process(request, new_tokens, runner_out.logprobs.get(request.request_id)):
+                stopped_by_string.append(request.request_id)
+            touched[self.output_processor.parent_of(request.request_id)] = None
+        if stopped_by_string:
+            self.scheduler.finish_requests(stopped_by_string, RequestStatus.FINISHED_STOPPED)
+        outputs = []
+        for parent_id in touched:
+            output = self.output_processor.make_output(parent_id)
+            outputs.append(output)
+            if output.finished:
+                self.output_processor.remove(parent_id)
+                self.counters.requests_finished += 1
+        if self.stat_logger is not None:
+            self.stat_logger.maybe_log(self.scheduler.stats(), self.counters)
+        return outputs
+
+    # ----- introspection ------------------------------------------------------------
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def get_metrics(self) -> list[Metric]:
+        return collect_metrics(self.scheduler.stats(), self.counters)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_cache_manager.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        """Drop the model and the KV cache so their memory returns at once."""
+        runner = getattr(self, "model_runner", None)
+        if runner is not None:
+            runner.kv_caches = []
+            runner.model = None
+            self.model_runner = None
+        gc.collect()

@@ -1,0 +1,101 @@
+"""`Request`: one sequence's scheduling state, shared by the engine, scheduler and KV cache.
+
+A user request with `n > 1` becomes `n` of these (see `engine/parent_request.py`); they
+share their prompt's KV blocks through the prefix cache.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Optional
+
+from pagedllm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH_CAPPED = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+
+    @property
+    def is_finished(self) -> bool:
+        return self.value >= RequestStatus.FINISHED_STOPPED.value
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return {
+            RequestStatus.FINISHED_STOPPED: "stop",
+            RequestStatus.FINISHED_LENGTH_CAPPED: "length",
+            RequestStatus.FINISHED_ABORTED: "abort",
+        }.get(self)
+
+
+class Request:
+    """A sequence: its tokens, how many of them have KV in the cache, and its block hashes.
+
+    Invariant: `num_computed_tokens <= num_tokens`; tokens past `num_computed_tokens` are
+    what the scheduler still has to feed through the model (a prompt remainder, the last
+    sampled token, or everything again after a preemption).
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        max_tokens: int,
+        block_size: int,
+        arrival_time: Optional[float] = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.sampling_params = sampling_params
+        self.max_tokens = max_tokens  # already capped by max_model_len
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.output_token_ids: list[int] = []
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = -1  # prefix-cache hit on first admission; -1 until then
+        self.num_preemptions = 0
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.block_size = block_size
+        self.block_hashes: list[tuple] = []
+        self._update_block_hashes()
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+        if self.num_tokens % self.block_size == 0:
+            self._update_block_hashes()
+
+    def _update_block_hashes(self) -> None:
+        """Hash every newly full block, chained on its parent so a hash names a whole prefix.
+
+        The key keeps the block's tokens next to the parent's hash, so two different
+        prefixes can only collide if their parents' 64-bit hashes do.
+        """
+        bs = self.block_size
+        for i in range(len(self.block_hashes), self.num_tokens // bs):
+            parent = hash(self.block_hashes[i - 1]) if i else None
+            self.block_hashes.append((parent, tuple(self.all_token_ids[i * bs : (i + 1) * bs])))
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished

@@ -1,0 +1,44 @@
+"""Loading the tokenizer and the model's end-of-sequence ids through transformers."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pagedllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+
+def load_tokenizer(path: str) -> Any:
+    if path.endswith(".gguf"):
+        from pagedllm.model_executor.gguf_loader import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not load a tokenizer from {path}: {e}") from e
+
+
+def load_generation_config(model_path: str) -> dict:
+    """The checkpoint's generation_config.json as a dict ({} when absent)."""
+    if os.path.isdir(model_path) and os.path.isfile(os.path.join(model_path, "generation_config.json")):
+        from transformers import GenerationConfig
+
+        return GenerationConfig.from_pretrained(model_path).to_diff_dict()
+    return {}
+
+
+def eos_token_ids(tokenizer: Any, hf_config: Any, generation_config: dict) -> set[int]:
+    """Every id that ends generation: the tokenizer's EOS plus any the configs list."""
+    ids: set[int] = set()
+    for source in (getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None),
+                   generation_config.get("eos_token_id")):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    return ids

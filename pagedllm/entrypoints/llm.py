@@ -1,0 +1,177 @@
+"""`LLM`: vLLM's offline entry point. Give it prompts, get `RequestOutput`s back in input order."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Optional, Sequence, Union
+
+from tqdm.auto import tqdm
+
+from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.llm_engine import LLMEngine, PromptType
+from pagedllm.engine.metrics import Metric
+from pagedllm.logger import init_logger
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+logger = init_logger(__name__)
+
+ChatMessages = list[dict[str, Any]]
+
+
+class LLM:
+    """An engine for offline batched generation, with vLLM's constructor arguments.
+
+    `model` is a local Hugging Face checkpoint directory, a `.gguf` file, or a known short
+    name (None: the embedded default model).
+    """
+
+    def __init__(
+        self,
+        model: Optional[str] = None,
+        tokenizer: Optional[str] = None,
+        dtype: str = "auto",
+        seed: int = 0,
+        max_model_len: Optional[int] = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: Optional[int] = None,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        num_gpu_blocks_override: Optional[int] = None,
+        kv_cache_memory_bytes: Optional[int] = None,
+        gpu_memory_utilization: float = 0.9,
+        enforce_eager: bool = False,
+        device: str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        if kwargs:
+            logger.warning("Ignoring unsupported LLM arguments: %s", sorted(kwargs))
+        args = EngineArgs(
+            model=model, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+            enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
+            num_gpu_blocks_override=num_gpu_blocks_override, kv_cache_memory_bytes=kv_cache_memory_bytes,
+            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, device=device,
+        )
+        self.llm_engine = LLMEngine.from_engine_args(args, _resolve_model_path(model))
+        self._counter = itertools.count()
+
+    # ----- generation -----------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Union[PromptType, Sequence[PromptType]],
+        sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        prompt_list = _as_prompt_list(prompts)
+        return self._run(prompt_list, sampling_params, use_tqdm)
+
+    def chat(
+        self,
+        messages: Union[ChatMessages, Sequence[ChatMessages]],
+        sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
+        use_tqdm: bool = True,
+        chat_template: Optional[str] = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[RequestOutput]:
+        """Render each conversation with the chat template, then generate (no BOS added twice)."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tokenizer = self.get_tokenizer()
+        if chat_template is None and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; pass chat_template=...")
+        prompts = []
+        for conversation in conversations:
+            try:
+                text = tokenizer.apply_chat_template(
+                    conversation, chat_template=chat_template, tokenize=False,
+                    add_generation_prompt=add_generation_prompt and not continue_final_message,
+                    continue_final_message=continue_final_message,
+                )
+            except Exception as e:  # template errors come in many types (jinja, KeyError, ...)
+                raise ValueError(f"could not render the chat template: {e}") from e
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return self._run(prompts, sampling_params, use_tqdm)
+
+    def _run(self, prompts: list[PromptType], sampling_params: Any, use_tqdm: bool) -> list[RequestOutput]:
+        if sampling_params is None:
+            params_list = [SamplingParams()] * len(prompts)
+        elif isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"got {len(params_list)} sampling params for {len(prompts)} prompts; the lengths must match"
+                )
+        engine = self.llm_engine
+        request_ids: list[str] = []
+        try:
+            for prompt, params in zip(prompts, params_list):
+                request_id = str(next(self._counter))
+                engine.add_request(request_id, prompt, params)
+                request_ids.append(request_id)
+        except Exception:
+            engine.abort_request(request_ids)  # one bad prompt fails the call, leaves the engine clean
+            raise
+        return self._run_engine(request_ids, use_tqdm)
+
+    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        generated = 0
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        generated += sum(len(o.token_ids) for o in output.outputs)
+                        bar.update(1)
+                        elapsed = bar.format_dict["elapsed"] or 1e-9
+                        bar.set_postfix_str(f"output: {generated / elapsed:.1f} toks/s", refresh=False)
+        except BaseException:
+            engine.abort_request([r for r in request_ids if r not in finished])
+            raise
+        finally:
+            bar.close()
+        return [finished[r] for r in request_ids]
+
+    # ----- the rest of vLLM's surface ---------------------------------------------------
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.get_tokenizer()
+
+    def get_metrics(self) -> list[Metric]:
+        return self.llm_engine.get_metrics()
+
+    def reset_prefix_cache(self) -> bool:
+        return self.llm_engine.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        engine = getattr(self, "llm_engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass
+
+
+def _as_prompt_list(prompts: Any) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if prompts and all(isinstance(t, int) for t in prompts):
+            return [list(prompts)]  # one prompt given as token ids
+        return list(prompts)
+    raise ValueError(f"prompts must be a string, a prompt dict, or a list of them; got {type(prompts).__name__}")
+
+
+def _resolve_model_path(model: Optional[str]) -> str:
+    from pagedllm.model_executor.model_source import resolve_model
+
+    return resolve_model(model).path

@@ -1,0 +1,54 @@
+"""Rotary position embedding over a precomputed cos/sin table indexed by position.
+
+The inverse frequencies come from transformers' own RoPE initialisers, so every scaling
+variant a checkpoint declares (llama3, linear, yarn, ...) is computed exactly as the
+reference does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+
+def _rope_type_and_theta(config) -> tuple[str, float]:
+    params = getattr(config, "rope_parameters", None)
+    if not params:  # transformers 4.x spelling
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    return rope_type, float(params.get("rope_theta", 10000.0))
+
+
+def compute_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
+    rope_type, theta = _rope_type_and_theta(config)
+    if rope_type == "default":
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"unsupported rope type {rope_type!r}")
+    if rope_type == "dynamic":
+        raise ValueError("dynamic NTK rope scaling depends on sequence length and is not supported")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    return inv_freq.float(), float(scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config, head_dim: int, max_position: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        inv_freq, scaling = compute_inv_freq(config, head_dim)
+        t = torch.arange(max_position, dtype=torch.float)
+        freqs = torch.outer(t, inv_freq)
+        self.register_buffer("cos", (freqs.cos() * scaling).to(dtype), persistent=False)
+        self.register_buffer("sin", (freqs.sin() * scaling).to(dtype), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q [T, heads, dim] and k [T, kv_heads, dim] in the half-split (NeoX/HF) layout."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -1,0 +1,46 @@
+"""Building a model and filling it with checkpoint weights (safetensors or GGUF)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pagedllm.config import ModelConfig
+from pagedllm.logger import init_logger
+from pagedllm.model_executor.models import SUPPORTED_ARCHITECTURES, get_architecture
+from pagedllm.model_executor.weight_utils import iterate_safetensors_weights
+
+logger = init_logger(__name__)
+
+
+def load_model(model_config: ModelConfig, device: torch.device) -> torch.nn.Module:
+    arch = get_architecture(model_config.hf_config)
+    start = time.perf_counter()
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(model_config.dtype)
+    try:
+        with torch.device(device):
+            model = SUPPORTED_ARCHITECTURES[arch](
+                model_config.hf_config, arch, model_config.max_model_len, model_config.dtype
+            )
+    finally:
+        torch.set_default_dtype(old_dtype)
+    model.load_weights(_iterate_weights(model_config))
+    model.eval().requires_grad_(False)
+    logger.info(
+        "Loaded %s weights (%s, %.1fM parameters) in %.2f s",
+        arch,
+        str(model_config.dtype).removeprefix("torch."),
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        time.perf_counter() - start,
+    )
+    return model
+
+
+def _iterate_weights(model_config: ModelConfig):
+    if model_config.model.endswith(".gguf"):
+        from pagedllm.model_executor.gguf_loader import iterate_gguf_weights
+
+        return iterate_gguf_weights(model_config.model, model_config.dtype)
+    return iterate_safetensors_weights(model_config.model, model_config.dtype)

@@ -1,0 +1,129 @@
+"""`SamplingParams`: how one request is decoded, with vLLM's fields, defaults and checks.
+
+Validation happens once, at construction, so every later stage (scheduler, sampler,
+output processor) can trust the values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+# Below this temperature a request is treated as greedy, as in vLLM.
+SAMPLING_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """Sampling parameters for text generation (vLLM-compatible).
+
+    `temperature=0` means greedy decoding whatever top-k/top-p/min-p say; `max_tokens=None`
+    means "until the context (`max_model_len`) is full".
+    """
+
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: bool = False
+    max_tokens: Optional[int] = 16
+    min_tokens: int = 0
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: Optional[dict[int, float]] = None
+    allowed_token_ids: Optional[list[int]] = None
+    # Filled by the engine: EOS plus the generation config's extra EOS ids.
+    all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        if self.top_k == -1:  # vLLM's older spelling of "disabled"
+            self.top_k = 0
+        if self.logit_bias is not None:
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError, AttributeError) as e:
+                raise ValueError(f"logit_bias must map token ids to floats, got {self.logit_bias!r}") from e
+        self._verify()
+        if self.temperature < SAMPLING_EPS:
+            # Greedy: the truncation knobs can only change ties, so drop them (vLLM does too).
+            self.top_p = 1.0
+            self.top_k = 0
+            self.min_p = 0.0
+        self.all_stop_token_ids = set(self.stop_token_ids)
+
+    def _verify(self) -> None:
+        def check(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} {msg}, got {getattr(self, name)!r}.")
+
+        check(isinstance(self.n, int) and self.n >= 1, "n", "must be an integer >= 1")
+        check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]")
+        check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]")
+        check(self.repetition_penalty > 0.0, "repetition_penalty", "must be greater than zero")
+        check(self.temperature >= 0.0, "temperature", "must be non-negative")
+        check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be -1 or 0 (disable), or at least 1")
+        check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
+        if self.max_tokens is not None:
+            check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "must be at least 1")
+        check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be greater than or equal to 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}."
+            )
+        if self.logprobs is not None:
+            check(isinstance(self.logprobs, int) and self.logprobs >= 0, "logprobs", "must be non-negative")
+        if self.prompt_logprobs is not None:
+            check(
+                isinstance(self.prompt_logprobs, int) and self.prompt_logprobs >= 0,
+                "prompt_logprobs",
+                "must be non-negative",
+            )
+        if self.seed is not None:
+            check(isinstance(self.seed, int), "seed", "must be an integer")
+        if any(not isinstance(s, str) or s == "" for s in self.stop):
+            raise ValueError(f"stop cannot contain an empty string, got {self.stop!r}.")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}.")
+        if self.allowed_token_ids is not None:
+            if len(self.allowed_token_ids) == 0:
+                raise ValueError("allowed_token_ids must not be empty.")
+            if any(not isinstance(t, int) or t < 0 for t in self.allowed_token_ids):
+                raise ValueError(f"allowed_token_ids must be non-negative integers, got {self.allowed_token_ids!r}.")
+
+    def verify_vocab(self, vocab_size: int) -> None:
+        """Reject token ids the model cannot produce (checked when the request is added)."""
+        for name, ids in (
+            ("allowed_token_ids", self.allowed_token_ids or []),
+            ("logit_bias", list((self.logit_bias or {}).keys())),
+        ):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"{name} contains token ids out of vocabulary (size {vocab_size}): {bad[:5]}")
+
+    @property
+    def sampling_type_greedy(self) -> bool:
+        return self.temperature < SAMPLING_EPS
+
+    def clone(self) -> "SamplingParams":
+        from copy import deepcopy
+
+        return deepcopy(self)

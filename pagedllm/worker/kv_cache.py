@@ -1,0 +1,68 @@
+"""Sizing and allocating the paged KV cache.
+
+One (key, value) pair of tensors per layer, each [num_blocks, block_size, num_kv_heads,
+head_dim]. The number of blocks comes from, in order: `num_gpu_blocks_override` (exact, on
+any device); on CPU the byte budget (`kv_cache_memory_bytes`, else
+`$PAGEDLLM_CPU_KVCACHE_SPACE` GiB, default 4); on GPU the free memory times
+`gpu_memory_utilization`. Never more than all `max_num_seqs` requests at `max_model_len`
+could use, since extra blocks would only cost memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagedllm.config import CacheConfig, ModelConfig, SchedulerConfig
+from pagedllm.core.kv_cache_manager import cdiv
+from pagedllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+
+def bytes_per_block(model_config: ModelConfig, block_size: int) -> int:
+    elem = torch.empty((), dtype=model_config.dtype).element_size()
+    return 2 * model_config.num_layers * block_size * model_config.num_kv_heads * model_config.head_dim * elem
+
+
+def determine_num_blocks(
+    model_config: ModelConfig,
+    cache_config: CacheConfig,
+    scheduler_config: SchedulerConfig,
+    device: torch.device,
+) -> int:
+    per_block = bytes_per_block(model_config, cache_config.block_size)
+    if cache_config.num_gpu_blocks_override is not None:
+        return cache_config.num_gpu_blocks_override
+    if device.type == "cpu":
+        budget = cache_config.cpu_kv_cache_bytes()
+    elif cache_config.kv_cache_memory_bytes is not None:
+        budget = cache_config.kv_cache_memory_bytes
+    else:
+        free, total = torch.cuda.mem_get_info(device)
+        used = total - free
+        budget = int(total * cache_config.gpu_memory_utilization) - used
+    num_blocks = budget // per_block
+    useful = scheduler_config.max_num_seqs * cdiv(model_config.max_model_len, cache_config.block_size)
+    if num_blocks > useful:
+        logger.debug("KV cache capped at %d blocks: all requests at max_model_len fit", useful)
+        num_blocks = useful
+    if num_blocks < 1:
+        raise ValueError(
+            f"the KV-cache budget ({budget} bytes) does not fit a single block of {per_block} bytes; "
+            "raise kv_cache_memory_bytes / PAGEDLLM_CPU_KVCACHE_SPACE or gpu_memory_utilization"
+        )
+    return num_blocks
+
+
+def allocate_kv_cache(
+    model_config: ModelConfig, num_blocks: int, block_size: int, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Zero-filled so that slots a masked attention row still reads hold finite values."""
+    shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
+    return [
+        (
+            torch.zeros(shape, dtype=model_config.dtype, device=device),
+            torch.zeros(shape, dtype=model_config.dtype, device=device),
+        )
+        for _ in range(model_config.num_layers)
+    ]

@@ -1,0 +1,149 @@
+"""The model runner: turns a `SchedulerOutput` into one flattened batch, runs the model, samples.
+
+All scheduled tokens of all requests go through the model together as one sequence of
+rows (`input_ids`, `positions`); `slot_mapping` says where each row's K/V is written, and
+each request's block table says where its earlier K/V is read from. Logits are computed
+only for rows where a token is due (the end of a request's known tokens) or whose prompt
+logprobs were asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.attention.metadata import AttentionMetadata, PrefillSequence
+from pagedllm.config import EngineConfig
+from pagedllm.core.kv_cache_manager import cdiv
+from pagedllm.core.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
+from pagedllm.model_executor.model_loader import load_model
+from pagedllm.sample.metadata import build_sampling_metadata
+from pagedllm.sample.sampler import Sampler, gather_logprobs
+from pagedllm.worker.kv_cache import allocate_kv_cache, determine_num_blocks
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attn_metadata: AttentionMetadata
+    sample_rows: torch.Tensor  # hidden-state rows whose logits feed the sampler
+    sample_requests: list[ScheduledRequest]
+    # request -> (rows, first position, target token ids) for prompt logprobs
+    prompt_logprob_rows: dict[str, tuple[torch.Tensor, int, torch.Tensor]]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.device
+        self.block_size = config.cache_config.block_size
+        self.vocab_size = config.model_config.vocab_size
+        self.model = load_model(config.model_config, self.device)
+        self.num_blocks = determine_num_blocks(
+            config.model_config, config.cache_config, config.scheduler_config, self.device
+        )
+        self.kv_caches = allocate_kv_cache(config.model_config, self.num_blocks, self.block_size, self.device)
+        self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.model_config.seed))
+        self.generators: dict[str, torch.Generator] = {}  # per-request, for seeded requests
+
+    # ----- batch construction -------------------------------------------------------
+    def prepare_inputs(self, sched: SchedulerOutput) -> ModelInputs:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillSequence] = []
+        sample_rows: list[int] = []
+        sample_requests: list[ScheduledRequest] = []
+        prompt_rows: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+        for req in sched.scheduled:
+            start, n = req.num_computed_tokens, len(req.token_ids)
+            row = len(input_ids)
+            input_ids.extend(req.token_ids)
+            pos = torch.arange(start, start + n)
+            positions.append(pos)
+            block_ids = torch.tensor(req.block_ids[: cdiv(start + n, bs)], dtype=torch.long)
+            slots.append(block_ids[pos // bs] * bs + pos % bs)
+            if n == 1:
+                decode_rows.append(row)
+                decode_tables.append(req.block_ids[: cdiv(start + 1, bs)])
+                decode_lens.append(start + 1)
+            else:
+                prefills.append(PrefillSequence(row, n, start, block_ids.to(self.device)))
+            if req.sample:
+                sample_rows.append(row + n - 1)
+                sample_requests.append(req)
+            if req.compute_prompt_logprobs:
+                # Row i predicts prompt token at position start + i + 1.
+                last = min(start + n, len(req.prompt_token_ids) - 1)
+                targets = torch.tensor(req.prompt_token_ids[start + 1 : last + 1], dtype=torch.long)
+                prompt_rows[req.request_id] = (torch.arange(row, row + last - start), start, targets)
+
+        dev = self.device
+        max_blocks = max((len(t) for t in decode_tables), default=0)
+        tables = torch.tensor([t + [t[0]] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long)
+        key_mask = torch.arange(max_blocks * bs)[None, :] < torch.tensor(decode_lens, dtype=torch.long)[:, None]
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slots).to(dev),
+            decode_token_idx=torch.tensor(decode_rows, dtype=torch.long, device=dev),
+            decode_block_tables=tables.reshape(len(decode_tables), max_blocks).to(dev),
+            decode_key_mask=key_mask.to(dev),
+            prefills=prefills,
+            num_tokens=len(input_ids),
+        )
+        return ModelInputs(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
+            positions=torch.cat(positions).to(dev),
+            attn_metadata=meta,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
+            sample_requests=sample_requests,
+            prompt_logprob_rows=prompt_rows,
+        )
+
+    # ----- one step ---------------------------------------------------------------
+    @torch.inference_mode()
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        for request_id in sched.finished_req_ids:
+            self.generators.pop(request_id, None)
+        if sched.is_empty:
+            return ModelRunnerOutput()
+        inputs = self.prepare_inputs(sched)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_metadata)
+        out = ModelRunnerOutput()
+        if inputs.sample_requests:
+            self._sample(hidden, inputs, out)
+        for request_id, (rows, first_pos, targets) in inputs.prompt_logprob_rows.items():
+            out.prompt_logprobs[request_id] = (first_pos, self._prompt_logprobs(hidden, rows, targets, request_id, sched))
+        return out
+
+    def _sample(self, hidden: torch.Tensor, inputs: ModelInputs, out: ModelRunnerOutput) -> None:
+        requests = inputs.sample_requests
+        for req in requests:
+            seed = req.sampling_params.seed
+            if seed is not None and req.request_id not in self.generators:
+                self.generators[req.request_id] = torch.Generator(self.device).manual_seed(seed)
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        meta = build_sampling_metadata(requests, self.generators, self.vocab_size, self.device)
+        result = self.sampler(logits, meta)
+        sampled = result.sampled_token_ids.tolist()
+        if result.logprobs is not None:
+            ids, lps, ranks = result.logprob_token_ids.tolist(), result.logprobs.tolist(), result.ranks.tolist()
+        for i, req in enumerate(requests):
+            out.sampled_token_ids[req.request_id] = sampled[i]
+            k = req.sampling_params.logprobs
+            if k is not None:
+                out.logprobs[req.request_id] = TokenLogprobs([ids[i][: k + 1]], [lps[i][: k + 1]], [ranks[i][: k + 1]])
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, request_id: str, sched: SchedulerOutput
+    ) -> TokenLogprobs:
+        k = next(r for r in sched.scheduled if r.request_id == request_id).sampling_params.prompt_logprobs
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows.to(self.device)]).float(), dim=-1)
+        ids, lps, ranks = gather_logprobs(logprobs, targets.to(self.device), k)
+        return TokenLogprobs(ids.tolist(), lps.tolist(), ranks.tolist())

@@ -1,0 +1,116 @@
+"""Shared fixtures: tiny random-weight Hugging Face checkpoints built on the fly.
+
+No hub access: each checkpoint is a transformers config saved with random weights next to
+a small byte-level BPE tokenizer trained here with the `tokenizers` library.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PAGEDLLM_LOGGING_LEVEL", "WARNING")
+
+import pytest
+import torch
+
+# Tiny models run many times slower on 2 busy threads than on 1.
+torch.set_num_threads(1)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Germany is Berlin.",
+    "Hello, my name is pagedllm and I run language models on a paged KV cache.",
+    "Continuous batching lets new requests join while others are still decoding.",
+    "Prefix caching shares blocks between prompts with the same beginning.",
+    "Les élèves mangent des crêpes à Noël; 東京は日本の首都です. naïve café 🙂",
+    "def add(a, b):\n    return a + b\n\nprint(add(1, 2))",
+] * 20
+
+
+def build_tokenizer(path: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", clean_up_tokenization_spaces=False
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_checkpoint(path: str, family: str, seed: int = 0, **overrides) -> str:
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+    tokenizer = build_tokenizer(path)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        # Wide weights spread the logits, so greedy choices are not decided by rounding.
+        initializer_range=0.3,
+        tie_word_embeddings=False,
+    )
+    common.update(overrides)
+    if family == "llama":
+        config = LlamaConfig(**common)
+    elif family == "qwen2":
+        config = Qwen2Config(**common)
+    elif family == "qwen3":
+        config = Qwen3Config(head_dim=32, **common)
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if family == "qwen2":  # make the Q/K/V biases matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.3)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> str:
+    return build_checkpoint(str(tmp_path_factory.mktemp("llama")), "llama")
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory) -> str:
+    return build_checkpoint(str(tmp_path_factory.mktemp("qwen2")), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory) -> str:
+    return build_checkpoint(str(tmp_path_factory.mktemp("qwen3")), "qwen3", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def llm(llama_dir):
+    """One shared engine on the tiny Llama, for tests that only read from it."""
+    from pagedllm import LLM
+
+    engine = LLM(model=llama_dir, max_model_len=256)
+    yield engine
+    engine.shutdown()
