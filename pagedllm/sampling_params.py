@@ -6,11 +6,20 @@ output processor) can trust the values.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 # Below this temperature a request is treated as greedy, as in vLLM.
 SAMPLING_EPS = 1e-5
+
+
+class RequestOutputKind(enum.Enum):
+    """What each `RequestOutput` of a request carries (vLLM's names)."""
+
+    CUMULATIVE = 0  # everything so far
+    DELTA = 1  # only what is new since the previous output (streaming)
+    FINAL_ONLY = 2  # one output, when the request finishes (LLM.generate)
 
 
 @dataclass
@@ -43,6 +52,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: Optional[dict[int, float]] = None
     allowed_token_ids: Optional[list[int]] = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by the engine: EOS plus the generation config's extra EOS ids.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 

@@ -56,6 +56,10 @@ class IncrementalDetokenizer:
         self.output_text = self.output_text[:end]
         return stop
 
+    def get_text(self, finished: bool) -> str:
+        """All text so far, minus a possible stop-string start unless finished."""
+        return self.output_text if finished else self.output_text[: len(self.output_text) - self._holdback]
+
     def get_delta(self, finished: bool) -> str:
         """New text since the last call; stop-string candidates are held back until finished."""
         end = len(self.output_text) if finished else max(self._sent, len(self.output_text) - self._holdback)

@@ -19,7 +19,7 @@ from pagedllm.engine.metrics import EngineCounters, Metric, StatLogger, collect_
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.parent_request import child_request_id, child_sampling_params
 from pagedllm.engine.request import Request, RequestStatus
-from pagedllm.engine.tokenizer import eos_token_ids, load_generation_config, load_tokenizer
+from pagedllm.engine.tokenizer import eos_token_ids, load_generation_config, load_tokenizer, sampling_defaults
 from pagedllm.logger import init_logger
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -38,6 +38,10 @@ class LLMEngine:
         self.generation_config = generation_config or {}
         mc, cc = config.model_config, config.cache_config
         self.eos_token_ids = eos_token_ids(tokenizer, mc.hf_config, self.generation_config)
+        self.default_sampling_overrides = sampling_defaults(self.generation_config)
+        if self.default_sampling_overrides:
+            logger.info("Default sampling parameters from the model's generation config: %s",
+                        self.default_sampling_overrides)
         start = time.perf_counter()
         self.model_runner = ModelRunner(config)
         num_blocks = self.model_runner.num_blocks
@@ -162,9 +166,11 @@ class LLMEngine:
             self.scheduler.finish_requests(stopped_by_string, RequestStatus.FINISHED_STOPPED)
         outputs = []
         for parent_id in touched:
+            finished = self.output_processor.parents[parent_id].finished
             output = self.output_processor.make_output(parent_id)
-            outputs.append(output)
-            if output.finished:
+            if output is not None:
+                outputs.append(output)
+            if finished:
                 self.output_processor.remove(parent_id)
                 self.counters.requests_finished += 1
         if self.stat_logger is not None:

@@ -14,7 +14,7 @@ from pagedllm.core.scheduler_output import TokenLogprobs
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 @dataclass
@@ -26,6 +26,7 @@ class SequenceState:
     cumulative_logprob: Optional[float] = None
     finish_reason: Optional[str] = None
     stop_reason: int | str | None = None
+    num_sent_tokens: int = 0  # for DELTA outputs
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ParentState:
     sequences: list[SequenceState]
     child_ids: list[str]
     prompt_logprobs: Optional[PromptLogprobs] = None
+    prompt_logprobs_sent: bool = False
 
     @property
     def finished(self) -> bool:
@@ -114,27 +116,50 @@ class OutputProcessor:
             if seq.finish_reason is None:
                 seq.finish_reason = "abort"
 
-    def make_output(self, request_id: str) -> RequestOutput:
+    def make_output(self, request_id: str) -> Optional[RequestOutput]:
+        """The request's output after this step, in its `output_kind` (None: nothing to send yet).
+
+        Text that could still turn out to be the start of a stop string is held back until
+        the sequence finishes, so a streamed or cumulative text is never taken back later.
+        """
         parent = self.parents[request_id]
-        outputs = [
-            CompletionOutput(
-                index=s.index,
-                text=s.detokenizer.output_text if s.detokenizer else "",
-                token_ids=list(s.token_ids),
-                cumulative_logprob=s.cumulative_logprob,
-                logprobs=list(s.logprobs) if s.logprobs is not None else None,
-                finish_reason=s.finish_reason,
-                stop_reason=s.stop_reason,
-            )
-            for s in parent.sequences
-        ]
+        kind = parent.params.output_kind
+        finished = parent.finished
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        delta = kind == RequestOutputKind.DELTA
+        outputs = [self._completion(s, delta) for s in parent.sequences]
+        prompt_logprobs = None
+        if parent.prompt_logprobs is not None and not parent.prompt_logprobs_sent:
+            prompt_logprobs = list(parent.prompt_logprobs)
+            parent.prompt_logprobs_sent = delta
         return RequestOutput(
             request_id=request_id,
             prompt=parent.prompt,
             prompt_token_ids=parent.prompt_token_ids,
-            prompt_logprobs=list(parent.prompt_logprobs) if parent.prompt_logprobs is not None else None,
+            prompt_logprobs=prompt_logprobs,
             outputs=outputs,
-            finished=parent.finished,
+            finished=finished,
+        )
+
+    def _completion(self, s: SequenceState, delta: bool) -> CompletionOutput:
+        finished = s.finish_reason is not None
+        if s.detokenizer is None:
+            text = ""
+        elif delta:
+            text = s.detokenizer.get_delta(finished)
+        else:
+            text = s.detokenizer.get_text(finished)
+        start = s.num_sent_tokens if delta else 0
+        s.num_sent_tokens = len(s.token_ids)
+        return CompletionOutput(
+            index=s.index,
+            text=text,
+            token_ids=s.token_ids[start:],
+            cumulative_logprob=s.cumulative_logprob,
+            logprobs=s.logprobs[start:] if s.logprobs is not None else None,
+            finish_reason=s.finish_reason,
+            stop_reason=s.stop_reason,
         )
 
     def _to_logprob_dicts(self, lp: TokenLogprobs) -> list[dict[int, Logprob]]:

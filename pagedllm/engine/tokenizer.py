@@ -42,3 +42,19 @@ def eos_token_ids(tokenizer: Any, hf_config: Any, generation_config: dict) -> se
         elif isinstance(source, (list, tuple)):
             ids.update(int(i) for i in source)
     return ids
+
+
+# generation_config.json fields that become SamplingParams defaults (vLLM applies the same set).
+_SAMPLING_FIELDS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def sampling_defaults(generation_config: dict) -> dict:
+    """The SamplingParams defaults a checkpoint's generation config sets (used where the user sets none)."""
+    return {ours: generation_config[theirs] for theirs, ours in _SAMPLING_FIELDS.items() if theirs in generation_config}

@@ -12,7 +12,7 @@ from pagedllm.engine.llm_engine import LLMEngine, PromptType
 from pagedllm.engine.metrics import Metric
 from pagedllm.logger import init_logger
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = init_logger(__name__)
 
@@ -97,7 +97,7 @@ class LLM:
 
     def _run(self, prompts: list[PromptType], sampling_params: Any, use_tqdm: bool) -> list[RequestOutput]:
         if sampling_params is None:
-            params_list = [SamplingParams()] * len(prompts)
+            params_list = [self.get_default_sampling_params()] * len(prompts)
         elif isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
         else:
@@ -111,6 +111,10 @@ class LLM:
         try:
             for prompt, params in zip(prompts, params_list):
                 request_id = str(next(self._counter))
+                if not isinstance(params, SamplingParams):
+                    raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+                params = params.clone()
+                params.output_kind = RequestOutputKind.FINAL_ONLY  # offline: only final outputs
                 engine.add_request(request_id, prompt, params)
                 request_ids.append(request_id)
         except Exception:
@@ -142,6 +146,10 @@ class LLM:
     # ----- the rest of vLLM's surface ---------------------------------------------------
     def get_tokenizer(self) -> Any:
         return self.llm_engine.get_tokenizer()
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's generation_config.json defaults, as vLLM does."""
+        return SamplingParams(**self.llm_engine.default_sampling_overrides)
 
     def get_metrics(self) -> list[Metric]:
         return self.llm_engine.get_metrics()

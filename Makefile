@@ -1,0 +1,28 @@
+# Two commands for a newcomer: `make run` (install, then answer a question with the default
+# model) and `make test` (install with test extras, then run the test suite; CI runs this).
+PYTHON ?= python3
+VENV ?= .venv
+# CPU build from the local wheel cache on CPU-only machines; on a GPU machine set TORCH_SPEC to
+# the torch you already use (e.g. TORCH_SPEC=torch) or install pagedllm into that environment.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PROMPT ?= What is the capital of France?
+
+.PHONY: install run test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/pagedllm generate "$(PROMPT)"
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info
