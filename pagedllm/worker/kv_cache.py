@@ -10,6 +10,7 @@ could use, since extra blocks would only cost memory.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pagedllm.config import CacheConfig, ModelConfig, SchedulerConfig
@@ -57,12 +58,19 @@ def determine_num_blocks(
 def allocate_kv_cache(
     model_config: ModelConfig, num_blocks: int, block_size: int, device: torch.device
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Zero-filled so that slots a masked attention row still reads hold finite values."""
+    """Zero-filled, so that slots a masked attention row still reads hold finite values.
+
+    On CPU the zeros come from one calloc'd buffer (through NumPy): the OS hands out zero
+    pages lazily, so start-up does not spend seconds writing gigabytes of zeros, and memory
+    is only committed as blocks are actually used.
+    """
     shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
-    return [
-        (
-            torch.zeros(shape, dtype=model_config.dtype, device=device),
-            torch.zeros(shape, dtype=model_config.dtype, device=device),
-        )
-        for _ in range(model_config.num_layers)
-    ]
+    num_tensors = 2 * model_config.num_layers
+    if device.type == "cpu":
+        elem = torch.empty((), dtype=model_config.dtype).element_size()
+        numel = num_tensors * num_blocks * block_size * model_config.num_kv_heads * model_config.head_dim
+        flat = torch.from_numpy(np.zeros(numel * elem, dtype=np.uint8)).view(model_config.dtype)
+        tensors = list(flat.view(num_tensors, *shape).unbind(0))
+    else:
+        tensors = [torch.zeros(shape, dtype=model_config.dtype, device=device) for _ in range(num_tensors)]
+    return [(tensors[2 * i], tensors[2 * i + 1]) for i in range(model_config.num_layers)]

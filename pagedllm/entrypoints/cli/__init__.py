@@ -1,0 +1,1 @@
+"""The `pagedllm` command line: generate, chat (and more subcommands as they land)."""

@@ -1,0 +1,44 @@
+"""The engine flags every subcommand shares, spelled as vLLM spells them."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pagedllm.engine.arg_utils import EngineArgs
+
+
+def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
+    g = parser.add_argument_group("engine")
+    help_model = (
+        "a local Hugging Face checkpoint directory, a .gguf file, a known short name, or a Hugging Face "
+        "hub id (default: the embedded SmolLM2-135M-Instruct)"
+    )
+    if model_positional:
+        g.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help=help_model)
+    g.add_argument("--model", default=None, help=help_model)
+    g.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight and KV-cache dtype ('auto': float32 on CPU, the checkpoint's on GPU)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded random sampling")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most requests running at once")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one engine step")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                   help="exact number of KV-cache blocks (any device)")
+    g.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="KV-cache budget in bytes (CPU default: $PAGEDLLM_CPU_KVCACHE_SPACE GiB, else 4)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+
+
+def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`LLM(...)` keyword arguments from parsed flags."""
+    model = getattr(args, "model_tag", None) or args.model
+    fields = EngineArgs.__dataclass_fields__
+    kwargs = {name: getattr(args, name) for name in fields if hasattr(args, name) and name != "model"}
+    kwargs["model"] = model
+    return kwargs
