@@ -8,6 +8,7 @@ import torch
 
 from pagedllm.config import ModelConfig
 from pagedllm.logger import init_logger
+from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedllm.model_executor.models import SUPPORTED_ARCHITECTURES, get_architecture
 from pagedllm.model_executor.weight_utils import iterate_safetensors_weights
 
@@ -20,12 +21,18 @@ def load_model(model_config: ModelConfig, device: torch.device) -> torch.nn.Modu
     old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(model_config.dtype)
     try:
-        with torch.device(device):
+        # Built on the meta device: no time is spent on random initialisation that the
+        # checkpoint overwrites anyway (load_weights checks every parameter is loaded).
+        with torch.device("meta"):
             model = SUPPORTED_ARCHITECTURES[arch](
                 model_config.hf_config, arch, model_config.max_model_len, model_config.dtype
             )
     finally:
         torch.set_default_dtype(old_dtype)
+    model = model.to_empty(device=device)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.init_cache()
     model.load_weights(_iterate_weights(model_config))
     model.eval().requires_grad_(False)
     logger.info(

@@ -36,11 +36,19 @@ def compute_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
 class RotaryEmbedding(nn.Module):
     def __init__(self, config, head_dim: int, max_position: int, dtype: torch.dtype) -> None:
         super().__init__()
+        self._args = (config, head_dim, max_position, dtype)
+        self.register_buffer("cos", torch.empty(max_position, head_dim // 2, dtype=dtype), persistent=False)
+        self.register_buffer("sin", torch.empty(max_position, head_dim // 2, dtype=dtype), persistent=False)
+        if self.cos.device.type != "meta":
+            self.init_cache()
+
+    def init_cache(self) -> None:
+        """Fill the cos/sin table (again after the model was built on the meta device)."""
+        config, head_dim, max_position, dtype = self._args
         inv_freq, scaling = compute_inv_freq(config, head_dim)
-        t = torch.arange(max_position, dtype=torch.float)
-        freqs = torch.outer(t, inv_freq)
-        self.register_buffer("cos", (freqs.cos() * scaling).to(dtype), persistent=False)
-        self.register_buffer("sin", (freqs.sin() * scaling).to(dtype), persistent=False)
+        freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq).to(self.cos.device)
+        self.cos.copy_((freqs.cos() * scaling).to(dtype))
+        self.sin.copy_((freqs.sin() * scaling).to(dtype))
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q [T, heads, dim] and k [T, kv_heads, dim] in the half-split (NeoX/HF) layout."""
