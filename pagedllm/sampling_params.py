@@ -100,12 +100,13 @@ class SamplingParams:
                 f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}."
             )
         if self.logprobs is not None:
-            check(isinstance(self.logprobs, int) and self.logprobs >= 0, "logprobs", "must be non-negative")
+            check(isinstance(self.logprobs, int) and self.logprobs >= -1, "logprobs",
+                  "must be non-negative, or -1 for the whole vocabulary")
         if self.prompt_logprobs is not None:
             check(
-                isinstance(self.prompt_logprobs, int) and self.prompt_logprobs >= 0,
+                isinstance(self.prompt_logprobs, int) and self.prompt_logprobs >= -1,
                 "prompt_logprobs",
-                "must be non-negative",
+                "must be non-negative, or -1 for the whole vocabulary",
             )
         if self.seed is not None:
             check(isinstance(self.seed, int), "seed", "must be an integer")

@@ -181,7 +181,10 @@ class Scheduler:
 
     def _check_stop(self, request: Request, token_id: int) -> None:
         params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens and token_id in params.all_stop_token_ids:
+        is_stop = token_id in params.stop_token_ids or (
+            token_id in params.all_stop_token_ids and not params.ignore_eos
+        )
+        if request.num_output_tokens >= params.min_tokens and is_stop:
             request.status = RequestStatus.FINISHED_STOPPED
             # EOS ends a request with no stop_reason; a user's stop token id is the reason.
             if token_id in params.stop_token_ids:

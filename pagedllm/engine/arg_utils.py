@@ -40,9 +40,9 @@ class EngineArgs:
     device: str = "auto"
 
     def load_hf_config(self, model_path: str) -> Any:
-        if model_path.endswith(".gguf"):
-            from pagedllm.model_executor.gguf_loader import load_gguf_config
+        from pagedllm.model_executor.gguf_loader import is_gguf_file, load_gguf_config
 
+        if is_gguf_file(model_path):
             return load_gguf_config(model_path)
         from transformers import AutoConfig
 

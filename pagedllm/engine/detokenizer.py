@@ -18,26 +18,30 @@ _PRIME_TOKENS = 6
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool, stop: list[str],
-                 include_stop_str_in_output: bool) -> None:
+                 include_stop_str_in_output: bool, min_tokens: int = 0) -> None:
         self._backend = tokenizer.backend_tokenizer
         self._stream = DecodeStream(ids=prompt_token_ids[-_PRIME_TOKENS:], skip_special_tokens=skip_special_tokens)
         self.stop = stop
         self.include_stop_str_in_output = include_stop_str_in_output
         # While streaming, hold back text that could still become the start of a stop string.
         self._holdback = max((len(s) for s in stop), default=1) - 1 if not include_stop_str_in_output else 0
+        self.min_tokens = min_tokens
+        self.num_tokens = 0
         self.output_text = ""
         self._sent = 0
 
     def update(self, token_ids: list[int], stop_terminated: bool) -> Optional[str]:
         """Append tokens; return the matched stop string if one appeared (text is then cut)."""
-        if stop_terminated:
-            token_ids = token_ids[:-1]  # a stop token / EOS is kept in token_ids, never in text
+        if stop_terminated and not self.include_stop_str_in_output:
+            token_ids = token_ids[:-1]  # a stop token id is kept in token_ids, not in text
         for token_id in token_ids:
             before = len(self.output_text)
+            self.num_tokens += 1
             piece = self._stream.step(self._backend, token_id)
             if piece:
                 self.output_text += piece
-            if self.stop and len(self.output_text) > before:
+            # Stop strings, like stop ids, count only after min_tokens (a match may straddle it).
+            if self.stop and len(self.output_text) > before and self.num_tokens > self.min_tokens:
                 matched = self._check_stop(before)
                 if matched is not None:
                     return matched

@@ -117,8 +117,7 @@ class LLMEngine:
         params = params.clone()
         if params.max_tokens is not None and params.min_tokens > params.max_tokens:
             raise ValueError("min_tokens must not exceed max_tokens")
-        if not params.ignore_eos:
-            params.all_stop_token_ids |= self.eos_token_ids
+        params.all_stop_token_ids |= self.eos_token_ids  # masked under min_tokens even with ignore_eos
         max_model_len = self.config.model_config.max_model_len
         max_tokens = max_model_len - len(ids)
         if params.max_tokens is not None:

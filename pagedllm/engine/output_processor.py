@@ -58,7 +58,7 @@ class OutputProcessor:
             detok = None
             if params.detokenize:
                 detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens,
-                                               params.stop, params.include_stop_str_in_output)
+                                               params.stop, params.include_stop_str_in_output, params.min_tokens)
             seq = SequenceState(index=i, detokenizer=detok)
             if params.logprobs is not None:
                 seq.logprobs, seq.cumulative_logprob = [], 0.0

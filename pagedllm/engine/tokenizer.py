@@ -11,9 +11,9 @@ logger = init_logger(__name__)
 
 
 def load_tokenizer(path: str) -> Any:
-    if path.endswith(".gguf"):
-        from pagedllm.model_executor.gguf_loader import load_gguf_tokenizer
+    from pagedllm.model_executor.gguf_loader import is_gguf_file, load_gguf_tokenizer
 
+    if is_gguf_file(path):
         return load_gguf_tokenizer(path)
     from transformers import AutoTokenizer
 

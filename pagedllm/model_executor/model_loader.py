@@ -46,8 +46,8 @@ def load_model(model_config: ModelConfig, device: torch.device) -> torch.nn.Modu
 
 
 def _iterate_weights(model_config: ModelConfig):
-    if model_config.model.endswith(".gguf"):
-        from pagedllm.model_executor.gguf_loader import iterate_gguf_weights
+    from pagedllm.model_executor.gguf_loader import is_gguf_file, iterate_gguf_weights
 
+    if is_gguf_file(model_config.model):
         return iterate_gguf_weights(model_config.model, model_config.dtype)
     return iterate_safetensors_weights(model_config.model, model_config.dtype)

@@ -98,7 +98,7 @@ def build_sampling_metadata(
         rows, cols = zip(*forbid)
         min_tokens_mask = (column(list(rows), torch.long), column(list(cols), torch.long))
 
-    logprob_counts = [p.logprobs for p in params if p.logprobs is not None]
+    logprob_counts = [vocab_size if p.logprobs == -1 else p.logprobs for p in params if p.logprobs is not None]
     return SamplingMetadata(
         temperature=column(temps, torch.float32),
         all_greedy=all_greedy,

@@ -138,12 +138,14 @@ class ModelRunner:
             out.sampled_token_ids[req.request_id] = sampled[i]
             k = req.sampling_params.logprobs
             if k is not None:
+                k = self.vocab_size if k == -1 else k
                 out.logprobs[req.request_id] = TokenLogprobs([ids[i][: k + 1]], [lps[i][: k + 1]], [ranks[i][: k + 1]])
 
     def _prompt_logprobs(
         self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, request_id: str, sched: SchedulerOutput
     ) -> TokenLogprobs:
         k = next(r for r in sched.scheduled if r.request_id == request_id).sampling_params.prompt_logprobs
+        k = self.vocab_size if k == -1 else k
         logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows.to(self.device)]).float(), dim=-1)
         ids, lps, ranks = gather_logprobs(logprobs, targets.to(self.device), k)
         return TokenLogprobs(ids.tolist(), lps.tolist(), ranks.tolist())

@@ -1,0 +1,224 @@
+"""Reading a GGUF checkpoint (llama.cpp's single-file format) as a Hugging Face config, tokenizer and weights.
+
+transformers already turns GGUF metadata into a config and a tokenizer, and knows which tensor
+transforms llama.cpp applied on the way in; this module leans on it and adds what an inference engine
+needs on top: weights streamed one tensor at a time under their Hugging Face names (so the safetensors
+loading path takes them unchanged), and one-line `ValueError`s instead of tracebacks from deep inside
+`gguf` or transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import os
+import time
+from typing import Iterator, NoReturn
+
+import gguf
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
+from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+logger = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+
+# GGUF `general.architecture` -> the transformers model types it can become. llama.cpp files Mistral
+# models under "llama"; transformers tells them apart by name and builds a MistralConfig.
+SUPPORTED_GGUF_ARCHITECTURES: dict[str, tuple[str, ...]] = {
+    "llama": ("llama", "mistral"),
+    "qwen2": ("qwen2",),
+    "qwen3": ("qwen3",),
+}
+
+
+def is_gguf_file(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is a regular file that starts with the GGUF magic bytes (whatever its extension)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def load_gguf_config(path: str | os.PathLike[str]) -> PretrainedConfig:
+    """The Hugging Face config transformers builds from the file's metadata (e.g. a LlamaConfig).
+
+    Parsing the metadata takes seconds for a large vocabulary, so the result is cached per file
+    version; each call gets its own copy because callers may edit their config.
+    """
+    path = _check_gguf_file(path)
+    stat = os.stat(path)
+    return copy.deepcopy(_cached_config(path, stat.st_size, stat.st_mtime_ns))
+
+
+def load_gguf_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
+    """A fast tokenizer built from the file's vocabulary, with its special tokens and chat template.
+
+    `PreTrainedTokenizerFast` is used rather than `AutoTokenizer` because the latter re-parses the
+    whole metadata just to choose a class, and for a GGUF every class ends up with the same backend.
+    """
+    path = _check_gguf_file(path)
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True
+        )
+    except Exception as exc:
+        _raise_clear_error(path, "read the tokenizer from", exc)
+    if not tokenizer.chat_template:
+        logger.warning("%s has no chat template in its metadata; chat requests will need one", path)
+    return tokenizer
+
+
+def iterate_gguf_weights(path: str | os.PathLike[str], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(Hugging Face parameter name, tensor)` for every weight in the file, dequantised to `dtype`.
+
+    Names and layouts are those of the matching transformers model's `state_dict()`. Only one tensor is
+    materialised at a time (the file is memory-mapped), so peak memory is one dequantised tensor, not
+    the model. `lm_head.weight` appears only when the file stores a separate output matrix; otherwise
+    the model ties it to the embeddings. The file is checked when this is called, not when iteration
+    starts, so a bad file fails before any work is done.
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"GGUF weights can only be loaded as a floating-point dtype, not {dtype!r}")
+    path = _check_gguf_file(path)
+    reader = _open_reader(path)
+    architecture = _architecture(reader, path)
+    config = load_gguf_config(path)
+    targets = _gguf_to_hf_names(architecture, config)
+    # transformers' per-architecture fix-ups, e.g. undoing llama.cpp's interleaving of Q/K rows for RoPE
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
+    return _generate_weights(path, reader, targets, processor, dtype)
+
+
+def _generate_weights(
+    path: str,
+    reader: gguf.GGUFReader,
+    targets: dict[str, tuple[str, tuple[int, ...]]],
+    processor: TensorProcessor,
+    dtype: torch.dtype,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    start = time.perf_counter()
+    count = 0
+    for tensor in reader.tensors:
+        target = targets.get(tensor.name)
+        if target is None:
+            # e.g. llama.cpp's precomputed `rope_freqs`, which transformers derives from the config
+            logger.debug("%s: skipping GGUF tensor %s, which has no Hugging Face counterpart", path, tensor.name)
+            continue
+        hf_name, hf_shape = target
+        try:
+            weights = gguf.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as exc:
+            raise ValueError(
+                f"{path}: tensor {tensor.name} is stored as {tensor.tensor_type.name}, "
+                f"which the gguf package cannot dequantise ({exc})"
+            ) from None
+        weights = processor.process(weights=weights, name=tensor.name).weights
+        if tuple(weights.shape) != hf_shape:
+            raise ValueError(
+                f"{path}: tensor {tensor.name} has shape {tuple(weights.shape)} but the config's "
+                f"{hf_name} needs {hf_shape}; the file's metadata and tensors disagree"
+            )
+        count += 1
+        yield hf_name, _to_torch(weights, dtype)
+    logger.debug("Read %d tensors from %s in %.2f s", count, path, time.perf_counter() - start)
+
+
+def _check_gguf_file(path: str | os.PathLike[str]) -> str:
+    """The absolute path of an existing GGUF file, or a `ValueError` saying what is wrong with it."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if not os.path.exists(path):
+        raise ValueError(f"GGUF file {path} does not exist")
+    if not os.path.isfile(path):
+        raise ValueError(f"GGUF path {path} is not a file")
+    if not is_gguf_file(path):
+        raise ValueError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    return path
+
+
+def _open_reader(path: str) -> gguf.GGUFReader:
+    """A reader over the memory-mapped file.
+
+    Opening parses all metadata and slices out every tensor, so a file cut short fails here,
+    before any tensor is used.
+    """
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:  # struct/numpy errors from a file cut short or overwritten
+        raise ValueError(f"{path} is not a valid GGUF file (truncated or corrupt: {exc})") from None
+
+
+def _architecture(reader: gguf.GGUFReader, path: str) -> str:
+    """The file's `general.architecture`, checked against those this module can map."""
+    field = reader.get_field("general.architecture")
+    if field is None:
+        raise ValueError(f"{path} is not a valid GGUF model: its metadata has no general.architecture")
+    architecture = field.contents()
+    if architecture not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"{path}: GGUF architecture {architecture!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})"
+        )
+    return architecture
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_config(path: str, size: int, mtime_ns: int) -> PretrainedConfig:
+    """Build the config once per file version (`size` and `mtime_ns` only make the cache key)."""
+    try:
+        config = AutoConfig.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True
+        )
+    except Exception as exc:
+        _raise_clear_error(path, "read the model config from", exc)
+    supported_types = {t for types in SUPPORTED_GGUF_ARCHITECTURES.values() for t in types}
+    if config.model_type not in supported_types:
+        raise ValueError(
+            f"{path}: GGUF model type {config.model_type!r} is not supported "
+            f"(supported GGUF architectures: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})"
+        )
+    # A GGUF names no model class; say which one, as every config.json does, so callers need not guess.
+    if not config.architectures:
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    return config
+
+
+def _raise_clear_error(path: str, action: str, exc: Exception) -> NoReturn:
+    """Turn a failure inside transformers into the most precise one-line error we can give.
+
+    Re-reading the file with `gguf` pins down corrupt, truncated and unsupported files; only
+    if the file looks sound is transformers' own message passed on.
+    """
+    reader = _open_reader(path)
+    _architecture(reader, path)
+    raise ValueError(f"could not {action} GGUF file {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _gguf_to_hf_names(architecture: str, config: PretrainedConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """`{gguf tensor name: (Hugging Face parameter name, shape)}` for this config's model.
+
+    The Hugging Face names come from the real model class, built on the meta device (no memory), and
+    are translated with llama.cpp's own name table, so nothing here hard-codes a layer's name.
+    """
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model_arch = next(arch for arch, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture)
+    name_map = gguf.get_tensor_name_map(model_arch, config.num_hidden_layers)
+    targets = {}
+    for hf_name, param in model.state_dict().items():
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is not None:
+            targets[gguf_name] = (hf_name, tuple(param.shape))
+    return targets
+
+
+def _to_torch(weights: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor that owns its memory: an unquantised GGUF tensor is a read-only view of the mapped file."""
+    if not weights.flags.writeable:
+        weights = np.array(weights)
+    return torch.from_numpy(weights).to(dtype)
