@@ -135,3 +135,23 @@ def test_abort_frees_blocks(llm):
     engine.abort_request("to-abort")
     assert not engine.has_unfinished_requests()
     assert engine.kv_cache_manager.block_pool.num_free_blocks == engine.kv_cache_manager.num_blocks
+
+
+def test_generation_config_sets_default_sampling_params(llama_dir, tmp_path):
+    import shutil
+
+    from transformers import GenerationConfig
+
+    model_dir = tmp_path / "with-generation-config"
+    shutil.copytree(llama_dir, model_dir)
+    GenerationConfig(do_sample=True, temperature=0.0, top_k=7, repetition_penalty=1.3).save_pretrained(model_dir)
+    llm = LLM(model=str(model_dir), max_model_len=128)
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_k, defaults.repetition_penalty) == (0.0, 0, 1.3)
+    # generate(prompts) with no params uses them: greedy with the repetition penalty applied.
+    implicit = llm.generate("Hello, my name is", use_tqdm=False)[0].outputs[0].token_ids
+    explicit = llm.generate("Hello, my name is", SamplingParams(temperature=0.0, repetition_penalty=1.3),
+                            use_tqdm=False)[0].outputs[0].token_ids
+    plain = llm.generate("Hello, my name is", SamplingParams(temperature=0.0), use_tqdm=False)[0].outputs[0].token_ids
+    assert implicit == explicit != plain
+    llm.shutdown()

@@ -182,4 +182,6 @@ def _as_prompt_list(prompts: Any) -> list[PromptType]:
 def _resolve_model_path(model: Optional[str]) -> str:
     from pagedllm.model_executor.model_source import resolve_model
 
-    return resolve_model(model).path
+    resolved = resolve_model(model)
+    logger.info("Model %s resolved to %s (%s)", resolved.name, resolved.path, resolved.kind)
+    return resolved.path
