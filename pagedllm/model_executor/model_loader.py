@@ -7,6 +7,7 @@ import time
 import torch
 
 from pagedllm.config import ModelConfig
+from pagedllm.attention.selector import get_attention_backend
 from pagedllm.logger import init_logger
 from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedllm.model_executor.models import SUPPORTED_ARCHITECTURES, get_architecture
@@ -25,7 +26,8 @@ def load_model(model_config: ModelConfig, device: torch.device) -> torch.nn.Modu
         # checkpoint overwrites anyway (load_weights checks every parameter is loaded).
         with torch.device("meta"):
             model = SUPPORTED_ARCHITECTURES[arch](
-                model_config.hf_config, arch, model_config.max_model_len, model_config.dtype
+                model_config.hf_config, arch, model_config.max_model_len, model_config.dtype,
+                get_attention_backend(device),
             )
     finally:
         torch.set_default_dtype(old_dtype)

@@ -41,7 +41,7 @@ def arch_flags(architecture: str, config) -> ArchFlags:
 
 
 class Attention(nn.Module):
-    def __init__(self, config, flags: ArchFlags, max_position: int, dtype: torch.dtype) -> None:
+    def __init__(self, config, flags: ArchFlags, max_position: int, dtype: torch.dtype, attn_backend: type) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -55,7 +55,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = flags.qk_norm
         self.rotary_emb = RotaryEmbedding(config, self.head_dim, max_position, dtype)
-        self.attn = TorchPagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        self.attn = attn_backend(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
@@ -86,9 +86,9 @@ class GatedMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, flags: ArchFlags, max_position: int, dtype: torch.dtype) -> None:
+    def __init__(self, config, flags: ArchFlags, max_position: int, dtype: torch.dtype, attn_backend: type) -> None:
         super().__init__()
-        self.self_attn = Attention(config, flags, max_position, dtype)
+        self.self_attn = Attention(config, flags, max_position, dtype, attn_backend)
         self.mlp = GatedMLP(config, flags.mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -114,13 +114,15 @@ class DecoderLayer(nn.Module):
 class DecoderForCausalLM(nn.Module):
     """`forward` maps a flattened batch of tokens to hidden states; `compute_logits` the rows asked for."""
 
-    def __init__(self, config, architecture: str, max_position: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config, architecture: str, max_position: int, dtype: torch.dtype, attn_backend: type = TorchPagedAttention
+    ) -> None:
         super().__init__()
         flags = arch_flags(architecture, config)
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, flags, max_position, dtype) for _ in range(config.num_hidden_layers)
+            DecoderLayer(config, flags, max_position, dtype, attn_backend) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
