@@ -6,7 +6,7 @@ runner builds it; every layer's attention reads it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,13 +29,17 @@ class PrefillSequence:
 class AttentionMetadata:
     # [num_tokens]: flat cache slot (block_id * block_size + offset) each new K/V is written to.
     slot_mapping: torch.Tensor
-    # Decodes (one new token each) are batched: their rows in the flattened batch,
-    # their block tables [num_decodes, max_blocks], and a key mask [num_decodes, max_blocks * block_size].
+    # Decodes (one new token each) come first in the flattened batch, sorted by length:
+    # their rows, their block tables [num_decodes, max_blocks] and a key mask
+    # [num_decodes, max_blocks * block_size].
     decode_token_idx: torch.Tensor
     decode_block_tables: torch.Tensor
     decode_key_mask: torch.Tensor
     prefills: list[PrefillSequence]
     num_tokens: int
+    # Decode rows split into groups of similar length, (first row, end row, blocks to read),
+    # so short sequences are not padded to the longest one's length.
+    decode_groups: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def num_decodes(self) -> int:

@@ -43,8 +43,11 @@ class TorchPagedAttention:
     ) -> torch.Tensor:
         write_to_kv_cache(key, value, kv_cache, meta.slot_mapping)
         out = torch.empty_like(query)
-        if meta.num_decodes:
-            out[meta.decode_token_idx] = self._decode(query[meta.decode_token_idx], kv_cache, meta)
+        for start, end, num_blocks in meta.decode_groups:
+            out[start:end] = self._decode(
+                query[start:end], kv_cache, meta.decode_block_tables[start:end, :num_blocks],
+                meta.decode_key_mask[start:end, : num_blocks * kv_cache[0].shape[1]],
+            )
         for seq in meta.prefills:
             rows = slice(seq.token_start, seq.token_start + seq.query_len)
             if seq.context_len == 0:
@@ -57,8 +60,9 @@ class TorchPagedAttention:
 
     def _gather(self, kv_cache: KVCache, block_ids: torch.Tensor, seq_len: int) -> KVCache:
         k_cache, v_cache = kv_cache
-        k = k_cache[block_ids].flatten(0, 1)[:seq_len]
-        v = v_cache[block_ids].flatten(0, 1)[:seq_len]
+        # index_select is several times faster than advanced indexing for this gather on CPU.
+        k = k_cache.index_select(0, block_ids).flatten(0, 1)[:seq_len]
+        v = v_cache.index_select(0, block_ids).flatten(0, 1)[:seq_len]
         return k, v
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int) -> torch.Tensor:
@@ -73,12 +77,16 @@ class TorchPagedAttention:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.gqa)
         return o.transpose(0, 1)
 
-    def _decode(self, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+    def _decode(
+        self, q: torch.Tensor, kv_cache: KVCache, block_tables: torch.Tensor, key_mask: torch.Tensor
+    ) -> torch.Tensor:
         k_cache, v_cache = kv_cache
-        # [num_decodes, max_blocks, block_size, kv_heads, dim] -> [num_decodes, kv_heads, keys, dim]
-        k = k_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
-        v = v_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
-        mask = meta.decode_key_mask[:, None, None, :]
+        n, num_blocks = block_tables.shape
+        flat = block_tables.reshape(-1)
+        # [n * blocks, block_size, kv_heads, dim] -> [n, kv_heads, keys, dim]
+        k = k_cache.index_select(0, flat).view(n, -1, *k_cache.shape[2:]).transpose(1, 2)
+        v = v_cache.index_select(0, flat).view(n, -1, *v_cache.shape[2:]).transpose(1, 2)
+        mask = key_mask[:, None, None, :]
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2), k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.gqa
         )  # [num_decodes, heads, 1, dim]

@@ -34,6 +34,25 @@ class ModelInputs:
     prompt_logprob_rows: dict[str, tuple[torch.Tensor, int, torch.Tensor]]
 
 
+# Decode batches are split into up to this many length groups (one attention call each).
+MAX_DECODE_GROUPS = 4
+MIN_DECODES_PER_GROUP = 8
+
+
+def decode_groups(sorted_lens: list[int], block_size: int) -> list[tuple[int, int, int]]:
+    """(first row, end row, blocks to read) for decodes sorted by length, in equal-count groups.
+
+    Padding every decode to the longest one wastes gather and attention work on short
+    sequences; a few groups recover most of it while keeping each call batched.
+    """
+    num = len(sorted_lens)
+    if num == 0:
+        return []
+    num_groups = max(1, min(MAX_DECODE_GROUPS, num // MIN_DECODES_PER_GROUP))
+    bounds = [round(i * num / num_groups) for i in range(num_groups + 1)]
+    return [(s, e, cdiv(sorted_lens[e - 1], block_size)) for s, e in zip(bounds, bounds[1:])]
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -62,7 +81,11 @@ class ModelRunner:
         sample_requests: list[ScheduledRequest] = []
         prompt_rows: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
 
-        for req in sched.scheduled:
+        # Decodes first, shortest first, so they form contiguous rows that split into
+        # groups of similar length; then prefills and chunks.
+        decodes = sorted((r for r in sched.scheduled if len(r.token_ids) == 1), key=lambda r: r.num_computed_tokens)
+        ordered = decodes + [r for r in sched.scheduled if len(r.token_ids) != 1]
+        for req in ordered:
             start, n = req.num_computed_tokens, len(req.token_ids)
             row = len(input_ids)
             input_ids.extend(req.token_ids)
@@ -96,6 +119,7 @@ class ModelRunner:
             decode_key_mask=key_mask.to(dev),
             prefills=prefills,
             num_tokens=len(input_ids),
+            decode_groups=decode_groups(decode_lens, bs),
         )
         return ModelInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
