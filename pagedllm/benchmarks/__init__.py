@@ -1,0 +1,1 @@
+"""`pagedllm bench`: throughput, latency and serving benchmarks, with vLLM's bench options and figures."""
