@@ -1,0 +1,173 @@
+"""W1 on this machine: pagedllm against vLLM (CPU build), llama.cpp and transformers, in one run.
+
+Every engine gets the same prompts (random token ids), 64 greedy output tokens each with
+EOS ignored, all threads, and runs in its own process (vLLM and llama.cpp in their own
+virtual environments, which are optional: pass their interpreters or leave them out).
+Only generation is timed, after a short warm-up. Prints a table with ratios, writes JSON
+and a PNG chart under benchmarks/results/.
+
+    python benchmarks/compare_cpu.py \\
+        --vllm-python /path/to/vllm-venv/bin/python --llamacpp-python /path/to/llamacpp-venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def build_workload(args: argparse.Namespace, gguf_path: str, path: Path) -> dict:
+    from pagedllm.benchmarks.datasets import random_requests
+    from pagedllm.model_executor.gguf_loader import load_gguf_config, load_gguf_tokenizer
+
+    vocab = load_gguf_config(gguf_path).vocab_size
+    specials = frozenset(load_gguf_tokenizer(gguf_path).all_special_ids)
+    reqs = random_requests(args.num_prompts, (args.input_min, args.input_max), (args.output_len, args.output_len),
+                           vocab, seed=args.seed, avoid_ids=specials)
+    workload = {"prompts": [r.prompt_token_ids for r in reqs], "output_len": args.output_len}
+    path.write_text(json.dumps(workload))
+    return workload
+
+
+def hf_checkpoint_from_gguf(gguf_path: str, out_dir: Path) -> Path:
+    """The HF-format (safetensors) conversion of the GGUF that vLLM and transformers load."""
+    if (out_dir / "config.json").exists():
+        return out_dir
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from pagedllm.model_executor.gguf_loader import load_gguf_config, load_gguf_tokenizer
+
+    config = load_gguf_config(gguf_path)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(gguf_path, return_tensors=True, model_to_load=model)["tensors"]
+    model.load_state_dict(tensors, strict=False)
+    model.tie_weights()
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent))
+    model.save_pretrained(tmp)
+    load_gguf_tokenizer(gguf_path).save_pretrained(tmp)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def run_engine(name: str, python: str, model: str, workload: Path, threads: int) -> dict:
+    out = Path(tempfile.mkstemp(suffix=".json")[1])
+    cmd = [python, str(HERE / "peers" / f"run_{name}.py"), "--workload", str(workload), "--model", model,
+           "--out", str(out), "--threads", str(threads)]
+    env = {**os.environ, "PYTHONPATH": str(HERE / "peers"), "PAGEDLLM_LOGGING_LEVEL": "WARNING"}
+    print(f"[compare] running {name} ...", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        print(f"[compare] {name} failed:\n  " + "\n  ".join(tail), flush=True)
+        return {"engine": name, "error": "\n".join(tail)}
+    result = json.loads(out.read_text())
+    print(f"[compare] {name}: {result['elapsed_s']:.1f} s generating ({time.perf_counter() - start:.0f} s with load)",
+          flush=True)
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--engines", default="pagedllm,vllm,llamacpp,transformers")
+    p.add_argument("--vllm-python", default=os.environ.get("PAGEDLLM_BENCH_VLLM_PYTHON"))
+    p.add_argument("--llamacpp-python", default=os.environ.get("PAGEDLLM_BENCH_LLAMACPP_PYTHON"))
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--input-min", type=int, default=32)
+    p.add_argument("--input-max", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--output-json", default=None)
+    args = p.parse_args()
+
+    from pagedllm.model_executor.model_source import resolve_model
+
+    gguf = resolve_model(args.model).path
+    RESULTS.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="pagedllm-compare-"))
+    workload = build_workload(args, gguf, work / "workload.json")
+    in_tokens = sum(len(x) for x in workload["prompts"])
+    hf_dir = None
+    pythons = {"pagedllm": sys.executable, "transformers": sys.executable,
+               "vllm": args.vllm_python, "llamacpp": args.llamacpp_python}
+    results = []
+    for name in [e.strip() for e in args.engines.split(",") if e.strip()]:
+        if not pythons.get(name):
+            print(f"[compare] skipping {name}: pass --{name}-python (its own virtual environment)")
+            continue
+        model = gguf
+        if name in ("vllm", "transformers"):
+            hf_dir = hf_dir or hf_checkpoint_from_gguf(gguf, Path(gguf).parent / "hf-float32")
+            model = str(hf_dir)
+        result = run_engine(name, pythons[name], model, work / "workload.json", args.threads)
+        result["engine_key"] = name
+        if "elapsed_s" in result:
+            result["output_tok_s"] = result["output_tokens"] / result["elapsed_s"]
+            result["total_tok_s"] = (in_tokens + result["output_tokens"]) / result["elapsed_s"]
+        results.append(result)
+
+    ours = next((r for r in results if r["engine_key"] == "pagedllm" and "output_tok_s" in r), None)
+    print()
+    print(f"W1: {args.num_prompts} prompts, {args.input_min}-{args.input_max} prompt tokens, "
+          f"{args.output_len} output tokens, greedy, EOS ignored, {args.threads} threads, {platform.node()}")
+    print(f"{'engine':<38}{'output tok/s':>14}{'total tok/s':>14}{'pagedllm x':>12}")
+    for r in results:
+        if "output_tok_s" not in r:
+            print(f"{r['engine_key']:<38}{'failed':>14}")
+            continue
+        ratio = ours["output_tok_s"] / r["output_tok_s"] if ours else float("nan")
+        r["pagedllm_ratio"] = ratio
+        print(f"{r.get('engine', r['engine_key']):<38}{r['output_tok_s']:>14.1f}{r['total_tok_s']:>14.1f}{ratio:>11.2f}x")
+
+    stamp = datetime.now(timezone.utc)
+    record = {
+        "date": stamp.isoformat(), "machine": platform.node(), "cpu_count": os.cpu_count(),
+        "workload": {k: getattr(args, k) for k in ("num_prompts", "input_min", "input_max", "output_len", "seed")},
+        "input_tokens": in_tokens, "results": results,
+    }
+    out = Path(args.output_json) if args.output_json else RESULTS / f"compare_cpu-{stamp:%Y%m%d-%H%M}-{platform.node()}.json"
+    out.write_text(json.dumps(record, indent=2))
+    print(f"\nwrote {out}")
+    chart(results, out.with_suffix(".png"))
+    return 0
+
+
+def chart(results: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no chart; pip install matplotlib)")
+        return
+    done = [r for r in results if "output_tok_s" in r]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    names = [r.get("engine", r["engine_key"]) for r in done]
+    values = [r["output_tok_s"] for r in done]
+    bars = ax.barh(names, values, color=["#2a7" if r["engine_key"] == "pagedllm" else "#999" for r in done])
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_xlabel("output tokens/s (W1, higher is better)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Shared by the peer runners: read the workload, time the run, write one result file.
+
+Each runner is executed by `compare_cpu.py` in its own process (and for vLLM and llama.cpp,
+its own virtual environment), so they import nothing from pagedllm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Callable
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--workload", required=True, help="JSON: prompts (token ids) and output_len")
+    p.add_argument("--model", required=True, help="model path (GGUF file or HF directory)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=0)
+    return p.parse_args()
+
+
+def load_workload(path: str) -> tuple[list[list[int]], int]:
+    with open(path) as f:
+        w = json.load(f)
+    return w["prompts"], w["output_len"]
+
+
+def timed_run(run: Callable[[], int], out: str, **extra) -> None:
+    """Time `run` (which returns the number of output tokens) and write the result."""
+    start = time.perf_counter()
+    output_tokens = run()
+    elapsed = time.perf_counter() - start
+    with open(out, "w") as f:
+        json.dump({"elapsed_s": elapsed, "output_tokens": output_tokens, **extra}, f)
