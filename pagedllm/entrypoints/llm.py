@@ -126,16 +126,21 @@ class LLM:
         engine = self.llm_engine
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
-        generated = 0
+        prompt_tokens = generated = 0
         try:
             while engine.has_unfinished_requests():
                 for output in engine.step():
                     if output.finished:
                         finished[output.request_id] = output
+                        prompt_tokens += len(output.prompt_token_ids)
                         generated += sum(len(o.token_ids) for o in output.outputs)
                         bar.update(1)
                         elapsed = bar.format_dict["elapsed"] or 1e-9
-                        bar.set_postfix_str(f"output: {generated / elapsed:.1f} toks/s", refresh=False)
+                        bar.set_postfix_str(
+                            f"est. speed input: {prompt_tokens / elapsed:.1f} toks/s, "
+                            f"output: {generated / elapsed:.1f} toks/s",
+                            refresh=False,
+                        )
         except BaseException:
             engine.abort_request([r for r in request_ids if r not in finished])
             raise
