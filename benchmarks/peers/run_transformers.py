@@ -24,4 +24,4 @@ def run() -> int:
     return int((out.shape[1] - width) * out.shape[0])
 
 
-timed_run(run, args.out, engine="transformers", threads=torch.get_num_threads())
+timed_run(run, args.out, engine="transformers generate (padded batch)", threads=torch.get_num_threads())

@@ -1,0 +1,145 @@
+"""Thread or process for the engine core behind `pagedllm serve`? Measured, not guessed.
+
+For each model and each `--engine-core` (thread: the engine loop in a background thread of the
+server process; process: in a process of its own, vLLM v1's layout), start the real server on
+127.0.0.1 and load it with `pagedllm bench serve`'s client: random token-id prompts (32-256 tokens),
+64 greedy output tokens each with EOS ignored, all requests sent at once, `--max-concurrency`
+streams at a time. The offline engine (`LLM.generate`, no HTTP) on the same requests is the
+ceiling. Prints a table and writes JSON under benchmarks/results/.
+
+The load generator runs on the same machine and takes CPU from the server; on the 2-core CI box
+that matters, and it weighs the same on both layouts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.benchmarks.datasets import random_requests
+from pagedllm.benchmarks.serve import run_serve
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+NUM_OUTPUT = 64
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str | None, mode: str, threads: int, max_model_len: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli.main", "serve", *([model] if model else []),
+           "--port", str(port), "--engine-core", mode, "--max-model-len", str(max_model_len),
+           "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PAGEDLLM_LOGGING_LEVEL": "WARNING"}
+    log = tempfile.NamedTemporaryFile("w", prefix="server-frontend-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}); see {log.name}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise TimeoutError(f"server not healthy; see {log.name}")
+
+
+def bench_args(url: str, vocab: int, num_prompts: int, concurrency: int, seed: int) -> argparse.Namespace:
+    return argparse.Namespace(base_url=url, model=None, api_key=None, num_prompts=num_prompts, input_len="32-256",
+                              output_len=str(NUM_OUTPUT), vocab_size=vocab, request_rate=float("inf"),
+                              max_concurrency=concurrency, dataset_seed=seed, timeout=600.0, output_json=None)
+
+
+def offline_ceiling(model: str | None, vocab: int, num_prompts: int, concurrency: int, threads: int,
+                    max_model_len: int, seed: int) -> float:
+    """Output tokens/s of the bare engine on the same requests, `concurrency` at a time."""
+    import torch
+
+    torch.set_num_threads(threads)
+    llm = LLM(model=model, max_model_len=max_model_len, max_num_seqs=concurrency)
+    reqs = random_requests(num_prompts, (32, 256), (NUM_OUTPUT, NUM_OUTPUT), vocab, seed=seed)
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_OUTPUT, ignore_eos=True)
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
+    llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
+    llm.reset_prefix_cache()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    llm.shutdown()
+    return sum(len(o.outputs[0].token_ids) for o in outs) / elapsed
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny (random-weight Llama), smollm2")
+    p.add_argument("--concurrency", default="1,32")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the engine (OMP_NUM_THREADS)")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--output", default=str(RESULTS / "server_frontend.json"))
+    args = p.parse_args()
+
+    rows = []
+    for name in args.models.split(","):
+        if name == "tiny":
+            sys.path.insert(0, str(ROOT / "tests"))
+            from conftest import build_checkpoint  # the tests' tiny Llama (vocab 388)
+
+            model, vocab, max_model_len = build_checkpoint(tempfile.mkdtemp(prefix="tiny-llama-"), "llama"), 300, 512
+        else:
+            model, vocab, max_model_len = None, 32000, 512
+        for concurrency in [int(c) for c in args.concurrency.split(",")]:
+            num_prompts = max(8, 2 * concurrency)
+            ceiling = offline_ceiling(model, vocab, num_prompts, concurrency, args.threads, max_model_len, seed=1)
+            for repeat in range(args.repeats):
+                for mode in ("thread", "process"):
+                    proc, url = start_server(model, mode, args.threads, max_model_len)
+                    try:
+                        run_serve(bench_args(url, vocab, 2, concurrency, seed=99))  # warm-up
+                        report = run_serve(bench_args(url, vocab, num_prompts, concurrency, seed=1))
+                    finally:
+                        proc.send_signal(signal.SIGTERM)
+                        proc.wait(60)
+                    rows.append({"model": name, "engine_core": mode, "concurrency": concurrency, "repeat": repeat,
+                                 "num_prompts": num_prompts, "offline_output_tok_s": ceiling, **report})
+
+    header = ("model", "core", "conc", "out tok/s", "% offline", "TTFT p50", "TTFT p99", "TPOT p50", "ITL p99",
+              "failed")
+    print("\n" + " | ".join(f"{h:>9}" for h in header))
+    for r in rows:
+        cells = (r["model"], r["engine_core"], r["concurrency"], f"{r['output_throughput']:.1f}",
+                 f"{100 * r['output_throughput'] / r['offline_output_tok_s']:.0f}%",
+                 f"{r['median_ttft_ms']:.0f} ms", f"{r['p99_ttft_ms']:.0f} ms", f"{r['median_tpot_ms']:.1f} ms",
+                 f"{r['p99_itl_ms']:.1f} ms", r["failed"])
+        print(" | ".join(f"{c!s:>9}" for c in cells))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump({"date": datetime.now(timezone.utc).isoformat(), "machine": platform.node(),
+                   "cpu_count": os.cpu_count(), "torch_threads": args.threads, "output_len": NUM_OUTPUT,
+                   "rows": rows}, f, indent=2)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
