@@ -16,6 +16,11 @@ import torch
 # Tiny models run many times slower on 2 busy threads than on 1.
 torch.set_num_threads(1)
 
+# Without a GPU the Triton kernels run under Triton's interpreter, which must be switched on
+# before triton is imported; transformers imports it early (through torch._dynamo), so here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

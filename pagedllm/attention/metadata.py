@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -40,7 +41,33 @@ class AttentionMetadata:
     # Decode rows split into groups of similar length, (first row, end row, blocks to read),
     # so short sequences are not padded to the longest one's length.
     decode_groups: list[tuple[int, int, int]] = field(default_factory=list)
+    # The same batch as one flat description of all its sequences, in row order (decodes first),
+    # for kernels that take it whole (the Triton backend; see `sequence_tensors`):
+    # sequence i owns rows query_start_loc[i] .. query_start_loc[i + 1] - 1 [num_seqs + 1],
+    # has seq_lens[i] = context + new tokens [num_seqs], and its block table in block_tables[i]
+    # [num_seqs, max_blocks], padded with block 0. All int32.
+    query_start_loc: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
 
     @property
     def num_decodes(self) -> int:
         return int(self.decode_token_idx.numel())
+
+
+def sequence_tensors(
+    query_lens: list[int], seq_lens: list[int], block_ids: list[list[int]], block_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(query_start_loc, seq_lens, block_tables)` for `AttentionMetadata`, from per-sequence lists
+    in row order; each block table is cut to the blocks its `seq_len` tokens occupy."""
+    counts = [-(-n // block_size) for n in seq_lens]
+    tables = np.zeros((len(seq_lens), max(counts, default=0)), dtype=np.int32)
+    for row, ids, count in zip(tables, block_ids, counts):
+        row[:count] = ids[:count]
+    starts = np.zeros(len(query_lens) + 1, dtype=np.int32)
+    np.cumsum(query_lens, out=starts[1:])
+    return (
+        torch.from_numpy(starts).to(device),
+        torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        torch.from_numpy(tables).to(device),
+    )

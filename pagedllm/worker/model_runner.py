@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedllm.attention.metadata import AttentionMetadata, PrefillSequence
+from pagedllm.attention.metadata import AttentionMetadata, PrefillSequence, sequence_tensors
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.core.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
@@ -112,6 +112,10 @@ class ModelRunner:
         max_blocks = max((len(t) for t in decode_tables), default=0)
         tables = torch.tensor([t + [t[0]] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long)
         key_mask = torch.arange(max_blocks * bs)[None, :] < torch.tensor(decode_lens, dtype=torch.long)[:, None]
+        query_start_loc, seq_lens, block_tables = sequence_tensors(  # for the Triton backend
+            [len(r.token_ids) for r in ordered], [r.num_computed_tokens + len(r.token_ids) for r in ordered],
+            [r.block_ids for r in ordered], bs, dev,
+        )
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slots).to(dev),
             decode_token_idx=torch.tensor(decode_rows, dtype=torch.long, device=dev),
@@ -120,6 +124,9 @@ class ModelRunner:
             prefills=prefills,
             num_tokens=len(input_ids),
             decode_groups=decode_groups(decode_lens, bs),
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_tables=block_tables,
         )
         return ModelInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),

@@ -1,0 +1,131 @@
+"""Random paged batches with a plain-SDPA reference, for checking attention backends.
+
+Used by `tests/test_triton_attention.py` and `benchmarks/gpu_check.py`. A batch is a list of
+sequences `(context_len, query_len)`: `context_len` tokens already cached, `query_len` new
+ones this step (1 for a decode). Every sequence's K/V sit in a shuffled paged cache; slots no
+sequence owns hold `fill` (NaN by default), so a kernel that reads past its mask returns NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pagedllm.attention.metadata import AttentionMetadata, PrefillSequence, sequence_tensors
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class PagedBatch:
+    """`keys[i]`/`values[i]` hold sequence i's full K/V (context and new tokens), also present in
+    the cache through `tables[i]`; `queries[i]` its `query_len` new query rows."""
+
+    def __init__(
+        self,
+        seqs: list[tuple[int, int]],
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        fill: float = float("nan"),
+    ) -> None:
+        self.seqs, self.block_size, self.head_dim = seqs, block_size, head_dim
+        self.num_heads, self.num_kv_heads, self.device = num_heads, num_kv_heads, torch.device(device)
+        gen = torch.Generator(self.device).manual_seed(seed)
+        num_blocks = sum(cdiv(c + q, block_size) for c, q in seqs) + 2
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k_cache = torch.full(shape, fill, dtype=dtype, device=self.device)
+        self.v_cache = torch.full(shape, fill, dtype=dtype, device=self.device)
+        free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+        self.tables: list[list[int]] = []
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.queries: list[torch.Tensor] = []
+        for context_len, query_len in seqs:
+            seq_len = context_len + query_len
+            table = [free.pop() for _ in range(cdiv(seq_len, block_size))]
+            k, v = (torch.randn(seq_len, num_kv_heads, head_dim, generator=gen, device=self.device).to(dtype)
+                    for _ in range(2))
+            slots = self.slots(table, 0, seq_len)
+            self.k_cache.view(-1, num_kv_heads, head_dim)[slots] = k
+            self.v_cache.view(-1, num_kv_heads, head_dim)[slots] = v
+            self.tables.append(table)
+            self.keys.append(k)
+            self.values.append(v)
+            self.queries.append(torch.randn(query_len, num_heads, head_dim, generator=gen, device=self.device).to(dtype))
+        self.query_start_loc, self.seq_lens, self.block_tables = sequence_tensors(
+            [q for _, q in seqs], [c + q for c, q in seqs], self.tables, block_size, self.device
+        )
+
+    def slots(self, table: list[int], start: int, end: int) -> torch.Tensor:
+        """Flat cache slots of positions start .. end - 1 of a sequence with this block table."""
+        pos = torch.arange(start, end, device=self.device)
+        return torch.tensor(table, device=self.device)[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    @property
+    def query(self) -> torch.Tensor:
+        return torch.cat(self.queries)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(q for _, q in self.seqs)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(c + q for c, q in self.seqs)
+
+    def reference(self) -> torch.Tensor:
+        """All sequences' attention output in fp32: query j of a sequence sees keys 0 .. context_len + j."""
+        outs = []
+        for (context_len, query_len), q, k, v in zip(self.seqs, self.queries, self.keys, self.values):
+            q, k, v = (t.float().transpose(0, 1) for t in (q, k, v))
+            q_pos = torch.arange(context_len, context_len + query_len, device=self.device)
+            mask = torch.arange(k.shape[1], device=self.device)[None, :] <= q_pos[:, None]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=True)
+            outs.append(o.transpose(0, 1))
+        return torch.cat(outs)
+
+    def take_new_kv(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This step's `(key, value, slot_mapping)`, with their slots blanked (to `nan`) in the
+        cache: what a backend's forward receives before it writes them."""
+        keys, values, slots = [], [], []
+        for (context_len, query_len), table, k, v in zip(self.seqs, self.tables, self.keys, self.values):
+            slot = self.slots(table, context_len, context_len + query_len)
+            self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[slot] = float("nan")
+            self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[slot] = float("nan")
+            keys.append(k[context_len:])
+            values.append(v[context_len:])
+            slots.append(slot)
+        return torch.cat(keys), torch.cat(values), torch.cat(slots)
+
+    def metadata(self, slot_mapping: torch.Tensor) -> AttentionMetadata:
+        """`AttentionMetadata` as `ModelRunner.prepare_inputs` builds it (decodes must come first)."""
+        bs, dev = self.block_size, self.device
+        num_decodes = next((i for i, (_, q) in enumerate(self.seqs) if q != 1), len(self.seqs))
+        if any(q == 1 for _, q in self.seqs[num_decodes:]):
+            raise ValueError("decodes (query_len 1) must come first in the batch")
+        decode_lens = [c + 1 for c, _ in self.seqs[:num_decodes]]
+        max_blocks = max((cdiv(n, bs) for n in decode_lens), default=0)
+        tables = [t[: cdiv(n, bs)] + [t[0]] * (max_blocks - cdiv(n, bs)) for t, n in zip(self.tables, decode_lens)]
+        starts = self.query_start_loc.tolist()
+        return AttentionMetadata(
+            slot_mapping=slot_mapping,
+            decode_token_idx=torch.arange(num_decodes, device=dev),
+            decode_block_tables=torch.tensor(tables, dtype=torch.long, device=dev).view(num_decodes, max_blocks),
+            decode_key_mask=torch.arange(max_blocks * bs, device=dev)[None, :]
+            < torch.tensor(decode_lens, device=dev).view(-1, 1),
+            prefills=[
+                PrefillSequence(starts[i], q, c, torch.tensor(self.tables[i], device=dev))
+                for i, (c, q) in enumerate(self.seqs) if i >= num_decodes
+            ],
+            num_tokens=starts[-1],
+            decode_groups=[(0, num_decodes, max_blocks)] if num_decodes else [],
+            query_start_loc=self.query_start_loc,
+            seq_lens=self.seq_lens,
+            block_tables=self.block_tables,
+        )
