@@ -97,8 +97,9 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,32")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the engine (OMP_NUM_THREADS)")
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--output", default=str(RESULTS / "server_frontend.json"))
+    p.add_argument("--output", default=None, help="default: benchmarks/results/server_frontend_t<threads>.json")
     args = p.parse_args()
+    args.output = args.output or str(RESULTS / f"server_frontend_t{args.threads}.json")
 
     rows = []
     for name in args.models.split(","):

@@ -1,0 +1,278 @@
+"""The OpenAI-compatible HTTP server: a FastAPI app over `AsyncLLM`, run by uvicorn.
+
+Routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize, /health,
+/metrics, /version. A request whose client disconnects is cancelled, which aborts it in the
+engine. On SIGINT/SIGTERM the server stops accepting connections, lets requests in flight finish
+for `--shutdown-timeout` seconds, then fails the rest with a clean 503 (or an error event on a
+stream) before the engine stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import socket
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Optional
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pagedllm import __version__
+from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.entrypoints.openai.errors import OpenAIError, install_error_handlers
+from pagedllm.entrypoints.openai.metrics import ServerMetrics
+from pagedllm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
+from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedllm.entrypoints.openai.serving_engine import OpenAIServing
+from pagedllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+# Routes anyone may call even when --api-key is set: probes and monitoring.
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+
+
+@dataclass
+class ServerSettings:
+    served_model_names: list[str]
+    model_root: str
+    api_key: Optional[str] = None
+    allowed_origins: list[str] = field(default_factory=list)
+    chat_template: Optional[str] = None
+    max_logprobs: int = 20
+
+
+# ----- the app --------------------------------------------------------------------------------
+def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start()
+        yield
+        await engine.shutdown()
+
+    app = FastAPI(title="pagedllm", version=__version__, lifespan=lifespan)
+    install_error_handlers(app)
+    names = settings.served_model_names
+    common = dict(served_model_names=names, max_logprobs=settings.max_logprobs, chat_template=settings.chat_template)
+    completions = OpenAIServingCompletion(engine, **common)
+    chat = OpenAIServingChat(engine, **common)
+    tokenization = OpenAIServing(engine, **common)
+    metrics = ServerMetrics(engine, names[0])
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_dead:
+            return OpenAIError("the engine is not running", 503, code="engine_dead").to_json_response()
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": __version__})
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        cards = [ModelCard(id=name, root=settings.model_root, max_model_len=engine.max_model_len) for name in names]
+        return _json(ModelList(data=cards))
+
+    @app.post("/v1/completions")
+    async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
+        _log_ignored_fields(request)
+        return await _until_disconnected(raw_request, completions.create_completion(request))
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
+        _log_ignored_fields(request)
+        return await _until_disconnected(raw_request, chat.create_chat_completion(request))
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> Response:
+        tokenization.check_model(request.model)
+        if (request.prompt is None) == (request.messages is None):
+            raise OpenAIError("give exactly one of prompt or messages", 400, param="prompt")
+        if request.messages is not None:
+            text = tokenization.render_chat(request.messages, request.add_generation_prompt,
+                                            request.continue_final_message, request.chat_template,
+                                            request.chat_template_kwargs)
+            add_special = bool(request.add_special_tokens)
+        else:
+            text = request.prompt
+            add_special = request.add_special_tokens is not False
+        ids = tokenization.tokenize(text, add_special).token_ids
+        strs = tokenization.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
+        return _json(TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs))
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> Response:
+        tokenization.check_model(request.model)
+        ids = tokenization.from_token_ids(request.tokens, param="tokens").token_ids
+        return _json(DetokenizeResponse(prompt=tokenization.tokenizer.decode(ids)))
+
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    if settings.allowed_origins:  # outermost, so that CORS preflights never meet the API-key check
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    return app
+
+
+def _json(model: BaseModel) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+def _log_ignored_fields(request: BaseModel) -> None:
+    if request.model_extra:
+        logger.warning("Ignoring unsupported request fields: %s", sorted(request.model_extra))
+
+
+async def _until_disconnected(raw_request: Request, handler: Awaitable[Response]) -> Response:
+    """Run a handler, cancelling it (and so aborting its engine requests) if the client goes away.
+
+    A streaming handler returns as soon as its response is built; from then on Starlette watches
+    the connection and cancels the stream itself.
+    """
+    task = asyncio.ensure_future(handler)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(raw_request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task.done():
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    with suppress(asyncio.CancelledError, Exception):
+        await task
+    return Response(status_code=499)  # nobody is listening; nothing is sent
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class APIKeyMiddleware:
+    """401 unless `Authorization: Bearer <key>` matches (compared in constant time); probes stay open."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            error = OpenAIError("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.", 401,
+                                code="invalid_api_key")
+        elif not hmac.compare_digest(token.strip().encode(), self.api_key):
+            error = OpenAIError("Incorrect API key provided.", 401, code="invalid_api_key")
+        else:
+            return await self.app(scope, receive, send)
+        await error.to_json_response()(scope, receive, send)
+
+
+# ----- running it ------------------------------------------------------------------------------
+class _Server(uvicorn.Server):
+    """uvicorn's server, plus a deadline for requests still running when shutdown starts."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLM, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.shutdown_timeout = shutdown_timeout
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+    async def startup(self, sockets: Optional[list[socket.socket]] = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        first = not self.should_exit
+        super().handle_exit(sig, frame)
+        if first and self._loop is not None:
+            logger.info("Shutting down: requests in flight get %.0f s to finish", self.shutdown_timeout)
+            self._loop.call_soon_threadsafe(self._loop.call_later, self.shutdown_timeout, self.engine.abort_all,
+                                            "the server is shutting down")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind before loading the model, so a taken port fails at once rather than after the load."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"cannot resolve host {host!r}: {e}") from e
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    sock.set_inheritable(True)
+    return sock
+
+
+def load_chat_template(value: Optional[str]) -> Optional[str]:
+    """`--chat-template`: a file's path, or the Jinja template itself (as vLLM accepts both)."""
+    if value is None:
+        return None
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    if any(c in value for c in "{}\n"):
+        return value
+    raise ValueError(f"--chat-template {value!r} is neither a readable file nor a Jinja template")
+
+
+def parse_allowed_origins(value: Optional[str]) -> list[str]:
+    """`--allowed-origins`: a JSON list as vLLM takes it (`'["*"]'`), or comma-separated origins."""
+    if not value:
+        return []
+    value = value.strip()
+    if value.startswith("["):
+        try:
+            origins = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--allowed-origins is not a JSON list: {e}") from e
+        if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+            raise ValueError("--allowed-origins must be a JSON list of strings")
+        return origins
+    return [o.strip() for o in value.split(",") if o.strip()]
+
+
+def serve(engine: AsyncLLM, settings: ServerSettings, sock: socket.socket, log_level: str = "info",
+          shutdown_timeout: float = 30.0, access_log: bool = True) -> None:
+    app = build_app(engine, settings)
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log,
+                            timeout_graceful_shutdown=shutdown_timeout + 10, timeout_keep_alive=5)
+    server = _Server(config, engine, shutdown_timeout)
+    host, port = sock.getsockname()[:2]
+    logger.info("Serving %s on http://%s:%d (OpenAI-compatible API under /v1)",
+                ", ".join(settings.served_model_names), host, port)
+    server.run(sockets=[sock])

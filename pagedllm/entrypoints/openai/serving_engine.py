@@ -1,0 +1,268 @@
+"""What completions and chat share: the model check, prompts to checked token ids, SamplingParams
+from a request, logprob entries, and merging several requests' streams into one.
+
+Everything a client can get wrong is checked here, before the engine sees the request, so that
+bad input is a 400 with the parameter named and never reaches the engine loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncGenerator, AsyncIterator, Optional, TypeVar
+
+from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.entrypoints.openai.errors import OpenAIError, bad_request
+from pagedllm.entrypoints.openai.protocol import ChatMessageParam, SamplingRequest
+from pagedllm.outputs import Logprob
+from pagedllm.sampling_params import SamplingParams
+
+T = TypeVar("T")
+
+
+@dataclass
+class EnginePrompt:
+    """A prompt ready for the engine: its text (when known) and its checked token ids."""
+
+    text: Optional[str]
+    token_ids: list[int]
+
+    def as_engine_input(self) -> dict:
+        return {"prompt": self.text, "prompt_token_ids": self.token_ids}
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLM, served_model_names: list[str], max_logprobs: int = 20,
+                 chat_template: Optional[str] = None) -> None:
+        self.engine = engine
+        self.served_model_names = served_model_names
+        self.max_logprobs = max_logprobs
+        self.chat_template = chat_template
+        self.tokenizer = engine.get_tokenizer()
+        self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.vocab_size
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+    # ----- checks -------------------------------------------------------------------
+    def check_model(self, model: Optional[str]) -> None:
+        if model is not None and model not in self.served_model_names:
+            raise OpenAIError(f"The model `{model}` does not exist.", 404, param="model", code="model_not_found")
+
+    def check_engine(self) -> None:
+        if self.engine.is_dead:
+            raise OpenAIError("the engine is not running; the server cannot serve requests", 503, code="engine_dead")
+
+    # ----- prompts ------------------------------------------------------------------
+    def tokenize(self, text: str, add_special_tokens: bool) -> EnginePrompt:
+        return EnginePrompt(text, self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def from_token_ids(self, token_ids: list[int], param: str = "prompt") -> EnginePrompt:
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise OpenAIError(f"token ids out of vocabulary (size {self.vocab_size}): {bad[:5]}", 400, param=param)
+        return EnginePrompt(None, list(token_ids))
+
+    def check_prompt_length(self, prompt: EnginePrompt, param: str) -> None:
+        n = len(prompt.token_ids)
+        if n == 0:
+            raise OpenAIError("the prompt is empty (no tokens)", 400, param=param)
+        if n >= self.max_model_len:
+            raise OpenAIError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
+                f"{n} input tokens, which leaves no room for output. Please reduce the length of the input.",
+                400, param=param, code="context_length_exceeded",
+            )
+
+    def resolve_max_tokens(self, requested: Optional[int], explicit: bool, num_prompt_tokens: int,
+                           param: str = "max_tokens") -> int:
+        """The request's output budget: what it asked for, checked against what the context leaves."""
+        room = self.max_model_len - num_prompt_tokens
+        if requested is None:
+            default = self.engine.default_sampling_overrides.get("max_tokens")
+            return min(room, default) if default else room
+        if requested < 1:
+            raise OpenAIError(f"{param} must be at least 1, got {requested}", 400, param=param)
+        if explicit and requested > room:
+            raise OpenAIError(
+                f"'{param}' is too large: {requested}. This model's maximum context length is {self.max_model_len} "
+                f"tokens and your request has {num_prompt_tokens} input tokens ({requested} > "
+                f"{self.max_model_len} - {num_prompt_tokens}).",
+                400, param=param, code="context_length_exceeded",
+            )
+        return min(requested, room)
+
+    def render_chat(self, messages: list[ChatMessageParam], add_generation_prompt: bool,
+                    continue_final_message: bool, chat_template: Optional[str],
+                    chat_template_kwargs: Optional[dict[str, Any]], tools: Optional[list] = None) -> str:
+        if not messages:
+            raise OpenAIError("messages must contain at least one message", 400, param="messages")
+        if add_generation_prompt and continue_final_message:
+            raise OpenAIError("add_generation_prompt and continue_final_message cannot both be true", 400,
+                              param="continue_final_message")
+        if continue_final_message and messages[-1].role != "assistant":
+            raise OpenAIError("continue_final_message needs the last message to be the assistant's", 400,
+                              param="continue_final_message")
+        template = chat_template or self.chat_template
+        if template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise OpenAIError("this model has no chat template; start the server with --chat-template", 400,
+                              param="messages")
+        conversation = [_message_dict(m, i) for i, m in enumerate(messages)]
+        kwargs = dict(chat_template_kwargs or {})
+        for reserved in ("conversation", "tokenize", "chat_template", "add_generation_prompt"):
+            kwargs.pop(reserved, None)
+        try:
+            return self.tokenizer.apply_chat_template(
+                conversation, chat_template=template, tokenize=False, tools=tools,
+                add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message, **kwargs,
+            )
+        except Exception as e:  # jinja errors, template-raised exceptions, bad kwargs: all the client's input
+            raise OpenAIError(f"could not apply the chat template: {e}", 400, param="messages") from e
+
+    # ----- sampling parameters --------------------------------------------------------
+    def check_logprobs(self, value: Optional[int], param: str) -> None:
+        if value is not None and not 0 <= value <= self.max_logprobs:
+            raise OpenAIError(f"{param} must be between 0 and {self.max_logprobs}, got {value}", 400, param=param)
+
+    def sampling_params(self, request: SamplingRequest, max_tokens: int, logprobs: Optional[int],
+                        prompt_logprobs: Optional[int]) -> SamplingParams:
+        """SamplingParams from a request: the client's values, else the model's defaults, else OpenAI's."""
+        defaults = self.engine.default_sampling_overrides
+        self.check_logprobs(logprobs, "logprobs")
+        self.check_logprobs(prompt_logprobs, "prompt_logprobs")
+
+        def pick(name: str, fallback: Any) -> Any:
+            value = getattr(request, name)
+            return value if value is not None else defaults.get(name, fallback)
+
+        logit_bias = None
+        if request.logit_bias:
+            try:
+                logit_bias = {int(k): v for k, v in request.logit_bias.items()}
+            except ValueError as e:
+                raise OpenAIError(f"logit_bias keys must be token ids, got {list(request.logit_bias)[:5]}", 400,
+                                  param="logit_bias") from e
+        try:
+            params = SamplingParams(
+                n=request.n,
+                temperature=pick("temperature", 1.0),
+                top_p=pick("top_p", 1.0),
+                top_k=pick("top_k", 0),
+                min_p=pick("min_p", 0.0),
+                repetition_penalty=pick("repetition_penalty", 1.0),
+                presence_penalty=request.presence_penalty or 0.0,
+                frequency_penalty=request.frequency_penalty or 0.0,
+                seed=request.seed,
+                stop=request.stop,
+                stop_token_ids=request.stop_token_ids,
+                ignore_eos=request.ignore_eos,
+                max_tokens=max_tokens,
+                min_tokens=request.min_tokens,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
+                skip_special_tokens=request.skip_special_tokens,
+                spaces_between_special_tokens=request.spaces_between_special_tokens,
+                include_stop_str_in_output=request.include_stop_str_in_output,
+                logit_bias=logit_bias,
+                allowed_token_ids=request.allowed_token_ids,
+            )
+            params.verify_vocab(self.vocab_size)
+        except ValueError as e:
+            raise bad_request(e) from e
+        return params
+
+
+def _message_dict(message: ChatMessageParam, i: int) -> dict[str, Any]:
+    """One message as the chat template expects it; content parts other than text are refused."""
+    content = message.content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise OpenAIError(f"only text content parts are supported, got type {part.get('type')!r}", 400,
+                                  param=f"messages.{i}.content")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    out: dict[str, Any] = {"role": message.role, "content": content if content is not None else ""}
+    for key in ("name", "tool_calls", "tool_call_id"):
+        if getattr(message, key) is not None:
+            out[key] = getattr(message, key)
+    return out
+
+
+# ----- logprobs -------------------------------------------------------------------------
+def top_entries(step: dict[int, Logprob], num_top: int) -> list[tuple[int, Logprob]]:
+    """The step's `num_top` most likely tokens, best first."""
+    ranked = [(t, lp) for t, lp in step.items() if lp.rank is not None and lp.rank <= num_top]
+    return sorted(ranked, key=lambda e: e[1].rank)[:num_top]
+
+
+def token_text(tokenizer: Any, token_id: int, step: Optional[dict[int, Logprob]]) -> str:
+    entry = step.get(token_id) if step else None
+    if entry is not None and entry.decoded_token is not None:
+        return entry.decoded_token
+    return tokenizer.decode([token_id])
+
+
+def serialize_prompt_logprobs(prompt_logprobs: Optional[list]) -> Optional[list]:
+    """vLLM's `prompt_logprobs` field: per prompt position, token id -> {logprob, rank, decoded_token}."""
+    if prompt_logprobs is None:
+        return None
+    return [None if step is None else {t: {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+                                       for t, lp in step.items()} for step in prompt_logprobs]
+
+
+# ----- streams ----------------------------------------------------------------------------
+async def merge_async_iterators(iterators: list[AsyncIterator[T]]) -> AsyncGenerator[tuple[int, T], None]:
+    """Items of several async iterators as they come, tagged with their iterator's index.
+
+    Leaving early (or being cancelled) closes every iterator, which aborts their requests.
+    """
+    if len(iterators) == 1:
+        async with contextlib.aclosing(iterators[0]) as it:
+            async for item in it:
+                yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def drain(i: int, it: AsyncIterator[T]) -> None:
+        try:
+            async with contextlib.aclosing(it) as closing:
+                async for item in closing:
+                    queue.put_nowait((i, item))
+        except Exception as e:
+            queue.put_nowait((i, e))
+        finally:
+            queue.put_nowait((i, done))
+
+    tasks = [asyncio.create_task(drain(i, it)) for i, it in enumerate(iterators)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"

@@ -1,0 +1,216 @@
+"""The server under failure: a request that breaks a step, an engine that dies, an engine process that
+is killed, shutdown signals, a taken port. Each runs a real `pagedllm serve` on the tiny Llama;
+faults are injected into the real engine by patching the model runner inside the server process.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from test_server_harness import RemoteServer, free_port, sse_events
+
+PROMPT = "The capital of France is"
+
+# Runs in the server process before the CLI: requests with these seeds break the model runner.
+FAULTS = """
+from pagedllm.worker.model_runner import ModelRunner
+
+class InjectedFatalError(BaseException):
+    pass
+
+_execute_model = ModelRunner.execute_model
+
+def _execute_model_with_faults(self, scheduler_output):
+    seeds = {s.sampling_params.seed for s in scheduler_output.scheduled}
+    if 4242 in seeds:
+        raise RuntimeError("injected fault: this request breaks the step")
+    if 4343 in seeds:
+        raise InjectedFatalError("injected fault: the engine itself breaks")
+    return _execute_model(self, scheduler_output)
+
+ModelRunner.execute_model = _execute_model_with_faults
+"""
+
+
+def completion(server: RemoteServer, timeout: float = 60.0, **fields) -> httpx.Response:
+    return server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, **fields},
+                       timeout=timeout)
+
+
+def stream_events(server: RemoteServer, **fields) -> tuple[int, list]:
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True, **fields}
+    with httpx.stream("POST", server.url("/v1/completions"), json=body, headers=server.headers, timeout=60) as r:
+        if r.status_code != 200:
+            r.read()
+            return r.status_code, [r.json()]
+        return r.status_code, sse_events(r)
+
+
+@pytest.fixture(scope="module")
+def faulty_server(llama_dir):
+    # The faults are patched into this process, so the engine loop must run here: a thread.
+    server = RemoteServer(llama_dir, "--max-model-len", "512", "--engine-core", "thread", prelude=FAULTS)
+    yield server
+    server.stop()
+
+
+def test_a_request_that_breaks_a_step_gets_a_500_and_the_engine_carries_on(faulty_server):
+    server = faulty_server
+    r = completion(server, seed=4242)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "injected fault" in r.json()["error"]["message"]
+    status, events = stream_events(server, seed=4242)
+    assert status == 200 and events[-1] == "[DONE]" and "injected fault" in events[-2]["error"]["message"]
+    assert httpx.get(server.url("/health")).status_code == 200
+    assert completion(server).status_code == 200
+    metrics = server.wait_idle()
+    assert metrics["pagedllm:kv_cache_usage_perc"] == 0 and metrics["pagedllm:engine_healthy"] == 1
+
+
+def test_a_dead_engine_fails_requests_fast_and_health_says_so(faulty_server):
+    server = faulty_server
+    in_flight = completion(server, seed=4343)
+    assert in_flight.status_code == 503 and in_flight.json()["error"]["code"] == "engine_dead"
+    assert httpx.get(server.url("/health")).status_code == 503
+    start = time.monotonic()
+    for r in (completion(server), completion(server, stream=True),
+              server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+    assert time.monotonic() - start < 5
+    assert server.metrics()["pagedllm:engine_healthy"] == 0
+    assert server.proc.poll() is None  # still up, answering, for an orchestrator to restart
+
+
+# ----- the engine core in its own process ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def process_server(llama_dir):
+    server = RemoteServer(llama_dir, "--max-model-len", "512", "--engine-core", "process",
+                          "--allowed-origins", '["http://example.com"]',
+                          "--chat-template", "{% for m in messages %}{{ m['content'] }}|{% endfor %}")
+    yield server
+    server.stop()
+
+
+def test_the_engine_core_process_serves_the_same_answers(process_server, llm):
+    from pagedllm import SamplingParams
+
+    expected = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0].outputs[0].text
+    assert completion(process_server).json()["choices"][0]["text"] == expected
+    status, events = stream_events(process_server)
+    assert status == 200 and "".join(e["choices"][0]["text"] for e in events[:-1]) == expected
+    metrics = process_server.wait_idle()
+    assert metrics["pagedllm:kv_cache_usage_perc"] == 0 and metrics["pagedllm:generation_tokens_total"] >= 16
+
+
+def test_chat_template_flag_and_cors(process_server):
+    count = process_server.post("/tokenize", {"messages": [{"role": "user", "content": "hi"}]}).json()["count"]
+    assert count == process_server.post("/tokenize", {"prompt": "hi|", "add_special_tokens": False}).json()["count"]
+    preflight = httpx.options(process_server.url("/v1/completions"), headers={
+        "Origin": "http://example.com", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "http://example.com"
+    other = httpx.get(process_server.url("/health"), headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_a_killed_engine_process_turns_health_unhealthy(process_server):
+    engines = [pid for pid in process_server.child_pids()
+               if b"resource_tracker" not in open(f"/proc/{pid}/cmdline", "rb").read()]
+    assert len(engines) == 1
+    subprocess.run(["kill", "-KILL", str(engines[0])], check=True)
+    deadline = time.monotonic() + 20
+    while httpx.get(process_server.url("/health")).status_code != 503:
+        assert time.monotonic() < deadline, "health never turned unhealthy"
+        time.sleep(0.1)
+    r = completion(process_server)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+
+
+# ----- shutdown -------------------------------------------------------------------------------------
+def _stream_in_background(server: RemoteServer, body: dict) -> tuple[threading.Thread, dict]:
+    """Start a streaming request; `result` gets its events once it ends, `started` is set at the first."""
+    result: dict = {"started": threading.Event()}
+
+    def run() -> None:
+        events = []
+        try:
+            with httpx.stream("POST", server.url("/v1/completions"), json=body, headers=server.headers,
+                              timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        payload = line[6:]
+                        events.append(payload if payload == "[DONE]" else json.loads(payload))
+                        result["started"].set()
+        except httpx.HTTPError as e:
+            result["error"] = e
+        result["events"] = events
+        result["started"].set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert result["started"].wait(60)
+    return thread, result
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_shutdown_lets_requests_in_flight_finish(llama_dir, sig):
+    server = RemoteServer(llama_dir, "--max-model-len", "512")
+    body = {"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "n": 2, "temperature": 1.0, "stream": True}
+    thread, result = _stream_in_background(server, body)
+    server.proc.send_signal(sig)
+    thread.join(60)
+    code = server.stop(timeout=60)
+    events = result["events"]
+    assert events[-1] == "[DONE]", result
+    finished = [e["choices"][0] for e in events[:-1] if e["choices"][0]["finish_reason"]]
+    assert sorted(c["finish_reason"] for c in finished) == ["length", "length"]
+    assert code in (0, -signal.SIGTERM, 130, -signal.SIGINT), server.read_log()
+    assert "Traceback" not in server.read_log() and "ERROR" not in server.read_log()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url("/health"), timeout=2)
+
+
+def test_shutdown_fails_requests_still_running_at_the_deadline(llama_dir):
+    server = RemoteServer(llama_dir, "--max-model-len", "512", "--shutdown-timeout", "0.2")
+    body = {"prompt": PROMPT, "max_tokens": 480, "ignore_eos": True, "n": 8, "temperature": 1.0, "stream": True}
+    thread, result = _stream_in_background(server, body)
+    server.proc.send_signal(signal.SIGTERM)
+    thread.join(60)
+    code = server.stop(timeout=60)
+    events = result["events"]
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] is None, result
+    assert "shutting down" in events[-2]["error"]["message"]
+    assert code in (0, -signal.SIGTERM), server.read_log()
+
+
+# ----- the command line ---------------------------------------------------------------------------------
+def test_a_taken_port_fails_at_once_with_one_error_line(llama_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port()))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "pagedllm.entrypoints.cli.main", "serve", llama_dir,
+                                 "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert any(line.startswith("error: cannot listen on 127.0.0.1") for line in result.stderr.splitlines())
+
+
+def test_serve_help_names_the_default_bind_address():
+    result = subprocess.run([sys.executable, "-m", "pagedllm.entrypoints.cli.main", "serve", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "127.0.0.1" in result.stdout
+    for flag in ("--served-model-name", "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens",
+                 "--enable-prefix-caching", "--no-enable-prefix-caching", "--dtype", "--num-gpu-blocks-override",
+                 "--api-key", "--chat-template", "--allowed-origins", "--uvicorn-log-level"):
+        assert flag in result.stdout, flag
