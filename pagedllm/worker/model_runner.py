@@ -30,8 +30,8 @@ class ModelInputs:
     attn_metadata: AttentionMetadata
     sample_rows: torch.Tensor  # hidden-state rows whose logits feed the sampler
     sample_requests: list[ScheduledRequest]
-    # request -> (rows, first position, target token ids) for prompt logprobs
-    prompt_logprob_rows: dict[str, tuple[torch.Tensor, int, torch.Tensor]]
+    # request -> (rows, first position, target token ids, top-k) for prompt logprobs
+    prompt_logprob_rows: dict[str, tuple[torch.Tensor, int, torch.Tensor, int]]
 
 
 # Decode batches are split into up to this many length groups (one attention call each).
@@ -79,7 +79,7 @@ class ModelRunner:
         prefills: list[PrefillSequence] = []
         sample_rows: list[int] = []
         sample_requests: list[ScheduledRequest] = []
-        prompt_rows: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        prompt_rows: dict[str, tuple[torch.Tensor, int, torch.Tensor, int]] = {}
 
         # Decodes first, shortest first, so they form contiguous rows that split into
         # groups of similar length; then prefills and chunks.
@@ -106,7 +106,8 @@ class ModelRunner:
                 # Row i predicts prompt token at position start + i + 1.
                 last = min(start + n, len(req.prompt_token_ids) - 1)
                 targets = torch.tensor(req.prompt_token_ids[start + 1 : last + 1], dtype=torch.long)
-                prompt_rows[req.request_id] = (torch.arange(row, row + last - start), start, targets)
+                k = self._num_logprobs(req.sampling_params.prompt_logprobs)
+                prompt_rows[req.request_id] = (torch.arange(row, row + last - start), start, targets, k)
 
         dev = self.device
         max_blocks = max((len(t) for t in decode_tables), default=0)
@@ -149,8 +150,8 @@ class ModelRunner:
         out = ModelRunnerOutput()
         if inputs.sample_requests:
             self._sample(hidden, inputs, out)
-        for request_id, (rows, first_pos, targets) in inputs.prompt_logprob_rows.items():
-            out.prompt_logprobs[request_id] = (first_pos, self._prompt_logprobs(hidden, rows, targets, request_id, sched))
+        for request_id, (rows, first_pos, targets, k) in inputs.prompt_logprob_rows.items():
+            out.prompt_logprobs[request_id] = (first_pos, self._prompt_logprobs(hidden, rows, targets, k))
         return out
 
     def _sample(self, hidden: torch.Tensor, inputs: ModelInputs, out: ModelRunnerOutput) -> None:
@@ -167,16 +168,15 @@ class ModelRunner:
             ids, lps, ranks = result.logprob_token_ids.tolist(), result.logprobs.tolist(), result.ranks.tolist()
         for i, req in enumerate(requests):
             out.sampled_token_ids[req.request_id] = sampled[i]
-            k = req.sampling_params.logprobs
-            if k is not None:
-                k = self.vocab_size if k == -1 else k
+            if req.sampling_params.logprobs is not None:
+                k = self._num_logprobs(req.sampling_params.logprobs)
                 out.logprobs[req.request_id] = TokenLogprobs([ids[i][: k + 1]], [lps[i][: k + 1]], [ranks[i][: k + 1]])
 
-    def _prompt_logprobs(
-        self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, request_id: str, sched: SchedulerOutput
-    ) -> TokenLogprobs:
-        k = next(r for r in sched.scheduled if r.request_id == request_id).sampling_params.prompt_logprobs
-        k = self.vocab_size if k == -1 else k
+    def _num_logprobs(self, k: int) -> int:
+        """vLLM's -1 means the whole vocabulary."""
+        return self.vocab_size if k == -1 else k
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, k: int) -> TokenLogprobs:
         logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows.to(self.device)]).float(), dim=-1)
         ids, lps, ranks = gather_logprobs(logprobs, targets.to(self.device), k)
         return TokenLogprobs(ids.tolist(), lps.tolist(), ranks.tolist())
