@@ -62,10 +62,10 @@ def hf_checkpoint_from_gguf(gguf_path: str, out_dir: Path) -> Path:
     return out_dir
 
 
-def run_engine(name: str, python: str, model: str, workload: Path, threads: int) -> dict:
+def run_engine(name: str, python: str, model: str, workload: Path, threads: int, dtype: str) -> dict:
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     cmd = [python, str(HERE / "peers" / f"run_{name}.py"), "--workload", str(workload), "--model", model,
-           "--out", str(out), "--threads", str(threads)]
+           "--out", str(out), "--threads", str(threads), "--dtype", dtype]
     env = {**os.environ, "PYTHONPATH": str(HERE / "peers"), "PAGEDLLM_LOGGING_LEVEL": "WARNING"}
     print(f"[compare] running {name} ...", flush=True)
     start = time.perf_counter()
@@ -92,6 +92,8 @@ def main() -> int:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights and KV cache of the torch engines (W1 is float32; llama.cpp always reads Q4_1)")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
 
@@ -114,7 +116,7 @@ def main() -> int:
         if name in ("vllm", "transformers"):
             hf_dir = hf_dir or hf_checkpoint_from_gguf(gguf, Path(gguf).parent / "hf-float32")
             model = str(hf_dir)
-        result = run_engine(name, pythons[name], model, work / "workload.json", args.threads)
+        result = run_engine(name, pythons[name], model, work / "workload.json", args.threads, args.dtype)
         result["engine_key"] = name
         if "elapsed_s" in result:
             result["output_tok_s"] = result["output_tokens"] / result["elapsed_s"]
@@ -124,7 +126,7 @@ def main() -> int:
     ours = next((r for r in results if r["engine_key"] == "pagedllm" and "output_tok_s" in r), None)
     print()
     print(f"W1: {args.num_prompts} prompts, {args.input_min}-{args.input_max} prompt tokens, "
-          f"{args.output_len} output tokens, greedy, EOS ignored, {args.threads} threads, {platform.node()}")
+          f"{args.output_len} output tokens, greedy, EOS ignored, {args.dtype}, {args.threads} threads, {platform.node()}")
     print(f"{'engine':<38}{'output tok/s':>14}{'total tok/s':>14}{'pagedllm x':>12}")
     for r in results:
         if "output_tok_s" not in r:
@@ -137,10 +139,10 @@ def main() -> int:
     stamp = datetime.now(timezone.utc)
     record = {
         "date": stamp.isoformat(), "machine": platform.node(), "cpu_count": os.cpu_count(),
-        "workload": {k: getattr(args, k) for k in ("num_prompts", "input_min", "input_max", "output_len", "seed")},
+        "workload": {k: getattr(args, k) for k in ("num_prompts", "input_min", "input_max", "output_len", "seed", "dtype")},
         "input_tokens": in_tokens, "results": results,
     }
-    out = Path(args.output_json) if args.output_json else RESULTS / f"compare_cpu-{stamp:%Y%m%d-%H%M}-{platform.node()}.json"
+    out = Path(args.output_json) if args.output_json else RESULTS / f"compare_cpu-{args.dtype}-{stamp:%Y%m%d-%H%M}-{platform.node()}.json"
     out.write_text(json.dumps(record, indent=2))
     print(f"\nwrote {out}")
     chart(results, out.with_suffix(".png"))

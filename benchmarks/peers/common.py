@@ -18,6 +18,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", required=True, help="model path (GGUF file or HF directory)")
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=0)
+    # float32 is W1's precision; bfloat16 runs the torch engines on the CPU's bf16 units (AMX, AVX512-BF16).
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     return p.parse_args()
 
 

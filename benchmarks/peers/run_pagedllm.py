@@ -1,4 +1,4 @@
-"""pagedllm on the workload: one LLM.generate call over all prompts, float32."""
+"""pagedllm on the workload: one LLM.generate call over all prompts, in the workload's dtype."""
 
 import torch
 from common import load_workload, parse_args, timed_run
@@ -9,7 +9,7 @@ args = parse_args()
 if args.threads:
     torch.set_num_threads(args.threads)
 prompts, output_len = load_workload(args.workload)
-llm = LLM(model=args.model, dtype="float32", max_model_len=1024)
+llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024)
 params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
 llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], SamplingParams(max_tokens=4), use_tqdm=False)
 llm.reset_prefix_cache()
@@ -20,4 +20,4 @@ def run() -> int:
     return sum(len(o.outputs[0].token_ids) for o in outs)
 
 
-timed_run(run, args.out, engine="pagedllm", threads=torch.get_num_threads())
+timed_run(run, args.out, engine=f"pagedllm ({args.dtype})", dtype=args.dtype, threads=torch.get_num_threads())

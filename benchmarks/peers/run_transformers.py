@@ -1,4 +1,4 @@
-"""Hugging Face transformers `generate` on the workload: one left-padded batch, float32, greedy."""
+"""Hugging Face transformers `generate` on the workload: one left-padded batch, greedy, in the workload's dtype."""
 
 import torch
 from common import load_workload, parse_args, timed_run
@@ -8,7 +8,7 @@ args = parse_args()
 if args.threads:
     torch.set_num_threads(args.threads)
 prompts, output_len = load_workload(args.workload)
-model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
 width = max(len(p) for p in prompts)
 pad = 0
 input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
@@ -24,4 +24,4 @@ def run() -> int:
     return int((out.shape[1] - width) * out.shape[0])
 
 
-timed_run(run, args.out, engine="transformers generate (padded batch)", threads=torch.get_num_threads())
+timed_run(run, args.out, engine=f"transformers generate (padded batch, {args.dtype})", dtype=args.dtype, threads=torch.get_num_threads())

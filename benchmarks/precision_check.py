@@ -1,0 +1,93 @@
+"""What a lower precision costs in quality: perplexity on a fixed text and greedy agreement, per dtype.
+
+bfloat16 runs the matmuls on the CPU's bf16 units (AMX / AVX512-BF16 where present), several
+times faster than float32, but it is a change of numerics like a quantisation: this script states
+the change. For each dtype it computes, with the same engine and model:
+
+- the perplexity of a fixed text (this repository's `docs/architecture.md`, cut into windows of
+  `--window` tokens), from the prompt logprobs of the tokens that are actually there;
+- greedy continuations of a few fixed prompts, and how many of their tokens agree with
+  float32's before the first difference.
+
+Prints a table, writes JSON under benchmarks/results/.
+
+    python benchmarks/precision_check.py --dtypes float32,bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+TEXT = HERE.parent / "docs" / "architecture.md"
+PROMPTS = [
+    "The capital of France is",
+    "Explain what a KV cache is in one paragraph.",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+]
+
+
+def first_divergence(a: list[int], b: list[int]) -> int:
+    """Number of leading tokens on which two greedy continuations agree."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def evaluate(model: str | None, dtype: str, window: int, max_tokens: int) -> dict:
+    from pagedllm import LLM, SamplingParams
+
+    llm = LLM(model=model, dtype=dtype, max_model_len=max(1024, window + 8))
+    ids = llm.get_tokenizer().encode(TEXT.read_text())
+    windows = [ids[i : i + window] for i in range(0, len(ids) - 1, window) if len(ids[i : i + window]) > 1]
+    outs = llm.generate([{"prompt_token_ids": w} for w in windows],
+                        SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    nll, count = 0.0, 0
+    for w, out in zip(windows, outs):
+        for pos, entry in enumerate(out.prompt_logprobs[1:], start=1):
+            nll -= entry[w[pos]].logprob
+            count += 1
+    greedy = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
+    return {"dtype": dtype, "perplexity": math.exp(nll / count), "scored_tokens": count,
+            "greedy": [o.outputs[0].token_ids for o in greedy]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=64)
+    args = p.parse_args()
+    results = [evaluate(args.model, d.strip(), args.window, args.max_tokens) for d in args.dtypes.split(",")]
+    ref = results[0]
+    print(f"fixed text: {TEXT.name}, {ref['scored_tokens']} scored tokens; greedy: {len(PROMPTS)} prompts x "
+          f"{args.max_tokens} tokens; reference {ref['dtype']}")
+    print(f"{'dtype':<12}{'perplexity':>12}{'change':>10}{'greedy tokens equal to ref':>30}")
+    for r in results:
+        agree = [first_divergence(a, b) for a, b in zip(ref["greedy"], r["greedy"])]
+        r["greedy_prefix_agreement"] = agree
+        r["perplexity_change_pct"] = 100 * (r["perplexity"] / ref["perplexity"] - 1)
+        total = sum(len(g) for g in ref["greedy"])
+        print(f"{r['dtype']:<12}{r['perplexity']:>12.3f}{r['perplexity_change_pct']:>9.2f}%   "
+              f"{sum(agree)}/{total} (per prompt {agree})")
+    stamp = datetime.now(timezone.utc)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"precision_check-{stamp:%Y%m%d-%H%M}-{platform.node()}.json"
+    out.write_text(json.dumps({"date": stamp.isoformat(), "machine": platform.node(), "text": TEXT.name,
+                               "window": args.window, "results": results}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
