@@ -43,10 +43,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str | None, mode: str, threads: int, max_model_len: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str | None, mode: str, threads: int, max_model_len: int,
+                 dtype: str = "float32") -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli.main", "serve", *([model] if model else []),
-           "--port", str(port), "--engine-core", mode, "--max-model-len", str(max_model_len),
+           "--port", str(port), "--engine-core", mode, "--max-model-len", str(max_model_len), "--dtype", dtype,
            "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PAGEDLLM_LOGGING_LEVEL": "WARNING"}
     log = tempfile.NamedTemporaryFile("w", prefix="server-frontend-", suffix=".log", delete=False)
@@ -73,12 +74,12 @@ def bench_args(url: str, vocab: int, num_prompts: int, concurrency: int, seed: i
 
 
 def offline_ceiling(model: str | None, vocab: int, num_prompts: int, concurrency: int, threads: int,
-                    max_model_len: int, seed: int) -> float:
+                    max_model_len: int, seed: int, dtype: str = "float32") -> float:
     """Output tokens/s of the bare engine on the same requests, `concurrency` at a time."""
     import torch
 
     torch.set_num_threads(threads)
-    llm = LLM(model=model, max_model_len=max_model_len, max_num_seqs=concurrency)
+    llm = LLM(model=model, max_model_len=max_model_len, max_num_seqs=concurrency, dtype=dtype)
     reqs = random_requests(num_prompts, (32, 256), (NUM_OUTPUT, NUM_OUTPUT), vocab, seed=seed)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_OUTPUT, ignore_eos=True)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
@@ -97,6 +98,8 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,32")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the engine (OMP_NUM_THREADS)")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--engine-cores", default="thread,process", help="comma-separated: thread, process")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--output", default=None, help="default: benchmarks/results/server_frontend_t<threads>.json")
     args = p.parse_args()
     args.output = args.output or str(RESULTS / f"server_frontend_t{args.threads}.json")
@@ -112,17 +115,18 @@ def main() -> None:
             model, vocab, max_model_len = None, 32000, 512
         for concurrency in [int(c) for c in args.concurrency.split(",")]:
             num_prompts = max(8, 2 * concurrency)
-            ceiling = offline_ceiling(model, vocab, num_prompts, concurrency, args.threads, max_model_len, seed=1)
+            ceiling = offline_ceiling(model, vocab, num_prompts, concurrency, args.threads, max_model_len, seed=1,
+                                      dtype=args.dtype)
             for repeat in range(args.repeats):
-                for mode in ("thread", "process"):
-                    proc, url = start_server(model, mode, args.threads, max_model_len)
+                for mode in args.engine_cores.split(","):
+                    proc, url = start_server(model, mode, args.threads, max_model_len, args.dtype)
                     try:
                         run_serve(bench_args(url, vocab, 2, concurrency, seed=99))  # warm-up
                         report = run_serve(bench_args(url, vocab, num_prompts, concurrency, seed=1))
                     finally:
                         proc.send_signal(signal.SIGTERM)
                         proc.wait(60)
-                    rows.append({"model": name, "engine_core": mode, "concurrency": concurrency, "repeat": repeat,
+                    rows.append({"model": name, "dtype": args.dtype, "engine_core": mode, "concurrency": concurrency, "repeat": repeat,
                                  "num_prompts": num_prompts, "offline_output_tok_s": ceiling, **report})
 
     header = ("model", "core", "conc", "out tok/s", "% offline", "TTFT p50", "TTFT p99", "TPOT p50", "ITL p99",
