@@ -21,6 +21,7 @@ from typing import Callable, Optional, Union
 
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.llm_engine import LLMEngine, PromptType
+from pagedllm.executor.abstract import ExecutorDeadError
 from pagedllm.logger import init_logger
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -141,6 +142,8 @@ class EngineCore:
     def _step(self, result: EngineCoreOutputs) -> list[RequestOutput]:
         try:
             outputs = self.engine.step()
+        except ExecutorDeadError as e:  # a worker is gone: no later step can succeed
+            raise EngineDeadError(str(e)) from e
         except Exception as e:
             self._consecutive_failures += 1
             if self._consecutive_failures >= _MAX_CONSECUTIVE_STEP_FAILURES:
