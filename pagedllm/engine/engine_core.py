@@ -108,21 +108,31 @@ class EngineCore:
         `block` is true (the engine has nothing else to do).
         """
         while True:
-            result = EngineCoreOutputs()
-            for command in get_commands(not self.engine.has_unfinished_requests()):
-                if isinstance(command, Shutdown):
-                    self._abort(self._unfinished_request_ids(), "the server is shutting down", result)
-                    result.stats = self.stats()
-                    put(result)
-                    return
-                if isinstance(command, AddRequest):
-                    self._add(command, result)
-                else:
-                    self._abort(command.request_ids, command.reason, result)
-            if self.engine.has_unfinished_requests():
-                result.outputs = self._step(result)
-            result.stats = self.stats()
+            result, stop = self.run_iteration(get_commands(not self.engine.has_unfinished_requests()))
             put(result)
+            if stop:
+                return
+
+    def run_iteration(self, commands: list[EngineCommand]) -> tuple[EngineCoreOutputs, bool]:
+        """Apply the commands, run one step if there is work; True as well after a `Shutdown`.
+
+        One iteration of the loop, callable on its own by a front end that drives the loop
+        remotely (a Ray actor's method).
+        """
+        result = EngineCoreOutputs()
+        for command in commands:
+            if isinstance(command, Shutdown):
+                self._abort(self._unfinished_request_ids(), "the server is shutting down", result)
+                result.stats = self.stats()
+                return result, True
+            if isinstance(command, AddRequest):
+                self._add(command, result)
+            else:
+                self._abort(command.request_ids, command.reason, result)
+        if self.engine.has_unfinished_requests():
+            result.outputs = self._step(result)
+        result.stats = self.stats()
+        return result, False
 
     def _add(self, command: AddRequest, result: EngineCoreOutputs) -> None:
         try:
