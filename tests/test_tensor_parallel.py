@@ -142,3 +142,26 @@ def test_parallel_config_validation(monkeypatch):
 def test_offline_data_parallel_is_refused_with_a_pointer_to_serve(llama_dir):
     with pytest.raises(ValueError, match="data-parallel-size"):
         LLM(model=llama_dir, data_parallel_size=2)
+
+
+def test_tp2_on_ray_workers_matches_tp1_and_a_dead_actor_fails_loudly(qwen2_dir, monkeypatch):
+    ray = pytest.importorskip("ray")
+    from pagedllm.executor.ray_utils import shutdown_ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # a fresh one-machine cluster, whatever else runs here
+    prompts = ["The capital of France is", "Hello, my name is"]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    reference = LLM(model=qwen2_dir, max_model_len=128)
+    expected = [o.outputs[0].token_ids for o in reference.generate(prompts, params, use_tqdm=False)]
+    reference.shutdown()
+    llm = LLM(model=qwen2_dir, max_model_len=128, tensor_parallel_size=2, distributed_executor_backend="ray")
+    try:
+        executor = llm.llm_engine.model_executor
+        assert type(executor).__name__ == "RayDistributedExecutor" and len(executor.workers) == 2
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+        ray.kill(executor.workers[1])
+        with pytest.raises(ExecutorDeadError, match="Ray worker 1 died"):
+            llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+        shutdown_ray()
