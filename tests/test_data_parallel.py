@@ -119,3 +119,13 @@ def test_importing_pagedllm_never_imports_ray():
             "pagedllm.executor.multiproc_executor, pagedllm.executor.ray_utils\n"
             "assert 'ray' not in sys.modules, 'ray was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_each_gpu_replica_gets_its_own_devices():
+    from pagedllm.engine.core_client import replica_devices
+
+    gpus = ["0", "1", "2", "3"]
+    assert [replica_devices(i, 2, gpus) for i in range(2)] == ["0,1", "2,3"]
+    assert [replica_devices(i, 1, ["4", "6"]) for i in range(2)] == ["4", "6"]
+    with pytest.raises(ValueError, match="only 4 are visible"):
+        replica_devices(1, 3, gpus)

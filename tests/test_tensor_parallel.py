@@ -165,3 +165,18 @@ def test_tp2_on_ray_workers_matches_tp1_and_a_dead_actor_fails_loudly(qwen2_dir,
     finally:
         llm.shutdown()
         shutdown_ray()
+
+
+def test_a_dead_executor_ends_the_engine_loop_at_once(llm, monkeypatch):
+    """In the server, a dead worker is not one bad request: the loop stops and says why."""
+    from pagedllm.engine.engine_core import AddRequest, EngineCore, EngineDeadError
+
+    def dead_step():
+        raise ExecutorDeadError("tensor-parallel worker 1 died")
+
+    monkeypatch.setattr(llm.llm_engine, "step", dead_step)
+    try:
+        with pytest.raises(EngineDeadError, match="worker 1 died"):
+            EngineCore(llm.llm_engine).run_iteration([AddRequest("dead-executor", "Hello", SamplingParams(max_tokens=2))])
+    finally:
+        llm.llm_engine.abort_request("dead-executor")

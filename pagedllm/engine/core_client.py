@@ -84,11 +84,12 @@ class MPClient(EngineCoreClient):
     it ends when told to, or when its pipe closes because this process is gone.
     """
 
-    def __init__(self, engine_args: EngineArgs, model_path: str, index: int = 0) -> None:
+    def __init__(self, engine_args: EngineArgs, model_path: str, index: int = 0,
+                 cuda_visible_devices: Optional[str] = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(target=run_engine_core_process, name=f"pagedllm-engine-core-{index}",
-                                   args=(engine_args, model_path, child_conn), daemon=False)
+                                   args=(engine_args, model_path, child_conn, cuda_visible_devices), daemon=False)
         self.process.start()
         child_conn.close()
         try:
@@ -255,12 +256,14 @@ def make_engine_core_clients(engine_args: EngineArgs, model_path: str, engine_pr
     if dp < 1:
         raise ValueError(f"data_parallel_size must be a positive integer, got {dp}")
     clients: list[EngineCoreClient] = []
+    gpus = _visible_gpus(engine_args) if backend != "ray" and dp > 1 else None
     try:
         for index in range(dp):
             if backend == "ray":
                 clients.append(RayClient(_replica_args(engine_args), model_path, index))
             elif engine_process:
-                clients.append(MPClient(_replica_args(engine_args), model_path, index))
+                devices = None if gpus is None else replica_devices(index, engine_args.tensor_parallel_size, gpus)
+                clients.append(MPClient(_replica_args(engine_args), model_path, index, devices))
             elif dp > 1:
                 raise ValueError("data_parallel_size > 1 needs the engine core in its own process "
                                  "(--engine-core process) or Ray")
@@ -272,6 +275,29 @@ def make_engine_core_clients(engine_args: EngineArgs, model_path: str, engine_pr
             client.shutdown(10)
         raise
     return clients
+
+
+def replica_devices(index: int, tensor_parallel_size: int, visible: list[str]) -> str:
+    """CUDA_VISIBLE_DEVICES of replica `index`: its own run of `tensor_parallel_size` GPUs."""
+    start = index * tensor_parallel_size
+    if start + tensor_parallel_size > len(visible):
+        raise ValueError(
+            f"data-parallel replica {index} with tensor_parallel_size={tensor_parallel_size} needs GPUs "
+            f"{start}..{start + tensor_parallel_size - 1}, but only {len(visible)} are visible"
+        )
+    return ",".join(visible[start : start + tensor_parallel_size])
+
+
+def _visible_gpus(engine_args: EngineArgs) -> Optional[list[str]]:
+    """This machine's GPUs as CUDA_VISIBLE_DEVICES names them, or None on CPU."""
+    import torch
+
+    if engine_args.device == "cpu" or not torch.cuda.is_available():
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
 
 
 def _replica_args(engine_args: EngineArgs) -> EngineArgs:

@@ -217,10 +217,16 @@ class EngineInfo:
     vocab_size: int
 
 
-def run_engine_core_process(engine_args: EngineArgs, model_path: str, conn: Connection) -> None:
-    """Process target: build the engine, report ready (or the error), then serve over `conn`."""
+def run_engine_core_process(engine_args: EngineArgs, model_path: str, conn: Connection,
+                            cuda_visible_devices: Optional[str] = None) -> None:
+    """Process target: build the engine, report ready (or the error), then serve over `conn`.
+
+    `cuda_visible_devices` gives a data-parallel replica its own GPUs (set before CUDA starts).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides when to stop
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cuda_visible_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
     try:
         engine = LLMEngine.from_engine_args(engine_args, model_path)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
