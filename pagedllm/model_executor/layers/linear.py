@@ -68,8 +68,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = output_sizes
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
-        if not isinstance(shard_id, int):
-            return super().weight_loader(param, loaded)
+        if shard_id is None:  # already fused: each part is sliced on its own
+            _check_full(loaded, 0, self.output_size)
+            for i, part in enumerate(loaded.split(self.output_sizes, dim=0)):
+                self.weight_loader(param, part, i)
+            return
         local = [size // self.tp_size for size in self.output_sizes]
         _check_full(loaded, 0, self.output_sizes[shard_id])
         dst = param.narrow(0, sum(local[:shard_id]), local[shard_id])
@@ -88,9 +91,12 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().__init__(hidden_size, (total_num_heads + 2 * total_num_kv_heads) * head_size, bias, tp_group)
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
-        if shard_id is None:
-            return super().weight_loader(param, loaded)
         q, kv = self.num_heads * self.head_size, self.num_kv_heads * self.head_size
+        if shard_id is None:  # already fused: each of q, k, v is sliced on its own
+            _check_full(loaded, 0, self.output_size)
+            for name, part in zip("qkv", loaded.split([q * self.tp_size, kv * self.tp_size, kv * self.tp_size])):
+                self.weight_loader(param, part, name)
+            return
         offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
         _check_full(loaded, 0, size * self.tp_size)
         copy_weight(param.narrow(0, offset, size), loaded.narrow(0, self.tp_rank * size, size))

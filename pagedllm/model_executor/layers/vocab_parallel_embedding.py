@@ -59,4 +59,4 @@ class ParallelLMHead(VocabParallelEmbedding):
         raise RuntimeError("ParallelLMHead computes logits (compute_logits); it is not an embedding")
 
 
-__all__ = ["ParallelLMHead", "VocabParallelEmbedding", "copy_weight"]
+__all__ = ["ParallelLMHead", "VocabParallelEmbedding"]
