@@ -1,14 +1,15 @@
 """Engine configuration: frozen dataclasses validated once, trusted everywhere after.
 
 The split follows vLLM's: what the model is (`ModelConfig`), how the KV cache is laid out
-(`CacheConfig`), what the scheduler may run per step (`SchedulerConfig`), and where it runs
-(`DeviceConfig`). `EngineConfig` bundles them for the engine and its workers.
+(`CacheConfig`), what the scheduler may run per step (`SchedulerConfig`), over how many devices
+and replicas it runs (`ParallelConfig`), and on which device. `EngineConfig` bundles them for the
+engine and its workers.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -130,9 +131,66 @@ class SchedulerConfig:
             )
 
 
+DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray", "uni")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """vLLM's names: `tensor_parallel_size` workers split each layer; `data_parallel_size` engine
+    replicas (the server's) each hold the whole model. The backend says who starts the workers and
+    replicas: `mp` (torch.multiprocessing on this machine), `ray` (actors on a Ray cluster) or `uni`
+    (in this process; tp=1 only). None picks `uni` for tp=1, else `mp`."""
+
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+        if not isinstance(self.data_parallel_size, int) or self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be a positive integer, got {self.data_parallel_size!r}")
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
+            raise ValueError(
+                f"distributed_executor_backend must be one of {DISTRIBUTED_EXECUTOR_BACKENDS} or None, got {backend!r}"
+            )
+        if backend == "uni" and self.tensor_parallel_size > 1:
+            raise ValueError("distributed_executor_backend='uni' runs in one process: it needs tensor_parallel_size=1")
+
+    @property
+    def executor_backend(self) -> str:
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "uni" if self.tensor_parallel_size == 1 else "mp"
+
+    def verify_with_model(self, hf_config: Any, device: torch.device) -> None:
+        """The layouts tensor parallelism cannot split, refused before any worker starts."""
+        tp = self.tensor_parallel_size
+        if tp == 1:
+            return
+        num_heads = hf_config.num_attention_heads
+        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+        for name, value in (("num_attention_heads", num_heads), ("num_key_value_heads", num_kv_heads),
+                            ("intermediate_size", hf_config.intermediate_size)):
+            if value % tp:
+                raise ValueError(
+                    f"tensor_parallel_size ({tp}) must divide the model's {name} ({value}): each worker "
+                    "holds an equal share"
+                )
+        if device.type == "cuda":
+            count = torch.cuda.device_count()
+            if tp > count and self.executor_backend != "ray":
+                raise ValueError(
+                    f"tensor_parallel_size ({tp}) is larger than the number of CUDA devices on this machine "
+                    f"({count}); use distributed_executor_backend='ray' to span machines"
+                )
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig
     scheduler_config: SchedulerConfig
     device: torch.device
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)

@@ -12,6 +12,7 @@ from pagedllm.config import (
     CacheConfig,
     EngineConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
     resolve_device,
     resolve_dtype,
@@ -38,6 +39,9 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
     device: str = "auto"
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: Optional[str] = None
 
     def load_hf_config(self, model_path: str) -> Any:
         from pagedllm.model_executor.gguf_loader import is_gguf_file, load_gguf_config
@@ -52,6 +56,12 @@ class EngineArgs:
 
     def create_engine_config(self, model_path: str, hf_config: Any) -> EngineConfig:
         device = resolve_device(self.device)
+        parallel_config = ParallelConfig(
+            tensor_parallel_size=self.tensor_parallel_size,
+            data_parallel_size=self.data_parallel_size,
+            distributed_executor_backend=self.distributed_executor_backend,
+        )
+        parallel_config.verify_with_model(hf_config, device)
         max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
         sliding = getattr(hf_config, "sliding_window", None)
         if sliding and getattr(hf_config, "use_sliding_window", True) and sliding < max_pos:
@@ -94,4 +104,5 @@ class EngineArgs:
                 enable_chunked_prefill=self.enable_chunked_prefill,
             ),
             device=device,
+            parallel_config=parallel_config,
         )

@@ -8,35 +8,40 @@ tokenisation and JSON overlap with model steps. In a thread they still share the
 engine's Python; `docs/serving.md` has the measurements. (A script that builds an AsyncLLM with
 `engine_process=True` needs the usual `if __name__ == "__main__":` guard of multiprocessing.)
 
+With `data_parallel_size=M` there are M engine cores (replicas, each with its own KV cache and,
+under tensor parallelism, its own workers), one client each (`engine/core_client.py`); a new request
+goes to the replica with the fewest requests in flight, and its aborts follow it there. With
+`distributed_executor_backend="ray"` the replicas are Ray actors placed on a cluster's nodes.
+
 Leaving a `generate()` early (a client that disconnects) aborts the request in the engine, which
-frees its KV blocks at once. If the engine loop dies, every waiting caller gets an
+frees its KV blocks at once. If an engine loop dies, every waiting caller gets an
 `EngineDeadError` and new requests fail fast.
 """
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncGenerator, Callable, Optional, Union
 
 from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.core_client import (
+    EngineCoreClient,
+    InprocClient,
+    LoadBalancer,
+    RayClient,
+    make_engine_core_clients,
+)
 from pagedllm.engine.engine_core import (
     AbortRequests,
     AddRequest,
-    EngineCommand,
-    EngineCore,
     EngineCoreOutputs,
     EngineDeadError,
     EngineStats,
     Shutdown,
-    run_engine_core_process,
-    run_in_thread,
 )
-from pagedllm.engine.llm_engine import LLMEngine, PromptType
+from pagedllm.engine.llm_engine import PromptType
 from pagedllm.engine.tokenizer import load_generation_config, load_tokenizer, sampling_defaults
 from pagedllm.logger import init_logger
 from pagedllm.outputs import RequestOutput
@@ -146,74 +151,45 @@ class AsyncLLM:
         self.engine_process = engine_process
         self.stat_loggers: list[Callable[[RequestStats], None]] = []
         self._streams: dict[str, RequestStream] = {}
-        self._stats = EngineStats()
+        self._engine_of: dict[str, int] = {}  # request id -> the replica serving it
         self._dead: Optional[str] = None
         self._shutting_down = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._threads: list[threading.Thread] = []
-        self._engine: Optional[LLMEngine] = None
-        if engine_process:
-            self._start_process()
+        self.engine_cores: list[EngineCoreClient] = make_engine_core_clients(engine_args, model_path, engine_process)
+        self._balancer = LoadBalancer(len(self.engine_cores))
+        self._stats = [EngineStats() for _ in self.engine_cores]
+        self.max_model_len, self.vocab_size = self.engine_cores[0].info.max_model_len, self.engine_cores[0].info.vocab_size
+        first = self.engine_cores[0]
+        if isinstance(first, InprocClient):
+            self.tokenizer = first.engine.tokenizer
+            self.default_sampling_overrides = dict(first.engine.default_sampling_overrides)
+        else:
             self.tokenizer = load_tokenizer(engine_args.tokenizer or model_path)
             self.default_sampling_overrides = sampling_defaults(load_generation_config(model_path))
-        else:
-            self._engine = LLMEngine.from_engine_args(engine_args, model_path)
-            self._inbox: queue.Queue[EngineCommand] = queue.Queue()
-            self.tokenizer = self._engine.tokenizer
-            mc = self._engine.config.model_config
-            self.max_model_len, self.vocab_size = mc.max_model_len, mc.vocab_size
-            self.default_sampling_overrides = dict(self._engine.default_sampling_overrides)
 
-    def _start_process(self) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child_conn = ctx.Pipe()
-        self._process = ctx.Process(target=run_engine_core_process, name="pagedllm-engine-core",
-                                    args=(self.engine_args, self.model_path, child_conn), daemon=True)
-        self._process.start()
-        child_conn.close()
-        try:
-            message = self._conn.recv()
-        except EOFError:
-            raise RuntimeError(f"the engine process died while starting (exit code {self._process.exitcode})")
-        if message[0] == "failed":
-            self._process.join(10)
-            raise (ValueError if message[2] else RuntimeError)(message[1])
-        info = message[1]
-        self.max_model_len, self.vocab_size = info.max_model_len, info.vocab_size
-        self._outbox: queue.Queue[Optional[EngineCommand]] = queue.Queue()
+    @property
+    def data_parallel_size(self) -> int:
+        return len(self.engine_cores)
 
     # ----- life cycle -----------------------------------------------------------------
     async def start(self) -> None:
-        """Bind to the running event loop and start the engine loop (or the threads that talk to it)."""
+        """Bind to the running event loop and start the engine loops (or the threads that talk to them)."""
         self._loop = asyncio.get_running_loop()
-        if self.engine_process:
-            targets: list[tuple[Callable[[], None], str]] = [
-                (self._send_to_process, "pagedllm-engine-sender"),
-                (self._receive_from_process, "pagedllm-engine-receiver"),
-            ]
-        else:
-            core = EngineCore(self._engine)
-            targets = [(lambda: run_in_thread(core, self._inbox, self._post), "pagedllm-engine-core")]
-        for target, name in targets:
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        for index, client in enumerate(self.engine_cores):
+            client.start(lambda outputs, index=index: self._post(index, outputs))
 
     async def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the engine loop: requests still running are failed with a 503."""
+        """Stop the engine loops: requests still running are failed with a 503."""
         self._shutting_down = True
-        if self._dead is None:
-            self._send(Shutdown())
         loop = asyncio.get_running_loop()
-        if self.engine_process:
-            await loop.run_in_executor(None, self._process.join, timeout)
-            if self._process.is_alive():
-                self._process.kill()
-            self._outbox.put(None)
-        for thread in self._threads:
-            await loop.run_in_executor(None, thread.join, timeout)
-        if self._engine is not None:
-            self._engine.shutdown()
+        for client in self.engine_cores:
+            if self._dead is None:
+                client.send(Shutdown())
+        await asyncio.gather(*(loop.run_in_executor(None, client.shutdown, timeout) for client in self.engine_cores))
+        if any(isinstance(client, RayClient) for client in self.engine_cores):
+            from pagedllm.executor.ray_utils import shutdown_ray
+
+            shutdown_ray()
         self._dead = self._dead or "the engine was shut down"
 
     # ----- requests -------------------------------------------------------------------
@@ -227,7 +203,8 @@ class AsyncLLM:
         params.output_kind = RequestOutputKind.DELTA
         stream = RequestStream(time.monotonic())
         self._streams[request_id] = stream
-        self._send(AddRequest(request_id, prompt, params, stream.stats.arrival_time))
+        engine = self._engine_of[request_id] = self._balancer.acquire()
+        self.engine_cores[engine].send(AddRequest(request_id, prompt, params, stream.stats.arrival_time))
         finished = False
         try:
             while not finished:
@@ -236,16 +213,20 @@ class AsyncLLM:
                 yield output
         finally:
             self._streams.pop(request_id, None)
+            self._balancer.release(self._engine_of.pop(request_id))
             if finished:
                 for stat_logger in self.stat_loggers:
                     stat_logger(stream.stats)
             elif self._dead is None:
-                self._send(AbortRequests([request_id]))
+                self.engine_cores[engine].send(AbortRequests([request_id]))
 
     def abort_all(self, reason: str) -> None:
         """Fail every request in flight with `reason` (a 503), e.g. when shutdown's grace period ends."""
         if self._streams and self._dead is None:
-            self._send(AbortRequests(list(self._streams), reason))
+            for engine, client in enumerate(self.engine_cores):
+                ids = [rid for rid, e in self._engine_of.items() if e == engine]
+                if ids:
+                    client.send(AbortRequests(ids, reason))
 
     def check_health(self) -> None:
         if self._dead is not None:
@@ -256,7 +237,19 @@ class AsyncLLM:
         return self._dead is not None
 
     def get_stats(self) -> EngineStats:
-        return self._stats
+        """The replicas' stats added up (KV-cache usage: their mean)."""
+        if len(self._stats) == 1:
+            return self._stats[0]
+        total = EngineStats()
+        for s in self._stats:
+            for name in vars(total):
+                setattr(total, name, getattr(total, name) + getattr(s, name))
+        total.kv_cache_usage /= len(self._stats)
+        return total
+
+    def get_engine_stats(self) -> list[EngineStats]:
+        """One snapshot per data-parallel replica, in replica order."""
+        return list(self._stats)
 
     @property
     def num_requests_in_flight(self) -> int:
@@ -266,19 +259,16 @@ class AsyncLLM:
         return self.tokenizer
 
     # ----- plumbing -------------------------------------------------------------------
-    def _send(self, command: EngineCommand) -> None:
-        (self._outbox if self.engine_process else self._inbox).put(command)
-
-    def _post(self, outputs: EngineCoreOutputs) -> None:
-        """Called from the engine's side: hand one iteration's results to the event loop."""
+    def _post(self, engine: int, outputs: EngineCoreOutputs) -> None:
+        """Called from a client's thread: hand one iteration's results to the event loop."""
         try:
-            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+            self._loop.call_soon_threadsafe(self._dispatch, engine, outputs)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
 
-    def _dispatch(self, outputs: EngineCoreOutputs) -> None:
+    def _dispatch(self, engine: int, outputs: EngineCoreOutputs) -> None:
         if outputs.stats is not None:
-            self._stats = outputs.stats
+            self._stats[engine] = outputs.stats
         for output in outputs.outputs:
             stream = self._streams.get(output.request_id)
             if stream is not None:
@@ -288,28 +278,13 @@ class AsyncLLM:
             if stream is not None:
                 stream.put(RequestFailedError(error.message, error.status_code))
         if outputs.dead is not None and self._dead is None:
-            self._dead = outputs.dead
-            logger.error("The engine died (%s); failing %d request(s) in flight", outputs.dead, len(self._streams))
+            # One replica gone is the server's failure, loudly: the others are stopped too.
+            name = f"engine {engine}: " if len(self.engine_cores) > 1 else ""
+            self._dead = f"{name}{outputs.dead}"
+            logger.error("The engine died (%s); failing %d request(s) in flight", self._dead, len(self._streams))
             for stream in self._streams.values():
-                stream.put(EngineDeadError(f"the engine died: {outputs.dead}"))
-            self._stats = EngineStats()
-
-    def _send_to_process(self) -> None:
-        while (command := self._outbox.get()) is not None:
-            try:
-                self._conn.send(command)
-            except (BrokenPipeError, OSError):
-                return
-
-    def _receive_from_process(self) -> None:
-        while True:
-            try:
-                outputs = self._conn.recv()
-            except (EOFError, OSError):
-                if not self._shutting_down:
-                    self._process.join(1)
-                    self._post(EngineCoreOutputs(dead=f"the engine process exited (code {self._process.exitcode})"))
-                return
-            self._post(outputs)
-            if outputs.dead is not None:
-                return
+                stream.put(EngineDeadError(f"the engine died: {self._dead}"))
+            for other, client in enumerate(self.engine_cores):
+                if other != engine:
+                    client.send(Shutdown())
+            self._stats = [EngineStats() for _ in self.engine_cores]

@@ -21,6 +21,7 @@ from typing import Callable, Optional, Union
 
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.llm_engine import LLMEngine, PromptType
+from pagedllm.executor.abstract import ExecutorDeadError
 from pagedllm.logger import init_logger
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -107,21 +108,31 @@ class EngineCore:
         `block` is true (the engine has nothing else to do).
         """
         while True:
-            result = EngineCoreOutputs()
-            for command in get_commands(not self.engine.has_unfinished_requests()):
-                if isinstance(command, Shutdown):
-                    self._abort(self._unfinished_request_ids(), "the server is shutting down", result)
-                    result.stats = self.stats()
-                    put(result)
-                    return
-                if isinstance(command, AddRequest):
-                    self._add(command, result)
-                else:
-                    self._abort(command.request_ids, command.reason, result)
-            if self.engine.has_unfinished_requests():
-                result.outputs = self._step(result)
-            result.stats = self.stats()
+            result, stop = self.run_iteration(get_commands(not self.engine.has_unfinished_requests()))
             put(result)
+            if stop:
+                return
+
+    def run_iteration(self, commands: list[EngineCommand]) -> tuple[EngineCoreOutputs, bool]:
+        """Apply the commands, run one step if there is work; True as well after a `Shutdown`.
+
+        One iteration of the loop, callable on its own by a front end that drives the loop
+        remotely (a Ray actor's method).
+        """
+        result = EngineCoreOutputs()
+        for command in commands:
+            if isinstance(command, Shutdown):
+                self._abort(self._unfinished_request_ids(), "the server is shutting down", result)
+                result.stats = self.stats()
+                return result, True
+            if isinstance(command, AddRequest):
+                self._add(command, result)
+            else:
+                self._abort(command.request_ids, command.reason, result)
+        if self.engine.has_unfinished_requests():
+            result.outputs = self._step(result)
+        result.stats = self.stats()
+        return result, False
 
     def _add(self, command: AddRequest, result: EngineCoreOutputs) -> None:
         try:
@@ -141,6 +152,8 @@ class EngineCore:
     def _step(self, result: EngineCoreOutputs) -> list[RequestOutput]:
         try:
             outputs = self.engine.step()
+        except ExecutorDeadError as e:  # a worker is gone: no later step can succeed
+            raise EngineDeadError(str(e)) from e
         except Exception as e:
             self._consecutive_failures += 1
             if self._consecutive_failures >= _MAX_CONSECUTIVE_STEP_FAILURES:
@@ -204,10 +217,16 @@ class EngineInfo:
     vocab_size: int
 
 
-def run_engine_core_process(engine_args: EngineArgs, model_path: str, conn: Connection) -> None:
-    """Process target: build the engine, report ready (or the error), then serve over `conn`."""
+def run_engine_core_process(engine_args: EngineArgs, model_path: str, conn: Connection,
+                            cuda_visible_devices: Optional[str] = None) -> None:
+    """Process target: build the engine, report ready (or the error), then serve over `conn`.
+
+    `cuda_visible_devices` gives a data-parallel replica its own GPUs (set before CUDA starts).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides when to stop
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cuda_visible_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
     try:
         engine = LLMEngine.from_engine_args(engine_args, model_path)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it

@@ -1,7 +1,7 @@
 """`LLMEngine`: one engine step = schedule, run the model, update requests, build outputs.
 
 The engine owns the tokenizer (prompts in, text out), the scheduler (what runs) and the
-model runner (how it runs). `LLM` drives it to completion offline; the server will drive
+executor (how it runs: the model runner here, or tensor-parallel workers elsewhere). `LLM` drives it to completion offline; the server will drive
 it step by step.
 """
 
@@ -20,6 +20,7 @@ from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.parent_request import child_request_id, child_sampling_params
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.tokenizer import eos_token_ids, load_generation_config, load_tokenizer, sampling_defaults
+from pagedllm.executor.abstract import Executor
 from pagedllm.logger import init_logger
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -43,8 +44,8 @@ class LLMEngine:
             logger.info("Default sampling parameters from the model's generation config: %s",
                         self.default_sampling_overrides)
         start = time.perf_counter()
-        self.model_runner = ModelRunner(config)
-        num_blocks = self.model_runner.num_blocks
+        self.model_executor: Optional[Executor] = Executor.get_class(config)(config)
+        num_blocks = self.model_executor.num_blocks
         capacity = num_blocks * cc.block_size
         if mc.max_model_len > capacity:
             raise ValueError(
@@ -53,9 +54,11 @@ class LLMEngine:
                 "give the cache more room (num_gpu_blocks_override, kv_cache_memory_bytes, "
                 "PAGEDLLM_CPU_KVCACHE_SPACE)"
             )
+        tp = config.parallel_config.tensor_parallel_size
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens on %s; maximum concurrency for %d-token requests: %.2fx",
-            num_blocks, cc.block_size, capacity, config.device, mc.max_model_len, capacity / mc.max_model_len,
+            "KV cache: %d blocks x %d tokens = %d tokens on %s%s; maximum concurrency for %d-token requests: %.2fx",
+            num_blocks, cc.block_size, capacity, config.device, f" (x{tp} workers, each 1/{tp} of the heads)" if tp > 1 else "",
+            mc.max_model_len, capacity / mc.max_model_len,
         )
         self.kv_cache_manager = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.kv_cache_manager)
@@ -146,7 +149,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; return the outputs of requests that advanced."""
         sched_out = self.scheduler.schedule()
-        runner_out = self.model_runner.execute_model(sched_out)
+        runner_out = self.model_executor.execute_model(sched_out)
         updated = self.scheduler.update_from_output(sched_out, runner_out)
         touched: dict[str, None] = {}
         for child_id, (first_pos, lp) in runner_out.prompt_logprobs.items():
@@ -186,11 +189,15 @@ class LLMEngine:
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache_manager.reset_prefix_cache()
 
+    @property
+    def model_runner(self) -> Optional[ModelRunner]:
+        """The in-process model runner (None when the model runs in worker processes)."""
+        return getattr(self.model_executor, "model_runner", None)
+
     def shutdown(self) -> None:
-        """Drop the model and the KV cache so their memory returns at once."""
-        runner = getattr(self, "model_runner", None)
-        if runner is not None:
-            runner.kv_caches = []
-            runner.model = None
-            self.model_runner = None
+        """Stop the workers, drop the model and the KV cache so their memory returns at once."""
+        executor = getattr(self, "model_executor", None)
+        if executor is not None:
+            executor.shutdown()
+            self.model_executor = None
         gc.collect()

@@ -23,7 +23,8 @@ class LLM:
     """An engine for offline batched generation, with vLLM's constructor arguments.
 
     `model` is a local Hugging Face checkpoint directory, a `.gguf` file, or a known short
-    name (None: the embedded default model).
+    name (None: the embedded default model). `tensor_parallel_size=N` splits the model over N
+    worker processes (`distributed_executor_backend`: "mp", the default, or "ray").
     """
 
     def __init__(
@@ -43,16 +44,25 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         enforce_eager: bool = False,
         device: str = "auto",
+        tensor_parallel_size: int = 1,
+        data_parallel_size: int = 1,
+        distributed_executor_backend: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
         if kwargs:
             logger.warning("Ignoring unsupported LLM arguments: %s", sorted(kwargs))
+        if data_parallel_size != 1:
+            raise ValueError(
+                f"data_parallel_size={data_parallel_size}: offline LLM runs one engine; serve replicas with "
+                "`pagedllm serve --data-parallel-size N`"
+            )
         args = EngineArgs(
             model=model, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
             num_gpu_blocks_override=num_gpu_blocks_override, kv_cache_memory_bytes=kv_cache_memory_bytes,
             gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, device=device,
+            tensor_parallel_size=tensor_parallel_size, distributed_executor_backend=distributed_executor_backend,
         )
         self.llm_engine = LLMEngine.from_engine_args(args, _resolve_model_path(model))
         self._counter = itertools.count()

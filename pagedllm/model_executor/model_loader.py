@@ -6,8 +6,9 @@ import time
 
 import torch
 
-from pagedllm.config import ModelConfig
 from pagedllm.attention.selector import get_attention_backend
+from pagedllm.config import ModelConfig
+from pagedllm.distributed.parallel_state import TensorParallelGroup
 from pagedllm.logger import init_logger
 from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedllm.model_executor.models import SUPPORTED_ARCHITECTURES, get_architecture
@@ -16,7 +17,9 @@ from pagedllm.model_executor.weight_utils import iterate_safetensors_weights
 logger = init_logger(__name__)
 
 
-def load_model(model_config: ModelConfig, device: torch.device) -> torch.nn.Module:
+def load_model(model_config: ModelConfig, device: torch.device,
+               tp_group: TensorParallelGroup | None = None) -> torch.nn.Module:
+    """The model, or this tensor-parallel rank's share of it (each rank reads the full checkpoint)."""
     arch = get_architecture(model_config.hf_config)
     start = time.perf_counter()
     old_dtype = torch.get_default_dtype()
@@ -27,7 +30,7 @@ def load_model(model_config: ModelConfig, device: torch.device) -> torch.nn.Modu
         with torch.device("meta"):
             model = SUPPORTED_ARCHITECTURES[arch](
                 model_config.hf_config, arch, model_config.max_model_len, model_config.dtype,
-                get_attention_backend(device),
+                get_attention_backend(device), tp_group,
             )
     finally:
         torch.set_default_dtype(old_dtype)

@@ -1,7 +1,7 @@
 """Sizing and allocating the paged KV cache.
 
 One (key, value) pair of tensors per layer, each [num_blocks, block_size, num_kv_heads,
-head_dim]. The number of blocks comes from, in order: `num_gpu_blocks_override` (exact, on
+head_dim]; under tensor parallelism a worker holds only its `num_kv_heads / tp_size` heads. The number of blocks comes from, in order: `num_gpu_blocks_override` (exact, on
 any device); on CPU the byte budget (`kv_cache_memory_bytes`, else
 `$PAGEDLLM_CPU_KVCACHE_SPACE` GiB, default 4); on GPU the free memory times
 `gpu_memory_utilization`. Never more than all `max_num_seqs` requests at `max_model_len`
@@ -20,9 +20,10 @@ from pagedllm.logger import init_logger
 logger = init_logger(__name__)
 
 
-def bytes_per_block(model_config: ModelConfig, block_size: int) -> int:
+def bytes_per_block(model_config: ModelConfig, block_size: int, tp_size: int = 1) -> int:
     elem = torch.empty((), dtype=model_config.dtype).element_size()
-    return 2 * model_config.num_layers * block_size * model_config.num_kv_heads * model_config.head_dim * elem
+    num_kv_heads = model_config.num_kv_heads // tp_size
+    return 2 * model_config.num_layers * block_size * num_kv_heads * model_config.head_dim * elem
 
 
 def determine_num_blocks(
@@ -30,8 +31,9 @@ def determine_num_blocks(
     cache_config: CacheConfig,
     scheduler_config: SchedulerConfig,
     device: torch.device,
+    tp_size: int = 1,
 ) -> int:
-    per_block = bytes_per_block(model_config, cache_config.block_size)
+    per_block = bytes_per_block(model_config, cache_config.block_size, tp_size)
     if cache_config.num_gpu_blocks_override is not None:
         return cache_config.num_gpu_blocks_override
     if device.type == "cpu":
@@ -56,7 +58,7 @@ def determine_num_blocks(
 
 
 def allocate_kv_cache(
-    model_config: ModelConfig, num_blocks: int, block_size: int, device: torch.device
+    model_config: ModelConfig, num_blocks: int, block_size: int, device: torch.device, tp_size: int = 1
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Zero-filled, so that slots a masked attention row still reads hold finite values.
 
@@ -64,11 +66,12 @@ def allocate_kv_cache(
     pages lazily, so start-up does not spend seconds writing gigabytes of zeros, and memory
     is only committed as blocks are actually used.
     """
-    shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
+    num_kv_heads = model_config.num_kv_heads // tp_size
+    shape = (num_blocks, block_size, num_kv_heads, model_config.head_dim)
     num_tensors = 2 * model_config.num_layers
     if device.type == "cpu":
         elem = torch.empty((), dtype=model_config.dtype).element_size()
-        numel = num_tensors * num_blocks * block_size * model_config.num_kv_heads * model_config.head_dim
+        numel = num_tensors * num_blocks * block_size * num_kv_heads * model_config.head_dim
         flat = torch.from_numpy(np.zeros(numel * elem, dtype=np.uint8)).view(model_config.dtype)
         tensors = list(flat.view(num_tensors, *shape).unbind(0))
     else:

@@ -17,6 +17,7 @@ from pagedllm.attention.metadata import AttentionMetadata, PrefillSequence, sequ
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.core.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
+from pagedllm.distributed.parallel_state import TensorParallelGroup
 from pagedllm.model_executor.model_loader import load_model
 from pagedllm.sample.metadata import build_sampling_metadata
 from pagedllm.sample.sampler import Sampler, gather_logprobs
@@ -54,16 +55,22 @@ def decode_groups(sorted_lens: list[int], block_size: int) -> list[tuple[int, in
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    """One rank's runner. Under tensor parallelism every rank runs the same `execute_model` on the
+    same `SchedulerOutput`, sampler included (its logits are the same on every rank); only rank 0's
+    output is used, so the other ranks' samples never matter."""
+
+    def __init__(self, config: EngineConfig, tp_group: TensorParallelGroup | None = None) -> None:
         self.config = config
         self.device = config.device
         self.block_size = config.cache_config.block_size
         self.vocab_size = config.model_config.vocab_size
-        self.model = load_model(config.model_config, self.device)
+        self.tp_group = tp_group or TensorParallelGroup()
+        tp_size = self.tp_group.world_size
+        self.model = load_model(config.model_config, self.device, self.tp_group)
         self.num_blocks = determine_num_blocks(
-            config.model_config, config.cache_config, config.scheduler_config, self.device
+            config.model_config, config.cache_config, config.scheduler_config, self.device, tp_size
         )
-        self.kv_caches = allocate_kv_cache(config.model_config, self.num_blocks, self.block_size, self.device)
+        self.kv_caches = allocate_kv_cache(config.model_config, self.num_blocks, self.block_size, self.device, tp_size)
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.model_config.seed))
         self.generators: dict[str, torch.Generator] = {}  # per-request, for seeded requests
 

@@ -33,6 +33,13 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                    help="KV-cache budget in bytes (CPU default: $PAGEDLLM_CPU_KVCACHE_SPACE GiB, else 4)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p = parser.add_argument_group("parallelism")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split every layer over this many workers (processes, one device each)")
+    p.add_argument("--distributed-executor-backend", choices=["mp", "ray", "uni"], default=None,
+                   help="who starts the workers (and, for serve, the replicas): 'mp' (processes on this "
+                        "machine, the default for -tp > 1), 'ray' (actors on the Ray cluster this machine is "
+                        "part of, or a local one), 'uni' (this process; -tp 1 only)")
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:

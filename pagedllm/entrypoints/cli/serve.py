@@ -27,6 +27,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-logprobs must be >= 0, got {args.max_logprobs}")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.data_parallel_size < 1:
+        raise ValueError(f"--data-parallel-size must be >= 1, got {args.data_parallel_size}")
     kwargs = llm_kwargs(args)
     settings_kwargs = dict(
         api_key=args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,
@@ -78,5 +80,8 @@ def add_serve_parser(subparsers) -> None:
     g.add_argument("--engine-core", choices=["process", "thread"], default="process",
                    help="where the engine loop runs: a process of its own (default, as in vLLM v1), or a "
                         "background thread of the server process (docs/serving.md has the measurements)")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="engine replicas, each with its own engine core and KV cache (and its own -tp workers); "
+                        "requests go to the replica with the fewest in flight")
     add_engine_args(p, model_positional=True)
     p.set_defaults(func=run_serve)

@@ -1,8 +1,9 @@
 """`GET /metrics`: Prometheus text with vLLM's metric names under the `pagedllm:` prefix.
 
-Gauges and counters are read from the engine's latest stats snapshot when Prometheus scrapes;
-the latency histograms (time to first token, inter-token latency, end-to-end latency) are
-observed by the front end as each request finishes. Everything lives in one registry per
+Gauges and counters are read from the engine's latest stats snapshot when Prometheus scrapes,
+one sample per data-parallel replica under its `engine` label (vLLM's); the latency histograms
+(time to first token, inter-token latency, end-to-end latency) are observed by the front end as
+each request finishes. Everything lives in one registry per
 server, so two servers in one process never mix their numbers.
 """
 
@@ -35,27 +36,31 @@ class _EngineCollector(Collector):
         self.model_name = model_name
 
     def collect(self) -> Iterator[Metric]:
-        s = self.engine.get_stats()
-        labels = ["model_name"]
-        for name, doc, value in (
-            ("num_requests_running", "Number of requests in model execution batches.", s.num_running),
-            ("num_requests_waiting", "Number of requests waiting to be processed.", s.num_waiting),
-            ("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s.kv_cache_usage),
+        # One sample per data-parallel replica, labelled `engine` as vLLM labels them.
+        per_engine = list(enumerate(self.engine.get_engine_stats()))
+        labels = ["model_name", "engine"]
+        for name, doc, field in (
+            ("num_requests_running", "Number of requests in model execution batches.", "num_running"),
+            ("num_requests_waiting", "Number of requests waiting to be processed.", "num_waiting"),
+            ("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", "kv_cache_usage"),
         ):
             g = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
-            g.add_metric([self.model_name], value)
+            for index, s in per_engine:
+                g.add_metric([self.model_name, str(index)], getattr(s, field))
             yield g
-        for name, doc, value in (
-            ("num_preemptions", "Cumulative number of preemptions from the engine.", s.num_preemptions),
-            ("prefix_cache_queries", "Prefix-cache queries, in number of queried tokens.", s.prefix_cache_queries),
-            ("prefix_cache_hits", "Prefix-cache hits, in number of cached tokens.", s.prefix_cache_hits),
-            ("prompt_tokens", "Number of prefill tokens processed.", s.prompt_tokens),
-            ("generation_tokens", "Number of generation tokens processed.", s.generation_tokens),
+        for name, doc, field in (
+            ("num_preemptions", "Cumulative number of preemptions from the engine.", "num_preemptions"),
+            ("prefix_cache_queries", "Prefix-cache queries, in number of queried tokens.", "prefix_cache_queries"),
+            ("prefix_cache_hits", "Prefix-cache hits, in number of cached tokens.", "prefix_cache_hits"),
+            ("prompt_tokens", "Number of prefill tokens processed.", "prompt_tokens"),
+            ("generation_tokens", "Number of generation tokens processed.", "generation_tokens"),
         ):
             c = CounterMetricFamily(PREFIX + name, doc, labels=labels)
-            c.add_metric([self.model_name], value)
+            for index, s in per_engine:
+                c.add_metric([self.model_name, str(index)], getattr(s, field))
             yield c
-        healthy = GaugeMetricFamily(PREFIX + "engine_healthy", "1 while the engine loop is running.", labels=labels)
+        healthy = GaugeMetricFamily(PREFIX + "engine_healthy", "1 while the engine loop is running.",
+                                    labels=["model_name"])
         healthy.add_metric([self.model_name], 0.0 if self.engine.is_dead else 1.0)
         yield healthy
 

@@ -3,7 +3,9 @@
 The families differ by flags, not by copied files: Qwen2 adds a bias to Q/K/V, Qwen3 adds
 RMSNorm on each head of Q and K, some checkpoints tie the LM head to the embedding.
 Weights arrive with Hugging Face names and are packed into fused QKV and gate/up matrices
-so each layer runs three large matmuls instead of seven small ones.
+so each layer runs three large matmuls instead of seven small ones. Under tensor parallelism
+(`tp_group` of N ranks) each rank holds 1/N of the heads, of the MLP and of the vocabulary; the
+parallel layers slice the full tensors as they load them and add the two all-reduces per layer.
 """
 
 from __future__ import annotations
@@ -17,8 +19,16 @@ from transformers.activations import ACT2FN
 
 from pagedllm.attention.metadata import AttentionMetadata
 from pagedllm.attention.torch_paged_attention import KVCache, TorchPagedAttention
+from pagedllm.distributed.parallel_state import TensorParallelGroup
 from pagedllm.model_executor.layers.layernorm import RMSNorm
+from pagedllm.model_executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    copy_weight,
+)
 from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+from pagedllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
 
 @dataclass(frozen=True)
@@ -41,15 +51,20 @@ def arch_flags(architecture: str, config) -> ArchFlags:
 
 
 class Attention(nn.Module):
-    def __init__(self, config, flags: ArchFlags, max_position: int, dtype: torch.dtype, attn_backend: type) -> None:
+    def __init__(self, config, flags: ArchFlags, max_position: int, dtype: torch.dtype, attn_backend: type,
+                 tp_group: TensorParallelGroup) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_heads
+        self.num_heads = total_heads // tp_group.world_size  # this rank's share
+        self.num_kv_heads = total_kv_heads // tp_group.world_size
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=flags.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=flags.o_bias)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, total_heads, total_kv_heads,
+                                          bias=flags.qkv_bias, tp_group=tp_group)
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, bias=flags.o_bias,
+                                        tp_group=tp_group)
         if flags.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -73,11 +88,11 @@ class Attention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, config, bias: bool) -> None:
+    def __init__(self, config, bias: bool, tp_group: TensorParallelGroup) -> None:
         super().__init__()
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        size = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=bias, tp_group=tp_group)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias, tp_group=tp_group)
         self.act = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,10 +101,11 @@ class GatedMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, flags: ArchFlags, max_position: int, dtype: torch.dtype, attn_backend: type) -> None:
+    def __init__(self, config, flags: ArchFlags, max_position: int, dtype: torch.dtype, attn_backend: type,
+                 tp_group: TensorParallelGroup) -> None:
         super().__init__()
-        self.self_attn = Attention(config, flags, max_position, dtype, attn_backend)
-        self.mlp = GatedMLP(config, flags.mlp_bias)
+        self.self_attn = Attention(config, flags, max_position, dtype, attn_backend, tp_group)
+        self.mlp = GatedMLP(config, flags.mlp_bias, tp_group)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -115,19 +131,22 @@ class DecoderForCausalLM(nn.Module):
     """`forward` maps a flattened batch of tokens to hidden states; `compute_logits` the rows asked for."""
 
     def __init__(
-        self, config, architecture: str, max_position: int, dtype: torch.dtype, attn_backend: type = TorchPagedAttention
+        self, config, architecture: str, max_position: int, dtype: torch.dtype, attn_backend: type = TorchPagedAttention,
+        tp_group: TensorParallelGroup | None = None,
     ) -> None:
         super().__init__()
         flags = arch_flags(architecture, config)
+        tp_group = tp_group or TensorParallelGroup()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp_group)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, flags, max_position, dtype, attn_backend) for _ in range(config.num_hidden_layers)
+            DecoderLayer(config, flags, max_position, dtype, attn_backend, tp_group)
+            for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp_group)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
@@ -140,12 +159,16 @@ class DecoderForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight)
+        """Full-vocabulary logits, the same on every tensor-parallel rank."""
+        head = self.embed_tokens if self.tie_word_embeddings else self.lm_head
+        return head.compute_logits(hidden)
 
     # ----- weights ----------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named tensors in, packing q/k/v and gate/up into their fused matrices."""
+        """Copy Hugging Face-named tensors in, packing q/k/v and gate/up into their fused matrices.
+
+        Each parallel layer's `weight_loader` keeps this rank's slice of the full tensor.
+        """
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -157,40 +180,31 @@ class DecoderForCausalLM(nn.Module):
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in this model")
             param = params[target]
+            weight_loader = getattr(self.get_submodule(target.rpartition(".")[0]), "weight_loader", None)
             with torch.no_grad():
-                dst = self._shard_view(param, target, shard)
-                if dst.shape != tensor.shape:
-                    raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
-                dst.copy_(tensor)
+                try:
+                    if weight_loader is None:
+                        copy_weight(param, tensor)
+                    else:
+                        weight_loader(param, tensor, shard)
+                except ValueError as e:
+                    raise ValueError(f"checkpoint tensor {name!r} {e}") from e
             loaded.add(target if shard is None else f"{target}:{shard}")
         missing = [n for n in params if not any(l == n or l.startswith(n + ":") for l in loaded)]
         if missing:
             raise ValueError(f"checkpoint is missing weights, e.g. {missing[:3]}")
-
-    def _shard_view(self, param: torch.Tensor, target: str, shard: str | None) -> torch.Tensor:
-        if shard is None:
-            return param
-        layer_idx = int(target.split(".")[1])
-        if ".qkv_proj." in target:
-            attn = self.layers[layer_idx].self_attn
-            offsets = {"q": (0, attn.q_size), "k": (attn.q_size, attn.kv_size), "v": (attn.q_size + attn.kv_size, attn.kv_size)}
-        else:
-            size = self.layers[layer_idx].mlp.intermediate_size
-            offsets = {"gate": (0, size), "up": (size, size)}
-        start, length = offsets[shard]
-        return param.narrow(0, start, length)
 
 
 _FUSED = {
     "q_proj": ("qkv_proj", "q"),
     "k_proj": ("qkv_proj", "k"),
     "v_proj": ("qkv_proj", "v"),
-    "gate_proj": ("gate_up_proj", "gate"),
-    "up_proj": ("gate_up_proj", "up"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
 }
 
 
-def _map_hf_name(name: str) -> tuple[str | None, str | None]:
+def _map_hf_name(name: str) -> tuple[str | None, str | int | None]:
     """'model.layers.3.self_attn.k_proj.bias' -> ('layers.3.self_attn.qkv_proj.bias', 'k')."""
     if "rotary_emb" in name:
         return None, None

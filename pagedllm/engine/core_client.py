@@ -1,0 +1,314 @@
+"""Engine-core clients: how the asyncio front end (`AsyncLLM`) reaches each engine core.
+
+One client per engine replica. `InprocClient` runs the loop in a thread of this process,
+`MPClient` in a process of its own (vLLM v1's layout), `RayClient` in a Ray actor anywhere in a
+cluster. All three take commands through `send` and hand each loop iteration's
+`EngineCoreOutputs` to the callback given to `start`, from a thread of their own.
+
+With data parallelism the front end holds M clients and a `LoadBalancer` that sends each new
+request to the replica with the fewest requests in flight.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import threading
+from abc import ABC, abstractmethod
+from typing import Callable, Optional
+
+from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.engine_core import (
+    EngineCommand,
+    EngineCore,
+    EngineCoreOutputs,
+    EngineInfo,
+    Shutdown,
+    run_engine_core_process,
+    run_in_thread,
+)
+from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+PostOutputs = Callable[[EngineCoreOutputs], None]
+
+
+class EngineCoreClient(ABC):
+    info: EngineInfo
+
+    @abstractmethod
+    def start(self, post: PostOutputs) -> None:
+        """Start delivering the loop's outputs to `post` (called from another thread)."""
+
+    @abstractmethod
+    def send(self, command: EngineCommand) -> None:
+        """Queue a command for the loop; never blocks."""
+
+    @abstractmethod
+    def shutdown(self, timeout: float) -> None:
+        """Wait (blocking) for the loop to end after a `Shutdown`; force it if it does not."""
+
+
+class InprocClient(EngineCoreClient):
+    """The loop in a background thread of this process."""
+
+    def __init__(self, engine_args: EngineArgs, model_path: str) -> None:
+        self.engine = LLMEngine.from_engine_args(engine_args, model_path)
+        mc = self.engine.config.model_config
+        self.info = EngineInfo(mc.max_model_len, mc.vocab_size)
+        self._inbox: queue.Queue[EngineCommand] = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self, post: PostOutputs) -> None:
+        core = EngineCore(self.engine)
+        self._thread = threading.Thread(target=run_in_thread, args=(core, self._inbox, post),
+                                        name="pagedllm-engine-core", daemon=True)
+        self._thread.start()
+
+    def send(self, command: EngineCommand) -> None:
+        self._inbox.put(command)
+
+    def shutdown(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.engine.shutdown()
+
+
+class MPClient(EngineCoreClient):
+    """The loop in a spawned process, over a pipe; a sender and a receiver thread on this side.
+
+    The process is not a daemon, so that it may start tensor-parallel worker processes of its own;
+    it ends when told to, or when its pipe closes because this process is gone.
+    """
+
+    def __init__(self, engine_args: EngineArgs, model_path: str, index: int = 0,
+                 cuda_visible_devices: Optional[str] = None) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe()
+        self.process = ctx.Process(target=run_engine_core_process, name=f"pagedllm-engine-core-{index}",
+                                   args=(engine_args, model_path, child_conn, cuda_visible_devices), daemon=False)
+        self.process.start()
+        child_conn.close()
+        try:
+            message = self._conn.recv()
+        except EOFError:
+            self.process.join(5)
+            raise RuntimeError(f"the engine process died while starting (exit code {self.process.exitcode})")
+        if message[0] == "failed":
+            self.process.join(10)
+            raise (ValueError if message[2] else RuntimeError)(message[1])
+        self.info = message[1]
+        self._outbox: queue.Queue[Optional[EngineCommand]] = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._shutting_down = False
+
+    def start(self, post: PostOutputs) -> None:
+        for target, name in ((self._send_loop, "sender"), (self._receive_loop, "receiver")):
+            thread = threading.Thread(target=target, args=(post,), name=f"pagedllm-engine-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def send(self, command: EngineCommand) -> None:
+        self._outbox.put(command)
+
+    def shutdown(self, timeout: float) -> None:
+        self._shutting_down = True
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        self._outbox.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _send_loop(self, post: PostOutputs) -> None:
+        while (command := self._outbox.get()) is not None:
+            try:
+                self._conn.send(command)
+            except (BrokenPipeError, OSError):
+                return
+
+    def _receive_loop(self, post: PostOutputs) -> None:
+        while True:
+            try:
+                outputs = self._conn.recv()
+            except (EOFError, OSError):
+                if not self._shutting_down:
+                    self.process.join(1)
+                    post(EngineCoreOutputs(dead=f"the engine process exited (code {self.process.exitcode})"))
+                return
+            post(outputs)
+            if outputs.dead is not None:
+                return
+
+
+class EngineCoreActor:
+    """The engine core as a Ray actor (wrapped with `ray.remote` at run time: Ray stays optional).
+
+    The client drives it one loop iteration per call, so the actor needs no thread or channel of
+    its own, and Ray carries the commands and the outputs.
+    """
+
+    def __init__(self, engine_args: EngineArgs, model_path: str, num_threads: Optional[int]) -> None:
+        import torch
+
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.core = EngineCore(LLMEngine.from_engine_args(engine_args, model_path))
+
+    def info(self) -> tuple[EngineInfo, str]:
+        import ray
+
+        mc = self.core.engine.config.model_config
+        return EngineInfo(mc.max_model_len, mc.vocab_size), ray.util.get_node_ip_address()
+
+    def run_iteration(self, commands: list[EngineCommand]) -> tuple[EngineCoreOutputs, bool, bool]:
+        """(outputs, stopped, has work left)."""
+        result, stop = self.core.run_iteration(commands)
+        if stop:
+            self.core.engine.shutdown()
+        return result, stop, self.core.engine.has_unfinished_requests()
+
+
+class RayClient(EngineCoreClient):
+    """An engine core in a Ray actor, placed by Ray (replicas spread over the cluster's nodes)."""
+
+    def __init__(self, engine_args: EngineArgs, model_path: str, index: int = 0,
+                 num_threads: Optional[int] = None) -> None:
+        from pagedllm.executor.ray_utils import engine_core_actor_options, initialize_ray_cluster
+
+        ray = initialize_ray_cluster()
+        self._ray = ray
+        actor_cls = ray.remote(EngineCoreActor)
+        options = engine_core_actor_options(engine_args)
+        self.actor = actor_cls.options(name=None, **options).remote(engine_args, model_path, num_threads)
+        try:
+            self.info, self.node_ip = ray.get(self.actor.info.remote())
+        except ray.exceptions.RayActorError as e:
+            cause = getattr(e, "cause", None) or e
+            raise (ValueError if isinstance(cause, ValueError) else RuntimeError)(
+                f"engine replica {index} failed to start in Ray: {cause}") from e
+        logger.info("Engine replica %d runs as a Ray actor on node %s", index, self.node_ip)
+        self._outbox: queue.Queue[EngineCommand] = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self, post: PostOutputs) -> None:
+        self._thread = threading.Thread(target=self._drive, args=(post,), name="pagedllm-ray-engine", daemon=True)
+        self._thread.start()
+
+    def send(self, command: EngineCommand) -> None:
+        self._outbox.put(command)
+
+    def shutdown(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        try:
+            self._ray.kill(self.actor)
+        except Exception:  # noqa: BLE001 - the actor or Ray may already be gone
+            pass
+
+    def _drive(self, post: PostOutputs) -> None:
+        has_work = False
+        while True:
+            commands = [] if has_work else [self._outbox.get()]
+            while True:
+                try:
+                    commands.append(self._outbox.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                outputs, stop, has_work = self._ray.get(self.actor.run_iteration.remote(commands))
+            except Exception as e:  # noqa: BLE001 - the actor died, or its loop did
+                post(EngineCoreOutputs(dead=f"the Ray engine actor failed: {type(e).__name__}: {e}"))
+                return
+            post(outputs)
+            if stop or outputs.dead is not None:
+                return
+
+
+class LoadBalancer:
+    """Data parallelism's request placement: the replica with the fewest requests in flight, ties
+    going to the one that has been given fewest so far (so a trickle of requests alternates).
+    Called from the event loop's thread only."""
+
+    def __init__(self, num_engines: int) -> None:
+        self.in_flight = [0] * num_engines
+        self.assigned = [0] * num_engines
+
+    def acquire(self) -> int:
+        index = min(range(len(self.in_flight)), key=lambda i: (self.in_flight[i], self.assigned[i]))
+        self.in_flight[index] += 1
+        self.assigned[index] += 1
+        return index
+
+    def release(self, index: int) -> None:
+        self.in_flight[index] -= 1
+
+
+def make_engine_core_clients(engine_args: EngineArgs, model_path: str, engine_process: bool) -> list[EngineCoreClient]:
+    """The replicas `data_parallel_size` and `distributed_executor_backend` ask for."""
+    dp = engine_args.data_parallel_size
+    backend = engine_args.distributed_executor_backend
+    if dp < 1:
+        raise ValueError(f"data_parallel_size must be a positive integer, got {dp}")
+    clients: list[EngineCoreClient] = []
+    gpus = _visible_gpus(engine_args) if backend != "ray" and dp > 1 else None
+    try:
+        for index in range(dp):
+            if backend == "ray":
+                clients.append(RayClient(_replica_args(engine_args), model_path, index))
+            elif engine_process:
+                devices = None if gpus is None else replica_devices(index, engine_args.tensor_parallel_size, gpus)
+                clients.append(MPClient(_replica_args(engine_args), model_path, index, devices))
+            elif dp > 1:
+                raise ValueError("data_parallel_size > 1 needs the engine core in its own process "
+                                 "(--engine-core process) or Ray")
+            else:
+                clients.append(InprocClient(engine_args, model_path))
+    except BaseException:
+        for client in clients:
+            client.send(Shutdown())
+            client.shutdown(10)
+        raise
+    return clients
+
+
+def replica_devices(index: int, tensor_parallel_size: int, visible: list[str]) -> str:
+    """CUDA_VISIBLE_DEVICES of replica `index`: its own run of `tensor_parallel_size` GPUs."""
+    start = index * tensor_parallel_size
+    if start + tensor_parallel_size > len(visible):
+        raise ValueError(
+            f"data-parallel replica {index} with tensor_parallel_size={tensor_parallel_size} needs GPUs "
+            f"{start}..{start + tensor_parallel_size - 1}, but only {len(visible)} are visible"
+        )
+    return ",".join(visible[start : start + tensor_parallel_size])
+
+
+def _visible_gpus(engine_args: EngineArgs) -> Optional[list[str]]:
+    """This machine's GPUs as CUDA_VISIBLE_DEVICES names them, or None on CPU."""
+    import torch
+
+    if engine_args.device == "cpu" or not torch.cuda.is_available():
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _replica_args(engine_args: EngineArgs) -> EngineArgs:
+    """One replica's engine: the data-parallel size is the front end's business, not the engine's."""
+    import dataclasses
+
+    args = dataclasses.replace(engine_args, data_parallel_size=1)
+    if args.distributed_executor_backend == "ray" and args.tensor_parallel_size == 1:
+        args.distributed_executor_backend = "uni"  # the replica actor runs the model itself
+    return args
+
+
+__all__ = ["EngineCoreClient", "InprocClient", "LoadBalancer", "MPClient", "RayClient",
+                      "make_engine_core_clients"]

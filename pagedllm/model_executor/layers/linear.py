@@ -1,0 +1,125 @@
+"""Linear layers split over a tensor-parallel group, as in Megatron-LM and vLLM.
+
+A column-parallel layer holds a slice of the output features (no communication); a row-parallel
+layer holds a slice of the input features and sums the partial products over the group (one
+all-reduce). A transformer block pairs them — QKV then O, gate/up then down — so each block costs
+two all-reduces. Every layer loads the full Hugging Face tensor and keeps its own slice
+(`weight_loader`). With a group of one they are plain linear layers: one `F.linear`, nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.distributed.parallel_state import TensorParallelGroup
+
+ShardId = Union[str, int, None]
+
+
+def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy a loaded tensor (or its slice) into a parameter, refusing a wrong shape."""
+    if dst.shape != src.shape:
+        raise ValueError(f"has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+def _check_full(loaded: torch.Tensor, dim: int, full_size: int) -> None:
+    if loaded.dim() <= dim or loaded.shape[dim] != full_size:
+        raise ValueError(f"has shape {tuple(loaded.shape)}, expected {full_size} along dimension {dim}")
+
+
+class LinearBase(nn.Module):
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp_group: Optional[TensorParallelGroup]) -> None:
+        super().__init__()
+        self.tp_group = tp_group or TensorParallelGroup()
+        self.tp_rank, self.tp_size = self.tp_group.rank, self.tp_group.world_size
+        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(LinearBase):
+    """y = x A^T with A split by rows (output features): rank r computes its slice of y."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 tp_group: Optional[TensorParallelGroup] = None) -> None:
+        tp_size = (tp_group or TensorParallelGroup()).world_size
+        super().__init__(input_size, output_size // tp_size, bias, tp_group)
+        self.output_size = output_size
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+        size = param.shape[0]
+        _check_full(loaded, 0, self.output_size)
+        copy_weight(param, loaded.narrow(0, self.tp_rank * size, size))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel matrices in one (gate and up): each rank holds its slice of each."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
+                 tp_group: Optional[TensorParallelGroup] = None) -> None:
+        super().__init__(input_size, sum(output_sizes), bias, tp_group)
+        self.output_sizes = output_sizes
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+        if shard_id is None:  # already fused: each part is sliced on its own
+            _check_full(loaded, 0, self.output_size)
+            for i, part in enumerate(loaded.split(self.output_sizes, dim=0)):
+                self.weight_loader(param, part, i)
+            return
+        local = [size // self.tp_size for size in self.output_sizes]
+        _check_full(loaded, 0, self.output_sizes[shard_id])
+        dst = param.narrow(0, sum(local[:shard_id]), local[shard_id])
+        copy_weight(dst, loaded.narrow(0, self.tp_rank * local[shard_id], local[shard_id]))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Q, K and V in one matrix, split by heads: rank r holds its query heads and their KV heads."""
+
+    def __init__(self, hidden_size: int, head_size: int, total_num_heads: int, total_num_kv_heads: int,
+                 bias: bool = False, tp_group: Optional[TensorParallelGroup] = None) -> None:
+        tp_size = (tp_group or TensorParallelGroup()).world_size
+        self.head_size = head_size
+        self.num_heads = total_num_heads // tp_size
+        self.num_kv_heads = total_num_kv_heads // tp_size
+        super().__init__(hidden_size, (total_num_heads + 2 * total_num_kv_heads) * head_size, bias, tp_group)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+        q, kv = self.num_heads * self.head_size, self.num_kv_heads * self.head_size
+        if shard_id is None:  # already fused: each of q, k, v is sliced on its own
+            _check_full(loaded, 0, self.output_size)
+            for name, part in zip("qkv", loaded.split([q * self.tp_size, kv * self.tp_size, kv * self.tp_size])):
+                self.weight_loader(param, part, name)
+            return
+        offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
+        _check_full(loaded, 0, size * self.tp_size)
+        copy_weight(param.narrow(0, offset, size), loaded.narrow(0, self.tp_rank * size, size))
+
+
+class RowParallelLinear(LinearBase):
+    """y = x A^T with A split by columns (input features): partial sums, all-reduced; bias once."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 tp_group: Optional[TensorParallelGroup] = None) -> None:
+        tp_size = (tp_group or TensorParallelGroup()).world_size
+        super().__init__(input_size // tp_size, output_size, bias, tp_group)
+        self.input_size = input_size
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+        if param.dim() == 1:  # the bias: whole on every rank, added after the sum
+            return copy_weight(param, loaded)
+        size = param.shape[1]
+        _check_full(loaded, 1, self.input_size)
+        copy_weight(param, loaded.narrow(1, self.tp_rank * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        out = self.tp_group.all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
