@@ -83,7 +83,7 @@ def run_engine(name: str, python: str, model: str, workload: Path, threads: int,
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--engines", default="pagedllm,vllm,llamacpp_batched,llamacpp,transformers")
+    p.add_argument("--engines", default="pagedllm,vllm,llamacpp,transformers")
     p.add_argument("--vllm-python", default=os.environ.get("PAGEDLLM_BENCH_VLLM_PYTHON"))
     p.add_argument("--llamacpp-python", default=os.environ.get("PAGEDLLM_BENCH_LLAMACPP_PYTHON"))
     p.add_argument("--num-prompts", type=int, default=32)
@@ -106,13 +106,11 @@ def main() -> int:
     in_tokens = sum(len(x) for x in workload["prompts"])
     hf_dir = None
     pythons = {"pagedllm": sys.executable, "transformers": sys.executable,
-               "vllm": args.vllm_python, "llamacpp": args.llamacpp_python,
-               "llamacpp_batched": args.llamacpp_python}
+               "vllm": args.vllm_python, "llamacpp": args.llamacpp_python}
     results = []
     for name in [e.strip() for e in args.engines.split(",") if e.strip()]:
         if not pythons.get(name):
-            flag = name.split("_")[0]
-            print(f"[compare] skipping {name}: pass --{flag}-python (its own virtual environment)")
+            print(f"[compare] skipping {name}: pass --{name}-python (its own virtual environment)")
             continue
         model = gguf
         if name in ("vllm", "transformers"):
