@@ -187,9 +187,10 @@ class LLMEngine:
         return self.kv_cache_manager.reset_prefix_cache()
 
     def shutdown(self) -> None:
-        """Drop the model and the KV cache so their memory returns at once."""
+        """Drop the model, the KV cache and the CUDA graphs so their memory returns at once."""
         runner = getattr(self, "model_runner", None)
         if runner is not None:
+            runner.cuda_graphs = None  # the graphs hold the model, the cache and their memory pool
             runner.kv_caches = []
             runner.model = None
             self.model_runner = None

@@ -219,6 +219,8 @@ class DecodeGraphRunner:
         self.graph_factory = graph_factory or CudaGraph
         self.graphs: dict[int, Graph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.num_replays = 0  # steps run through a graph (the GPU check reads it)
+        self.capture_seconds, self.capture_bytes = 0.0, 0  # set by capture()
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -235,10 +237,11 @@ class DecodeGraphRunner:
                     self.buffers.input_ids[:size], self.buffers.positions[:size], self.kv_caches, meta)
             )
             self.graphs[size] = graph
+        self.capture_seconds = time.perf_counter() - start
         if self.device.type == "cuda":
-            used = free_before - torch.cuda.mem_get_info(self.device)[0]
+            self.capture_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
             logger.info("Captured %d decode CUDA graphs (batch sizes %d..%d) in %.1f s, using %.2f GiB",
-                        len(self.sizes), self.sizes[0], self.sizes[-1], time.perf_counter() - start, used / 2**30)
+                        len(self.sizes), self.sizes[0], self.sizes[-1], self.capture_seconds, self.capture_bytes / 2**30)
 
     def can_run(self, sched: SchedulerOutput) -> bool:
         """Pure decode batches (one token each, no prompt logprobs) that fit a captured size."""
@@ -256,4 +259,5 @@ class DecodeGraphRunner:
             [r.token_ids[0] for r in requests], [r.num_computed_tokens for r in requests],
             [r.block_ids for r in requests], size,
         )
+        self.num_replays += 1
         return self.graphs[size].replay()[:n]

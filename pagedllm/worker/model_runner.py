@@ -70,9 +70,9 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}  # per-request, for seeded requests
         use_graphs = cuda_graphs_wanted(self.device, config.model_config.enforce_eager, self.attn_backend)
         self.graph_sizes = capture_sizes(config.scheduler_config.max_num_seqs) if use_graphs else []
+        self.memory_profile = profile_memory(self) if needs_memory_profile(self.device, config.cache_config) else None
         self.num_blocks = determine_num_blocks(
-            config.model_config, config.cache_config, config.scheduler_config, self.device,
-            profile_memory(self) if needs_memory_profile(self.device, config.cache_config) else None,
+            config.model_config, config.cache_config, config.scheduler_config, self.device, self.memory_profile
         )
         # One block more than the scheduler hands out: the padding block, which padded rows
         # of a CUDA-graph replay write to (never a live sequence's block).
