@@ -130,7 +130,9 @@ class DecodeBuffers:
     """The static inputs every decode graph reads, with a host-side twin for each.
 
     A step fills the host twins (pinned on CUDA, so the copies do not sync) and copies them
-    over in one go. Row i < n is the i-th decode; rows n .. size - 1 are padding.
+    over in one go. Row i < n is the i-th decode; rows n .. size - 1 are padding. Before the
+    twins are rewritten, the previous copy out of them must have run: an event marks it (it has
+    almost always passed already, since steps end by reading the sampled tokens back).
     """
 
     def __init__(self, max_batch: int, max_blocks: int, padding_block: int, block_size: int,
@@ -146,6 +148,7 @@ class DecodeBuffers:
         self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.decode_token_idx = torch.arange(max_batch, dtype=torch.long, device=device)
+        self.copied = torch.cuda.Event() if pin else None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -162,6 +165,8 @@ class DecodeBuffers:
     def fill(self, token_ids: list[int], positions: list[int], block_ids: list[list[int]], size: int) -> None:
         """Write n decodes and size - n padding rows, then copy them to the device buffers."""
         n, bs = len(token_ids), self.block_size
+        if self.copied is not None:
+            self.copied.synchronize()
         tokens = self.host_tokens.numpy()
         tables = self.host_tables.numpy()
         pos = np.asarray(positions, dtype=np.int64)
@@ -177,9 +182,11 @@ class DecodeBuffers:
         tokens[0:2, n:size] = 0
         tokens[2, n:size] = self.padding_block * bs
         tokens[3, n:size] = 1
-        self.tokens[:, :size].copy_(self.host_tokens[:, :size], non_blocking=True)
+        self.tokens.copy_(self.host_tokens, non_blocking=True)  # whole (contiguous, a few KiB): no staging copy
         self.seq_lens[:size].copy_(self.tokens[3, :size])
         self.block_tables[:size].copy_(self.host_tables[:size], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
 
     def metadata(self, size: int) -> AttentionMetadata:
         """Fixed-shape metadata over the first `size` rows, for the Triton backend: all decodes,
