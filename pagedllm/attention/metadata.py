@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pagedllm.utils import async_tensor_h2d
+
 
 @dataclass
 class PrefillSequence:
@@ -67,7 +69,7 @@ def sequence_tensors(
     starts = np.zeros(len(query_lens) + 1, dtype=np.int32)
     np.cumsum(query_lens, out=starts[1:])
     return (
-        torch.from_numpy(starts).to(device),
-        torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        torch.from_numpy(tables).to(device),
+        async_tensor_h2d(torch.from_numpy(starts), torch.int32, device),
+        async_tensor_h2d(seq_lens, torch.int32, device),
+        async_tensor_h2d(torch.from_numpy(tables), torch.int32, device),
     )

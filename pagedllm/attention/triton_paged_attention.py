@@ -27,6 +27,12 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 class TritonPagedAttention:
     """Attention over a paged KV cache with Triton kernels (GQA, any head_dim, fp32/fp16/bf16)."""
 
+    # It reads the batch through AttentionMetadata.query_start_loc / seq_lens / block_tables,
+    # which the model runner builds only for backends that ask.
+    uses_sequence_tensors = True
+    # Its decode path is fixed-shape under fixed-shape metadata (see worker/cuda_graph_runner.py).
+    supports_cuda_graphs = True
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")

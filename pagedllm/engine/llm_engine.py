@@ -195,7 +195,7 @@ class LLMEngine:
         return getattr(self.model_executor, "model_runner", None)
 
     def shutdown(self) -> None:
-        """Stop the workers, drop the model and the KV cache so their memory returns at once."""
+        """Stop the workers, drop the model, the KV cache and the CUDA graphs so their memory returns at once."""
         executor = getattr(self, "model_executor", None)
         if executor is not None:
             executor.shutdown()

@@ -20,8 +20,9 @@ class UniProcExecutor(Executor):
         return self.model_runner.execute_model(scheduler_output)
 
     def shutdown(self) -> None:
-        """Drop the model and the KV cache so their memory returns at once."""
+        """Drop the model, the KV cache and the CUDA graphs so their memory returns at once."""
         runner, self.model_runner = self.model_runner, None
         if runner is not None:
+            runner.cuda_graphs = None  # the graphs hold the model, the cache and their memory pool
             runner.kv_caches = []
             runner.model = None

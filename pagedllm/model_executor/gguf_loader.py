@@ -14,16 +14,26 @@ import functools
 import logging
 import os
 import time
-from typing import Iterator, NoReturn
+from typing import TYPE_CHECKING, Iterator, NoReturn
 
-import gguf
 import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+if TYPE_CHECKING:
+    import gguf
+
 logger = logging.getLogger(__name__)
+
+
+def _gguf():
+    """The gguf package, imported on first use: machines that only load safetensors (the bare
+    GPU machines, say) need not have it."""
+    import gguf
+
+    return gguf
 
 GGUF_MAGIC = b"GGUF"
 
@@ -112,7 +122,7 @@ def _generate_weights(
             continue
         hf_name, hf_shape = target
         try:
-            weights = gguf.dequantize(tensor.data, tensor.tensor_type)
+            weights = _gguf().dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as exc:
             raise ValueError(
                 f"{path}: tensor {tensor.name} is stored as {tensor.tensor_type.name}, "
@@ -148,7 +158,7 @@ def _open_reader(path: str) -> gguf.GGUFReader:
     before any tensor is used.
     """
     try:
-        return gguf.GGUFReader(path)
+        return _gguf().GGUFReader(path)
     except Exception as exc:  # struct/numpy errors from a file cut short or overwritten
         raise ValueError(f"{path} is not a valid GGUF file (truncated or corrupt: {exc})") from None
 
@@ -207,8 +217,8 @@ def _gguf_to_hf_names(architecture: str, config: PretrainedConfig) -> dict[str, 
     """
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    model_arch = next(arch for arch, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture)
-    name_map = gguf.get_tensor_name_map(model_arch, config.num_hidden_layers)
+    model_arch = next(arch for arch, name in _gguf().MODEL_ARCH_NAMES.items() if name == architecture)
+    name_map = _gguf().get_tensor_name_map(model_arch, config.num_hidden_layers)
     targets = {}
     for hf_name, param in model.state_dict().items():
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))

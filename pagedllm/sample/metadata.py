@@ -2,7 +2,9 @@
 
 Built by the model runner each step from the scheduled requests. Fields a batch does not
 use stay `None`, so the sampler skips that work entirely (most batches use no penalties,
-biases or masks).
+biases or masks). Per-request values are gathered into host lists and each column goes to
+the device once, through pinned memory (`async_tensor_h2d`): building the metadata while
+the forward pass runs on the GPU never waits for it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Optional
 import torch
 
 from pagedllm.core.scheduler_output import ScheduledRequest
+from pagedllm.utils import async_tensor_h2d
 
 
 @dataclass
@@ -54,7 +57,7 @@ def build_sampling_metadata(
     all_greedy = all(t == 0.0 for t in temps)
 
     def column(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=device)
+        return async_tensor_h2d(values, dtype, device)
 
     top_k = top_p = min_p = None
     if any(p.top_k > 0 for p in params):
@@ -69,8 +72,8 @@ def build_sampling_metadata(
         presence = column([p.presence_penalty for p in params], torch.float32)
         frequency = column([p.frequency_penalty for p in params], torch.float32)
         repetition = column([p.repetition_penalty for p in params], torch.float32)
-        out_ids = _pad([r.output_token_ids for r in requests], vocab_size).to(device)
-        prompt_ids = _pad([r.prompt_token_ids for r in requests], vocab_size).to(device)
+        out_ids = async_tensor_h2d(_pad([r.output_token_ids for r in requests], vocab_size), torch.long, device)
+        prompt_ids = async_tensor_h2d(_pad([r.prompt_token_ids for r in requests], vocab_size), torch.long, device)
 
     logit_bias = None
     bias_entries = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items()]
@@ -80,11 +83,12 @@ def build_sampling_metadata(
 
     allowed_mask = None
     if any(p.allowed_token_ids for p in params):
-        allowed_mask = torch.ones(num, vocab_size, dtype=torch.bool, device=device)
+        allowed_mask = torch.ones(num, vocab_size, dtype=torch.bool)  # built on the host, copied once
         for i, p in enumerate(params):
             if p.allowed_token_ids:
                 allowed_mask[i] = False
                 allowed_mask[i, p.allowed_token_ids] = True
+        allowed_mask = async_tensor_h2d(allowed_mask, torch.bool, device)
 
     min_tokens_mask = None
     forbid = [

@@ -5,6 +5,10 @@ masks, logit bias and min_tokens masks; then penalties; greedy rows take the arg
 the rest are divided by their temperature, filtered by min-p, top-k and top-p, and drawn
 with the exponential-race trick (argmax of probs / Exp(1) noise), which lets seeded rows
 draw their noise from their own generator while the batch stays vectorised.
+
+Everything is batched tensor work on the logits' device: no host syncs and no per-row
+loops, except one noise draw per seeded row (each seed is its own generator, as in vLLM).
+The model runner reads the results back with one `.tolist()` per result tensor.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def apply_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tens
         rows, cols, vals = meta.logit_bias
         logits = logits.index_put((rows, cols), vals, accumulate=True)
     if meta.min_tokens_mask is not None:
-        logits = logits.index_put(meta.min_tokens_mask, torch.tensor(float("-inf"), device=logits.device))
+        logits = logits.index_put(meta.min_tokens_mask, logits.new_full((), float("-inf")))
     if meta.repetition_penalties is not None:
         logits = apply_penalties(logits, meta)
     return logits

@@ -3,9 +3,10 @@
 One (key, value) pair of tensors per layer, each [num_blocks, block_size, num_kv_heads,
 head_dim]; under tensor parallelism a worker holds only its `num_kv_heads / tp_size` heads. The number of blocks comes from, in order: `num_gpu_blocks_override` (exact, on
 any device); on CPU the byte budget (`kv_cache_memory_bytes`, else
-`$PAGEDLLM_CPU_KVCACHE_SPACE` GiB, default 4); on GPU the free memory times
-`gpu_memory_utilization`. Never more than all `max_num_seqs` requests at `max_model_len`
-could use, since extra blocks would only cost memory.
+`$PAGEDLLM_CPU_KVCACHE_SPACE` GiB, default 4); on GPU `kv_cache_memory_bytes`, else what
+`gpu_memory_utilization` of the device leaves after the weights, the peak activations of a
+profiling pass and the CUDA-graph pool (`memory_profiler.py`). Never more than all
+`max_num_seqs` requests at `max_model_len` could use, since extra blocks would only cost memory.
 """
 
 from __future__ import annotations
@@ -13,9 +14,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from typing import TYPE_CHECKING
+
 from pagedllm.config import CacheConfig, ModelConfig, SchedulerConfig
 from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.logger import init_logger
+
+if TYPE_CHECKING:
+    from pagedllm.worker.memory_profiler import MemoryProfile
 
 logger = init_logger(__name__)
 
@@ -32,7 +38,10 @@ def determine_num_blocks(
     scheduler_config: SchedulerConfig,
     device: torch.device,
     tp_size: int = 1,
+    *,
+    profile: MemoryProfile | None = None,
 ) -> int:
+    """`profile` (a CUDA memory profile) is needed on GPU unless a block count or byte budget is given."""
     per_block = bytes_per_block(model_config, cache_config.block_size, tp_size)
     if cache_config.num_gpu_blocks_override is not None:
         return cache_config.num_gpu_blocks_override
@@ -41,10 +50,12 @@ def determine_num_blocks(
     elif cache_config.kv_cache_memory_bytes is not None:
         budget = cache_config.kv_cache_memory_bytes
     else:
-        free, total = torch.cuda.mem_get_info(device)
-        used = total - free
-        budget = int(total * cache_config.gpu_memory_utilization) - used
-    num_blocks = budget // per_block
+        from pagedllm.worker.memory_profiler import kv_cache_budget
+
+        if profile is None:
+            raise ValueError("sizing the KV cache on GPU needs a memory profile (worker/memory_profiler.py)")
+        budget = kv_cache_budget(profile, cache_config.gpu_memory_utilization)
+    num_blocks = max(0, budget) // per_block - 1  # the model runner adds the padding block
     useful = scheduler_config.max_num_seqs * cdiv(model_config.max_model_len, cache_config.block_size)
     if num_blocks > useful:
         logger.debug("KV cache capped at %d blocks: all requests at max_model_len fit", useful)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.attention.metadata import AttentionMetadata, PrefillSequence, sequence_tensors
+from pagedllm.attention.selector import get_attention_backend
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.core.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
@@ -21,14 +22,18 @@ from pagedllm.distributed.parallel_state import TensorParallelGroup
 from pagedllm.model_executor.model_loader import load_model
 from pagedllm.sample.metadata import build_sampling_metadata
 from pagedllm.sample.sampler import Sampler, gather_logprobs
+from pagedllm.utils import async_tensor_h2d
+from pagedllm.worker.cuda_graph_runner import DecodeGraphRunner, capture_sizes, cuda_graphs_wanted
 from pagedllm.worker.kv_cache import allocate_kv_cache, determine_num_blocks
+from pagedllm.worker.memory_profiler import needs_memory_profile, profile_memory
 
 
 @dataclass
 class ModelInputs:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    attn_metadata: AttentionMetadata
+    # None when a CUDA graph ran the step from its own static buffers
+    input_ids: torch.Tensor | None
+    positions: torch.Tensor | None
+    attn_metadata: AttentionMetadata | None
     sample_rows: torch.Tensor  # hidden-state rows whose logits feed the sampler
     sample_requests: list[ScheduledRequest]
     # request -> (rows, first position, target token ids, top-k) for prompt logprobs
@@ -66,13 +71,29 @@ class ModelRunner:
         self.vocab_size = config.model_config.vocab_size
         self.tp_group = tp_group or TensorParallelGroup()
         tp_size = self.tp_group.world_size
+        self.attn_backend = get_attention_backend(self.device)
         self.model = load_model(config.model_config, self.device, self.tp_group)
-        self.num_blocks = determine_num_blocks(
-            config.model_config, config.cache_config, config.scheduler_config, self.device, tp_size
-        )
-        self.kv_caches = allocate_kv_cache(config.model_config, self.num_blocks, self.block_size, self.device, tp_size)
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.model_config.seed))
         self.generators: dict[str, torch.Generator] = {}  # per-request, for seeded requests
+        use_graphs = cuda_graphs_wanted(self.device, config.model_config.enforce_eager, self.attn_backend)
+        self.graph_sizes = capture_sizes(config.scheduler_config.max_num_seqs) if use_graphs else []
+        self.memory_profile = profile_memory(self) if needs_memory_profile(self.device, config.cache_config) else None
+        self.num_blocks = determine_num_blocks(
+            config.model_config, config.cache_config, config.scheduler_config, self.device, tp_size,
+            profile=self.memory_profile,
+        )
+        # One block more than the scheduler hands out: the padding block, which padded rows
+        # of a CUDA-graph replay write to (never a live sequence's block).
+        self.kv_caches = allocate_kv_cache(
+            config.model_config, self.num_blocks + 1, self.block_size, self.device, tp_size
+        )
+        self.cuda_graphs: DecodeGraphRunner | None = None
+        if use_graphs:
+            self.cuda_graphs = DecodeGraphRunner(
+                self.model, self.kv_caches, self.block_size, config.model_config.max_model_len, self.graph_sizes,
+                padding_block=self.num_blocks, device=self.device,
+            )
+            self.cuda_graphs.capture()
 
     # ----- batch construction -------------------------------------------------------
     def prepare_inputs(self, sched: SchedulerOutput) -> ModelInputs:
@@ -105,7 +126,7 @@ class ModelRunner:
                 decode_tables.append(req.block_ids[: cdiv(start + 1, bs)])
                 decode_lens.append(start + 1)
             else:
-                prefills.append(PrefillSequence(row, n, start, block_ids.to(self.device)))
+                prefills.append(PrefillSequence(row, n, start, async_tensor_h2d(block_ids, torch.long, self.device)))
             if req.sample:
                 sample_rows.append(row + n - 1)
                 sample_requests.append(req)
@@ -120,15 +141,17 @@ class ModelRunner:
         max_blocks = max((len(t) for t in decode_tables), default=0)
         tables = torch.tensor([t + [t[0]] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long)
         key_mask = torch.arange(max_blocks * bs)[None, :] < torch.tensor(decode_lens, dtype=torch.long)[:, None]
-        query_start_loc, seq_lens, block_tables = sequence_tensors(  # for the Triton backend
-            [len(r.token_ids) for r in ordered], [r.num_computed_tokens + len(r.token_ids) for r in ordered],
-            [r.block_ids for r in ordered], bs, dev,
-        )
+        query_start_loc = seq_lens = block_tables = None
+        if getattr(self.attn_backend, "uses_sequence_tensors", False):
+            query_start_loc, seq_lens, block_tables = sequence_tensors(
+                [len(r.token_ids) for r in ordered], [r.num_computed_tokens + len(r.token_ids) for r in ordered],
+                [r.block_ids for r in ordered], bs, dev,
+            )
         meta = AttentionMetadata(
-            slot_mapping=torch.cat(slots).to(dev),
-            decode_token_idx=torch.tensor(decode_rows, dtype=torch.long, device=dev),
-            decode_block_tables=tables.reshape(len(decode_tables), max_blocks).to(dev),
-            decode_key_mask=key_mask.to(dev),
+            slot_mapping=async_tensor_h2d(torch.cat(slots), torch.long, dev),
+            decode_token_idx=async_tensor_h2d(decode_rows, torch.long, dev),
+            decode_block_tables=async_tensor_h2d(tables.reshape(len(decode_tables), max_blocks), torch.long, dev),
+            decode_key_mask=async_tensor_h2d(key_mask, torch.bool, dev),
             prefills=prefills,
             num_tokens=len(input_ids),
             decode_groups=decode_groups(decode_lens, bs),
@@ -137,10 +160,10 @@ class ModelRunner:
             block_tables=block_tables,
         )
         return ModelInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
-            positions=torch.cat(positions).to(dev),
+            input_ids=async_tensor_h2d(input_ids, torch.long, dev),
+            positions=async_tensor_h2d(torch.cat(positions), torch.long, dev),
             attn_metadata=meta,
-            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
+            sample_rows=async_tensor_h2d(sample_rows, torch.long, dev),
             sample_requests=sample_requests,
             prompt_logprob_rows=prompt_rows,
         )
@@ -152,14 +175,24 @@ class ModelRunner:
             self.generators.pop(request_id, None)
         if sched.is_empty:
             return ModelRunnerOutput()
-        inputs = self.prepare_inputs(sched)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_metadata)
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(sched):
+            hidden = self.cuda_graphs.run(sched)  # row i is sched.scheduled[i]
+            inputs = self._replayed_inputs(sched)
+        else:
+            inputs = self.prepare_inputs(sched)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_metadata)
         out = ModelRunnerOutput()
         if inputs.sample_requests:
             self._sample(hidden, inputs, out)
         for request_id, (rows, first_pos, targets, k) in inputs.prompt_logprob_rows.items():
             out.prompt_logprobs[request_id] = (first_pos, self._prompt_logprobs(hidden, rows, targets, k))
         return out
+
+    def _replayed_inputs(self, sched: SchedulerOutput) -> ModelInputs:
+        """What sampling needs from a graph-replayed decode batch (one row per request, in order)."""
+        rows = [i for i, r in enumerate(sched.scheduled) if r.sample]
+        return ModelInputs(None, None, None, async_tensor_h2d(rows, torch.long, self.device),
+                           [sched.scheduled[i] for i in rows], {})
 
     def _sample(self, hidden: torch.Tensor, inputs: ModelInputs, out: ModelRunnerOutput) -> None:
         requests = inputs.sample_requests

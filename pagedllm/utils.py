@@ -1,0 +1,25 @@
+"""Small helpers shared across the rooms."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def async_tensor_h2d(data: Sequence | torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A host list or CPU tensor on `device`, without a host sync (vLLM's `async_tensor_h2d`).
+
+    A plain `.to('cuda')` of pageable memory waits for the stream to drain before copying, so
+    one issued after the forward pass is queued stalls the host until the GPU is done. Staged
+    through pinned memory, the copy is queued behind the work already on the stream instead;
+    PyTorch's pinned-memory cache keeps the staging buffer alive until the copy has run.
+    On CPU this is a plain tensor.
+    """
+    cpu = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+    if cpu.dtype != dtype:
+        cpu = cpu.to(dtype)
+    device = torch.device(device)
+    if device.type == "cpu":
+        return cpu
+    return cpu.pin_memory().to(device, non_blocking=True)
