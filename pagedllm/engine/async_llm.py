@@ -32,10 +32,12 @@ from pagedllm.engine.engine_core import (
     EngineCoreOutputs,
     EngineDeadError,
     EngineStats,
+    GetEngineState,
     Shutdown,
     run_engine_core_process,
     run_in_thread,
 )
+from pagedllm.engine.engine_state import EngineState
 from pagedllm.engine.llm_engine import LLMEngine, PromptType
 from pagedllm.engine.tokenizer import load_generation_config, load_tokenizer, sampling_defaults
 from pagedllm.logger import init_logger
@@ -152,6 +154,8 @@ class AsyncLLM:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._threads: list[threading.Thread] = []
         self._engine: Optional[LLMEngine] = None
+        # Callers waiting for the engine-state snapshot in flight (one request serves them all).
+        self._state_waiters: list[asyncio.Future] = []
         if engine_process:
             self._start_process()
             self.tokenizer = load_tokenizer(engine_args.tokenizer or model_path)
@@ -215,6 +219,7 @@ class AsyncLLM:
         if self._engine is not None:
             self._engine.shutdown()
         self._dead = self._dead or "the engine was shut down"
+        self._answer_state_waiters(None, None)
 
     # ----- requests -------------------------------------------------------------------
     async def generate(self, prompt: PromptType, params: SamplingParams,
@@ -258,6 +263,21 @@ class AsyncLLM:
     def get_stats(self) -> EngineStats:
         return self._stats
 
+    async def get_engine_state(self, timeout: float = 30.0) -> EngineState:
+        """A snapshot from the engine loop, taken after its current step (raises EngineDeadError)."""
+        self.check_health()
+        future = self._loop.create_future()
+        self._state_waiters.append(future)
+        if len(self._state_waiters) == 1:
+            self._send(GetEngineState())
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise RequestFailedError(f"the engine did not answer within {timeout:.0f} s", 503) from None
+        finally:
+            if future in self._state_waiters:  # timed out or cancelled: the next caller asks anew
+                self._state_waiters.remove(future)
+
     @property
     def num_requests_in_flight(self) -> int:
         return len(self._streams)
@@ -279,6 +299,8 @@ class AsyncLLM:
     def _dispatch(self, outputs: EngineCoreOutputs) -> None:
         if outputs.stats is not None:
             self._stats = outputs.stats
+        if outputs.engine_state is not None or outputs.engine_state_error is not None:
+            self._answer_state_waiters(outputs.engine_state, outputs.engine_state_error)
         for output in outputs.outputs:
             stream = self._streams.get(output.request_id)
             if stream is not None:
@@ -292,7 +314,20 @@ class AsyncLLM:
             logger.error("The engine died (%s); failing %d request(s) in flight", outputs.dead, len(self._streams))
             for stream in self._streams.values():
                 stream.put(EngineDeadError(f"the engine died: {outputs.dead}"))
+            self._answer_state_waiters(None, None)
             self._stats = EngineStats()
+
+    def _answer_state_waiters(self, state: Optional[EngineState], error: Optional[str]) -> None:
+        waiters, self._state_waiters = self._state_waiters, []
+        for future in waiters:
+            if future.done():
+                continue
+            if state is not None:
+                future.set_result(state)
+            elif error is not None:
+                future.set_exception(RequestFailedError(error, 500))
+            else:
+                future.set_exception(EngineDeadError(f"the engine is not running ({self._dead})"))
 
     def _send_to_process(self) -> None:
         while (command := self._outbox.get()) is not None:
