@@ -167,8 +167,9 @@ def test_llm_offers_the_same_snapshot(small_llm):
 
 
 # ----- over HTTP ---------------------------------------------------------------------------------
-# Each model step of the tiny Llama takes well under a millisecond: slowed down, a request stays in
-# flight long enough for the state to be read while it runs.
+# Each model step of the tiny Llama takes about a millisecond: slowed down, a request stays in
+# flight long enough for the state to be read while it runs. The patch is made in the server
+# process, so a server that uses it runs its engine loop there (`--engine-core thread`).
 SLOW_STEPS = """
 import time
 from pagedllm.worker.model_runner import ModelRunner
@@ -185,9 +186,18 @@ ModelRunner.execute_model = _slow_execute_model
 
 @pytest.fixture(scope="module")
 def server(llama_dir):
+    """The engine core in its own process (the default): the state crosses the pipe."""
     # 24 blocks of 16 tokens = 384 tokens: room for one long request, not for four.
-    s = RemoteServer(llama_dir, "--max-model-len", "384", "--num-gpu-blocks-override", "24", "--trace",
-                     prelude=SLOW_STEPS)
+    s = RemoteServer(llama_dir, "--max-model-len", "384", "--num-gpu-blocks-override", "24", "--trace")
+    try:
+        yield s
+    finally:
+        assert s.stop() in (0, -15), s.read_log()
+
+
+@pytest.fixture(scope="module")
+def slow_server(llama_dir):
+    s = RemoteServer(llama_dir, "--max-model-len", "384", "--engine-core", "thread", prelude=SLOW_STEPS)
     try:
         yield s
     finally:
@@ -240,7 +250,8 @@ def test_state_endpoint_shape_and_idle_state(server):
                                       "prompt_tokens", "generation_tokens", "requests_finished", "num_steps"}
 
 
-def test_server_state_shows_shared_blocks_while_n_2_runs(server):
+def test_server_state_shows_shared_blocks_while_n_2_runs(slow_server):
+    server = slow_server
     prompt = "The capital of France is Paris. The capital of Germany is Berlin. " * 3
     thread, results = in_background(server, [{"prompt": prompt, "max_tokens": 60, "n": 2, "ignore_eos": True,
                                                "temperature": 1.0, "seed": 7}])
@@ -285,8 +296,8 @@ def test_state_needs_the_api_key_and_the_page_does_not(server):
     assert bad.status_code == 405 and bad.json()["error"]["message"]
 
 
-def test_state_through_an_engine_core_thread(llama_dir):
-    s = RemoteServer(llama_dir, "--max-model-len", "256", "--engine-core", "thread", api_key=None)
+def test_state_without_an_api_key_is_open(llama_dir):
+    s = RemoteServer(llama_dir, "--max-model-len", "256", api_key=None)
     try:
         r = httpx.post(s.url("/v1/completions"), json={"prompt": "Hello", "max_tokens": 3}, timeout=60)
         assert r.status_code == 200
