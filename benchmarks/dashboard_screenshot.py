@@ -42,15 +42,17 @@ def main() -> None:
     p.add_argument("--output", default="docs/images/dashboard.png")
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--num-blocks", type=int, default=160, help="--num-gpu-blocks-override for the server")
+    p.add_argument("--num-blocks", type=int, default=40,
+                   help="--num-gpu-blocks-override for the server: small, so that the load preempts")
+    p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=320)
-    p.add_argument("--watch", type=float, default=40.0, help="seconds to watch before the screenshot")
+    p.add_argument("--watch", type=float, default=75.0, help="seconds to watch before the screenshot")
     p.add_argument("--chromium", default="/usr/bin/chromium")
     args = p.parse_args()
 
     base = f"http://127.0.0.1:{args.port}"
     cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli.main", "serve", *([args.model] if args.model else []),
-           "--port", str(args.port), "--max-model-len", "1024", "--num-gpu-blocks-override", str(args.num_blocks),
+           "--port", str(args.port), "--max-model-len", str(args.max_model_len), "--num-gpu-blocks-override", str(args.num_blocks),
            "--disable-uvicorn-access-log", "--shutdown-timeout", "1"]
     server = subprocess.Popen(cmd, start_new_session=True)
     try:
