@@ -44,6 +44,10 @@ def _tokens(n: int) -> str:
     return f"{n} token" if n == 1 else f"{n} tokens"
 
 
+def _blocks(n: int) -> str:
+    return f"{n} cached block" if n == 1 else f"{n} cached blocks"
+
+
 def _ids(block_ids: Sequence[int]) -> str:
     return "[" + ", ".join(str(b) for b in block_ids) + "]"
 
@@ -74,7 +78,7 @@ class RequestTracer:
     def admitted(self, request: Request, hits: Sequence[int], num_hit_tokens: int, num_new: int,
                  given: Sequence[int], resumed: bool) -> None:
         """A waiting request got blocks and its first chunk; `resumed` if it had been preempted."""
-        cached = f"{len(hits)} cached blocks ({num_hit_tokens} tokens)"
+        cached = f"{_blocks(len(hits))} ({_tokens(num_hit_tokens)})"
         if hits:
             cached += f" shared {_ids(hits)}"
         self._log(request.request_id,
