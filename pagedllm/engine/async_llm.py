@@ -266,7 +266,7 @@ class AsyncLLM:
     async def get_engine_state(self, timeout: float = 30.0) -> EngineState:
         """A snapshot from the engine loop, taken after its current step (raises EngineDeadError)."""
         self.check_health()
-        future = self._loop.create_future()
+        future = asyncio.get_running_loop().create_future()
         self._state_waiters.append(future)
         if len(self._state_waiters) == 1:
             self._send(GetEngineState())
