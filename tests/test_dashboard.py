@@ -7,6 +7,7 @@ to `$PAGEDLLM_DASHBOARD_SCREENSHOT` if set).
 
 Locally the test skips when chromium or playwright is missing; under CI (`CI=true`, where
 `.ci/run` installs both) it fails instead, so a broken set-up can never pass silently.
+`$PAGEDLLM_CHROMIUM` points it at another chromium binary (default: `chromium` on the PATH).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def wait_js(page, expression: str, predicate, timeout: float = 30.0):
         time.sleep(0.1)
 
 
-def test_dashboard_shows_the_grid_and_follows_a_running_request(server, browser_context, tmp_path):
+def test_dashboard_shows_the_grid_and_follows_a_running_request(browser_context, server, tmp_path):
     page, problems = open_page(browser_context, server.url(f"/dashboard#api_key={API_KEY}"))
     wait_js(page, UPDATES, lambda n: n >= 2)
     assert "api_key" not in page.url  # taken off the address bar
@@ -129,7 +130,7 @@ def test_dashboard_shows_the_grid_and_follows_a_running_request(server, browser_
     page.close()
 
 
-def test_dashboard_asks_for_the_key_when_it_has_none(server, browser_context):
+def test_dashboard_asks_for_the_key_when_it_has_none(browser_context, server):
     page, _ = open_page(browser_context, server.url("/dashboard"))  # the 401 it meets is a console error
     page.wait_for_selector("#auth.show", timeout=15_000)
     assert page.locator("#kv-grid .b").count() == 0
