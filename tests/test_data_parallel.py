@@ -73,6 +73,15 @@ def check_two_replicas(server: RemoteServer, llm) -> None:
     assert all(v > 0 for v in prompt_tokens.values()), prompt_tokens
     assert sum(per_engine(server, "pagedllm:generation_tokens_total").values()) == MAX_TOKENS * (len(PROMPTS) + 2)
     assert per_engine(server, "pagedllm:kv_cache_usage_perc") == {"0": 0.0, "1": 0.0}
+    # Each replica's own engine state (its KV cache, its counters) behind ?engine=i.
+    finished = []
+    for index in (0, 1):
+        state = httpx.get(server.url(f"/v1/engine/state?engine={index}"), headers=server.headers, timeout=30).json()
+        assert state["engine"] == index and state["data_parallel_size"] == 2
+        finished.append(state["counters"]["requests_finished"])
+    assert all(n > 0 for n in finished) and sum(finished) == len(PROMPTS) + 2, finished
+    bad = httpx.get(server.url("/v1/engine/state?engine=2"), headers=server.headers, timeout=30)
+    assert bad.status_code == 400 and "engine" in bad.json()["error"]["message"]
 
 
 def test_two_replicas_each_tensor_parallel_share_the_work(llama_dir, llm):

@@ -87,6 +87,8 @@ def test_a_dead_engine_fails_requests_fast_and_health_says_so(faulty_server):
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
     assert time.monotonic() - start < 5
     assert server.metrics()["pagedllm:engine_healthy"] == 0
+    state = httpx.get(server.url("/v1/engine/state"), headers=server.headers, timeout=10)
+    assert state.status_code == 503 and state.json()["error"]["code"] == "engine_dead"
     assert server.proc.poll() is None  # still up, answering, for an orchestrator to restart
 
 
@@ -134,6 +136,8 @@ def test_a_killed_engine_process_turns_health_unhealthy(process_server):
         time.sleep(0.1)
     r = completion(process_server)
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+    state = httpx.get(process_server.url("/v1/engine/state"), headers=process_server.headers, timeout=10)
+    assert state.status_code == 503 and state.json()["error"]["code"] == "engine_dead"
 
 
 # ----- shutdown -------------------------------------------------------------------------------------

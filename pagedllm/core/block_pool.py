@@ -35,6 +35,14 @@ class BlockPool:
     def num_free_blocks(self) -> int:
         return len(self._free)
 
+    def is_cached(self, block: KVCacheBlock) -> bool:
+        """Findable under its prefix hash (a duplicate of a prefix another block holds is not)."""
+        return block.block_hash is not None and self.cached_block_hash_to_block.get(block.block_hash) is block
+
+    def cached_free_block_ids(self) -> list[int]:
+        """Free blocks still holding a findable prefix, in eviction order (for the engine-state snapshot)."""
+        return [b.block_id for b in self._free.values() if self.is_cached(b)]
+
     def get_cached_block(self, block_hash: tuple) -> Optional[KVCacheBlock]:
         return self.cached_block_hash_to_block.get(block_hash)
 

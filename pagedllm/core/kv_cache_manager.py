@@ -94,11 +94,16 @@ class KVCacheManager:
             self.block_pool.cache_block(blocks[i], request.block_hashes[i])
         self._num_cached_blocks[request.request_id] = max(start, end)
 
-    def free(self, request: Request) -> None:
-        """Release a request's blocks, tail first, so shared prefixes are evicted last."""
+    def free(self, request: Request) -> list[KVCacheBlock]:
+        """Release a request's blocks, tail first, so shared prefixes are evicted last.
+
+        Returns them in the order they were released (for the request trace).
+        """
         blocks = self.req_to_blocks.pop(request.request_id, [])
         self._num_cached_blocks.pop(request.request_id, None)
-        self.block_pool.free_blocks(reversed(blocks))
+        released = blocks[::-1]
+        self.block_pool.free_blocks(released)
+        return released
 
     def get_block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_to_blocks.get(request_id, [])]

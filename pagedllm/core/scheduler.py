@@ -10,12 +10,14 @@ tensors; its decision leaves as one `SchedulerOutput`.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterable
 
 from pagedllm.config import SchedulerConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.request_trace import make_tracer
 from pagedllm.core.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.logger import init_logger
@@ -33,6 +35,15 @@ class SchedulerStats:
     prefix_cache_hits: int
 
 
+@dataclass
+class PreemptionEvent:
+    """One preemption, kept so that the engine-state snapshot can show it after the fact."""
+
+    time: float  # time.time() when it happened
+    request_id: str
+    num_tokens: int  # tokens it will have to recompute
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
         self.config = config
@@ -42,12 +53,17 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # The last few preemptions, for the dashboard (a bounded log; preemptions are rare).
+        self.recent_preemptions: deque[PreemptionEvent] = deque(maxlen=32)
         self._finished_since_last_step: set[str] = set()
+        self.tracer = make_tracer()  # None unless PAGEDLLM_TRACE is set
 
     # ----- queue management -------------------------------------------------------
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        if self.tracer is not None:
+            self.tracer.added(request)
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
         """End requests from outside a step (a stop string matched, or an abort)."""
@@ -63,7 +79,9 @@ class Scheduler:
             self._free(request)
 
     def _free(self, request: Request) -> None:
-        self.kv_cache_manager.free(request)
+        released = self.kv_cache_manager.free(request)
+        if self.tracer is not None:
+            self.tracer.finished(request, released)
         self._finished_since_last_step.add(request.request_id)
         del self.requests[request.request_id]
 
@@ -87,13 +105,15 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
-            while self.kv_cache_manager.allocate_slots(request, num_new) is None:
+            while (new_blocks := self.kv_cache_manager.allocate_slots(request, num_new)) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted.add(victim.request_id)
                 if victim is request:
                     break
             else:
+                if self.tracer is not None:
+                    self.tracer.scheduled(request, num_new, [b.block_id for b in new_blocks])
                 scheduled.append((request, num_new))
                 budget -= num_new
                 i += 1
@@ -106,9 +126,13 @@ class Scheduler:
             if not self.config.enable_chunked_prefill and num_new > budget:
                 break
             num_new = min(num_new, budget)
-            if self.kv_cache_manager.allocate_slots(request, num_new, hits) is None:
+            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new, hits)
+            if new_blocks is None:
                 break
             self.waiting.popleft()
+            if self.tracer is not None:
+                self.tracer.admitted(request, [b.block_id for b in hits], num_hit_tokens, num_new,
+                                     [b.block_id for b in new_blocks], resumed=request.num_preemptions > 0)
             self.kv_cache_manager.record_prefix_cache_lookup(request.num_tokens, num_hit_tokens)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
@@ -129,12 +153,15 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         """Free everything the request holds; it will recompute prompt and output later."""
-        self.kv_cache_manager.free(request)
+        released = self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
+        self.recent_preemptions.append(PreemptionEvent(time.time(), request.request_id, request.num_tokens))
         self.waiting.appendleft(request)
+        if self.tracer is not None:
+            self.tracer.preempted(request, released)
         logger.debug("preempted %s (%d tokens)", request.request_id, request.num_tokens)
 
     def _make_scheduled(self, request: Request, num_new: int) -> ScheduledRequest:

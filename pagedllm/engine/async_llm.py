@@ -39,8 +39,10 @@ from pagedllm.engine.engine_core import (
     EngineCoreOutputs,
     EngineDeadError,
     EngineStats,
+    GetEngineState,
     Shutdown,
 )
+from pagedllm.engine.engine_state import EngineState
 from pagedllm.engine.llm_engine import PromptType
 from pagedllm.engine.tokenizer import load_generation_config, load_tokenizer, sampling_defaults
 from pagedllm.logger import init_logger
@@ -158,6 +160,8 @@ class AsyncLLM:
         self.engine_cores: list[EngineCoreClient] = make_engine_core_clients(engine_args, model_path, engine_process)
         self._balancer = LoadBalancer(len(self.engine_cores))
         self._stats = [EngineStats() for _ in self.engine_cores]
+        # Per replica, the callers waiting for the engine-state snapshot in flight (one request serves them all).
+        self._state_waiters: dict[int, list[asyncio.Future]] = {i: [] for i in range(len(self.engine_cores))}
         self.max_model_len, self.vocab_size = self.engine_cores[0].info.max_model_len, self.engine_cores[0].info.vocab_size
         first = self.engine_cores[0]
         if isinstance(first, InprocClient):
@@ -191,6 +195,8 @@ class AsyncLLM:
 
             shutdown_ray()
         self._dead = self._dead or "the engine was shut down"
+        for engine in self._state_waiters:
+            self._answer_state_waiters(engine, None, None)
 
     # ----- requests -------------------------------------------------------------------
     async def generate(self, prompt: PromptType, params: SamplingParams,
@@ -251,6 +257,24 @@ class AsyncLLM:
         """One snapshot per data-parallel replica, in replica order."""
         return list(self._stats)
 
+    async def get_engine_state(self, engine: int = 0, timeout: float = 30.0) -> EngineState:
+        """A snapshot from replica `engine`'s loop, taken after its current step (raises EngineDeadError)."""
+        self.check_health()
+        if not 0 <= engine < len(self.engine_cores):
+            raise RequestFailedError(f"engine must be in 0..{len(self.engine_cores) - 1}, got {engine}", 400)
+        future = asyncio.get_running_loop().create_future()
+        waiters = self._state_waiters[engine]
+        waiters.append(future)
+        if len(waiters) == 1:
+            self.engine_cores[engine].send(GetEngineState())
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise RequestFailedError(f"the engine did not answer within {timeout:.0f} s", 503) from None
+        finally:
+            if future in self._state_waiters[engine]:  # timed out or cancelled: the next caller asks anew
+                self._state_waiters[engine].remove(future)
+
     @property
     def num_requests_in_flight(self) -> int:
         return len(self._streams)
@@ -269,6 +293,8 @@ class AsyncLLM:
     def _dispatch(self, engine: int, outputs: EngineCoreOutputs) -> None:
         if outputs.stats is not None:
             self._stats[engine] = outputs.stats
+        if outputs.engine_state is not None or outputs.engine_state_error is not None:
+            self._answer_state_waiters(engine, outputs.engine_state, outputs.engine_state_error)
         for output in outputs.outputs:
             stream = self._streams.get(output.request_id)
             if stream is not None:
@@ -287,4 +313,18 @@ class AsyncLLM:
             for other, client in enumerate(self.engine_cores):
                 if other != engine:
                     client.send(Shutdown())
+            for waiting in self._state_waiters:
+                self._answer_state_waiters(waiting, None, None)
             self._stats = [EngineStats() for _ in self.engine_cores]
+
+    def _answer_state_waiters(self, engine: int, state: Optional[EngineState], error: Optional[str]) -> None:
+        waiters, self._state_waiters[engine] = self._state_waiters[engine], []
+        for future in waiters:
+            if future.done():
+                continue
+            if state is not None:
+                future.set_result(state)
+            elif error is not None:
+                future.set_exception(RequestFailedError(error, 500))
+            else:
+                future.set_exception(EngineDeadError(f"the engine is not running ({self._dead})"))

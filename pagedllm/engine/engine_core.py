@@ -1,9 +1,10 @@
 """`EngineCore`: the engine's busy loop, run in a background thread or in a process of its own.
 
 The loop owns the (synchronous, single-threaded) `LLMEngine`. It takes commands (add, abort,
-shutdown) from an inbox, runs one step whenever there is work, and hands back one
-`EngineCoreOutputs` per iteration: the step's outputs, the requests that failed, and a snapshot
-of the engine's counters for /metrics. The same loop runs behind a `queue.Queue` (thread) or a
+a request for an engine-state snapshot, shutdown) from an inbox, runs one step whenever there is
+work, and hands back one `EngineCoreOutputs` per iteration: the step's outputs, the requests that
+failed, a snapshot of the engine's counters for /metrics, and the engine state when it was asked
+for (for /v1/engine/state and the dashboard). The same loop runs behind a `queue.Queue` (thread) or a
 pipe (process); `AsyncLLM` is the asyncio side of both.
 
 A request that makes a step fail is failed on its own and the loop carries on; only an error the
@@ -20,6 +21,7 @@ from multiprocessing.connection import Connection
 from typing import Callable, Optional, Union
 
 from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.engine_state import EngineState
 from pagedllm.engine.llm_engine import LLMEngine, PromptType
 from pagedllm.executor.abstract import ExecutorDeadError
 from pagedllm.logger import init_logger
@@ -47,11 +49,16 @@ class AbortRequests:
 
 
 @dataclass
+class GetEngineState:
+    """Ask for an `EngineState` snapshot; it comes back in the iteration's `EngineCoreOutputs`."""
+
+
+@dataclass
 class Shutdown:
     pass
 
 
-EngineCommand = Union[AddRequest, AbortRequests, Shutdown]
+EngineCommand = Union[AddRequest, AbortRequests, GetEngineState, Shutdown]
 
 
 @dataclass
@@ -82,6 +89,9 @@ class EngineCoreOutputs:
     outputs: list[RequestOutput] = field(default_factory=list)
     errors: list[RequestError] = field(default_factory=list)
     stats: Optional[EngineStats] = None
+    # Answers a GetEngineState: the state after this iteration's step, or why it could not be taken.
+    engine_state: Optional[EngineState] = None
+    engine_state_error: Optional[str] = None
     dead: Optional[str] = None  # the engine stopped for good; why
 
 
@@ -120,6 +130,7 @@ class EngineCore:
         remotely (a Ray actor's method).
         """
         result = EngineCoreOutputs()
+        state_asked = False
         for command in commands:
             if isinstance(command, Shutdown):
                 self._abort(self._unfinished_request_ids(), "the server is shutting down", result)
@@ -127,12 +138,23 @@ class EngineCore:
                 return result, True
             if isinstance(command, AddRequest):
                 self._add(command, result)
+            elif isinstance(command, GetEngineState):
+                state_asked = True
             else:
                 self._abort(command.request_ids, command.reason, result)
         if self.engine.has_unfinished_requests():
             result.outputs = self._step(result)
         result.stats = self.stats()
+        if state_asked:
+            self._snapshot(result)
         return result, False
+
+    def _snapshot(self, result: EngineCoreOutputs) -> None:
+        try:
+            result.engine_state = self.engine.get_engine_state()
+        except Exception as e:  # a view of the engine must never stop it
+            logger.exception("taking the engine-state snapshot failed")
+            result.engine_state_error = f"could not take the engine-state snapshot: {e!r}"
 
     def _add(self, command: AddRequest, result: EngineCoreOutputs) -> None:
         try:

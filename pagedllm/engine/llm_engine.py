@@ -15,6 +15,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.engine_state import EngineState, StateHistory, build_engine_state
 from pagedllm.engine.metrics import EngineCounters, Metric, StatLogger, collect_metrics
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.parent_request import child_request_id, child_sampling_params
@@ -64,6 +65,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler_config, self.kv_cache_manager)
         self.output_processor = OutputProcessor(tokenizer)
         self.counters = EngineCounters()
+        self.state_history = StateHistory()
         self.stat_logger = StatLogger() if log_stats else None
         logger.info("Engine ready in %.2f s", time.perf_counter() - start)
 
@@ -150,6 +152,7 @@ class LLMEngine:
         """Run one scheduling step; return the outputs of requests that advanced."""
         sched_out = self.scheduler.schedule()
         runner_out = self.model_executor.execute_model(sched_out)
+        self.counters.num_steps += 1
         updated = self.scheduler.update_from_output(sched_out, runner_out)
         touched: dict[str, None] = {}
         for child_id, (first_pos, lp) in runner_out.prompt_logprobs.items():
@@ -177,6 +180,7 @@ class LLMEngine:
                 self.counters.requests_finished += 1
         if self.stat_logger is not None:
             self.stat_logger.maybe_log(self.scheduler.stats(), self.counters)
+        self.state_history.maybe_record(self)
         return outputs
 
     # ----- introspection ------------------------------------------------------------
@@ -185,6 +189,10 @@ class LLMEngine:
 
     def get_metrics(self) -> list[Metric]:
         return collect_metrics(self.scheduler.stats(), self.counters)
+
+    def get_engine_state(self) -> EngineState:
+        """A snapshot of the KV blocks, the queues and the counters (see `engine/engine_state.py`)."""
+        return build_engine_state(self, self.state_history)
 
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache_manager.reset_prefix_cache()

@@ -39,6 +39,7 @@ class EngineCounters:
     prompt_tokens: int = 0  # prompt tokens of admitted requests (cache hits included)
     generation_tokens: int = 0
     requests_finished: int = 0
+    num_steps: int = 0  # engine steps run (each one model forward pass)
 
 
 class StatLogger:

@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence, Union
 from tqdm.auto import tqdm
 
 from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.engine_state import EngineState
 from pagedllm.engine.llm_engine import LLMEngine, PromptType
 from pagedllm.engine.metrics import Metric
 from pagedllm.logger import init_logger
@@ -168,6 +169,10 @@ class LLM:
 
     def get_metrics(self) -> list[Metric]:
         return self.llm_engine.get_metrics()
+
+    def get_engine_state(self) -> EngineState:
+        """What the KV cache and the scheduler hold now: the data behind the server's /dashboard."""
+        return self.llm_engine.get_engine_state()
 
     def reset_prefix_cache(self) -> bool:
         return self.llm_engine.reset_prefix_cache()

@@ -33,6 +33,10 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                    help="KV-cache budget in bytes (CPU default: $PAGEDLLM_CPU_KVCACHE_SPACE GiB, else 4)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--trace", action="store_true",
+                   help="log every scheduler decision about each request (admitted with N cached blocks, chunk "
+                        "of N tokens, preempted, resumed, finished) and the blocks it was given or released, "
+                        "under the pagedllm.trace logger; same as PAGEDLLM_TRACE=1")
     p = parser.add_argument_group("parallelism")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split every layer over this many workers (processes, one device each)")

@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if getattr(args, "trace", False):
+        # Read when the scheduler is built; a spawned engine-core process inherits it.
+        os.environ["PAGEDLLM_TRACE"] = "1"
     try:
         return args.func(args)
     except ValueError as e:

@@ -51,7 +51,10 @@ def add_serve_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="start the OpenAI-compatible HTTP server",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
-                    "/v1/models, /tokenize, /detokenize, /health, /metrics, /version).",
+                    "/v1/models, /tokenize, /detokenize, /health, /metrics, /version). See inside the engine "
+                    "while it runs: /dashboard (a live page of the KV cache, the queues and the last minutes' "
+                    "throughput; with --api-key open /dashboard#api_key=KEY) and /v1/engine/state (its data as "
+                    "JSON). --trace logs each request's path through the scheduler and the KV cache.",
     )
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
@@ -62,8 +65,8 @@ def add_serve_parser(subparsers) -> None:
                    help="the model name(s) clients send in `model`; the first is the one responses report "
                         "(default: the MODEL argument)")
     g.add_argument("--api-key", default=None,
-                   help="require `Authorization: Bearer <key>` on every route but /health, /metrics and /version "
-                        "(default: $PAGEDLLM_API_KEY, else no key)")
+                   help="require `Authorization: Bearer <key>` on every route but /health, /metrics, /version "
+                        "and the /dashboard page itself (default: $PAGEDLLM_API_KEY, else no key)")
     g.add_argument("--chat-template", default=None,
                    help="a Jinja chat template, or the path of a file holding one (default: the model's)")
     g.add_argument("--allowed-origins", default=None,

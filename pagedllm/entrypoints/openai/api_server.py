@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server: a FastAPI app over `AsyncLLM`, run by uvicorn.
 
 Routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize, /health,
-/metrics, /version. A request whose client disconnects is cancelled, which aborts it in the
+/metrics, /version, and the view inside the engine, /v1/engine/state and /dashboard
+(`openai/dashboard.py`). A request whose client disconnects is cancelled, which aborts it in the
 engine. On SIGINT/SIGTERM the server stops accepting connections, lets requests in flight finish
 for `--shutdown-timeout` seconds, then fails the rest with a clean 503 (or an error event on a
 stream) before the engine stops.
@@ -29,6 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagedllm import __version__
 from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.entrypoints.openai.dashboard import DASHBOARD_PATH, add_dashboard_routes
 from pagedllm.entrypoints.openai.errors import OpenAIError, install_error_handlers
 from pagedllm.entrypoints.openai.metrics import ServerMetrics
 from pagedllm.entrypoints.openai.protocol import (
@@ -48,8 +50,9 @@ from pagedllm.logger import init_logger
 
 logger = init_logger(__name__)
 
-# Routes anyone may call even when --api-key is set: probes and monitoring.
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+# Routes anyone may call even when --api-key is set: probes, monitoring, and the dashboard page
+# (static: the data it draws comes from /v1/engine/state, which needs the key).
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", DASHBOARD_PATH})
 
 
 @dataclass
@@ -130,6 +133,8 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
         tokenization.check_model(request.model)
         ids = tokenization.from_token_ids(request.tokens, param="tokens").token_ids
         return _json(DetokenizeResponse(prompt=tokenization.tokenizer.decode(ids)))
+
+    add_dashboard_routes(app, engine, names[0])
 
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
