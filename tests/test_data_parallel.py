@@ -84,9 +84,10 @@ def check_two_replicas(server: RemoteServer, llm) -> None:
     assert bad.status_code == 400 and "engine" in bad.json()["error"]["message"]
 
 
-def test_two_replicas_each_tensor_parallel_share_the_work(llama_dir, llm):
-    server = RemoteServer(llama_dir, "--max-model-len", "256", "--served-model-name", "tiny",
-                          "--data-parallel-size", "2", "--tensor-parallel-size", "2")
+def serve_two_replicas(llama_dir: str, llm, *args: str, prelude: str = "") -> str:
+    """Start a real two-replica server, check it against one engine, stop it; its log."""
+    server = RemoteServer(llama_dir, "--max-model-len", "256", "--served-model-name", "tiny", *args,
+                          prelude=prelude or None)
     server.model_name = "tiny"
     try:
         check_two_replicas(server, llm)
@@ -94,22 +95,19 @@ def test_two_replicas_each_tensor_parallel_share_the_work(llama_dir, llm):
         code = server.stop()
     log = server.read_log()
     assert code in (0, -15), log
+    return log
+
+
+def test_two_replicas_each_tensor_parallel_share_the_work(llama_dir, llm):
+    log = serve_two_replicas(llama_dir, llm, "--data-parallel-size", "2", "--tensor-parallel-size", "2")
     assert log.count("Started 2 tensor-parallel workers") == 2
 
 
 def test_two_replicas_on_a_local_ray_cluster(llama_dir, llm):
     pytest.importorskip("ray")
     # RAY_ADDRESS=local: a fresh one-machine cluster owned by the server, even if another is running.
-    server = RemoteServer(llama_dir, "--max-model-len", "256", "--served-model-name", "tiny", "-dp", "2",
-                          "--distributed-executor-backend", "ray",
-                          prelude="import os; os.environ['RAY_ADDRESS'] = 'local'")
-    server.model_name = "tiny"
-    try:
-        check_two_replicas(server, llm)
-    finally:
-        code = server.stop()
-    log = server.read_log()
-    assert code in (0, -15), log
+    log = serve_two_replicas(llama_dir, llm, "-dp", "2", "--distributed-executor-backend", "ray",
+                             prelude="import os; os.environ['RAY_ADDRESS'] = 'local'")
     assert "Engine replica 0 runs as a Ray actor" in log and "Engine replica 1 runs as a Ray actor" in log
 
 
