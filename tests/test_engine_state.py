@@ -164,6 +164,7 @@ def test_llm_offers_the_same_snapshot(small_llm):
     check_idle(state)
     assert state.kv_cache.num_blocks == 12 and state.kv_cache.block_size == BLOCK_SIZE
     assert state.max_model_len == 96 and state.counters.generation_tokens >= 4
+    assert state.max_num_batched_tokens == 8192  # vLLM's offline default step budget
 
 
 # ----- over HTTP ---------------------------------------------------------------------------------
@@ -244,6 +245,8 @@ def wait_idle(server: RemoteServer) -> dict:
 def test_state_endpoint_shape_and_idle_state(server):
     state = wait_idle(server)
     assert state["model"] and state["max_model_len"] == 384
+    # The server's default step budget is vLLM's for its API server: prompt bursts are chunked.
+    assert state["max_num_batched_tokens"] == 2048
     kv = state["kv_cache"]
     assert kv["num_blocks"] == 24 and kv["block_size"] == 16 and kv["blocks"] == []
     assert set(state["counters"]) >= {"num_preemptions", "prefix_cache_queries", "prefix_cache_hits",

@@ -22,6 +22,10 @@ from pagedllm.logger import init_logger
 logger = init_logger(__name__)
 
 
+# vLLM's defaults for max_num_batched_tokens by usage context (on hardware it has not tuned for).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"llm_class": 8192, "openai_api_server": 2048}
+
+
 @dataclass
 class EngineArgs:
     model: Optional[str] = None
@@ -42,6 +46,10 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     distributed_executor_backend: Optional[str] = None
+    # Who drives the engine, as vLLM's UsageContext: it picks the default step budget when
+    # max_num_batched_tokens is not given (offline throughput wants big steps; a server wants
+    # small ones, so a burst of prompts is chunked and the first ones start decoding sooner).
+    usage_context: str = "llm_class"
 
     def load_hf_config(self, model_path: str) -> Any:
         from pagedllm.model_executor.gguf_loader import is_gguf_file, load_gguf_config
@@ -75,7 +83,11 @@ class EngineArgs:
             )
         if max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
-        batched = self.max_num_batched_tokens or max(8192, self.max_num_seqs)
+        if self.usage_context not in DEFAULT_MAX_NUM_BATCHED_TOKENS:
+            raise ValueError(f"usage_context must be one of {sorted(DEFAULT_MAX_NUM_BATCHED_TOKENS)}, "
+                             f"got {self.usage_context!r}")
+        default_batched = DEFAULT_MAX_NUM_BATCHED_TOKENS[self.usage_context]
+        batched = self.max_num_batched_tokens or max(default_batched, self.max_num_seqs)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens is None:
             batched = max(batched, max_model_len)
         config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)

@@ -24,7 +24,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded random sampling")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests running at once")
-    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one engine step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one engine step (default: 8192 offline, 2048 for serve, as vLLM)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--num-gpu-blocks-override", type=int, default=None,

@@ -39,7 +39,7 @@ def run_serve(args: argparse.Namespace) -> int:
     sock = bind_socket(args.host, args.port)
     resolved = resolve_model(kwargs["model"])
     logger.info("Model %s resolved to %s (%s)", resolved.name, resolved.path, resolved.kind)
-    engine = AsyncLLM(EngineArgs(**kwargs), resolved.path, engine_process=args.engine_core == "process")
+    engine = AsyncLLM(EngineArgs(**kwargs, usage_context="openai_api_server"), resolved.path, engine_process=args.engine_core == "process")
     settings = ServerSettings(served_model_names=args.served_model_name or [resolved.name], model_root=resolved.path,
                               **settings_kwargs)
     serve(engine, settings, sock, log_level=args.uvicorn_log_level, shutdown_timeout=args.shutdown_timeout,
