@@ -62,10 +62,13 @@ def hf_checkpoint_from_gguf(gguf_path: str, out_dir: Path) -> Path:
     return out_dir
 
 
-def run_engine(name: str, python: str, model: str, workload: Path, threads: int, dtype: str) -> dict:
+def run_engine(name: str, python: str, model: str, workload: Path, threads: int, dtype: str,
+               compile_fused_ops: bool = False) -> dict:
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     cmd = [python, str(HERE / "peers" / f"run_{name}.py"), "--workload", str(workload), "--model", model,
            "--out", str(out), "--threads", str(threads), "--dtype", dtype]
+    if compile_fused_ops and name == "pagedllm":
+        cmd.append("--compile-fused-ops")
     env = {**os.environ, "PYTHONPATH": str(HERE / "peers"), "PAGEDLLM_LOGGING_LEVEL": "WARNING"}
     print(f"[compare] running {name} ...", flush=True)
     start = time.perf_counter()
@@ -94,6 +97,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights and KV cache of the torch engines (W1 is float32; llama.cpp always reads Q4_1)")
+    p.add_argument("--compile-fused-ops", action="store_true",
+                   help="pagedllm with torch.compile'd elementwise ops (LLM(compile_fused_ops=True))")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
 
@@ -116,7 +121,8 @@ def main() -> int:
         if name in ("vllm", "transformers"):
             hf_dir = hf_dir or hf_checkpoint_from_gguf(gguf, Path(gguf).parent / "hf-float32")
             model = str(hf_dir)
-        result = run_engine(name, pythons[name], model, work / "workload.json", args.threads, args.dtype)
+        result = run_engine(name, pythons[name], model, work / "workload.json", args.threads, args.dtype,
+                            args.compile_fused_ops)
         result["engine_key"] = name
         if "elapsed_s" in result:
             result["output_tok_s"] = result["output_tokens"] / result["elapsed_s"]
@@ -139,7 +145,7 @@ def main() -> int:
     stamp = datetime.now(timezone.utc)
     record = {
         "date": stamp.isoformat(), "machine": platform.node(), "cpu_count": os.cpu_count(),
-        "workload": {k: getattr(args, k) for k in ("num_prompts", "input_min", "input_max", "output_len", "seed", "dtype")},
+        "workload": {k: getattr(args, k) for k in ("num_prompts", "input_min", "input_max", "output_len", "seed", "dtype", "compile_fused_ops")},
         "input_tokens": in_tokens, "results": results,
     }
     out = Path(args.output_json) if args.output_json else RESULTS / f"compare_cpu-{args.dtype}-{stamp:%Y%m%d-%H%M}-{platform.node()}.json"

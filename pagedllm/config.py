@@ -65,6 +65,8 @@ class ModelConfig:
     vocab_size: int
     seed: int
     enforce_eager: bool = False
+    # torch.compile of the elementwise ops between matmuls (layers/fused_ops.py)
+    compile_fused_ops: bool = False
 
     @property
     def num_layers(self) -> int:

@@ -20,6 +20,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0)
     # float32 is W1's precision; bfloat16 runs the torch engines on the CPU's bf16 units (AMX, AVX512-BF16).
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--compile-fused-ops", action="store_true", help="pagedllm only: torch.compile its elementwise ops")
     return p.parse_args()
 
 

@@ -44,6 +44,7 @@ class LLM:
         kv_cache_memory_bytes: Optional[int] = None,
         gpu_memory_utilization: float = 0.9,
         enforce_eager: bool = False,
+        compile_fused_ops: Optional[bool] = None,
         device: str = "auto",
         tensor_parallel_size: int = 1,
         data_parallel_size: int = 1,
@@ -63,7 +64,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
             num_gpu_blocks_override=num_gpu_blocks_override, kv_cache_memory_bytes=kv_cache_memory_bytes,
             gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, device=device,
-            tensor_parallel_size=tensor_parallel_size, distributed_executor_backend=distributed_executor_backend,
+            compile_fused_ops=compile_fused_ops, tensor_parallel_size=tensor_parallel_size, distributed_executor_backend=distributed_executor_backend,
         )
         self.llm_engine = LLMEngine.from_engine_args(args, _resolve_model_path(model))
         self._counter = itertools.count()

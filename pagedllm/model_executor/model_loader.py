@@ -12,6 +12,7 @@ from pagedllm.distributed.parallel_state import TensorParallelGroup
 from pagedllm.logger import init_logger
 from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedllm.model_executor.models import SUPPORTED_ARCHITECTURES, get_architecture
+from pagedllm.model_executor.layers.fused_ops import fused_ops_for
 from pagedllm.model_executor.weight_utils import iterate_safetensors_weights
 
 logger = init_logger(__name__)
@@ -40,6 +41,10 @@ def load_model(model_config: ModelConfig, device: torch.device,
             module.init_cache()
     model.load_weights(_iterate_weights(model_config))
     model.eval().requires_grad_(False)
+    ops = fused_ops_for(device, model_config.compile_fused_ops)
+    for module in model.modules():
+        if hasattr(module, "fused_ops"):
+            module.fused_ops = ops
     logger.info(
         "Loaded %s weights (%s, %.1fM parameters) in %.2f s",
         arch,

@@ -32,7 +32,10 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                    help="KV-cache budget in bytes (CPU default: $PAGEDLLM_CPU_KVCACHE_SPACE GiB, else 4)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (and no torch.compile by default)")
+    g.add_argument("--compile-fused-ops", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile RMSNorm + residual, SiLU-and-mul and rotary (default: on CUDA unless "
+                        "--enforce-eager, off on CPU)")
     g.add_argument("--trace", action="store_true",
                    help="log every scheduler decision about each request (admitted with N cached blocks, chunk "
                         "of N tokens, preempted, resumed, finished) and the blocks it was given or released, "

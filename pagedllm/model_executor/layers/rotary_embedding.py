@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from pagedllm.model_executor.layers.fused_ops import EAGER_OPS, FusedOps
+
 
 def _rope_type_and_theta(config) -> tuple[str, float]:
     params = getattr(config, "rope_parameters", None)
@@ -34,6 +36,8 @@ def compute_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
+    fused_ops: FusedOps = EAGER_OPS  # set per model by model_loader.load_model
+
     def __init__(self, config, head_dim: int, max_position: int, dtype: torch.dtype) -> None:
         super().__init__()
         self._args = (config, head_dim, max_position, dtype)
@@ -54,9 +58,4 @@ class RotaryEmbedding(nn.Module):
         """Rotate q [T, heads, dim] and k [T, kv_heads, dim] in the half-split (NeoX/HF) layout."""
         cos = self.cos.index_select(0, positions).unsqueeze(1)
         sin = self.sin.index_select(0, positions).unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return self.fused_ops.rotate(q, cos, sin), self.fused_ops.rotate(k, cos, sin)

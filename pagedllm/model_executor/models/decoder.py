@@ -20,6 +20,7 @@ from transformers.activations import ACT2FN
 from pagedllm.attention.metadata import AttentionMetadata
 from pagedllm.attention.torch_paged_attention import KVCache, TorchPagedAttention
 from pagedllm.distributed.parallel_state import TensorParallelGroup
+from pagedllm.model_executor.layers.fused_ops import EAGER_OPS, FusedOps
 from pagedllm.model_executor.layers.layernorm import RMSNorm
 from pagedllm.model_executor.layers.linear import (
     MergedColumnParallelLinear,
@@ -88,15 +89,21 @@ class Attention(nn.Module):
 
 
 class GatedMLP(nn.Module):
+    fused_ops: FusedOps = EAGER_OPS  # set per model by model_loader.load_model
+
     def __init__(self, config, bias: bool, tp_group: TensorParallelGroup) -> None:
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=bias, tp_group=tp_group)
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias, tp_group=tp_group)
         self.act = ACT2FN[config.hidden_act]
+        self.is_silu = config.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.is_silu:
+            return self.down_proj(self.fused_ops.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
