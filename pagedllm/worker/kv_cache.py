@@ -1,9 +1,10 @@
 """Sizing and allocating the paged KV cache.
 
 One (key, value) pair of tensors per layer, each [num_blocks, block_size, num_kv_heads,
-head_dim]; under tensor parallelism a worker holds only its `num_kv_heads / tp_size` heads. The number of blocks comes from, in order: `num_gpu_blocks_override` (exact, on
-any device); on CPU the byte budget (`kv_cache_memory_bytes`, else
-`$PAGEDLLM_CPU_KVCACHE_SPACE` GiB, default 4); on GPU `kv_cache_memory_bytes`, else what
+head_dim]; under tensor parallelism a worker holds only its `num_kv_heads / tp_size` heads.
+The number of blocks comes from, in order: `num_gpu_blocks_override` (exact, on any device);
+on CPU the byte budget (`kv_cache_memory_bytes`, else `$PAGEDLLM_CPU_KVCACHE_SPACE` GiB,
+default 4); on GPU `kv_cache_memory_bytes`, else what
 `gpu_memory_utilization` of the device leaves after the weights, the peak activations of a
 profiling pass and the CUDA-graph pool (`memory_profiler.py`). Never more than all
 `max_num_seqs` requests at `max_model_len` could use, since extra blocks would only cost memory.
@@ -12,9 +13,9 @@ profiling pass and the CUDA-graph pool (`memory_profiler.py`). Never more than a
 from __future__ import annotations
 
 import mmap
-import torch
-
 from typing import TYPE_CHECKING
+
+import torch
 
 from pagedllm.config import CacheConfig, ModelConfig, SchedulerConfig
 from pagedllm.core.kv_cache_manager import cdiv
