@@ -27,7 +27,9 @@ def test_compiled_ops_equal_the_eager_ones(rows):
     assert bool(ops._compiled) == (rows >= CPU_MIN_ROWS)
 
 
-def test_the_flag_picks_compiled_ops_per_device():
+def test_the_flag_picks_compiled_ops_per_device(monkeypatch):
+    # Without the CPU kernels (their own tests cover the kernel-backed op set).
+    monkeypatch.setattr(fused_ops.cpu_ops, "cpu_kernels_available", lambda: False)
     assert fused_ops_for(torch.device("cpu"), False) is EAGER_OPS
     cpu = fused_ops_for(torch.device("cpu"), True)
     assert cpu.compiled and cpu.min_rows == CPU_MIN_ROWS

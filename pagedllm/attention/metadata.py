@@ -43,6 +43,9 @@ class AttentionMetadata:
     # Decode rows split into groups of similar length, (first row, end row, blocks to read),
     # so short sequences are not padded to the longest one's length.
     decode_groups: list[tuple[int, int, int]] = field(default_factory=list)
+    # [num_decodes] int64: keys each decode attends to (its new token included), for the CPU
+    # kernel, which reads decode_block_tables in place instead of gathering through the mask.
+    decode_seq_lens: torch.Tensor | None = None
     # The same batch as one flat description of all its sequences, in row order (decodes first),
     # for kernels that take it whole (the Triton backend; see `sequence_tensors`):
     # sequence i owns rows query_start_loc[i] .. query_start_loc[i + 1] - 1 [num_seqs + 1],

@@ -125,6 +125,7 @@ class PagedBatch:
             ],
             num_tokens=starts[-1],
             decode_groups=[(0, num_decodes, max_blocks)] if num_decodes else [],
+            decode_seq_lens=torch.tensor(decode_lens, dtype=torch.long, device=dev),
             query_start_loc=self.query_start_loc,
             seq_lens=self.seq_lens,
             block_tables=self.block_tables,

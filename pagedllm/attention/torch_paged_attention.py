@@ -2,8 +2,12 @@
 
 K/V live in a per-layer cache shaped [num_blocks, block_size, num_kv_heads, head_dim];
 a sequence's keys are found through its block table. Each step first writes the new K/V
-at their `slot_mapping` slots, then attends: decodes all at once over their gathered
-blocks, prefills (whole prompts, chunks, or prompts behind a cached prefix) one by one.
+at their `slot_mapping` slots, then attends: decodes all at once, prefills (whole prompts,
+chunks, or prompts behind a cached prefix) one by one.
+
+Decodes on CPU go through the C++ kernel of `pagedllm.cpu_ops` when it is built, which reads the
+blocks in place; otherwise (and as the reference it is tested against) they gather their
+blocks into a padded copy and run SDPA over it.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pagedllm import cpu_ops
 from pagedllm.attention.metadata import AttentionMetadata
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -33,6 +38,12 @@ class TorchPagedAttention:
         self.scale = scale
         self.gqa = num_heads != num_kv_heads
 
+    @staticmethod
+    def prepare(device: torch.device) -> None:
+        """Build or load the CPU kernel at start-up rather than inside the first step."""
+        if device.type == "cpu":
+            cpu_ops.cpu_kernels_available()
+
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
@@ -43,11 +54,12 @@ class TorchPagedAttention:
     ) -> torch.Tensor:
         write_to_kv_cache(key, value, kv_cache, meta.slot_mapping)
         out = torch.empty_like(query)
-        for start, end, num_blocks in meta.decode_groups:
-            out[start:end] = self._decode(
-                query[start:end], kv_cache, meta.decode_block_tables[start:end, :num_blocks],
-                meta.decode_key_mask[start:end, : num_blocks * kv_cache[0].shape[1]],
-            )
+        if meta.num_decodes and self._use_cpu_kernel(query, meta):
+            n = meta.num_decodes  # decodes are rows 0 .. n - 1
+            cpu_ops.paged_decode(out[:n], query[:n], *kv_cache, meta.decode_block_tables,
+                                     meta.decode_seq_lens, self.scale)
+        else:
+            self._decode_groups(query, kv_cache, meta, out)
         for seq in meta.prefills:
             rows = slice(seq.token_start, seq.token_start + seq.query_len)
             if seq.context_len == 0:
@@ -57,6 +69,24 @@ class TorchPagedAttention:
                 k, v = self._gather(kv_cache, seq.block_ids, seq.seq_len)
             out[rows] = self._prefill(query[rows], k, v, seq.context_len)
         return out
+
+    @staticmethod
+    def _use_cpu_kernel(query: torch.Tensor, meta: AttentionMetadata) -> bool:
+        return (
+            query.device.type == "cpu"
+            and query.dtype in (torch.float32, torch.bfloat16)
+            and meta.decode_seq_lens is not None
+            and cpu_ops.cpu_kernels_available()
+        )
+
+    def _decode_groups(self, query: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
+                       out: torch.Tensor) -> None:
+        """The PyTorch decode path: each length group gathered and attended in one SDPA call."""
+        for start, end, num_blocks in meta.decode_groups:
+            out[start:end] = self._decode(
+                query[start:end], kv_cache, meta.decode_block_tables[start:end, :num_blocks],
+                meta.decode_key_mask[start:end, : num_blocks * kv_cache[0].shape[1]],
+            )
 
     def _gather(self, kv_cache: KVCache, block_ids: torch.Tensor, seq_len: int) -> KVCache:
         k_cache, v_cache = kv_cache

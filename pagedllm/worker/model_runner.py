@@ -72,6 +72,8 @@ class ModelRunner:
         self.tp_group = tp_group or TensorParallelGroup()
         tp_size = self.tp_group.world_size
         self.attn_backend = get_attention_backend(self.device)
+        if hasattr(self.attn_backend, "prepare"):
+            self.attn_backend.prepare(self.device)  # e.g. build the CPU kernel now, not in step 1
         self.model = load_model(config.model_config, self.device, self.tp_group)
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.model_config.seed))
         self.generators: dict[str, torch.Generator] = {}  # per-request, for seeded requests
@@ -155,6 +157,7 @@ class ModelRunner:
             prefills=prefills,
             num_tokens=len(input_ids),
             decode_groups=decode_groups(decode_lens, bs),
+            decode_seq_lens=async_tensor_h2d(decode_lens, torch.long, dev),
             query_start_loc=query_start_loc,
             seq_lens=seq_lens,
             block_tables=block_tables,

@@ -55,7 +55,6 @@ class RotaryEmbedding(nn.Module):
         self.sin.copy_((freqs.sin() * scaling).to(dtype))
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q [T, heads, dim] and k [T, kv_heads, dim] in the half-split (NeoX/HF) layout."""
-        cos = self.cos.index_select(0, positions).unsqueeze(1)
-        sin = self.sin.index_select(0, positions).unsqueeze(1)
-        return self.fused_ops.rotate(q, cos, sin), self.fused_ops.rotate(k, cos, sin)
+        """Rotate q [T, heads, dim] and k [T, kv_heads, dim] in the half-split (NeoX/HF) layout
+        (the CPU kernels rotate them in place: they are views of the QKV projection's output)."""
+        return self.fused_ops.rotary(positions, q, k, self.cos, self.sin)

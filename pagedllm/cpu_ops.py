@@ -1,0 +1,123 @@
+"""pagedllm's CPU kernels (`csrc/cpu/*.cpp`), compiled on first use, and their Python calls.
+
+Two jobs where eager PyTorch is slow on CPU:
+- decode attention (`paged_decode`): PyTorch gathers every block of every sequence into a
+  padded copy and runs SDPA over it; the kernel reads each cached key and value once, in place;
+- the elementwise ops between the matmuls (RMSNorm + residual, SiLU-and-mul, rotary): several
+  ops and passes over memory each in eager PyTorch, one op and one pass here.
+
+They are built with PyTorch's own extension builder (`torch.utils.cpp_extension.load`: the
+system C++ compiler and ninja, about 20 s, once per machine; later processes load the cached
+library in well under a second), for this machine's CPU (`-march=native`), so the cache name
+carries a digest of the CPU's feature flags. Threads come from PyTorch's pool (`at::parallel_for`).
+
+Without a compiler, or with `PAGEDLLM_CPU_KERNELS=0`, everything keeps the PyTorch path (same
+results up to float rounding, slower) and the log says so once.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+
+import torch
+
+from pagedllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+CPU_KERNELS_ENV = "PAGEDLLM_CPU_KERNELS"
+_SOURCE_DIR = os.path.join(os.path.dirname(__file__), "csrc", "cpu")
+_SOURCES = ["registration.cpp", "paged_decode.cpp", "layernorm.cpp", "activation.cpp", "rotary.cpp"]
+# -ffast-math lets the compiler vectorise exp (glibc's vector math) and the float reductions; it
+# is a compile flag only, so the flush-to-zero start-up code it implies is never linked in.
+_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"]
+
+
+def _cpu_digest() -> str:
+    """A short digest of the CPU model and feature flags, so a cache shared between machines
+    never hands one CPU a library built for another's instruction set."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = "".join(line for line in f if line.startswith(("model name", "flags")))
+    except OSError:
+        info = platform.processor()
+    return hashlib.sha256((platform.machine() + info).encode()).hexdigest()[:10]
+
+
+def _ensure_ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; an un-activated venv has the pip one off PATH."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja  # the PyPI package ships the binary
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+@functools.cache
+def cpu_kernels_available() -> bool:
+    """Build (or load the cached build of) the kernels; False, with a logged reason, if it cannot."""
+    if os.environ.get(CPU_KERNELS_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
+        logger.info("%s=0: the CPU kernels are off; PyTorch ops run instead", CPU_KERNELS_ENV)
+        return False
+    if hasattr(torch.ops.pagedllm_cpu, "paged_decode"):
+        return True
+    try:
+        from torch.utils.cpp_extension import load
+
+        _ensure_ninja_on_path()
+        logger.debug("loading the CPU kernels (the first time on a machine builds them)")
+        load(name=f"pagedllm_cpu_kernels_{_cpu_digest()}", sources=[os.path.join(_SOURCE_DIR, f) for f in _SOURCES],
+             extra_cflags=_CFLAGS, extra_include_paths=[_SOURCE_DIR], is_python_module=False, verbose=False)
+    except Exception as e:  # no compiler, no ninja, a read-only cache: fall back, never fail
+        logger.warning("could not build the CPU kernels (%s: %s); attention and the elementwise ops use "
+                       "the slower PyTorch path", type(e).__name__, " ".join(str(e).strip().splitlines()[-1:]))
+        return False
+    return True
+
+
+def paged_decode(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> None:
+    """Decode attention into `out` [seqs, heads, dim] for `query` (one token per sequence),
+    over `seq_lens[i]` cached keys reached through `block_tables[i]` (both int64)."""
+    torch.ops.pagedllm_cpu.paged_decode(out, query, k_cache, v_cache, block_tables, seq_lens, scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    out = torch.empty_like(x)
+    torch.ops.pagedllm_cpu.rms_norm(out, x, weight, eps)
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual), into new tensors."""
+    out, residual_out = torch.empty_like(x), torch.empty_like(x)
+    torch.ops.pagedllm_cpu.add_rms_norm(out, residual_out, x, residual, weight, eps)
+    return out, residual_out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype)
+    torch.ops.pagedllm_cpu.silu_and_mul(out, x)
+    return out
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, heads, dim] and k [T, kv_heads, dim] in place by the cos/sin tables' rows at
+    `positions`; returns them."""
+    torch.ops.pagedllm_cpu.rotary_embedding(q, k, positions, cos, sin)
+    return q, k

@@ -1,0 +1,21 @@
+// The CPU ops pagedllm registers as torch.ops.pagedllm_cpu.* (see registration.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace pagedllm {
+
+void paged_decode(at::Tensor out, const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);
+
+void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps);
+
+void add_rms_norm(at::Tensor out, at::Tensor residual_out, const at::Tensor& x, const at::Tensor& residual,
+                  const at::Tensor& weight, double eps);
+
+void silu_and_mul(at::Tensor out, const at::Tensor& x);
+
+void rotary_embedding(at::Tensor query, at::Tensor key, const at::Tensor& positions, const at::Tensor& cos,
+                      const at::Tensor& sin);
+
+}  // namespace pagedllm

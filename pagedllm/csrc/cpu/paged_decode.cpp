@@ -1,0 +1,150 @@
+// Decode attention over the paged KV cache on CPU: one query token per sequence, read straight
+// from the cache blocks through the block table.
+//
+// Why a kernel: in PyTorch the same step is a gather (index_select of every block into a padded
+// copy) and then SDPA over the copy, so the cache is read, written and read again, padded to the
+// longest sequence. Here each cached token's K and V are read once, from where they lie. Threads
+// come from PyTorch's own pool (at::parallel_for), so nothing competes with the matmuls' OpenMP.
+//
+// Layout: query/out [num_seqs, num_heads, head_dim] (rows may be strided, head_dim contiguous);
+// k_cache/v_cache [num_blocks, block_size, num_kv_heads, head_dim]; block_tables int64
+// [num_seqs, max_blocks]; seq_lens int64 [num_seqs] (keys to attend to, the new token included,
+// which is already written to the cache). Query heads h*G .. h*G+G-1 share KV head h (GQA).
+// Math in float32 whatever the storage type (float32 or bfloat16).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "dtype_utils.h"
+#include "ops.h"
+
+namespace pagedllm {
+namespace {
+
+// Work items are (sequence, KV head) pairs. Sequences differ in length (and the runner sorts
+// them by length), so the items are cut into one contiguous range per thread of about equal
+// total length rather than of equal count.
+std::vector<int64_t> balanced_bounds(const int64_t* lens, int64_t num_seqs, int64_t num_kv_heads, int64_t parts) {
+  const int64_t items = num_seqs * num_kv_heads;
+  int64_t total = 0;
+  for (int64_t s = 0; s < num_seqs; ++s) total += lens[s] * num_kv_heads;
+  std::vector<int64_t> bounds(parts + 1, items);
+  bounds[0] = 0;
+  int64_t done = 0, part = 1;
+  for (int64_t i = 0; i < items && part < parts; ++i) {
+    done += lens[i / num_kv_heads];
+    while (part < parts && done * parts >= total * part) bounds[part++] = i + 1;
+  }
+  return bounds;
+}
+
+template <typename scalar_t>
+void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+  const int64_t num_seqs = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
+  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
+  const int64_t q_seq_stride = query.stride(0), q_head_stride = query.stride(1);
+  const int64_t o_seq_stride = out.stride(0), o_head_stride = out.stride(1);
+  const int64_t token_stride = num_kv_heads * head_dim, block_stride = block_size * token_stride;
+  const scalar_t* q = query.data_ptr<scalar_t>();
+  const scalar_t* kc = k_cache.data_ptr<scalar_t>();
+  const scalar_t* vc = v_cache.data_ptr<scalar_t>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const float fscale = static_cast<float>(scale);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_seqs * num_kv_heads));
+  const std::vector<int64_t> bounds = balanced_bounds(lens, num_seqs, num_kv_heads, parts);
+
+  at::parallel_for(0, parts, 1, [&](int64_t first_part, int64_t last_part) {
+    std::vector<float> qf(group * head_dim), acc(group * head_dim), scores;
+    for (int64_t item = bounds[first_part]; item < bounds[last_part]; ++item) {
+      const int64_t s = item / num_kv_heads, kvh = item % num_kv_heads, len = lens[s];
+      const int64_t* table = tables + s * max_blocks;
+      scores.resize(group * len);
+      for (int64_t g = 0; g < group; ++g) {
+        const scalar_t* qh = q + s * q_seq_stride + (kvh * group + g) * q_head_stride;
+        for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] = static_cast<float>(qh[d]) * fscale;
+      }
+      // Scores: the group's query heads against each cached key of this KV head.
+      for (int64_t t = 0; t < len; ++t) {
+        const scalar_t* k = kc + table[t / block_size] * block_stride + (t % block_size) * token_stride + kvh * head_dim;
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = qf.data() + g * head_dim;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * static_cast<float>(k[d]);
+          scores[g * len + t] = dot;
+        }
+      }
+      // Softmax over each head's keys (all of them are visible to a decode).
+      for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores.data() + g * len;
+        const float mx = *std::max_element(sg, sg + len);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < len; ++t) {
+          sg[t] = std::exp(sg[t] - mx);
+          sum += sg[t];
+        }
+        const float inv = 1.f / sum;
+#pragma omp simd
+        for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
+      }
+      // Output: the probability-weighted sum of the values.
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < len; ++t) {
+        const scalar_t* v = vc + table[t / block_size] * block_stride + (t % block_size) * token_stride + kvh * head_dim;
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = scores[g * len + t];
+          float* ag = acc.data() + g * head_dim;
+#pragma omp simd
+          for (int64_t d = 0; d < head_dim; ++d) ag[d] += p * static_cast<float>(v[d]);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        scalar_t* oh = o + s * o_seq_stride + (kvh * group + g) * o_head_stride;
+        for (int64_t d = 0; d < head_dim; ++d) oh[d] = static_cast<scalar_t>(acc[g * head_dim + d]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void paged_decode(at::Tensor out, const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+  TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes(), "paged_decode: query and out must be [seqs, heads, dim]");
+  TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1, "paged_decode: head_dim must be contiguous");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes() && k_cache.size(3) == query.size(2),
+              "paged_decode: caches must be contiguous [blocks, block_size, kv_heads, dim]");
+  TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "paged_decode: heads must be a multiple of kv heads");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong &&
+                  block_tables.is_contiguous() && seq_lens.is_contiguous() &&
+                  block_tables.size(0) == query.size(0) && seq_lens.size(0) == query.size(0),
+              "paged_decode: block_tables [seqs, max_blocks] and seq_lens [seqs] must be contiguous int64");
+  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && out.scalar_type() == query.scalar_type(),
+              "paged_decode: query, out and cache must share a dtype");
+  // A length or block id out of range would read outside the cache: refuse it here.
+  const int64_t num_blocks = k_cache.size(0), max_blocks = block_tables.size(1), block_size = k_cache.size(1);
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  for (int64_t s = 0; s < query.size(0); ++s) {
+    TORCH_CHECK(lens[s] > 0 && lens[s] <= max_blocks * block_size, "paged_decode: seq_lens[", s, "] = ", lens[s],
+                " outside [1, ", max_blocks * block_size, "]");
+    for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; ++b)
+      TORCH_CHECK(tables[s * max_blocks + b] >= 0 && tables[s * max_blocks + b] < num_blocks,
+                  "paged_decode: block id ", tables[s * max_blocks + b], " outside the cache's ", num_blocks, " blocks");
+  }
+  check_float_or_bf16(query.scalar_type(), "paged_decode");
+  if (query.scalar_type() == at::kFloat) decode<float>(out, query, k_cache, v_cache, block_tables, seq_lens, scale);
+  else decode<c10::BFloat16>(out, query, k_cache, v_cache, block_tables, seq_lens, scale);
+}
+
+}  // namespace pagedllm

@@ -1,0 +1,23 @@
+// Registers the CPU kernels as torch.ops.pagedllm_cpu.*. Every op writes into tensors the
+// caller allocated (marked `a!`/`b!`), so none of them allocates inside a step.
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(pagedllm_cpu, m) {
+  m.def("paged_decode(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor seq_lens, float scale) -> ()");
+  m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
+  m.def("add_rms_norm(Tensor(a!) out, Tensor(b!) residual_out, Tensor x, Tensor residual, Tensor weight, "
+        "float eps) -> ()");
+  m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
+  m.def("rotary_embedding(Tensor(a!) query, Tensor(b!) key, Tensor positions, Tensor cos, Tensor sin) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
+  m.impl("paged_decode", &pagedllm::paged_decode);
+  m.impl("rms_norm", &pagedllm::rms_norm);
+  m.impl("add_rms_norm", &pagedllm::add_rms_norm);
+  m.impl("silu_and_mul", &pagedllm::silu_and_mul);
+  m.impl("rotary_embedding", &pagedllm::rotary_embedding);
+}
