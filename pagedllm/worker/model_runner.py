@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pagedllm.attention.metadata import AttentionMetadata, PrefillSequence, sequence_tensors
@@ -101,8 +102,8 @@ class ModelRunner:
     def prepare_inputs(self, sched: SchedulerOutput) -> ModelInputs:
         bs = self.block_size
         input_ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
+        positions: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
         decode_rows: list[int] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
@@ -112,23 +113,25 @@ class ModelRunner:
         prompt_rows: dict[str, tuple[torch.Tensor, int, torch.Tensor, int]] = {}
 
         # Decodes first, shortest first, so they form contiguous rows that split into
-        # groups of similar length; then prefills and chunks.
+        # groups of similar length; then prefills and chunks. Per-request arithmetic stays in
+        # NumPy: a few dozen torch calls per request cost more than the step's small ops.
         decodes = sorted((r for r in sched.scheduled if len(r.token_ids) == 1), key=lambda r: r.num_computed_tokens)
         ordered = decodes + [r for r in sched.scheduled if len(r.token_ids) != 1]
         for req in ordered:
             start, n = req.num_computed_tokens, len(req.token_ids)
             row = len(input_ids)
             input_ids.extend(req.token_ids)
-            pos = torch.arange(start, start + n)
+            pos = np.arange(start, start + n)
             positions.append(pos)
-            block_ids = torch.tensor(req.block_ids[: cdiv(start + n, bs)], dtype=torch.long)
+            block_ids = np.asarray(req.block_ids[: cdiv(start + n, bs)], dtype=np.int64)
             slots.append(block_ids[pos // bs] * bs + pos % bs)
             if n == 1:
                 decode_rows.append(row)
                 decode_tables.append(req.block_ids[: cdiv(start + 1, bs)])
                 decode_lens.append(start + 1)
             else:
-                prefills.append(PrefillSequence(row, n, start, async_tensor_h2d(block_ids, torch.long, self.device)))
+                prefills.append(PrefillSequence(row, n, start, async_tensor_h2d(torch.from_numpy(block_ids), torch.long,
+                                                                                self.device)))
             if req.sample:
                 sample_rows.append(row + n - 1)
                 sample_requests.append(req)
@@ -141,8 +144,9 @@ class ModelRunner:
 
         dev = self.device
         max_blocks = max((len(t) for t in decode_tables), default=0)
-        tables = torch.tensor([t + [t[0]] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long)
-        key_mask = torch.arange(max_blocks * bs)[None, :] < torch.tensor(decode_lens, dtype=torch.long)[:, None]
+        tables = np.array([t + [t[0]] * (max_blocks - len(t)) for t in decode_tables], dtype=np.int64)
+        lens = np.asarray(decode_lens, dtype=np.int64)
+        key_mask = np.arange(max_blocks * bs)[None, :] < lens[:, None]
         query_start_loc = seq_lens = block_tables = None
         if getattr(self.attn_backend, "uses_sequence_tensors", False):
             query_start_loc, seq_lens, block_tables = sequence_tensors(
@@ -150,21 +154,22 @@ class ModelRunner:
                 [r.block_ids for r in ordered], bs, dev,
             )
         meta = AttentionMetadata(
-            slot_mapping=async_tensor_h2d(torch.cat(slots), torch.long, dev),
+            slot_mapping=async_tensor_h2d(torch.from_numpy(np.concatenate(slots)), torch.long, dev),
             decode_token_idx=async_tensor_h2d(decode_rows, torch.long, dev),
-            decode_block_tables=async_tensor_h2d(tables.reshape(len(decode_tables), max_blocks), torch.long, dev),
-            decode_key_mask=async_tensor_h2d(key_mask, torch.bool, dev),
+            decode_block_tables=async_tensor_h2d(torch.from_numpy(tables.reshape(len(decode_tables), max_blocks)),
+                                                 torch.long, dev),
+            decode_key_mask=async_tensor_h2d(torch.from_numpy(key_mask), torch.bool, dev),
             prefills=prefills,
             num_tokens=len(input_ids),
             decode_groups=decode_groups(decode_lens, bs),
-            decode_seq_lens=async_tensor_h2d(decode_lens, torch.long, dev),
+            decode_seq_lens=async_tensor_h2d(torch.from_numpy(lens), torch.long, dev),
             query_start_loc=query_start_loc,
             seq_lens=seq_lens,
             block_tables=block_tables,
         )
         return ModelInputs(
             input_ids=async_tensor_h2d(input_ids, torch.long, dev),
-            positions=async_tensor_h2d(torch.cat(positions), torch.long, dev),
+            positions=async_tensor_h2d(torch.from_numpy(np.concatenate(positions)), torch.long, dev),
             attn_metadata=meta,
             sample_rows=async_tensor_h2d(sample_rows, torch.long, dev),
             sample_requests=sample_requests,
