@@ -140,14 +140,14 @@ def main() -> int:
     print()
     print(f"W1: {args.num_prompts} prompts, {args.input_min}-{args.input_max} prompt tokens, "
           f"{args.output_len} output tokens, greedy, EOS ignored, {args.dtype}, {args.threads} threads, {platform.node()}")
-    print(f"{'engine':<38}{'output tok/s':>14}{'total tok/s':>14}{'pagedllm x':>12}")
+    print(f"{'engine':<44}{'output tok/s':>14}{'total tok/s':>14}{'pagedllm x':>12}")
     for r in results:
         if "output_tok_s" not in r:
-            print(f"{r['engine_key']:<38}{'failed':>14}")
+            print(f"{r['engine_key']:<44}{'failed':>14}")
             continue
         ratio = ours["output_tok_s"] / r["output_tok_s"] if ours else float("nan")
         r["pagedllm_ratio"] = ratio
-        print(f"{r.get('engine', r['engine_key']):<38}{r['output_tok_s']:>14.1f}{r['total_tok_s']:>14.1f}{ratio:>11.2f}x")
+        print(f"{r.get('engine', r['engine_key']):<44}{r['output_tok_s']:>14.1f}{r['total_tok_s']:>14.1f}{ratio:>11.2f}x")
 
     stamp = datetime.now(timezone.utc)
     record = {
