@@ -3,6 +3,8 @@
 Every engine gets the same prompts (random token ids), 64 greedy output tokens each with
 EOS ignored, all threads, and runs in its own process (vLLM and llama.cpp in their own
 virtual environments, which are optional: pass their interpreters or leave them out).
+llama.cpp runs twice: `llamacpp` decodes all sequences together (low-level llama_batch API),
+`llamacpp_serial` one request at a time (high-level API).
 Only generation is timed, after a short warm-up. Prints a table with ratios, writes JSON
 and a PNG chart under benchmarks/results/.
 
@@ -25,6 +27,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+# engine name -> (runner script under peers/, extra runner flags); other names run peers/run_<name>.py
+RUNNERS = {"llamacpp_serial": ("llamacpp", ["--one-at-a-time"])}
 
 
 def build_workload(args: argparse.Namespace, gguf_path: str, path: Path) -> dict:
@@ -65,8 +69,9 @@ def hf_checkpoint_from_gguf(gguf_path: str, out_dir: Path) -> Path:
 def run_engine(name: str, python: str, model: str, workload: Path, threads: int, dtype: str,
                compile_fused_ops: bool = False) -> dict:
     out = Path(tempfile.mkstemp(suffix=".json")[1])
-    cmd = [python, str(HERE / "peers" / f"run_{name}.py"), "--workload", str(workload), "--model", model,
-           "--out", str(out), "--threads", str(threads), "--dtype", dtype]
+    script, flags = RUNNERS.get(name, (name, []))
+    cmd = [python, str(HERE / "peers" / f"run_{script}.py"), "--workload", str(workload), "--model", model,
+           "--out", str(out), "--threads", str(threads), "--dtype", dtype, *flags]
     if compile_fused_ops and name == "pagedllm":
         cmd.append("--compile-fused-ops")
     env = {**os.environ, "PYTHONPATH": str(HERE / "peers"), "PAGEDLLM_LOGGING_LEVEL": "WARNING"}
@@ -86,7 +91,9 @@ def run_engine(name: str, python: str, model: str, workload: Path, threads: int,
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--engines", default="pagedllm,vllm,llamacpp,transformers")
+    p.add_argument("--engines", default="pagedllm,vllm,llamacpp,llamacpp_serial,transformers",
+                   help="comma-separated: pagedllm, vllm, llamacpp (all sequences batched), "
+                        "llamacpp_serial (one request at a time), transformers")
     p.add_argument("--vllm-python", default=os.environ.get("PAGEDLLM_BENCH_VLLM_PYTHON"))
     p.add_argument("--llamacpp-python", default=os.environ.get("PAGEDLLM_BENCH_LLAMACPP_PYTHON"))
     p.add_argument("--num-prompts", type=int, default=32)
@@ -111,11 +118,11 @@ def main() -> int:
     in_tokens = sum(len(x) for x in workload["prompts"])
     hf_dir = None
     pythons = {"pagedllm": sys.executable, "transformers": sys.executable,
-               "vllm": args.vllm_python, "llamacpp": args.llamacpp_python}
+               "vllm": args.vllm_python, "llamacpp": args.llamacpp_python, "llamacpp_serial": args.llamacpp_python}
     results = []
     for name in [e.strip() for e in args.engines.split(",") if e.strip()]:
         if not pythons.get(name):
-            print(f"[compare] skipping {name}: pass --{name}-python (its own virtual environment)")
+            print(f"[compare] skipping {name}: pass --{RUNNERS.get(name, (name,))[0]}-python (its own virtual environment)")
             continue
         model = gguf
         if name in ("vllm", "transformers"):
@@ -133,14 +140,14 @@ def main() -> int:
     print()
     print(f"W1: {args.num_prompts} prompts, {args.input_min}-{args.input_max} prompt tokens, "
           f"{args.output_len} output tokens, greedy, EOS ignored, {args.dtype}, {args.threads} threads, {platform.node()}")
-    print(f"{'engine':<38}{'output tok/s':>14}{'total tok/s':>14}{'pagedllm x':>12}")
+    print(f"{'engine':<44}{'output tok/s':>14}{'total tok/s':>14}{'pagedllm x':>12}")
     for r in results:
         if "output_tok_s" not in r:
-            print(f"{r['engine_key']:<38}{'failed':>14}")
+            print(f"{r['engine_key']:<44}{'failed':>14}")
             continue
         ratio = ours["output_tok_s"] / r["output_tok_s"] if ours else float("nan")
         r["pagedllm_ratio"] = ratio
-        print(f"{r.get('engine', r['engine_key']):<38}{r['output_tok_s']:>14.1f}{r['total_tok_s']:>14.1f}{ratio:>11.2f}x")
+        print(f"{r.get('engine', r['engine_key']):<44}{r['output_tok_s']:>14.1f}{r['total_tok_s']:>14.1f}{ratio:>11.2f}x")
 
     stamp = datetime.now(timezone.utc)
     record = {

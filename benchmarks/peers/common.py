@@ -21,6 +21,10 @@ def parse_args() -> argparse.Namespace:
     # float32 is W1's precision; bfloat16 runs the torch engines on the CPU's bf16 units (AMX, AVX512-BF16).
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--compile-fused-ops", action="store_true", help="pagedllm only: torch.compile its elementwise ops")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="llama.cpp only: the high-level API, one request after another, instead of all sequences batched")
+    p.add_argument("--tokens-out", default=None,
+                   help="llama.cpp only: also write each request's output token ids here (JSON), to check modes against each other")
     return p.parse_args()
 
 
