@@ -22,7 +22,8 @@ from pagedllm.benchmarks.datasets import random_requests
 RESULTS = Path(__file__).resolve().parent / "results"
 CATEGORIES = {
     "matmul (linear layers, LM head)": ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul"),
-    "attention (SDPA)": ("scaled_dot_product",),
+    "attention (SDPA, CPU paged-decode kernel)": ("scaled_dot_product", "pagedllm_cpu::paged_decode"),
+    "CPU kernels: RMSNorm, SiLU, rotary": ("pagedllm_cpu::",),
     "KV gather / write": ("aten::index_select", "aten::index_copy_", "aten::index"),
 }
 
@@ -69,6 +70,9 @@ def main() -> None:
     accounted = sum(v for k, v in totals.items())
     totals["Python and engine overhead (remainder)"] = max(0.0, wall - accounted)
     print(f"W1 wall time under the profiler: {wall:.2f} s")
+    print("top operators by self CPU time:")
+    for evt in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]:
+        print(f"    {evt.key:<53}{evt.self_cpu_time_total / 1e6:8.2f} s  {evt.count:7d} calls")
     for k, v in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"  {k:<55}{v:8.2f} s {100 * v / wall:6.1f}%")
     stamp = datetime.now(timezone.utc)

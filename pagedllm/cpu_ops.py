@@ -34,7 +34,10 @@ _SOURCE_DIR = os.path.join(os.path.dirname(__file__), "csrc", "cpu")
 _SOURCES = ["registration.cpp", "paged_decode.cpp", "layernorm.cpp", "activation.cpp", "rotary.cpp"]
 # -ffast-math lets the compiler vectorise exp (glibc's vector math) and the float reductions; it
 # is a compile flag only, so the flush-to-zero start-up code it implies is never linked in.
-_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"]
+# -fopenmp because at::parallel_for is inline OpenMP (without it, it silently runs on one thread);
+# the library then needs libgomp.so.1, which resolves to the one torch has already loaded.
+_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 
 
 def _cpu_digest() -> str:
@@ -73,7 +76,7 @@ def cpu_kernels_available() -> bool:
         _ensure_ninja_on_path()
         logger.debug("loading the CPU kernels (the first time on a machine builds them)")
         load(name=f"pagedllm_cpu_kernels_{_cpu_digest()}", sources=[os.path.join(_SOURCE_DIR, f) for f in _SOURCES],
-             extra_cflags=_CFLAGS, extra_include_paths=[_SOURCE_DIR], is_python_module=False, verbose=False)
+             extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, extra_include_paths=[_SOURCE_DIR], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, a read-only cache: fall back, never fail
         logger.warning("could not build the CPU kernels (%s: %s); attention and the elementwise ops use "
                        "the slower PyTorch path", type(e).__name__, " ".join(str(e).strip().splitlines()[-1:]))

@@ -25,21 +25,28 @@
 namespace pagedllm {
 namespace {
 
-// Work items are (sequence, KV head) pairs. Sequences differ in length (and the runner sorts
-// them by length), so the items are cut into one contiguous range per thread of about equal
-// total length rather than of equal count.
-std::vector<int64_t> balanced_bounds(const int64_t* lens, int64_t num_seqs, int64_t num_kv_heads, int64_t parts) {
-  const int64_t items = num_seqs * num_kv_heads;
+// Work items are a sequence's KV heads, all of them (each cached token's row then streams from
+// memory once, contiguously) or, when there are too few sequences to keep every thread busy,
+// one each. Sequences differ in length (and the runner sorts them by length), so the items are
+// cut into one contiguous range per thread of about equal total length, not of equal count.
+std::vector<int64_t> balanced_bounds(const int64_t* lens, int64_t items, int64_t items_per_seq, int64_t parts) {
   int64_t total = 0;
-  for (int64_t s = 0; s < num_seqs; ++s) total += lens[s] * num_kv_heads;
+  for (int64_t i = 0; i < items; ++i) total += lens[i / items_per_seq];
   std::vector<int64_t> bounds(parts + 1, items);
   bounds[0] = 0;
   int64_t done = 0, part = 1;
   for (int64_t i = 0; i < items && part < parts; ++i) {
-    done += lens[i / num_kv_heads];
+    done += lens[i / items_per_seq];
     while (part < parts && done * parts >= total * part) bounds[part++] = i + 1;
   }
   return bounds;
+}
+
+// Blocks sit anywhere in the cache, so the hardware prefetcher cannot see the next one coming:
+// ask for it while the current one is being read.
+inline void prefetch_rows(const char* first_row, int64_t rows, int64_t row_stride_bytes, int64_t row_bytes) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(first_row + r * row_stride_bytes + off);
 }
 
 template <typename scalar_t>
@@ -58,58 +65,76 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   const float fscale = static_cast<float>(scale);
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_seqs * num_kv_heads));
-  const std::vector<int64_t> bounds = balanced_bounds(lens, num_seqs, num_kv_heads, parts);
+  const int64_t threads = at::get_num_threads();
+  const int64_t kv_per_item = num_seqs >= 4 * threads ? num_kv_heads : 1;
+  const int64_t items_per_seq = num_kv_heads / kv_per_item, items = num_seqs * items_per_seq;
+  const int64_t heads_per_item = kv_per_item * group;  // query heads
+  const int64_t parts = std::max<int64_t>(1, std::min(threads, items));
+  const std::vector<int64_t> bounds = balanced_bounds(lens, items, items_per_seq, parts);
+  const int64_t item_row_bytes = kv_per_item * head_dim * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t token_stride_bytes = token_stride * static_cast<int64_t>(sizeof(scalar_t));
 
   at::parallel_for(0, parts, 1, [&](int64_t first_part, int64_t last_part) {
-    std::vector<float> qf(group * head_dim), acc(group * head_dim), scores;
+    std::vector<float> qf(heads_per_item * head_dim), acc(heads_per_item * head_dim), scores;
     for (int64_t item = bounds[first_part]; item < bounds[last_part]; ++item) {
-      const int64_t s = item / num_kv_heads, kvh = item % num_kv_heads, len = lens[s];
+      const int64_t s = item / items_per_seq, kv0 = (item % items_per_seq) * kv_per_item, len = lens[s];
+      const int64_t h0 = kv0 * group;  // first query head of this item
       const int64_t* table = tables + s * max_blocks;
-      scores.resize(group * len);
-      for (int64_t g = 0; g < group; ++g) {
-        const scalar_t* qh = q + s * q_seq_stride + (kvh * group + g) * q_head_stride;
-        for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] = static_cast<float>(qh[d]) * fscale;
+      const int64_t num_blocks = (len + block_size - 1) / block_size;
+      scores.resize(heads_per_item * len);
+      for (int64_t h = 0; h < heads_per_item; ++h) {
+        const scalar_t* qh = q + s * q_seq_stride + (h0 + h) * q_head_stride;
+        for (int64_t d = 0; d < head_dim; ++d) qf[h * head_dim + d] = static_cast<float>(qh[d]) * fscale;
       }
-      // Scores: the group's query heads against each cached key of this KV head.
+      // Scores: each query head against every cached key of its KV head.
       for (int64_t t = 0; t < len; ++t) {
-        const scalar_t* k = kc + table[t / block_size] * block_stride + (t % block_size) * token_stride + kvh * head_dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = qf.data() + g * head_dim;
+        const int64_t blk = t / block_size, off = t % block_size;
+        if (off == 0 && blk + 1 < num_blocks)
+          prefetch_rows(reinterpret_cast<const char*>(kc + table[blk + 1] * block_stride + kv0 * head_dim), block_size,
+                        token_stride_bytes, item_row_bytes);
+        const scalar_t* k = kc + table[blk] * block_stride + off * token_stride + kv0 * head_dim;
+        for (int64_t h = 0; h < heads_per_item; ++h) {
+          const float* qh = qf.data() + h * head_dim;
+          const scalar_t* kh = k + (h / group) * head_dim;
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * static_cast<float>(k[d]);
-          scores[g * len + t] = dot;
+          for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * static_cast<float>(kh[d]);
+          scores[h * len + t] = dot;
         }
       }
       // Softmax over each head's keys (all of them are visible to a decode).
-      for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores.data() + g * len;
-        const float mx = *std::max_element(sg, sg + len);
+      for (int64_t h = 0; h < heads_per_item; ++h) {
+        float* sh = scores.data() + h * len;
+        const float mx = *std::max_element(sh, sh + len);
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < len; ++t) {
-          sg[t] = std::exp(sg[t] - mx);
-          sum += sg[t];
+          sh[t] = std::exp(sh[t] - mx);
+          sum += sh[t];
         }
         const float inv = 1.f / sum;
 #pragma omp simd
-        for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
+        for (int64_t t = 0; t < len; ++t) sh[t] *= inv;
       }
       // Output: the probability-weighted sum of the values.
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < len; ++t) {
-        const scalar_t* v = vc + table[t / block_size] * block_stride + (t % block_size) * token_stride + kvh * head_dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * len + t];
-          float* ag = acc.data() + g * head_dim;
+        const int64_t blk = t / block_size, off = t % block_size;
+        if (off == 0 && blk + 1 < num_blocks)
+          prefetch_rows(reinterpret_cast<const char*>(vc + table[blk + 1] * block_stride + kv0 * head_dim), block_size,
+                        token_stride_bytes, item_row_bytes);
+        const scalar_t* v = vc + table[blk] * block_stride + off * token_stride + kv0 * head_dim;
+        for (int64_t h = 0; h < heads_per_item; ++h) {
+          const float p = scores[h * len + t];
+          const scalar_t* vh = v + (h / group) * head_dim;
+          float* ah = acc.data() + h * head_dim;
 #pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) ag[d] += p * static_cast<float>(v[d]);
+          for (int64_t d = 0; d < head_dim; ++d) ah[d] += p * static_cast<float>(vh[d]);
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        scalar_t* oh = o + s * o_seq_stride + (kvh * group + g) * o_head_stride;
-        for (int64_t d = 0; d < head_dim; ++d) oh[d] = static_cast<scalar_t>(acc[g * head_dim + d]);
+      for (int64_t h = 0; h < heads_per_item; ++h) {
+        scalar_t* oh = o + s * o_seq_stride + (h0 + h) * o_head_stride;
+        for (int64_t d = 0; d < head_dim; ++d) oh[d] = static_cast<scalar_t>(acc[h * head_dim + d]);
       }
     }
   });
