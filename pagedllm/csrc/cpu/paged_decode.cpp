@@ -86,13 +86,17 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
         const scalar_t* qh = q + s * q_seq_stride + (h0 + h) * q_head_stride;
         for (int64_t d = 0; d < head_dim; ++d) qf[h * head_dim + d] = static_cast<float>(qh[d]) * fscale;
       }
-      // Scores: each query head against every cached key of its KV head.
-      for (int64_t t = 0; t < len; ++t) {
+      // This item's part of token t's row in `cache`; the token opening a block prefetches the next.
+      auto token_row = [&](const scalar_t* cache, int64_t t) {
         const int64_t blk = t / block_size, off = t % block_size;
         if (off == 0 && blk + 1 < num_blocks)
-          prefetch_rows(reinterpret_cast<const char*>(kc + table[blk + 1] * block_stride + kv0 * head_dim), block_size,
-                        token_stride_bytes, item_row_bytes);
-        const scalar_t* k = kc + table[blk] * block_stride + off * token_stride + kv0 * head_dim;
+          prefetch_rows(reinterpret_cast<const char*>(cache + table[blk + 1] * block_stride + kv0 * head_dim),
+                        block_size, token_stride_bytes, item_row_bytes);
+        return cache + table[blk] * block_stride + off * token_stride + kv0 * head_dim;
+      };
+      // Scores: each query head against every cached key of its KV head.
+      for (int64_t t = 0; t < len; ++t) {
+        const scalar_t* k = token_row(kc, t);
         for (int64_t h = 0; h < heads_per_item; ++h) {
           const float* qh = qf.data() + h * head_dim;
           const scalar_t* kh = k + (h / group) * head_dim;
@@ -119,11 +123,7 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
       // Output: the probability-weighted sum of the values.
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < len; ++t) {
-        const int64_t blk = t / block_size, off = t % block_size;
-        if (off == 0 && blk + 1 < num_blocks)
-          prefetch_rows(reinterpret_cast<const char*>(vc + table[blk + 1] * block_stride + kv0 * head_dim), block_size,
-                        token_stride_bytes, item_row_bytes);
-        const scalar_t* v = vc + table[blk] * block_stride + off * token_stride + kv0 * head_dim;
+        const scalar_t* v = token_row(vc, t);
         for (int64_t h = 0; h < heads_per_item; ++h) {
           const float p = scores[h * len + t];
           const scalar_t* vh = v + (h / group) * head_dim;
