@@ -62,10 +62,16 @@ def _ensure_ninja_on_path() -> None:
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def cpu_fast_paths_enabled() -> bool:
+    """False under `PAGEDLLM_CPU_KERNELS=0`, which turns off every CPU-only fast path: these kernels
+    and the oneDNN-packed linear weights (`layers/cpu_weight_packing.py`)."""
+    return os.environ.get(CPU_KERNELS_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
 @functools.cache
 def cpu_kernels_available() -> bool:
     """Build (or load the cached build of) the kernels; False, with a logged reason, if it cannot."""
-    if os.environ.get(CPU_KERNELS_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
+    if not cpu_fast_paths_enabled():
         logger.info("%s=0: the CPU kernels are off; PyTorch ops run instead", CPU_KERNELS_ENV)
         return False
     if hasattr(torch.ops.pagedllm_cpu, "paged_decode"):

@@ -10,9 +10,12 @@ from pagedllm.attention.selector import get_attention_backend
 from pagedllm.config import ModelConfig
 from pagedllm.distributed.parallel_state import TensorParallelGroup
 from pagedllm.logger import init_logger
-from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
-from pagedllm.model_executor.models import SUPPORTED_ARCHITECTURES, get_architecture
+from pagedllm.model_executor.layers.cpu_weight_packing import pack_linear_weights, packing_wanted
 from pagedllm.model_executor.layers.fused_ops import fused_ops_for
+from pagedllm.model_executor.layers.linear import LinearBase
+from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+from pagedllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from pagedllm.model_executor.models import SUPPORTED_ARCHITECTURES, get_architecture
 from pagedllm.model_executor.weight_utils import iterate_safetensors_weights
 
 logger = init_logger(__name__)
@@ -45,11 +48,16 @@ def load_model(model_config: ModelConfig, device: torch.device,
     for module in model.modules():
         if hasattr(module, "fused_ops"):
             module.fused_ops = ops
+    num_params = sum(p.numel() for p in model.parameters())
+    packed = 0
+    if packing_wanted(device, model_config.dtype):
+        packed = pack_linear_weights(model, (LinearBase, ParallelLMHead))
     logger.info(
-        "Loaded %s weights (%s, %.1fM parameters) in %.2f s",
+        "Loaded %s weights (%s, %.1fM parameters%s) in %.2f s",
         arch,
         str(model_config.dtype).removeprefix("torch."),
-        sum(p.numel() for p in model.parameters()) / 1e6,
+        num_params / 1e6,
+        f", {packed} linear weights packed for oneDNN" if packed else "",
         time.perf_counter() - start,
     )
     return model

@@ -4,7 +4,8 @@ A column-parallel layer holds a slice of the output features (no communication);
 layer holds a slice of the input features and sums the partial products over the group (one
 all-reduce). A transformer block pairs them — QKV then O, gate/up then down — so each block costs
 two all-reduces. Every layer loads the full Hugging Face tensor and keeps its own slice
-(`weight_loader`). With a group of one they are plain linear layers: one `F.linear`, nothing else.
+(`weight_loader`). With a group of one they are plain linear layers: one matmul, nothing else
+(`F.linear`, or oneDNN's on a packed weight on CPU: `cpu_weight_packing`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed.parallel_state import TensorParallelGroup
+from pagedllm.model_executor.layers.cpu_weight_packing import linear
 
 ShardId = Union[str, int, None]
 
@@ -33,6 +34,9 @@ def _check_full(loaded: torch.Tensor, dim: int, full_size: int) -> None:
 
 
 class LinearBase(nn.Module):
+    # On CPU the weight may be replaced by oneDNN's packed form after loading (cpu_weight_packing).
+    packed_weight: torch.Tensor | None = None
+
     def __init__(self, input_size: int, output_size: int, bias: bool, tp_group: Optional[TensorParallelGroup]) -> None:
         super().__init__()
         self.tp_group = tp_group or TensorParallelGroup()
@@ -41,7 +45,7 @@ class LinearBase(nn.Module):
         self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.packed_weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -120,6 +124,6 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = self.tp_group.all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.packed_weight, self.bias)
+        out = self.tp_group.all_reduce(linear(x, self.weight, self.packed_weight, None))
         return out if self.bias is None else out + self.bias

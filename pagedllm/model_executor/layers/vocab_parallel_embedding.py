@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed.parallel_state import TensorParallelGroup
+from pagedllm.model_executor.layers.cpu_weight_packing import linear
 from pagedllm.model_executor.layers.linear import ShardId, copy_weight
 
 
 class VocabParallelEmbedding(nn.Module):
+    packed_weight: torch.Tensor | None = None  # only ever set on a ParallelLMHead
     def __init__(self, num_embeddings: int, embedding_dim: int, tp_group: Optional[TensorParallelGroup] = None) -> None:
         super().__init__()
         self.tp_group = tp_group or TensorParallelGroup()
@@ -46,14 +48,15 @@ class VocabParallelEmbedding(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden @ weight^T over the whole vocabulary (an embedding doubles as a tied LM head)."""
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight, self.packed_weight, None)
         if self.tp_group.world_size == 1:
             return logits
         return self.tp_group.all_gather(logits, dim=-1)[..., : self.num_embeddings]
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """The output projection of an untied model: sharded like the embedding, used only for logits."""
+    """The output projection of an untied model: sharded like the embedding, used only for logits
+    (so on CPU its weight may be packed like a linear layer's)."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("ParallelLMHead computes logits (compute_logits); it is not an embedding")

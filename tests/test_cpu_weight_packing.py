@@ -1,0 +1,58 @@
+"""oneDNN-packed linear weights on CPU (`layers/cpu_weight_packing.py`) compute what `F.linear`
+computes, in the layers and through a whole generation, and replace the plain weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.model_executor.layers.cpu_weight_packing import pack_linear_weights, packing_wanted
+from pagedllm.model_executor.layers.linear import LinearBase, QKVParallelLinear, RowParallelLinear
+
+pytestmark = pytest.mark.skipif(not packing_wanted(torch.device("cpu"), torch.float32),
+                                reason="this torch has no oneDNN")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 32, 300])
+def test_packed_layers_equal_plain_linear(dtype, rows):
+    torch.manual_seed(rows)
+    qkv = QKVParallelLinear(64, 16, 4, 2, bias=True).to(dtype)  # Qwen2-style bias
+    down = RowParallelLinear(96, 64).to(dtype)
+    for layer in (qkv, down):
+        layer.weight.data.normal_()
+        if layer.bias is not None:
+            layer.bias.data.normal_()
+    x_qkv, x_down = torch.randn(rows, 64).to(dtype), torch.randn(rows, 96).to(dtype)
+    want = [F.linear(x_qkv, qkv.weight, qkv.bias), F.linear(x_down, down.weight)]
+    model = torch.nn.ModuleList([qkv, down])
+    assert pack_linear_weights(model, (LinearBase,)) == 2
+    assert qkv.weight is None and qkv.packed_weight is not None  # held once, packed
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=2e-2)
+    torch.testing.assert_close(qkv(x_qkv), want[0], **tol)
+    torch.testing.assert_close(down(x_down), want[1], **tol)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_generation_with_packed_weights_equals_plain(family, request, monkeypatch):
+    model_dir = request.getfixturevalue(f"{family}_dir")
+    prompts = ["hello world", "the quick brown fox jumps over"]
+    params = SamplingParams(max_tokens=16, temperature=0.0, logprobs=0, ignore_eos=True)
+    results = {}
+    for packed in (True, False):
+        if not packed:
+            monkeypatch.setenv("PAGEDLLM_CPU_KERNELS", "0")
+        llm = LLM(model=model_dir, max_model_len=256)
+        qkv = llm.llm_engine.model_runner.model.layers[0].self_attn.qkv_proj
+        assert (qkv.packed_weight is not None) == packed
+        try:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            llm.shutdown()
+        results[packed] = [(o.outputs[0].token_ids, [next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs])
+                           for o in outs]
+    for (tokens_p, lps_p), (tokens_u, lps_u) in zip(results[True], results[False]):
+        assert tokens_p == tokens_u
+        torch.testing.assert_close(torch.tensor(lps_p), torch.tensor(lps_u), atol=1e-4, rtol=0)
