@@ -112,6 +112,14 @@ def test_bad_inputs_raise_clear_errors(kernel):
     with pytest.raises(RuntimeError, match="share a dtype"):
         q = batch.query.bfloat16()
         cpu_ops.paged_decode(torch.empty_like(q), q, *args)
+    # Lengths and block ids that would read outside the cache are refused, not followed.
+    out = torch.empty_like(batch.query)
+    too_long = torch.tensor([meta.decode_block_tables.shape[1] * 16 + 1])
+    with pytest.raises(RuntimeError, match="seq_lens"):
+        cpu_ops.paged_decode(out, batch.query, batch.k_cache, batch.v_cache, meta.decode_block_tables, too_long, 0.1)
+    bad_table = torch.full_like(meta.decode_block_tables, batch.k_cache.shape[0])
+    with pytest.raises(RuntimeError, match="block id"):
+        cpu_ops.paged_decode(out, batch.query, batch.k_cache, batch.v_cache, bad_table, meta.decode_seq_lens, 0.1)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
