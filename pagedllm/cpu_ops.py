@@ -30,6 +30,8 @@ from pagedllm.logger import init_logger
 logger = init_logger(__name__)
 
 CPU_KERNELS_ENV = "PAGEDLLM_CPU_KERNELS"
+# The storage types every kernel takes (the math is float32 inside).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 _SOURCE_DIR = os.path.join(os.path.dirname(__file__), "csrc", "cpu")
 _SOURCES = ["registration.cpp", "paged_decode.cpp", "layernorm.cpp", "activation.cpp", "rotary.cpp"]
 # -ffast-math lets the compiler vectorise exp (glibc's vector math) and the float reductions; it

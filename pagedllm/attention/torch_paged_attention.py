@@ -56,8 +56,8 @@ class TorchPagedAttention:
         out = torch.empty_like(query)
         if meta.num_decodes and self._use_cpu_kernel(query, meta):
             n = meta.num_decodes  # decodes are rows 0 .. n - 1
-            cpu_ops.paged_decode(out[:n], query[:n], *kv_cache, meta.decode_block_tables,
-                                     meta.decode_seq_lens, self.scale)
+            cpu_ops.paged_decode(out[:n], query[:n], *kv_cache, meta.decode_block_tables, meta.decode_seq_lens,
+                                 self.scale)
         else:
             self._decode_groups(query, kv_cache, meta, out)
         for seq in meta.prefills:
@@ -74,7 +74,7 @@ class TorchPagedAttention:
     def _use_cpu_kernel(query: torch.Tensor, meta: AttentionMetadata) -> bool:
         return (
             query.device.type == "cpu"
-            and query.dtype in (torch.float32, torch.bfloat16)
+            and query.dtype in cpu_ops.KERNEL_DTYPES
             and meta.decode_seq_lens is not None
             and cpu_ops.cpu_kernels_available()
         )

@@ -90,12 +90,9 @@ class FusedOps:
         return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
 
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-
-
 def _kernel_rows(x: torch.Tensor) -> bool:
     """Whether the CPU kernels take x: float32/bfloat16 [rows, hidden] with contiguous rows."""
-    return x.dim() == 2 and x.stride(1) == 1 and x.dtype in KERNEL_DTYPES and x.device.type == "cpu"
+    return x.dim() == 2 and x.stride(1) == 1 and x.dtype in cpu_ops.KERNEL_DTYPES and x.device.type == "cpu"
 
 
 class CpuKernelOps(FusedOps):
@@ -120,7 +117,7 @@ class CpuKernelOps(FusedOps):
 
     def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor,
                sin_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._takes_compiled(q) or q.dtype not in KERNEL_DTYPES or q.stride(2) != 1 or k.stride(2) != 1:
+        if self._takes_compiled(q) or q.dtype not in cpu_ops.KERNEL_DTYPES or q.stride(2) != 1 or k.stride(2) != 1:
             return super().rotary(positions, q, k, cos_table, sin_table)
         return cpu_ops.rotary_embedding(positions, q, k, cos_table, sin_table)  # in place
 

@@ -21,6 +21,7 @@ from pagedllm.model_executor.layers.linear import ShardId, copy_weight
 
 class VocabParallelEmbedding(nn.Module):
     packed_weight: torch.Tensor | None = None  # only ever set on a ParallelLMHead
+
     def __init__(self, num_embeddings: int, embedding_dim: int, tp_group: Optional[TensorParallelGroup] = None) -> None:
         super().__init__()
         self.tp_group = tp_group or TensorParallelGroup()
