@@ -24,6 +24,7 @@ from pagedllm.model_executor.model_loader import load_model
 from pagedllm.sample.metadata import build_sampling_metadata
 from pagedllm.sample.sampler import Sampler, gather_logprobs
 from pagedllm.utils import async_tensor_h2d
+from pagedllm.worker.cpu_malloc import keep_freed_memory_in_heap
 from pagedllm.worker.cuda_graph_runner import DecodeGraphRunner, capture_sizes, cuda_graphs_wanted
 from pagedllm.worker.kv_cache import allocate_kv_cache, determine_num_blocks
 from pagedllm.worker.memory_profiler import needs_memory_profile, profile_memory
@@ -72,6 +73,8 @@ class ModelRunner:
         self.vocab_size = config.model_config.vocab_size
         self.tp_group = tp_group or TensorParallelGroup()
         tp_size = self.tp_group.world_size
+        if self.device.type == "cpu":
+            keep_freed_memory_in_heap()  # large activations stop page-faulting in every step
         self.attn_backend = get_attention_backend(self.device)
         if hasattr(self.attn_backend, "prepare"):
             self.attn_backend.prepare(self.device)  # e.g. build the CPU kernel now, not in step 1
