@@ -38,7 +38,11 @@ _SOURCES = ["registration.cpp", "paged_decode.cpp", "layernorm.cpp", "activation
 # is a compile flag only, so the flush-to-zero start-up code it implies is never linked in.
 # -fopenmp because at::parallel_for is inline OpenMP (without it, it silently runs on one thread);
 # the library then needs libgomp.so.1, which resolves to the one torch has already loaded.
-_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+# GCC tunes -march=native on AVX-512 CPUs for 256-bit vectors; the kernels' loops are short
+# (a head_dim of 64 is four 512-bit vectors), so full-width vectors and unrolled loops with split
+# accumulators took decode attention from 1.02 to 0.68 ms per call (one thread, W1's shapes).
+_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-mprefer-vector-width=512", "-funroll-loops",
+           "-fvariable-expansion-in-unroller"]
 _LDFLAGS = ["-fopenmp"]
 
 
