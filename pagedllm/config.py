@@ -22,6 +22,10 @@ _DTYPES = {
     "half": torch.float16,
 }
 
+# vLLM's `kv_cache_dtype` values this engine can store ('auto': the model's dtype). vLLM's fp8
+# ones ('fp8', 'fp8_e4m3', 'fp8_e5m2', ...) need per-layer scales, which are not implemented.
+KV_CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16}
+
 # Default KV-cache budget on CPU, in GiB; vLLM's CPU build reads VLLM_CPU_KVCACHE_SPACE.
 CPU_KVCACHE_SPACE_ENV = "PAGEDLLM_CPU_KVCACHE_SPACE"
 DEFAULT_CPU_KVCACHE_SPACE_GIB = 4.0
@@ -89,8 +93,14 @@ class CacheConfig:
     num_gpu_blocks_override: Optional[int] = None
     kv_cache_memory_bytes: Optional[int] = None
     gpu_memory_utilization: float = 0.9
+    # vLLM's kv_cache_dtype: 'auto' stores K/V in the model's dtype; 'bfloat16' halves a float32
+    # cache, whose reads bound decode attention on CPU (math stays float32; see docs/performance.md).
+    cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.cache_dtype not in KV_CACHE_DTYPES:
+            hint = " (fp8 KV caches are not implemented)" if self.cache_dtype.startswith("fp8") else ""
+            raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {self.cache_dtype!r}{hint}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
@@ -99,6 +109,10 @@ class CacheConfig:
             raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def kv_cache_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype K/V are stored in."""
+        return KV_CACHE_DTYPES[self.cache_dtype] or model_dtype
 
     def cpu_kv_cache_bytes(self) -> int:
         """The CPU budget: explicit bytes, else the environment variable, else the default."""

@@ -59,6 +59,22 @@ def test_decode_matches_sdpa_reference(kernel, dtype, num_heads, num_kv_heads, h
     torch.testing.assert_close(out.float(), batch.reference(), atol=ATOL[dtype], rtol=0)
 
 
+@pytest.mark.parametrize("query_dtype", [torch.float32, torch.bfloat16])
+def test_decode_reads_a_bfloat16_cache_under_any_query_dtype(kernel, query_dtype):
+    # kv_cache_dtype='bfloat16' under float32 weights: a float32 query over a bf16 cache.
+    contexts = [0, 15, 16, 17, 100]
+    batch = PagedBatch([(c, 1) for c in contexts], 9, 3, 64, 16, dtype=query_dtype, cache_dtype=torch.bfloat16)
+    key, value, slots = batch.take_new_kv()
+    batch.k_cache.view(-1, 3, 64)[slots] = key.bfloat16()
+    batch.v_cache.view(-1, 3, 64)[slots] = value.bfloat16()
+    meta = batch.metadata(slots)
+    out = torch.full_like(batch.query, float("nan"))
+    cpu_ops.paged_decode(out, batch.query, batch.k_cache, batch.v_cache, meta.decode_block_tables,
+                         meta.decode_seq_lens, 64**-0.5)
+    assert out.dtype == query_dtype and not out.isnan().any()
+    torch.testing.assert_close(out.float(), batch.reference(), atol=ATOL[query_dtype], rtol=0)
+
+
 def test_decode_reads_strided_query_rows(kernel):
     # The model hands attention a view into its fused QKV projection: rows are strided.
     batch = cached_batch([(c, 1) for c in (3, 40, 17)], 4, 2, 32, 16, torch.float32)
@@ -82,15 +98,17 @@ def test_one_long_sequence_uses_every_kv_head(kernel):
     torch.testing.assert_close(out, batch.reference(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("use_kernel", [True, False])
-def test_backend_mixed_batch_with_and_without_kernel(kernel, monkeypatch, use_kernel):
-    """Decodes (kernel or gather + SDPA) and prefills (fresh and behind a cached prefix) in one step."""
+def test_backend_mixed_batch_with_and_without_kernel(kernel, monkeypatch, use_kernel, cache_dtype):
+    """Decodes (kernel or gather + SDPA) and prefills (fresh and behind a cached prefix) in one step,
+    over a float32 cache or a bfloat16 one (kv_cache_dtype) under float32 compute."""
     if not use_kernel:
         monkeypatch.setattr(cpu_ops, "cpu_kernels_available", lambda: False)
     seqs = [(5, 1), (16, 1), (47, 1), (0, 9), (20, 7)]
     # The gather path reads the padding of partly filled blocks (masked out, but NaN * 0 is
     # NaN), so only the kernel is run against a NaN-filled cache.
-    batch = PagedBatch(seqs, 6, 2, 32, 16, fill=float("nan") if use_kernel else 0.0)
+    batch = PagedBatch(seqs, 6, 2, 32, 16, fill=float("nan") if use_kernel else 0.0, cache_dtype=cache_dtype)
     key, value, slots = batch.take_new_kv()
     attn = TorchPagedAttention(6, 2, 32, 32**-0.5)
     out = attn.forward(batch.query, key, value, (batch.k_cache, batch.v_cache), batch.metadata(slots))
@@ -111,7 +129,10 @@ def test_bad_inputs_raise_clear_errors(kernel):
                                  meta.decode_block_tables.int(), meta.decode_seq_lens, 0.1)
     with pytest.raises(RuntimeError, match="share a dtype"):
         q = batch.query.bfloat16()
-        cpu_ops.paged_decode(torch.empty_like(q), q, *args)
+        cpu_ops.paged_decode(torch.empty_like(batch.query), q, *args)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        cpu_ops.paged_decode(torch.empty_like(batch.query), batch.query, batch.k_cache, batch.v_cache.bfloat16(),
+                             *args[2:])
     # Lengths and block ids that would read outside the cache are refused, not followed.
     out = torch.empty_like(batch.query)
     too_long = torch.tensor([meta.decode_block_tables.shape[1] * 16 + 1])
@@ -146,6 +167,43 @@ def test_generation_is_the_same_with_and_without_kernels(kernel, family, request
     for (tokens_k, lps_k), (tokens_t, lps_t) in zip(*results):
         assert tokens_k == tokens_t
         torch.testing.assert_close(torch.tensor(lps_k), torch.tensor(lps_t), atol=1e-4, rtol=0)
+
+
+def test_bfloat16_kv_cache_end_to_end(kernel, llama_dir, monkeypatch):
+    """kv_cache_dtype='bfloat16' under float32 weights: the cache is bf16 and, for the same byte
+    budget, holds twice the blocks; the kernel and the PyTorch path give the same tokens; and the
+    logprobs stay within bf16 rounding of a float32 cache's."""
+    from pagedllm import LLM, SamplingParams
+
+    prompts = ["hello world", "the quick brown fox jumps over", "a"]
+    params = SamplingParams(max_tokens=16, temperature=0.0, logprobs=0, ignore_eos=True)
+    runs = {}
+    for name, kv_dtype, use_kernel in (("fp32", "auto", True), ("bf16", "bfloat16", True),
+                                       ("bf16-torch", "bfloat16", False)):
+        if not use_kernel:
+            monkeypatch.setattr(cpu_ops, "cpu_kernels_available", lambda: False)
+        llm = LLM(model=llama_dir, max_model_len=256, block_size=8, dtype="float32", kv_cache_dtype=kv_dtype,
+                  kv_cache_memory_bytes=1 << 20)
+        runner = llm.llm_engine.model_runner
+        cache_dtype, num_blocks = runner.kv_caches[0][0].dtype, runner.num_blocks
+        try:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            llm.shutdown()
+        runs[name] = (cache_dtype, num_blocks,
+                      [(o.outputs[0].token_ids, [next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs])
+                       for o in outs])
+    assert runs["fp32"][0] == torch.float32 and runs["bf16"][0] == torch.bfloat16
+    assert runs["bf16"][1] == 2 * (runs["fp32"][1] + 1) - 1  # the budget holds num_blocks + 1 (padding)
+    for (tok_k, lp_k), (tok_t, lp_t), (tok_32, lp_32) in zip(runs["bf16"][2], runs["bf16-torch"][2], runs["fp32"][2]):
+        assert tok_k == tok_t
+        # Looser than with a float32 cache: a K/V value that the two paths compute a rounding
+        # error apart can land on either side of a bfloat16 rounding boundary.
+        torch.testing.assert_close(torch.tensor(lp_k), torch.tensor(lp_t), atol=1e-3, rtol=0)
+        # Against the float32 cache, up to where a near-tie lets the greedy paths part.
+        n = next((i for i, (a, b) in enumerate(zip(tok_k, tok_32)) if a != b), len(tok_k))
+        assert n >= 4
+        torch.testing.assert_close(torch.tensor(lp_k[:n]), torch.tensor(lp_32[:n]), atol=5e-2, rtol=0)
 
 
 # ----- the elementwise ops ----------------------------------------------------------------------

@@ -76,6 +76,13 @@ def test_max_model_len_beyond_kv_capacity_is_rejected(llama_dir):
         LLM(model=llama_dir, max_model_len=256, num_gpu_blocks_override=4)
 
 
+@pytest.mark.parametrize("kv_cache_dtype, match", [("fp8", "fp8 KV caches are not implemented"),
+                                                    ("float64", "kv_cache_dtype must be one of")])
+def test_unsupported_kv_cache_dtype_is_rejected(llama_dir, kv_cache_dtype, match):
+    with pytest.raises(ValueError, match=match):
+        LLM(model=llama_dir, max_model_len=256, kv_cache_dtype=kv_cache_dtype)
+
+
 def test_chat_renders_template_without_second_bos(llm):
     tok = llm.get_tokenizer()
     conversation = [{"role": "user", "content": "What is the capital of France?"}]

@@ -178,6 +178,21 @@ def test_backend_mixed_batch_matches_torch_backend(block_size):
         assert torch.equal(ours.nan_to_num(0.0), theirs)
 
 
+@pytest.mark.parametrize("query_dtype", [torch.float32, torch.float16])
+def test_backend_reads_and_writes_a_bfloat16_cache(query_dtype):
+    """kv_cache_dtype='bfloat16' under float32 (or float16) compute: this step's K/V are rounded
+    into the bf16 cache, and every kernel reads it back in the query's dtype."""
+    seqs = [(40, 1), (9, 1), (0, 23), (16, 6), (19, 11)]
+    batch = PagedBatch(seqs, 4, 2, 32, 16, dtype=query_dtype, device=DEVICE, cache_dtype=torch.bfloat16)
+    key, value, slot_mapping = batch.take_new_kv()
+    cache = (batch.k_cache, batch.v_cache)
+    out = TritonPagedAttention(4, 2, 32, 32**-0.5).forward(batch.query, key, value, cache, batch.metadata(slot_mapping))
+    assert out.dtype == query_dtype and batch.k_cache.dtype == torch.bfloat16
+    assert_close(out, batch.reference(), query_dtype)
+    flat = batch.k_cache.view(-1, 2, 32)
+    assert torch.equal(flat[slot_mapping].to(query_dtype), key)
+
+
 # ----- end to end ---------------------------------------------------------------------------
 PREFIX = "Continuous batching lets new requests join while others are still decoding. Prefix caching shares blocks"
 PROMPTS = [PREFIX + " between prompts.", PREFIX + " with the same beginning.", "Hello, my name is", "a"]

@@ -4,6 +4,9 @@ Used by `tests/test_triton_attention.py` and `benchmarks/gpu_check.py`. A batch 
 sequences `(context_len, query_len)`: `context_len` tokens already cached, `query_len` new
 ones this step (1 for a decode). Every sequence's K/V sit in a shuffled paged cache; slots no
 sequence owns hold `fill` (NaN by default), so a kernel that reads past its mask returns NaN.
+The cache may be stored in another dtype than the queries (`cache_dtype`, as `kv_cache_dtype`
+does); K/V are then drawn already representable in it, so the reference stays exact whichever
+path (fresh K/V or read back from the cache) a backend takes.
 """
 
 from __future__ import annotations
@@ -33,14 +36,16 @@ class PagedBatch:
         device: torch.device | str = "cpu",
         seed: int = 0,
         fill: float = float("nan"),
+        cache_dtype: torch.dtype | None = None,
     ) -> None:
         self.seqs, self.block_size, self.head_dim = seqs, block_size, head_dim
         self.num_heads, self.num_kv_heads, self.device = num_heads, num_kv_heads, torch.device(device)
         gen = torch.Generator(self.device).manual_seed(seed)
         num_blocks = sum(cdiv(c + q, block_size) for c, q in seqs) + 2
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k_cache = torch.full(shape, fill, dtype=dtype, device=self.device)
-        self.v_cache = torch.full(shape, fill, dtype=dtype, device=self.device)
+        cache_dtype = cache_dtype or dtype
+        self.k_cache = torch.full(shape, fill, dtype=cache_dtype, device=self.device)
+        self.v_cache = torch.full(shape, fill, dtype=cache_dtype, device=self.device)
         free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
         self.tables: list[list[int]] = []
         self.keys: list[torch.Tensor] = []
@@ -49,11 +54,11 @@ class PagedBatch:
         for context_len, query_len in seqs:
             seq_len = context_len + query_len
             table = [free.pop() for _ in range(cdiv(seq_len, block_size))]
-            k, v = (torch.randn(seq_len, num_kv_heads, head_dim, generator=gen, device=self.device).to(dtype)
-                    for _ in range(2))
+            k, v = (torch.randn(seq_len, num_kv_heads, head_dim, generator=gen, device=self.device)
+                    .to(cache_dtype).to(dtype) for _ in range(2))
             slots = self.slots(table, 0, seq_len)
-            self.k_cache.view(-1, num_kv_heads, head_dim)[slots] = k
-            self.v_cache.view(-1, num_kv_heads, head_dim)[slots] = v
+            self.k_cache.view(-1, num_kv_heads, head_dim)[slots] = k.to(cache_dtype)
+            self.v_cache.view(-1, num_kv_heads, head_dim)[slots] = v.to(cache_dtype)
             self.tables.append(table)
             self.keys.append(k)
             self.values.append(v)

@@ -8,6 +8,11 @@ chunks, or prompts behind a cached prefix) one by one.
 Decodes on CPU go through the C++ kernel of `pagedllm.cpu_ops` when it is built, which reads the
 blocks in place; otherwise (and as the reference it is tested against) they gather their
 blocks into a padded copy and run SDPA over it.
+
+The cache may hold a narrower dtype than the model computes in (`kv_cache_dtype="bfloat16"`
+under float32 weights): K/V are rounded once, when written, and read back into the query's
+dtype. A prompt with nothing cached before it attends over its own K/V as computed, unrounded
+(the Triton backend reads every key back from the cache, rounded).
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 def write_to_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
     """Scatter this step's K/V [num_tokens, num_kv_heads, head_dim] into their cache slots."""
     k_cache, v_cache = kv_cache
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value)
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
 class TorchPagedAttention:
@@ -54,7 +59,7 @@ class TorchPagedAttention:
     ) -> torch.Tensor:
         write_to_kv_cache(key, value, kv_cache, meta.slot_mapping)
         out = torch.empty_like(query)
-        if meta.num_decodes and self._use_cpu_kernel(query, meta):
+        if meta.num_decodes and self._use_cpu_kernel(query, kv_cache, meta):
             n = meta.num_decodes  # decodes are rows 0 .. n - 1
             cpu_ops.paged_decode(out[:n], query[:n], *kv_cache, meta.decode_block_tables, meta.decode_seq_lens,
                                  self.scale)
@@ -66,15 +71,16 @@ class TorchPagedAttention:
                 # Nothing cached before: attend over this step's own K/V, no gather needed.
                 k, v = key[rows], value[rows]
             else:
-                k, v = self._gather(kv_cache, seq.block_ids, seq.seq_len)
+                k, v = (t.to(query.dtype) for t in self._gather(kv_cache, seq.block_ids, seq.seq_len))
             out[rows] = self._prefill(query[rows], k, v, seq.context_len)
         return out
 
     @staticmethod
-    def _use_cpu_kernel(query: torch.Tensor, meta: AttentionMetadata) -> bool:
+    def _use_cpu_kernel(query: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> bool:
         return (
             query.device.type == "cpu"
             and query.dtype in cpu_ops.KERNEL_DTYPES
+            and kv_cache[0].dtype in cpu_ops.KERNEL_DTYPES
             and meta.decode_seq_lens is not None
             and cpu_ops.cpu_kernels_available()
         )
@@ -115,8 +121,8 @@ class TorchPagedAttention:
         n, num_blocks = block_tables.shape
         flat = block_tables.reshape(-1)
         # [n * blocks, block_size, kv_heads, dim] -> [n, kv_heads, keys, dim]
-        k = k_cache.index_select(0, flat).view(n, -1, *k_cache.shape[2:]).transpose(1, 2)
-        v = v_cache.index_select(0, flat).view(n, -1, *v_cache.shape[2:]).transpose(1, 2)
+        k = k_cache.index_select(0, flat).view(n, -1, *k_cache.shape[2:]).transpose(1, 2).to(q.dtype)
+        v = v_cache.index_select(0, flat).view(n, -1, *v_cache.shape[2:]).transpose(1, 2).to(q.dtype)
         mask = key_mask[:, None, None, :]
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2), k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.gqa

@@ -27,8 +27,10 @@ if TYPE_CHECKING:
 logger = init_logger(__name__)
 
 
-def bytes_per_block(model_config: ModelConfig, block_size: int, tp_size: int = 1) -> int:
-    elem = torch.empty((), dtype=model_config.dtype).element_size()
+def bytes_per_block(model_config: ModelConfig, block_size: int, tp_size: int = 1,
+                    dtype: torch.dtype | None = None) -> int:
+    """`dtype`: the cache's storage dtype (default: the model's)."""
+    elem = torch.empty((), dtype=dtype or model_config.dtype).element_size()
     num_kv_heads = model_config.num_kv_heads // tp_size
     return 2 * model_config.num_layers * block_size * num_kv_heads * model_config.head_dim * elem
 
@@ -43,7 +45,8 @@ def determine_num_blocks(
     profile: MemoryProfile | None = None,
 ) -> int:
     """`profile` (a CUDA memory profile) is needed on GPU unless a block count or byte budget is given."""
-    per_block = bytes_per_block(model_config, cache_config.block_size, tp_size)
+    per_block = bytes_per_block(model_config, cache_config.block_size, tp_size,
+                                cache_config.kv_cache_torch_dtype(model_config.dtype))
     if cache_config.num_gpu_blocks_override is not None:
         return cache_config.num_gpu_blocks_override
     if device.type == "cpu":
@@ -70,7 +73,8 @@ def determine_num_blocks(
 
 
 def allocate_kv_cache(
-    model_config: ModelConfig, num_blocks: int, block_size: int, device: torch.device, tp_size: int = 1
+    model_config: ModelConfig, num_blocks: int, block_size: int, device: torch.device, tp_size: int = 1,
+    dtype: torch.dtype | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Zero-filled, so that slots a masked attention row still reads hold finite values.
 
@@ -81,14 +85,15 @@ def allocate_kv_cache(
     compaction, which made writing a fresh block's K/V ~25x slower (W1's prefill spent 1.3 s of
     its 3 s in `index_copy_` in bfloat16).
     """
+    dtype = dtype or model_config.dtype
     num_kv_heads = model_config.num_kv_heads // tp_size
     shape = (num_blocks, block_size, num_kv_heads, model_config.head_dim)
     num_tensors = 2 * model_config.num_layers
     if device.type == "cpu":
-        elem = torch.empty((), dtype=model_config.dtype).element_size()
+        elem = torch.empty((), dtype=dtype).element_size()
         numel = num_tensors * num_blocks * block_size * num_kv_heads * model_config.head_dim
-        flat = torch.frombuffer(mmap.mmap(-1, numel * elem), dtype=torch.uint8).view(model_config.dtype)
+        flat = torch.frombuffer(mmap.mmap(-1, numel * elem), dtype=torch.uint8).view(dtype)
         tensors = list(flat.view(num_tensors, *shape).unbind(0))
     else:
-        tensors = [torch.zeros(shape, dtype=model_config.dtype, device=device) for _ in range(num_tensors)]
+        tensors = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_tensors)]
     return [(tensors[2 * i], tensors[2 * i + 1]) for i in range(model_config.num_layers)]

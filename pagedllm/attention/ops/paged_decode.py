@@ -254,7 +254,7 @@ def paged_decode(
         TILE_N=tile_n,
         HEAD_DIM_PADDED=head_dim_padded,
         SPLIT=num_splits > 1,
-        COMPUTE_IN_FP32=compute_in_fp32(query.dtype),
+        COMPUTE_IN_FP32=compute_in_fp32(query.dtype, k_cache.dtype),
         num_warps=4,
     )
     if num_splits > 1:

@@ -155,7 +155,7 @@ def prefix_prefill(
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     check_last_dim_contiguous(out, query, k_cache, v_cache)
-    fp32 = query.dtype == torch.float32
+    fp32 = query.dtype == torch.float32 or k_cache.dtype != query.dtype
     # Tiles of 64 x 64 keep a head_dim-128 fp16/bf16 working set in registers and shared memory;
     # fp32 tiles are twice the bytes, so half as many keys per step.
     block_m = block_m or 64
@@ -174,6 +174,6 @@ def prefix_prefill(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         HEAD_DIM_PADDED=padded(head_dim, 16),
-        COMPUTE_IN_FP32=compute_in_fp32(query.dtype),
+        COMPUTE_IN_FP32=compute_in_fp32(query.dtype, k_cache.dtype),
         num_warps=4,
     )

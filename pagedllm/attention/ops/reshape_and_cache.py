@@ -53,8 +53,9 @@ def _reshape_and_cache_kernel(
     v = tl.load(value_ptr + token * stride_value_token + heads * stride_value_head + dims, mask=mask)
     k_dst = k_cache_ptr + block * stride_kc_block + offset * stride_kc_slot + heads * stride_kc_head + dims
     v_dst = v_cache_ptr + block * stride_vc_block + offset * stride_vc_slot + heads * stride_vc_head + dims
-    tl.store(k_dst, k, mask=mask)
-    tl.store(v_dst, v, mask=mask)
+    # The cache may be narrower than the model's K/V (kv_cache_dtype): round once, here.
+    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def reshape_and_cache(
@@ -64,12 +65,14 @@ def reshape_and_cache(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens], int32 or int64
 ) -> None:
-    """Scatter `key`/`value` rows into their cache slots, in place."""
+    """Scatter `key`/`value` rows into their cache slots, in place, rounded to the cache's dtype
+    when it is narrower (kv_cache_dtype)."""
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
-    if key.dtype != k_cache.dtype or value.dtype != v_cache.dtype:
-        raise ValueError(f"K/V dtype {key.dtype} does not match the cache's {k_cache.dtype}")
+    if key.dtype != value.dtype or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"key/value ({key.dtype}, {value.dtype}) and k/v caches ({k_cache.dtype}, "
+                         f"{v_cache.dtype}) must each share a dtype")
     check_last_dim_contiguous(key, value, k_cache, v_cache)
     _reshape_and_cache_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping,

@@ -15,14 +15,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def compute_in_fp32(dtype: torch.dtype) -> bool:
+def compute_in_fp32(dtype: torch.dtype, cache_dtype: torch.dtype | None = None) -> bool:
     """Whether kernels should upcast their tiles to fp32 before multiplying.
 
     On a GPU, fp16/bf16 tiles go to the tensor cores as they are (accumulating in fp32), and
     fp32 tiles are already fp32. The interpreter's NumPy has no bfloat16 arithmetic (it
-    silently yields garbage), so there every tile is upcast first.
+    silently yields garbage), so there every tile is upcast first. A cache stored in another
+    dtype than the query (`kv_cache_dtype`) cannot meet it in one dot either.
     """
-    return interpreting() or dtype == torch.float32
+    return interpreting() or dtype == torch.float32 or (cache_dtype is not None and cache_dtype != dtype)
 
 
 def padded(n: int, minimum: int = 1) -> int:

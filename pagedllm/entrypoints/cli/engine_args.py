@@ -19,13 +19,18 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     g.add_argument("--model", default=None, help=help_model)
     g.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight and KV-cache dtype ('auto': float32 on CPU, the checkpoint's on GPU)")
+                   help="weight dtype, and the KV cache's unless --kv-cache-dtype says otherwise ('auto': float32 on "
+                        "CPU, the checkpoint's on GPU)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded random sampling")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests running at once")
-    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one engine step (default: 8192 offline, 2048 for serve, as vLLM)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one engine step (default: 8192 offline; for serve 2048 on GPU, as vLLM, and "
+                        "1024 on CPU)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16"],
+                   help="KV-cache storage dtype ('auto': the model's; 'bfloat16' halves a float32 cache, "
+                        "the bytes decode attention reads)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--num-gpu-blocks-override", type=int, default=None,
                    help="exact number of KV-cache blocks (any device)")
