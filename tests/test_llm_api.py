@@ -162,3 +162,14 @@ def test_generation_config_sets_default_sampling_params(llama_dir, tmp_path):
     plain = llm.generate("Hello, my name is", SamplingParams(temperature=0.0), use_tqdm=False)[0].outputs[0].token_ids
     assert implicit == explicit != plain
     llm.shutdown()
+
+
+def test_default_step_budget_by_usage_and_device():
+    import torch
+
+    from pagedllm.engine.arg_utils import default_max_num_batched_tokens
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert default_max_num_batched_tokens("llm_class", cpu) == default_max_num_batched_tokens("llm_class", gpu) == 8192
+    assert default_max_num_batched_tokens("openai_api_server", gpu) == 2048  # vLLM's API-server default
+    assert default_max_num_batched_tokens("openai_api_server", cpu) == 1024  # finer chunks: a CPU step is slow
