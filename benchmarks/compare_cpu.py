@@ -28,7 +28,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 # engine name -> (runner script under peers/, extra runner flags); other names run peers/run_<name>.py
-RUNNERS = {"llamacpp_serial": ("llamacpp", ["--one-at-a-time"])}
+RUNNERS = {"llamacpp_serial": ("llamacpp", ["--one-at-a-time"]),
+           "pagedllm_kvbf16": ("pagedllm", ["--kv-cache-dtype", "bfloat16"])}
 
 
 def build_workload(args: argparse.Namespace, gguf_path: str, path: Path) -> dict:
@@ -72,7 +73,7 @@ def run_engine(name: str, python: str, model: str, workload: Path, threads: int,
     script, flags = RUNNERS.get(name, (name, []))
     cmd = [python, str(HERE / "peers" / f"run_{script}.py"), "--workload", str(workload), "--model", model,
            "--out", str(out), "--threads", str(threads), "--dtype", dtype, *flags]
-    if compile_fused_ops and name == "pagedllm":
+    if compile_fused_ops and script == "pagedllm":
         cmd.append("--compile-fused-ops")
     env = {**os.environ, "PYTHONPATH": str(HERE / "peers"), "PAGEDLLM_LOGGING_LEVEL": "WARNING"}
     print(f"[compare] running {name} ...", flush=True)
@@ -92,8 +93,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--engines", default="pagedllm,vllm,llamacpp,llamacpp_serial,transformers",
-                   help="comma-separated: pagedllm, vllm, llamacpp (all sequences batched), "
-                        "llamacpp_serial (one request at a time), transformers")
+                   help="comma-separated: pagedllm, pagedllm_kvbf16 (a bfloat16 KV cache), vllm, llamacpp "
+                        "(all sequences batched), llamacpp_serial (one request at a time), transformers")
     p.add_argument("--vllm-python", default=os.environ.get("PAGEDLLM_BENCH_VLLM_PYTHON"))
     p.add_argument("--llamacpp-python", default=os.environ.get("PAGEDLLM_BENCH_LLAMACPP_PYTHON"))
     p.add_argument("--num-prompts", type=int, default=32)
@@ -117,7 +118,7 @@ def main() -> int:
     workload = build_workload(args, gguf, work / "workload.json")
     in_tokens = sum(len(x) for x in workload["prompts"])
     hf_dir = None
-    pythons = {"pagedllm": sys.executable, "transformers": sys.executable,
+    pythons = {"pagedllm": sys.executable, "pagedllm_kvbf16": sys.executable, "transformers": sys.executable,
                "vllm": args.vllm_python, "llamacpp": args.llamacpp_python, "llamacpp_serial": args.llamacpp_python}
     results = []
     for name in [e.strip() for e in args.engines.split(",") if e.strip()]:

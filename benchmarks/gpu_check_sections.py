@@ -413,7 +413,8 @@ def section_transformers(ctx: Context) -> dict:
 
 # ----- kernels ------------------------------------------------------------------------------------
 def section_kernels(ctx: Context) -> dict:
-    """The Triton backend against plain SDPA on model-like shapes, every dtype, both block sizes."""
+    """The Triton backend against plain SDPA on model-like shapes, every dtype, both block sizes, and
+    a bfloat16 KV cache under float32 compute (kv_cache_dtype)."""
     from pagedllm.attention.ops import paged_decode, prefix_prefill
     from pagedllm.attention.testing import PagedBatch
     from pagedllm.attention.torch_paged_attention import TorchPagedAttention
@@ -431,10 +432,12 @@ def section_kernels(ctx: Context) -> dict:
         mixed = [(40, 1), (90, 1), (0, 1), (0, 60), (32, 20), (37, 15)]
         decodes = [(150, 1), (17, 1), (64, 1), (31, 1)]
         shapes, dtypes = shapes[:2], dtypes[:2]
+    cases = [(dtype, None) for dtype in dtypes] + [(torch.float32, torch.bfloat16)]
     rows, ok = [], True
     for name, h, kvh, d, bs in shapes:
-        for dtype in dtypes:
-            batch = PagedBatch(mixed, h, kvh, d, bs, dtype=dtype, device=dev, seed=1)
+        for dtype, cache_dtype in cases:
+            kw = dict(dtype=dtype, device=dev, cache_dtype=cache_dtype)
+            batch = PagedBatch(mixed, h, kvh, d, bs, seed=1, **kw)
             key, value, slots = batch.take_new_kv()
             meta = batch.metadata(slots)
             torch_cache = (batch.k_cache.nan_to_num(0.0), batch.v_cache.nan_to_num(0.0))
@@ -445,7 +448,7 @@ def section_kernels(ctx: Context) -> dict:
             reference_backend = TorchPagedAttention(h, kvh, d, d**-0.5).forward(batch.query, key, value, torch_cache, meta)
             err_torch_backend = (reference_backend.float() - ref).abs().max().item()
             same_cache = all(torch.equal(a.nan_to_num(0.0), b) for a, b in zip(triton_cache, torch_cache))
-            dec = PagedBatch(decodes, h, kvh, d, bs, dtype=dtype, device=dev, seed=2)
+            dec = PagedBatch(decodes, h, kvh, d, bs, seed=2, **kw)
             dref = dec.reference()
             errs_split = {}
             for splits in (1, 4, None):
@@ -453,7 +456,7 @@ def section_kernels(ctx: Context) -> dict:
                 paged_decode(o, dec.query, dec.k_cache, dec.v_cache, dec.block_tables, dec.seq_lens, dec.max_seq_len,
                              d**-0.5, num_splits=splits)
                 errs_split[str(splits or "auto")] = (o.float() - dref).abs().max().item()
-            pre = PagedBatch([s for s in mixed if s[1] > 1], h, kvh, d, bs, dtype=dtype, device=dev, seed=3)
+            pre = PagedBatch([s for s in mixed if s[1] > 1], h, kvh, d, bs, seed=3, **kw)
             o = torch.full_like(pre.query, float("nan"))
             prefix_prefill(o, pre.query, pre.k_cache, pre.v_cache, pre.block_tables, pre.query_start_loc,
                            pre.seq_lens, pre.max_query_len, d**-0.5)
@@ -461,7 +464,9 @@ def section_kernels(ctx: Context) -> dict:
             errs = [err_mixed, err_prefill, *errs_split.values()]
             passed = same_cache and all(e <= tol[dtype] for e in errs)  # NaN fails too
             ok &= passed
-            rows.append({"shape": name, "dtype": str(dtype).removeprefix("torch."), "block_size": bs, "passed": passed,
+            label = str(dtype).removeprefix("torch.") + (f"/{str(cache_dtype).removeprefix('torch.')} cache"
+                                                          if cache_dtype else "")
+            rows.append({"shape": name, "dtype": label, "block_size": bs, "passed": passed,
                          "max_err_mixed_batch": err_mixed, "max_err_prefill": err_prefill,
                          "max_err_decode_by_splits": errs_split, "max_err_torch_backend": err_torch_backend,
                          "cache_writes_match_torch_backend": same_cache})

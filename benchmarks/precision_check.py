@@ -5,7 +5,10 @@ times faster than float32, but it is a change of numerics like a quantisation: t
 the change. For each dtype it computes, with the same engine and model:
 
 - the perplexity of a fixed text (this repository's `docs/architecture.md`, cut into windows of
-  `--window` tokens), from the prompt logprobs of the tokens that are actually there;
+  `--window` tokens), from the prompt logprobs of the tokens that are actually there. Each window
+  is prefilled in chunks of `--chunk` tokens, so that later chunks attend to K/V read back from
+  the cache: otherwise a narrower KV cache (`float32/bfloat16`) would never be read in scoring,
+  as a prompt's own attention uses its unrounded K/V;
 - greedy continuations of a few fixed prompts, and how many of their tokens agree with
   float32's before the first difference.
 
@@ -44,10 +47,13 @@ def first_divergence(a: list[int], b: list[int]) -> int:
     return n
 
 
-def evaluate(model: str | None, dtype: str, window: int, max_tokens: int) -> dict:
+def evaluate(model: str | None, variant: str, window: int, chunk: int, max_tokens: int) -> dict:
+    """`variant`: a dtype, optionally with a KV-cache dtype after a slash ('float32/bfloat16')."""
     from pagedllm import LLM, SamplingParams
 
-    llm = LLM(model=model, dtype=dtype, max_model_len=max(1024, window + 8))
+    dtype, _, kv_cache_dtype = variant.partition("/")
+    llm = LLM(model=model, dtype=dtype, kv_cache_dtype=kv_cache_dtype or "auto", max_model_len=max(1024, window + 8),
+              max_num_batched_tokens=chunk)
     ids = llm.get_tokenizer().encode(TEXT.read_text())
     windows = [ids[i : i + window] for i in range(0, len(ids) - 1, window) if len(ids[i : i + window]) > 1]
     outs = llm.generate([{"prompt_token_ids": w} for w in windows],
@@ -58,34 +64,37 @@ def evaluate(model: str | None, dtype: str, window: int, max_tokens: int) -> dic
             nll -= entry[w[pos]].logprob
             count += 1
     greedy = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
-    return {"dtype": dtype, "perplexity": math.exp(nll / count), "scored_tokens": count,
+    return {"dtype": variant, "perplexity": math.exp(nll / count), "scored_tokens": count,
             "greedy": [o.outputs[0].token_ids for o in greedy]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--dtypes", default="float32,bfloat16,float32/bfloat16",
+                   help="comma-separated; 'D/K' is dtype D with a K KV cache (kv_cache_dtype)")
     p.add_argument("--window", type=int, default=512)
+    p.add_argument("--chunk", type=int, default=64, help="prefill chunk (the engine's step budget)")
     p.add_argument("--max-tokens", type=int, default=64)
     args = p.parse_args()
-    results = [evaluate(args.model, d.strip(), args.window, args.max_tokens) for d in args.dtypes.split(",")]
+    results = [evaluate(args.model, d.strip(), args.window, args.chunk, args.max_tokens)
+               for d in args.dtypes.split(",")]
     ref = results[0]
     print(f"fixed text: {TEXT.name}, {ref['scored_tokens']} scored tokens; greedy: {len(PROMPTS)} prompts x "
           f"{args.max_tokens} tokens; reference {ref['dtype']}")
-    print(f"{'dtype':<12}{'perplexity':>12}{'change':>10}{'greedy tokens equal to ref':>30}")
+    print(f"{'dtype':<18}{'perplexity':>12}{'change':>10}{'greedy tokens equal to ref':>30}")
     for r in results:
         agree = [first_divergence(a, b) for a, b in zip(ref["greedy"], r["greedy"])]
         r["greedy_prefix_agreement"] = agree
         r["perplexity_change_pct"] = 100 * (r["perplexity"] / ref["perplexity"] - 1)
         total = sum(len(g) for g in ref["greedy"])
-        print(f"{r['dtype']:<12}{r['perplexity']:>12.3f}{r['perplexity_change_pct']:>9.2f}%   "
+        print(f"{r['dtype']:<18}{r['perplexity']:>12.3f}{r['perplexity_change_pct']:>9.2f}%   "
               f"{sum(agree)}/{total} (per prompt {agree})")
     stamp = datetime.now(timezone.utc)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"precision_check-{stamp:%Y%m%d-%H%M}-{platform.node()}.json"
     out.write_text(json.dumps({"date": stamp.isoformat(), "machine": platform.node(), "text": TEXT.name,
-                               "window": args.window, "results": results}, indent=2))
+                               "window": args.window, "chunk": args.chunk, "results": results}, indent=2))
     print(f"wrote {out}")
 
 

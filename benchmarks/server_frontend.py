@@ -44,10 +44,13 @@ def free_port() -> int:
 
 
 def start_server(model: str | None, mode: str, threads: int, max_model_len: int,
-                 dtype: str = "float32") -> tuple[subprocess.Popen, str]:
+                 dtype: str = "float32", kv_cache_dtype: str = "auto",
+                 max_num_batched_tokens: int | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli.main", "serve", *([model] if model else []),
            "--port", str(port), "--engine-core", mode, "--max-model-len", str(max_model_len), "--dtype", dtype,
+           "--kv-cache-dtype", kv_cache_dtype,
+           *(["--max-num-batched-tokens", str(max_num_batched_tokens)] if max_num_batched_tokens else []),
            "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PAGEDLLM_LOGGING_LEVEL": "WARNING"}
     log = tempfile.NamedTemporaryFile("w", prefix="server-frontend-", suffix=".log", delete=False)
@@ -74,12 +77,13 @@ def bench_args(url: str, vocab: int, num_prompts: int, concurrency: int, seed: i
 
 
 def offline_ceiling(model: str | None, vocab: int, num_prompts: int, concurrency: int, threads: int,
-                    max_model_len: int, seed: int, dtype: str = "float32") -> float:
+                    max_model_len: int, seed: int, dtype: str = "float32", kv_cache_dtype: str = "auto") -> float:
     """Output tokens/s of the bare engine on the same requests, `concurrency` at a time."""
     import torch
 
     torch.set_num_threads(threads)
-    llm = LLM(model=model, max_model_len=max_model_len, max_num_seqs=concurrency, dtype=dtype)
+    llm = LLM(model=model, max_model_len=max_model_len, max_num_seqs=concurrency, dtype=dtype,
+              kv_cache_dtype=kv_cache_dtype)
     reqs = random_requests(num_prompts, (32, 256), (NUM_OUTPUT, NUM_OUTPUT), vocab, seed=seed)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_OUTPUT, ignore_eos=True)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
@@ -100,6 +104,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--engine-cores", default="thread,process", help="comma-separated: thread, process")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16"])
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="the server's step budget (default: its own)")
     p.add_argument("--output", default=None, help="default: benchmarks/results/server_frontend_t<threads>.json")
     args = p.parse_args()
     args.output = args.output or str(RESULTS / f"server_frontend_t{args.threads}.json")
@@ -116,17 +122,19 @@ def main() -> None:
         for concurrency in [int(c) for c in args.concurrency.split(",")]:
             num_prompts = max(8, 2 * concurrency)
             ceiling = offline_ceiling(model, vocab, num_prompts, concurrency, args.threads, max_model_len, seed=1,
-                                      dtype=args.dtype)
+                                      dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
             for repeat in range(args.repeats):
                 for mode in args.engine_cores.split(","):
-                    proc, url = start_server(model, mode, args.threads, max_model_len, args.dtype)
+                    proc, url = start_server(model, mode, args.threads, max_model_len, args.dtype, args.kv_cache_dtype,
+                                             args.max_num_batched_tokens)
                     try:
                         run_serve(bench_args(url, vocab, 2, concurrency, seed=99))  # warm-up
                         report = run_serve(bench_args(url, vocab, num_prompts, concurrency, seed=1))
                     finally:
                         proc.send_signal(signal.SIGTERM)
                         proc.wait(60)
-                    rows.append({"model": name, "dtype": args.dtype, "engine_core": mode, "concurrency": concurrency, "repeat": repeat,
+                    rows.append({"model": name, "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
+                                 "max_num_batched_tokens": args.max_num_batched_tokens, "engine_core": mode, "concurrency": concurrency, "repeat": repeat,
                                  "num_prompts": num_prompts, "offline_output_tok_s": ceiling, **report})
 
     header = ("model", "core", "conc", "out tok/s", "% offline", "TTFT p50", "TTFT p99", "TPOT p50", "ITL p99",

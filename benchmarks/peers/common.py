@@ -21,6 +21,8 @@ def parse_args() -> argparse.Namespace:
     # float32 is W1's precision; bfloat16 runs the torch engines on the CPU's bf16 units (AMX, AVX512-BF16).
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--compile-fused-ops", action="store_true", help="pagedllm only: torch.compile its elementwise ops")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16"],
+                   help="pagedllm only: the KV cache's storage dtype")
     p.add_argument("--one-at-a-time", action="store_true",
                    help="llama.cpp only: the high-level API, one request after another, instead of all sequences batched")
     p.add_argument("--tokens-out", default=None,

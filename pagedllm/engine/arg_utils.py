@@ -26,8 +26,8 @@ logger = init_logger(__name__)
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"llm_class": 8192, "openai_api_server": 2048}
 # The CPU server steps half as many tokens as vLLM's CPU server (2048): a step of CPU prefill takes
 # seconds, and a burst's median time to first token is set by the chunk its prompt lands in. On W1
-# served to 32 clients (docs/performance.md) 1024 kept 97% of the offline throughput, as 2048 did,
-# and cut the median TTFT from 1.85 s to 1.35 s.
+# served to 32 clients (docs/performance.md) 1024 kept 94-97% of the offline throughput (2048: 97%)
+# and cut the median TTFT from 1.85 s to 1.35-1.6 s (two runs).
 CPU_SERVER_MAX_NUM_BATCHED_TOKENS = 1024
 
 
