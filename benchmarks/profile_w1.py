@@ -21,7 +21,8 @@ from pagedllm.benchmarks.datasets import random_requests
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CATEGORIES = {
-    "matmul (linear layers, LM head)": ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul"),
+    "matmul (linear layers, LM head)": ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul",
+                                        "mkldnn::_linear_pointwise"),
     "attention (SDPA, CPU paged-decode kernel)": ("scaled_dot_product", "pagedllm_cpu::paged_decode"),
     "CPU kernels: RMSNorm, SiLU, rotary": ("pagedllm_cpu::",),
     "KV gather / write": ("aten::index_select", "aten::index_copy_", "aten::index"),
