@@ -35,8 +35,10 @@ def test_packed_layers_equal_plain_linear(dtype, rows):
     torch.testing.assert_close(down(x_down), want[1], **tol)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_generation_with_packed_weights_equals_plain(family, request, monkeypatch):
+    """Qwen3's fixture ties its LM head to the embedding: the head gets a packed copy, and the
+    embedding lookup keeps its plain matrix."""
     model_dir = request.getfixturevalue(f"{family}_dir")
     prompts = ["hello world", "the quick brown fox jumps over"]
     params = SamplingParams(max_tokens=16, temperature=0.0, logprobs=0, ignore_eos=True)
@@ -45,8 +47,12 @@ def test_generation_with_packed_weights_equals_plain(family, request, monkeypatc
         if not packed:
             monkeypatch.setenv("PAGEDLLM_CPU_KERNELS", "0")
         llm = LLM(model=model_dir, max_model_len=256)
-        qkv = llm.llm_engine.model_runner.model.layers[0].self_attn.qkv_proj
+        model = llm.llm_engine.model_runner.model
+        qkv = model.layers[0].self_attn.qkv_proj
         assert (qkv.packed_weight is not None) == packed
+        if model.tie_word_embeddings:
+            assert model.embed_tokens.weight is not None
+            assert (model.embed_tokens.packed_weight is not None) == packed
         try:
             outs = llm.generate(prompts, params, use_tqdm=False)
         finally:

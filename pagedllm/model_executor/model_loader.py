@@ -10,7 +10,7 @@ from pagedllm.attention.selector import get_attention_backend
 from pagedllm.config import ModelConfig
 from pagedllm.distributed.parallel_state import TensorParallelGroup
 from pagedllm.logger import init_logger
-from pagedllm.model_executor.layers.cpu_weight_packing import pack_linear_weights, packing_wanted
+from pagedllm.model_executor.layers.cpu_weight_packing import pack_linear_weights, pack_tied_lm_head, packing_wanted
 from pagedllm.model_executor.layers.fused_ops import fused_ops_for
 from pagedllm.model_executor.layers.linear import LinearBase
 from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
@@ -49,15 +49,18 @@ def load_model(model_config: ModelConfig, device: torch.device,
         if hasattr(module, "fused_ops"):
             module.fused_ops = ops
     num_params = sum(p.numel() for p in model.parameters())
-    packed = 0
+    packed = tied_copy = 0
     if packing_wanted(device, model_config.dtype):
         packed = pack_linear_weights(model, (LinearBase, ParallelLMHead))
+        if getattr(model, "tie_word_embeddings", False):
+            tied_copy = pack_tied_lm_head(model.embed_tokens)
     logger.info(
-        "Loaded %s weights (%s, %.1fM parameters%s) in %.2f s",
+        "Loaded %s weights (%s, %.1fM parameters%s%s) in %.2f s",
         arch,
         str(model_config.dtype).removeprefix("torch."),
         num_params / 1e6,
         f", {packed} linear weights packed for oneDNN" if packed else "",
+        f", the tied LM head packed beside the embedding (+{tied_copy / 2**20:.0f} MiB)" if tied_copy else "",
         time.perf_counter() - start,
     )
     return model

@@ -20,7 +20,9 @@ from pagedllm.model_executor.layers.linear import ShardId, copy_weight
 
 
 class VocabParallelEmbedding(nn.Module):
-    packed_weight: torch.Tensor | None = None  # only ever set on a ParallelLMHead
+    # oneDNN-packed weight for compute_logits on CPU (layers/cpu_weight_packing.py): a ParallelLMHead's
+    # only copy, or a tied embedding's second one (its lookup keeps reading `weight`)
+    packed_weight: torch.Tensor | None = None
 
     def __init__(self, num_embeddings: int, embedding_dim: int, tp_group: Optional[TensorParallelGroup] = None) -> None:
         super().__init__()
