@@ -210,3 +210,8 @@ class EngineConfig:
     scheduler_config: SchedulerConfig
     device: torch.device
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """The dtype K/V are stored in (`kv_cache_dtype`, else the model's)."""
+        return self.cache_config.kv_cache_torch_dtype(self.model_config.dtype)

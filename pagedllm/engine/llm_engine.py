@@ -59,7 +59,7 @@ class LLMEngine:
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens of %s K/V on %s%s; maximum concurrency for %d-token "
             "requests: %.2fx",
-            num_blocks, cc.block_size, capacity, str(cc.kv_cache_torch_dtype(mc.dtype)).removeprefix("torch."),
+            num_blocks, cc.block_size, capacity, str(config.kv_cache_dtype).removeprefix("torch."),
             config.device, f" (x{tp} workers, each 1/{tp} of the heads)" if tp > 1 else "",
             mc.max_model_len, capacity / mc.max_model_len,
         )

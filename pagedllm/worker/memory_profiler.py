@@ -98,9 +98,8 @@ def dummy_step(runner: ModelRunner, requests: list[ScheduledRequest],
 def dummy_kv_caches(runner: ModelRunner, requests: list[ScheduledRequest]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A throw-away KV cache just large enough for `requests`."""
     num_blocks = max(max(r.block_ids) for r in requests) + 1
-    config = runner.config
-    return allocate_kv_cache(config.model_config, num_blocks, runner.block_size, runner.device,
-                             dtype=config.cache_config.kv_cache_torch_dtype(config.model_config.dtype))
+    return allocate_kv_cache(runner.config.model_config, num_blocks, runner.block_size, runner.device,
+                             dtype=runner.config.kv_cache_dtype)
 
 
 def _peak_step_bytes(runner: ModelRunner, requests: list[ScheduledRequest], sample: bool) -> int:

@@ -92,7 +92,7 @@ class ModelRunner:
         # of a CUDA-graph replay write to (never a live sequence's block).
         self.kv_caches = allocate_kv_cache(
             config.model_config, self.num_blocks + 1, self.block_size, self.device, tp_size,
-            config.cache_config.kv_cache_torch_dtype(config.model_config.dtype),
+            config.kv_cache_dtype,
         )
         self.cuda_graphs: DecodeGraphRunner | None = None
         if use_graphs:

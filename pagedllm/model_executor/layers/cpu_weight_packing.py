@@ -37,12 +37,16 @@ def packing_wanted(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
+def _reordered(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_SIZE_HINT)
+
+
 def pack_linear_weights(model: nn.Module, modules: tuple[type, ...]) -> int:
     """Reorder the weight of every module of the given types in place; returns how many."""
     count = 0
     for module in model.modules():
         if isinstance(module, modules) and getattr(module, "weight", None) is not None:
-            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), BATCH_SIZE_HINT)
+            packed = _reordered(module.weight)
             module.register_parameter("weight", None)
             module.packed_weight = packed
             count += 1
@@ -51,7 +55,7 @@ def pack_linear_weights(model: nn.Module, modules: tuple[type, ...]) -> int:
 
 def pack_tied_lm_head(embedding: nn.Module) -> int:
     """Give a tied embedding a packed copy for its LM-head matmul; returns the bytes it adds."""
-    embedding.packed_weight = torch.ops.mkldnn._reorder_linear_weight(embedding.weight.detach(), BATCH_SIZE_HINT)
+    embedding.packed_weight = _reordered(embedding.weight)
     return embedding.weight.numel() * embedding.weight.element_size()
 
 
