@@ -29,7 +29,9 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 # engine name -> (runner script under peers/, extra runner flags); other names run peers/run_<name>.py
 RUNNERS = {"llamacpp_serial": ("llamacpp", ["--one-at-a-time"]),
-           "pagedllm_kvbf16": ("pagedllm", ["--kv-cache-dtype", "bfloat16"])}
+           "pagedllm_kvbf16": ("pagedllm", ["--kv-cache-dtype", "bfloat16"]),
+           "pagedllm_int8": ("pagedllm", ["--quantization", "int8"]),
+           "pagedllm_int8_kvbf16": ("pagedllm", ["--quantization", "int8", "--kv-cache-dtype", "bfloat16"])}
 
 
 def build_workload(args: argparse.Namespace, gguf_path: str, path: Path) -> dict:
@@ -93,7 +95,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--engines", default="pagedllm,vllm,llamacpp,llamacpp_serial,transformers",
-                   help="comma-separated: pagedllm, pagedllm_kvbf16 (a bfloat16 KV cache), vllm, llamacpp "
+                   help="comma-separated: pagedllm, pagedllm_kvbf16 (a bfloat16 KV cache), pagedllm_int8 "
+                        "(quantization='int8': W8A8 linear layers), pagedllm_int8_kvbf16, vllm, llamacpp "
                         "(all sequences batched), llamacpp_serial (one request at a time), transformers")
     p.add_argument("--vllm-python", default=os.environ.get("PAGEDLLM_BENCH_VLLM_PYTHON"))
     p.add_argument("--llamacpp-python", default=os.environ.get("PAGEDLLM_BENCH_LLAMACPP_PYTHON"))
@@ -118,7 +121,8 @@ def main() -> int:
     workload = build_workload(args, gguf, work / "workload.json")
     in_tokens = sum(len(x) for x in workload["prompts"])
     hf_dir = None
-    pythons = {"pagedllm": sys.executable, "pagedllm_kvbf16": sys.executable, "transformers": sys.executable,
+    pythons = {"pagedllm": sys.executable, "pagedllm_kvbf16": sys.executable, "pagedllm_int8": sys.executable,
+               "pagedllm_int8_kvbf16": sys.executable, "transformers": sys.executable,
                "vllm": args.vllm_python, "llamacpp": args.llamacpp_python, "llamacpp_serial": args.llamacpp_python}
     results = []
     for name in [e.strip() for e in args.engines.split(",") if e.strip()]:

@@ -2,7 +2,7 @@
 
 bfloat16 runs the matmuls on the CPU's bf16 units (AMX / AVX512-BF16 where present), several
 times faster than float32, but it is a change of numerics like a quantisation: this script states
-the change. For each dtype it computes, with the same engine and model:
+the change; so is `quantization="int8"` (W8A8 linear layers). For each variant it computes, with the same engine and model:
 
 - the perplexity of a fixed text (this repository's `docs/architecture.md`, cut into windows of
   `--window` tokens), from the prompt logprobs of the tokens that are actually there. Each window
@@ -48,12 +48,14 @@ def first_divergence(a: list[int], b: list[int]) -> int:
 
 
 def evaluate(model: str | None, variant: str, window: int, chunk: int, max_tokens: int) -> dict:
-    """`variant`: a dtype, optionally with a KV-cache dtype after a slash ('float32/bfloat16')."""
+    """`variant`: a dtype, optionally with a KV-cache dtype after a slash ('float32/bfloat16') and a
+    quantization after a plus ('float32+int8', 'float32/bfloat16+int8')."""
     from pagedllm import LLM, SamplingParams
 
-    dtype, _, kv_cache_dtype = variant.partition("/")
-    llm = LLM(model=model, dtype=dtype, kv_cache_dtype=kv_cache_dtype or "auto", max_model_len=max(1024, window + 8),
-              max_num_batched_tokens=chunk)
+    rest, _, quantization = variant.partition("+")
+    dtype, _, kv_cache_dtype = rest.partition("/")
+    llm = LLM(model=model, dtype=dtype, kv_cache_dtype=kv_cache_dtype or "auto", quantization=quantization or None,
+              max_model_len=max(1024, window + 8), max_num_batched_tokens=chunk)
     ids = llm.get_tokenizer().encode(TEXT.read_text())
     windows = [ids[i : i + window] for i in range(0, len(ids) - 1, window) if len(ids[i : i + window]) > 1]
     outs = llm.generate([{"prompt_token_ids": w} for w in windows],
@@ -71,8 +73,9 @@ def evaluate(model: str | None, variant: str, window: int, chunk: int, max_token
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--dtypes", default="float32,bfloat16,float32/bfloat16",
-                   help="comma-separated; 'D/K' is dtype D with a K KV cache (kv_cache_dtype)")
+    p.add_argument("--dtypes", default="float32,bfloat16,float32/bfloat16,float32+int8",
+                   help="comma-separated; 'D/K' is dtype D with a K KV cache (kv_cache_dtype), 'D+Q' dtype D "
+                        "with quantization Q ('float32+int8')")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--chunk", type=int, default=64, help="prefill chunk (the engine's step budget)")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -82,13 +85,13 @@ def main() -> None:
     ref = results[0]
     print(f"fixed text: {TEXT.name}, {ref['scored_tokens']} scored tokens; greedy: {len(PROMPTS)} prompts x "
           f"{args.max_tokens} tokens; reference {ref['dtype']}")
-    print(f"{'dtype':<18}{'perplexity':>12}{'change':>10}{'greedy tokens equal to ref':>30}")
+    print(f"{'variant':<26}{'perplexity':>12}{'change':>10}{'greedy tokens equal to ref':>30}")
     for r in results:
         agree = [first_divergence(a, b) for a, b in zip(ref["greedy"], r["greedy"])]
         r["greedy_prefix_agreement"] = agree
         r["perplexity_change_pct"] = 100 * (r["perplexity"] / ref["perplexity"] - 1)
         total = sum(len(g) for g in ref["greedy"])
-        print(f"{r['dtype']:<18}{r['perplexity']:>12.3f}{r['perplexity_change_pct']:>9.2f}%   "
+        print(f"{r['dtype']:<26}{r['perplexity']:>12.3f}{r['perplexity_change_pct']:>9.2f}%   "
               f"{sum(agree)}/{total} (per prompt {agree})")
     stamp = datetime.now(timezone.utc)
     RESULTS.mkdir(exist_ok=True)

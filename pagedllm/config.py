@@ -71,6 +71,8 @@ class ModelConfig:
     enforce_eager: bool = False
     # torch.compile of the elementwise ops between matmuls (layers/fused_ops.py)
     compile_fused_ops: bool = False
+    # vLLM's `quantization`: None, or "int8" (W8A8 on CPU: layers/int8_quantization.py)
+    quantization: Optional[str] = None
 
     @property
     def num_layers(self) -> int:

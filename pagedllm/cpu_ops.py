@@ -33,7 +33,8 @@ CPU_KERNELS_ENV = "PAGEDLLM_CPU_KERNELS"
 # The storage types every kernel takes (the math is float32 inside).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 _SOURCE_DIR = os.path.join(os.path.dirname(__file__), "csrc", "cpu")
-_SOURCES = ["registration.cpp", "paged_decode.cpp", "layernorm.cpp", "activation.cpp", "rotary.cpp"]
+_SOURCES = ["registration.cpp", "paged_decode.cpp", "layernorm.cpp", "activation.cpp", "rotary.cpp",
+            "quantize.cpp"]
 # -ffast-math lets the compiler vectorise exp (glibc's vector math) and the float reductions; it
 # is a compile flag only, so the flush-to-zero start-up code it implies is never linked in.
 # -fopenmp because at::parallel_for is inline OpenMP (without it, it silently runs on one thread);
@@ -136,3 +137,20 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     `positions`; returns them."""
     torch.ops.pagedllm_cpu.rotary_embedding(q, k, positions, cos, sin)
     return q, k
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric uint8 per row of `x` [rows, n]: (q, scale, zero_point), the last two float32
+    [rows, 1], with x ≈ scale * (q - zero_point)."""
+    q = torch.empty(x.shape, dtype=torch.uint8)
+    scale = torch.empty(x.shape[0], 1, dtype=torch.float32)
+    zero_point = torch.empty(x.shape[0], 1, dtype=torch.float32)
+    torch.ops.pagedllm_cpu.quantize_per_token(q, scale, zero_point, x)
+    return q, scale, zero_point
+
+
+def dequantize_int8_output(out: torch.Tensor, acc: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                           wsum: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """out = scale * (acc - zero_point * wsum) + bias, row by row (`out` may be `acc` itself)."""
+    torch.ops.pagedllm_cpu.dequantize_int8_output(out, acc, scale, zero_point, wsum, bias)
+    return out

@@ -18,16 +18,17 @@ def pagedllm(*args: str, input: str | None = None, timeout: int = 300) -> subpro
     return subprocess.run(cmd + list(args), input=input, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "bfloat16"])
-def test_generate_raw_prints_the_greedy_completion(llama_dir, kv_cache_dtype):
+@pytest.mark.parametrize("kv_cache_dtype,quantization", [("auto", None), ("bfloat16", None), ("auto", "int8")])
+def test_generate_raw_prints_the_greedy_completion(llama_dir, kv_cache_dtype, quantization):
     from pagedllm import LLM, SamplingParams
 
-    llm = LLM(model=llama_dir, max_model_len=128, kv_cache_dtype=kv_cache_dtype)
+    llm = LLM(model=llama_dir, max_model_len=128, kv_cache_dtype=kv_cache_dtype, quantization=quantization)
     expected = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8),
                             use_tqdm=False)[0].outputs[0].text
     llm.shutdown()
     result = pagedllm("generate", "--model", llama_dir, "--max-model-len", "128", "--raw", "--max-tokens", "8",
-                      "--kv-cache-dtype", kv_cache_dtype, "The capital of France is")
+                      "--kv-cache-dtype", kv_cache_dtype, *(["--quantization", quantization] if quantization else []),
+                      "The capital of France is")
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
 

@@ -10,7 +10,7 @@ if args.threads:
     torch.set_num_threads(args.threads)
 prompts, output_len = load_workload(args.workload)
 llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, compile_fused_ops=args.compile_fused_ops,
-          kv_cache_dtype=args.kv_cache_dtype)
+          kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization)
 params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
 llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], SamplingParams(max_tokens=4), use_tqdm=False)
 if args.compile_fused_ops:  # compile outside the timed run, as vLLM does at start-up
@@ -24,5 +24,6 @@ def run() -> int:
 
 
 extras = (", compiled ops" if args.compile_fused_ops else "") + (
-    f", {args.kv_cache_dtype} KV cache" if args.kv_cache_dtype != "auto" else "")
+    f", {args.kv_cache_dtype} KV cache" if args.kv_cache_dtype != "auto" else "") + (
+    f", {args.quantization} W8A8" if args.quantization else "")
 timed_run(run, args.out, engine=f"pagedllm ({args.dtype}{extras})", dtype=args.dtype, threads=torch.get_num_threads())

@@ -18,6 +18,7 @@ from pagedllm.config import (
     resolve_dtype,
 )
 from pagedllm.logger import init_logger
+from pagedllm.model_executor.layers.int8_quantization import check_quantization
 
 logger = init_logger(__name__)
 
@@ -48,6 +49,8 @@ class EngineArgs:
     max_num_batched_tokens: Optional[int] = None
     block_size: int = 16
     kv_cache_dtype: str = "auto"
+    # None, or "int8": W8A8 linear layers on CPU (layers/int8_quantization.py)
+    quantization: Optional[str] = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     num_gpu_blocks_override: Optional[int] = None
@@ -106,18 +109,21 @@ class EngineArgs:
         if not self.enable_chunked_prefill and self.max_num_batched_tokens is None:
             batched = max(batched, max_model_len)
         config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        dtype = resolve_dtype(self.dtype, config_dtype, device)
+        check_quantization(self.quantization, device, dtype)
         return EngineConfig(
             model_config=ModelConfig(
                 model=model_path,
                 tokenizer=self.tokenizer or model_path,
                 hf_config=hf_config,
-                dtype=resolve_dtype(self.dtype, config_dtype, device),
+                dtype=dtype,
                 max_model_len=max_model_len,
                 vocab_size=hf_config.vocab_size,
                 seed=self.seed,
                 enforce_eager=self.enforce_eager,
                 compile_fused_ops=(self.compile_fused_ops if self.compile_fused_ops is not None
                                    else device.type == "cuda" and not self.enforce_eager),
+                quantization=self.quantization,
             ),
             cache_config=CacheConfig(
                 block_size=self.block_size,

@@ -39,6 +39,7 @@ class LLM:
         max_num_batched_tokens: Optional[int] = None,
         block_size: int = 16,
         kv_cache_dtype: str = "auto",
+        quantization: Optional[str] = None,
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
         num_gpu_blocks_override: Optional[int] = None,
@@ -62,7 +63,7 @@ class LLM:
         args = EngineArgs(
             model=model, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-            kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
+            kv_cache_dtype=kv_cache_dtype, quantization=quantization, enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
             num_gpu_blocks_override=num_gpu_blocks_override, kv_cache_memory_bytes=kv_cache_memory_bytes,
             gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, device=device,
             compile_fused_ops=compile_fused_ops, tensor_parallel_size=tensor_parallel_size, distributed_executor_backend=distributed_executor_backend,

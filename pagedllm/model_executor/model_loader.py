@@ -11,6 +11,7 @@ from pagedllm.config import ModelConfig
 from pagedllm.distributed.parallel_state import TensorParallelGroup
 from pagedllm.logger import init_logger
 from pagedllm.model_executor.layers.cpu_weight_packing import pack_linear_weights, pack_tied_lm_head, packing_wanted
+from pagedllm.model_executor.layers.int8_quantization import quantize_linear_weights
 from pagedllm.model_executor.layers.fused_ops import fused_ops_for
 from pagedllm.model_executor.layers.linear import LinearBase
 from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
@@ -49,16 +50,21 @@ def load_model(model_config: ModelConfig, device: torch.device,
         if hasattr(module, "fused_ops"):
             module.fused_ops = ops
     num_params = sum(p.numel() for p in model.parameters())
-    packed = tied_copy = 0
+    quantized = int8_bytes = packed = tied_copy = 0
+    if model_config.quantization == "int8":
+        # The linear layers only: the LM head stays in the model's dtype, as in vLLM, since in
+        # int8 it added about half again to the perplexity change (docs/performance.md).
+        quantized, int8_bytes = quantize_linear_weights(model, (LinearBase,))
     if packing_wanted(device, model_config.dtype):
-        packed = pack_linear_weights(model, (LinearBase, ParallelLMHead))
+        packed = pack_linear_weights(model, (LinearBase, ParallelLMHead))  # skips the int8 ones
         if getattr(model, "tie_word_embeddings", False):
             tied_copy = pack_tied_lm_head(model.embed_tokens)
     logger.info(
-        "Loaded %s weights (%s, %.1fM parameters%s%s) in %.2f s",
+        "Loaded %s weights (%s, %.1fM parameters%s%s%s) in %.2f s",
         arch,
         str(model_config.dtype).removeprefix("torch."),
         num_params / 1e6,
+        f", {quantized} linear weights quantised to int8 (W8A8, {int8_bytes / 2**20:.0f} MiB)" if quantized else "",
         f", {packed} linear weights packed for oneDNN" if packed else "",
         f", the tied LM head packed beside the embedding (+{tied_copy / 2**20:.0f} MiB)" if tied_copy else "",
         time.perf_counter() - start,

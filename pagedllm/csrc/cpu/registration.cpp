@@ -12,6 +12,9 @@ TORCH_LIBRARY(pagedllm_cpu, m) {
         "float eps) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
   m.def("rotary_embedding(Tensor(a!) query, Tensor(b!) key, Tensor positions, Tensor cos, Tensor sin) -> ()");
+  m.def("quantize_per_token(Tensor(a!) q, Tensor(b!) scale, Tensor(c!) zero_point, Tensor x) -> ()");
+  m.def("dequantize_int8_output(Tensor(a!) out, Tensor acc, Tensor scale, Tensor zero_point, Tensor wsum, "
+        "Tensor? bias) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
@@ -20,4 +23,6 @@ TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
   m.impl("add_rms_norm", &pagedllm::add_rms_norm);
   m.impl("silu_and_mul", &pagedllm::silu_and_mul);
   m.impl("rotary_embedding", &pagedllm::rotary_embedding);
+  m.impl("quantize_per_token", &pagedllm::quantize_per_token);
+  m.impl("dequantize_int8_output", &pagedllm::dequantize_int8_output);
 }

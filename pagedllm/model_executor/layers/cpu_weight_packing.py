@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm import cpu_ops
+from pagedllm.model_executor.layers.int8_quantization import Int8LinearWeight, int8_linear
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 # oneDNN picks its blocking for a typical batch size; a decode batch is the case that matters.
@@ -59,9 +60,12 @@ def pack_tied_lm_head(embedding: nn.Module) -> int:
     return embedding.weight.numel() * embedding.weight.element_size()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | None, packed_weight: torch.Tensor | None,
+def linear(x: torch.Tensor, weight: torch.Tensor | None, packed_weight: torch.Tensor | Int8LinearWeight | None,
            bias: torch.Tensor | None) -> torch.Tensor:
-    """x W^T + b with whichever form of W the layer holds."""
+    """x W^T + b with whichever form of W the layer holds: plain, oneDNN-packed, or int8
+    (`quantization="int8"`, layers/int8_quantization.py)."""
     if packed_weight is None:
         return F.linear(x, weight, bias)
+    if isinstance(packed_weight, Int8LinearWeight):
+        return int8_linear(x, packed_weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed_weight, bias, "none", [], "")

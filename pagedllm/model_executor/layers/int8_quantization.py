@@ -1,0 +1,136 @@
+"""W8A8 int8 linear layers on CPU (`quantization="int8"`): the scheme llama.cpp's speed comes from.
+
+A float32 decode step reads every weight once per step, and on two cores that reading is most of
+the step; a prefill step is bound by the float32 FMAs. Both shrink with int8: weights are a
+quarter of float32's bytes, and the CPU's int8 units (AMX tiles, AVX-512 VNNI) do several times
+more multiply-adds per cycle. llama.cpp does the same with its 4-bit weights: it quantises each
+activation row to int8 and multiplies integers.
+
+The scheme is vLLM's dynamic W8A8 int8 on CPU:
+- weights: symmetric int8 per output channel (scale = max |w| of the row / 127), quantised once
+  after loading from whatever the checkpoint holds (a GGUF's Q4_1 is dequantised first);
+- activations: asymmetric uint8 per token (row), quantised on every call (`cpu_ops.quantize_per_token`):
+  each row's own range onto 0..255, which on SmolLM2 halved symmetric int8's perplexity change;
+- the integer matmul is oneDNN's (`onednn::qlinear_pointwise`, int32 accumulation), which applies
+  the weight scales. oneDNN takes one activation scale and zero point per tensor, so the per-token
+  ones are applied after it, in one pass with the bias (`cpu_ops.dequantize_int8_output`):
+  out = scale * (acc - zero_point * wsum) + bias, wsum being the weight's scaled row sums.
+Everything between the linear layers (norms, rotary, attention, the KV cache) keeps the model's
+dtype. The change in quality is stated by `benchmarks/precision_check.py` (see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pagedllm import cpu_ops
+
+# vLLM's `quantization` values this engine implements.
+QUANTIZATION_METHODS = ("int8",)
+INT8_DTYPES = (torch.float32, torch.bfloat16)
+# oneDNN picks its weight blocking for a typical batch size; a decode batch is the case that matters.
+BATCH_SIZE_HINT = 32
+
+
+def int8_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `quantization="int8"` cannot run here, or None when it can."""
+    if device.type != "cpu":
+        return f"it runs on CPU (oneDNN's int8 matmul), not on {device.type}"
+    if dtype not in INT8_DTYPES:
+        return f"it takes a float32 or bfloat16 model, not {str(dtype).removeprefix('torch.')}"
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
+        return "this PyTorch build has no oneDNN int8 matmul (torch.ops.onednn.qlinear_pointwise)"
+    return None
+
+
+@dataclass
+class Int8LinearWeight:
+    """A linear weight as oneDNN's int8 matmul takes it: the prepacked int8 matrix [out, in], one
+    float32 scale per output channel (symmetric: the zero points oneDNN's signature asks for are
+    all zero), and `wsum` = scale * the row sums of the int8 matrix, which takes the activations'
+    zero points back out of the product."""
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero_points: torch.Tensor
+    wsum: torch.Tensor
+    out_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + 2 * self.scale.numel() * 4
+
+
+def quantize_weight(weight: torch.Tensor) -> Int8LinearWeight:
+    """Symmetric per-output-channel int8 of a float weight [out, in], packed for oneDNN."""
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    wsum = (q.sum(dim=1, dtype=torch.int64).float() * scale).contiguous()
+    packed = torch.ops.onednn.qlinear_prepack(q, [BATCH_SIZE_HINT, w.shape[1]])
+    return Int8LinearWeight(packed, scale.contiguous(), torch.zeros(w.shape[0], dtype=torch.int64), wsum, w.shape[0])
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row asymmetric uint8 of a 2-D activation: (q, scale, zero_point), x ≈ scale * (q - zero_point);
+    the C++ kernel when it is built, the same arithmetic in PyTorch ops otherwise."""
+    if cpu_ops.cpu_kernels_available():
+        return cpu_ops.quantize_per_token(x)
+    xf = x.float()
+    lo = xf.amin(dim=1, keepdim=True).clamp_(max=0)
+    scale = (xf.amax(dim=1, keepdim=True).clamp_(min=0) - lo) / 255
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    zero_point = torch.round(-lo * inv)
+    q = (torch.round(xf * inv) + zero_point).clamp_(0, 255).to(torch.uint8)
+    return q, scale, zero_point
+
+
+def int8_linear(x: torch.Tensor, weight: Int8LinearWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b in int8: the activation quantised per token, the integer product taken back to x's
+    dtype per row (float32 accumulation of the scaled product, so the zero-point correction does
+    not cancel away bf16 digits)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    if x2.shape[0] == 0:
+        return x.new_empty(*shape[:-1], weight.out_features)
+    q, scale, zero_point = quantize_activations(x2)
+    acc = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, weight.packed, weight.scale, weight.zero_points, None,
+                                             1.0, 0, torch.float32, "none", [], "")
+    if cpu_ops.cpu_kernels_available():
+        out = acc if x.dtype == torch.float32 else torch.empty(acc.shape, dtype=x.dtype)
+        cpu_ops.dequantize_int8_output(out, acc, scale, zero_point, weight.wsum, bias)
+    else:
+        out = acc.sub_(zero_point * weight.wsum).mul_(scale)
+        out = (out if bias is None else out.add_(bias)).to(x.dtype)
+    return out.reshape(*shape[:-1], weight.out_features)
+
+
+def quantize_linear_weights(model: nn.Module, modules: tuple[type, ...]) -> tuple[int, int]:
+    """Replace the weight of every module of the given types by its int8 form, in place.
+    Returns (how many, the int8 bytes they now hold)."""
+    count = nbytes = 0
+    for module in model.modules():
+        if isinstance(module, modules) and getattr(module, "weight", None) is not None:
+            module.packed_weight = quantize_weight(module.weight)
+            module.register_parameter("weight", None)
+            count += 1
+            nbytes += module.packed_weight.nbytes
+    return count, nbytes
+
+
+def check_quantization(method: str | None, device: torch.device, dtype: torch.dtype) -> None:
+    """A clear ValueError for a `quantization` this engine cannot run, before anything loads."""
+    if method is None:
+        return
+    if method not in QUANTIZATION_METHODS:
+        raise ValueError(
+            f"quantization must be one of {list(QUANTIZATION_METHODS)} or None, got {method!r} "
+            "(pre-quantised checkpoints such as AWQ, GPTQ or fp8 are not implemented; a GGUF file's "
+            "weights are dequantised to the model dtype when loaded)")
+    reason = int8_unavailable_reason(device, dtype)
+    if reason is not None:
+        raise ValueError(f"quantization={method!r} cannot run here: {reason}")
