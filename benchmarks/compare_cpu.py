@@ -154,11 +154,22 @@ def main() -> int:
         r["pagedllm_ratio"] = ratio
         print(f"{r.get('engine', r['engine_key']):<44}{r['output_tok_s']:>14.1f}{r['total_tok_s']:>14.1f}{ratio:>11.2f}x")
 
+    # Each pagedllm variant against the fastest peer: the figure issue #5's target is stated in.
+    peers = [r for r in results if "output_tok_s" in r and not r["engine_key"].startswith("pagedllm")]
+    best = max(peers, key=lambda r: r["output_tok_s"], default=None)
+    if best is not None:
+        print(f"\nagainst the fastest peer, {best.get('engine', best['engine_key'])} ({best['output_tok_s']:.1f} tok/s):")
+        for r in results:
+            if "output_tok_s" in r and r["engine_key"].startswith("pagedllm"):
+                r["ratio_to_best_peer"] = r["output_tok_s"] / best["output_tok_s"]
+                print(f"  {r.get('engine', r['engine_key']):<52}{r['ratio_to_best_peer']:>6.2f}x")
+
     stamp = datetime.now(timezone.utc)
     record = {
         "date": stamp.isoformat(), "machine": platform.node(), "cpu_count": os.cpu_count(),
         "workload": {k: getattr(args, k) for k in ("num_prompts", "input_min", "input_max", "output_len", "seed", "dtype", "compile_fused_ops")},
         "input_tokens": in_tokens, "results": results,
+        "best_peer": best["engine_key"] if best is not None else None,
     }
     out = Path(args.output_json) if args.output_json else RESULTS / f"compare_cpu-{args.dtype}-{stamp:%Y%m%d-%H%M}-{platform.node()}.json"
     out.write_text(json.dumps(record, indent=2))
@@ -180,7 +191,7 @@ def chart(results: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.2))
     names = [r.get("engine", r["engine_key"]) for r in done]
     values = [r["output_tok_s"] for r in done]
-    bars = ax.barh(names, values, color=["#2a7" if r["engine_key"] == "pagedllm" else "#999" for r in done])
+    bars = ax.barh(names, values, color=["#2a7" if r["engine_key"].startswith("pagedllm") else "#999" for r in done])
     ax.bar_label(bars, fmt="%.1f")
     ax.set_xlabel("output tokens/s (W1, higher is better)")
     ax.invert_yaxis()

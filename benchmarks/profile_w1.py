@@ -7,6 +7,7 @@ any operator (scheduling, input preparation, detokenisation, Python) is the rema
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import time
@@ -22,7 +23,9 @@ from pagedllm.benchmarks.datasets import random_requests
 RESULTS = Path(__file__).resolve().parent / "results"
 CATEGORIES = {
     "matmul (linear layers, LM head)": ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul",
-                                        "mkldnn::_linear_pointwise"),
+                                        "mkldnn::_linear_pointwise", "onednn::qlinear_pointwise"),
+    "int8 (de)quantisation around the matmuls": ("pagedllm_cpu::quantize_per_token",
+                                                 "pagedllm_cpu::dequantize_int8_output"),
     "attention (SDPA, CPU paged-decode kernel)": ("scaled_dot_product", "pagedllm_cpu::paged_decode"),
     "CPU kernels: RMSNorm, SiLU, rotary": ("pagedllm_cpu::",),
     "KV gather / write": ("aten::index_select", "aten::index_copy_", "aten::index"),
@@ -30,7 +33,11 @@ CATEGORIES = {
 
 
 def main() -> None:
-    llm = LLM(max_model_len=512)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quantization", default=None, choices=["int8"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16"])
+    args = p.parse_args()
+    llm = LLM(max_model_len=512, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     engine = llm.llm_engine
     vocab = engine.config.model_config.vocab_size
     reqs = random_requests(32, (32, 256), (64, 64), vocab, seed=0,
@@ -80,6 +87,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"profile_w1-{stamp:%Y%m%d-%H%M}-{platform.node()}.json"
     out.write_text(json.dumps({"date": stamp.isoformat(), "machine": platform.node(), "wall_s": wall,
+                               "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
                                "seconds": totals}, indent=2))
     print(f"wrote {out}")
 

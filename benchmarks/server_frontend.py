@@ -45,12 +45,14 @@ def free_port() -> int:
 
 def start_server(model: str | None, mode: str, threads: int, max_model_len: int,
                  dtype: str = "float32", kv_cache_dtype: str = "auto",
-                 max_num_batched_tokens: int | None = None) -> tuple[subprocess.Popen, str]:
+                 max_num_batched_tokens: int | None = None, quantization: str | None = None,
+                 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli.main", "serve", *([model] if model else []),
            "--port", str(port), "--engine-core", mode, "--max-model-len", str(max_model_len), "--dtype", dtype,
            "--kv-cache-dtype", kv_cache_dtype,
            *(["--max-num-batched-tokens", str(max_num_batched_tokens)] if max_num_batched_tokens else []),
+           *(["--quantization", quantization] if quantization else []),
            "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PAGEDLLM_LOGGING_LEVEL": "WARNING"}
     log = tempfile.NamedTemporaryFile("w", prefix="server-frontend-", suffix=".log", delete=False)
@@ -77,13 +79,14 @@ def bench_args(url: str, vocab: int, num_prompts: int, concurrency: int, seed: i
 
 
 def offline_ceiling(model: str | None, vocab: int, num_prompts: int, concurrency: int, threads: int,
-                    max_model_len: int, seed: int, dtype: str = "float32", kv_cache_dtype: str = "auto") -> float:
+                    max_model_len: int, seed: int, dtype: str = "float32", kv_cache_dtype: str = "auto",
+                    quantization: str | None = None) -> float:
     """Output tokens/s of the bare engine on the same requests, `concurrency` at a time."""
     import torch
 
     torch.set_num_threads(threads)
     llm = LLM(model=model, max_model_len=max_model_len, max_num_seqs=concurrency, dtype=dtype,
-              kv_cache_dtype=kv_cache_dtype)
+              kv_cache_dtype=kv_cache_dtype, quantization=quantization)
     reqs = random_requests(num_prompts, (32, 256), (NUM_OUTPUT, NUM_OUTPUT), vocab, seed=seed)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_OUTPUT, ignore_eos=True)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
@@ -106,6 +109,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16"])
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="the server's step budget (default: its own)")
+    p.add_argument("--quantization", default=None, choices=["int8"])
     p.add_argument("--output", default=None, help="default: benchmarks/results/server_frontend_t<threads>.json")
     args = p.parse_args()
     args.output = args.output or str(RESULTS / f"server_frontend_t{args.threads}.json")
@@ -122,11 +126,12 @@ def main() -> None:
         for concurrency in [int(c) for c in args.concurrency.split(",")]:
             num_prompts = max(8, 2 * concurrency)
             ceiling = offline_ceiling(model, vocab, num_prompts, concurrency, args.threads, max_model_len, seed=1,
-                                      dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
+                                      dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+                                      quantization=args.quantization)
             for repeat in range(args.repeats):
                 for mode in args.engine_cores.split(","):
                     proc, url = start_server(model, mode, args.threads, max_model_len, args.dtype, args.kv_cache_dtype,
-                                             args.max_num_batched_tokens)
+                                             args.max_num_batched_tokens, args.quantization)
                     try:
                         run_serve(bench_args(url, vocab, 2, concurrency, seed=99))  # warm-up
                         report = run_serve(bench_args(url, vocab, num_prompts, concurrency, seed=1))
@@ -134,6 +139,7 @@ def main() -> None:
                         proc.send_signal(signal.SIGTERM)
                         proc.wait(60)
                     rows.append({"model": name, "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
+                                 "quantization": args.quantization,
                                  "max_num_batched_tokens": args.max_num_batched_tokens, "engine_core": mode, "concurrency": concurrency, "repeat": repeat,
                                  "num_prompts": num_prompts, "offline_output_tok_s": ceiling, **report})
 

@@ -1,10 +1,12 @@
 """pagedllm's CPU kernels (`csrc/cpu/*.cpp`), compiled on first use, and their Python calls.
 
-Two jobs where eager PyTorch is slow on CPU:
+The jobs where eager PyTorch is slow on CPU:
 - decode attention (`paged_decode`): PyTorch gathers every block of every sequence into a
   padded copy and runs SDPA over it; the kernel reads each cached key and value once, in place;
 - the elementwise ops between the matmuls (RMSNorm + residual, SiLU-and-mul, rotary): several
-  ops and passes over memory each in eager PyTorch, one op and one pass here.
+  ops and passes over memory each in eager PyTorch, one op and one pass here; so are the two
+  halves of an int8 linear layer around oneDNN's matmul (`quantization="int8"`: the activation's
+  per-token quantisation, and the per-row rescale of the product).
 
 They are built with PyTorch's own extension builder (`torch.utils.cpp_extension.load`: the
 system C++ compiler and ninja, about 20 s, once per machine; later processes load the cached
