@@ -25,8 +25,10 @@ def main() -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--quantization", default=None, choices=["int8"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16"])
     args = p.parse_args()
-    llm = LLM(model=args.model, max_model_len=512)
+    llm = LLM(model=args.model, max_model_len=512, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     vocab = llm.llm_engine.config.model_config.vocab_size
     specials = frozenset(llm.get_tokenizer().all_special_ids)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
@@ -45,7 +47,8 @@ def main() -> None:
     stamp = datetime.now(timezone.utc)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"scaling-{stamp:%Y%m%d-%H%M}-{platform.node()}.json"
-    out.write_text(json.dumps({"date": stamp.isoformat(), "machine": platform.node(), "rows": rows}, indent=2))
+    out.write_text(json.dumps({"date": stamp.isoformat(), "machine": platform.node(), "quantization": args.quantization,
+                               "kv_cache_dtype": args.kv_cache_dtype, "rows": rows}, indent=2))
     print(f"wrote {out}")
 
 
