@@ -26,6 +26,9 @@ _DTYPES = {
 # ones ('fp8', 'fp8_e4m3', 'fp8_e5m2', ...) need per-layer scales, which are not implemented.
 KV_CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16}
 
+# vLLM's `quantization` values this engine implements (None: the checkpoint's weights as loaded).
+QUANTIZATION_METHODS = ("int8",)
+
 # Default KV-cache budget on CPU, in GiB; vLLM's CPU build reads VLLM_CPU_KVCACHE_SPACE.
 CPU_KVCACHE_SPACE_ENV = "PAGEDLLM_CPU_KVCACHE_SPACE"
 DEFAULT_CPU_KVCACHE_SPACE_GIB = 4.0
@@ -73,6 +76,13 @@ class ModelConfig:
     compile_fused_ops: bool = False
     # vLLM's `quantization`: None, or "int8" (W8A8 on CPU: layers/int8_quantization.py)
     quantization: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(
+                f"quantization must be one of {list(QUANTIZATION_METHODS)} or None, got {self.quantization!r} "
+                "(pre-quantised checkpoints such as AWQ, GPTQ or fp8 are not implemented; a GGUF file's "
+                "weights are dequantised to the model dtype when loaded)")
 
     @property
     def num_layers(self) -> int:

@@ -11,10 +11,11 @@ import sys
 import pytest
 
 
-def pagedllm(*args: str, input: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def pagedllm(*args: str, input: str | None = None, timeout: int = 300,
+             log_level: str = "WARNING") -> subprocess.CompletedProcess:
     exe = shutil.which("pagedllm")
     cmd = [exe] if exe else [sys.executable, "-m", "pagedllm.entrypoints.cli.main"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PAGEDLLM_LOGGING_LEVEL": "WARNING"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PAGEDLLM_LOGGING_LEVEL": log_level}
     return subprocess.run(cmd + list(args), input=input, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -28,9 +29,12 @@ def test_generate_raw_prints_the_greedy_completion(llama_dir, kv_cache_dtype, qu
     llm.shutdown()
     result = pagedllm("generate", "--model", llama_dir, "--max-model-len", "128", "--raw", "--max-tokens", "8",
                       "--kv-cache-dtype", kv_cache_dtype, *(["--quantization", quantization] if quantization else []),
-                      "The capital of France is")
+                      "The capital of France is", log_level="INFO")
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
+    # the flag reached the engine (a tiny model's 8 greedy tokens may be the same either way)
+    assert ("quantised to int8" in result.stderr) == (quantization == "int8")
+    assert f"of {'bfloat16' if kv_cache_dtype == 'bfloat16' else 'float32'} K/V" in result.stderr
 
 
 def test_generate_n_prints_each_completion(llama_dir):

@@ -63,6 +63,36 @@ def test_activation_quantisation_follows_its_definition(kernel_path, dtype):
     assert (q.int().amax(1) - q.int().amin(1))[2:].ge(254).all()  # rows that cross 0
 
 
+def test_kernel_and_fallback_quantise_identically(monkeypatch):
+    if not cpu_ops.cpu_kernels_available():
+        pytest.skip("the CPU kernels could not be built here")
+    torch.manual_seed(1)
+    x = torch.randn(64, 576) * torch.linspace(0.1, 30, 576)  # channels of very different ranges
+    x[3] = 1e-39  # denormal: scale ~0, must give zeros rather than NaN
+    x[4] = -2.5  # all negative
+    from_kernel = int8.quantize_activations(x)
+    monkeypatch.setattr(cpu_ops, "cpu_kernels_available", lambda: False)
+    from_torch = int8.quantize_activations(x)
+    assert torch.equal(from_kernel[0], from_torch[0])  # the same integers
+    torch.testing.assert_close(from_kernel[1], from_torch[1], rtol=2e-7, atol=0)  # (x / 255 or x * (1/255))
+    assert torch.equal(from_kernel[2], from_torch[2])
+    assert from_kernel[0][3].eq(0).all() and from_kernel[0][4].eq(0).all() and from_kernel[2][4].item() == 255
+
+
+def _weight_deq(weight: torch.Tensor) -> torch.Tensor:
+    w = weight.double()
+    scale = w.abs().amax(dim=1, keepdim=True) / 127
+    return torch.round(w / scale).clamp(-127, 127) * scale
+
+
+def integer_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """What the int8 layer must return, from the activation quantiser's own (q, scale, zero_point)
+    (tested above against its definition): the dequantised operands multiplied in float64."""
+    q, scale, zero_point = int8.quantize_activations(x)
+    y = (scale.double() * (q.double() - zero_point.double())) @ _weight_deq(weight).T
+    return y if bias is None else y + bias.double()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 32, 300])
 def test_int8_layers_compute_the_integer_product(kernel_path, dtype, rows):
@@ -74,7 +104,7 @@ def test_int8_layers_compute_the_integer_product(kernel_path, dtype, rows):
         if layer.bias is not None:
             layer.bias.data.normal_()
     x_qkv, x_down = torch.randn(rows, 64).to(dtype), torch.randn(rows, 96).to(dtype)
-    exact = [reference_int8_linear(x_qkv, qkv.weight, qkv.bias), reference_int8_linear(x_down, down.weight, None)]
+    exact = [integer_product(x_qkv, qkv.weight, qkv.bias), integer_product(x_down, down.weight, None)]
     plain = [F.linear(x_qkv.float(), qkv.weight.float(), qkv.bias.float()), F.linear(x_down.float(), down.weight.float())]
     model = torch.nn.ModuleList([qkv, down])
     count, nbytes = int8.quantize_linear_weights(model, (QKVParallelLinear, RowParallelLinear))
@@ -83,20 +113,23 @@ def test_int8_layers_compute_the_integer_product(kernel_path, dtype, rows):
     for layer, x, want, approx in zip((qkv, down), (x_qkv, x_down), exact, plain):
         got = layer(x)
         assert got.dtype == dtype and got.shape == want.shape
-        # the same integers as the float64 reference: only float rounding apart
-        tol = dict(atol=1e-3, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=1e-2)
+        # the same integers as the float64 product: only float rounding apart
+        tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=1e-2)
         torch.testing.assert_close(got.double(), want, **tol)
         # and a quantisation's distance from the float product: close, but not equal to it
         rel = ((got.float() - approx).norm() / approx.norm()).item()
         assert 1e-4 < rel < 0.03, rel
 
 
-def test_int8_linear_keeps_leading_dimensions_and_empty_batches():
+def test_int8_linear_takes_any_leading_shape_and_strides(kernel_path):
     torch.manual_seed(0)
-    weight = int8.quantize_weight(torch.randn(8, 16))
-    x = torch.randn(2, 3, 16)
-    assert int8.int8_linear(x, weight, None).shape == (2, 3, 8)
-    assert int8.int8_linear(torch.randn(0, 16), weight, None).shape == (0, 8)
+    weight, bias = int8.quantize_weight(torch.randn(8, 16)), torch.randn(8)
+    x = torch.randn(6, 16)
+    flat = int8.int8_linear(x, weight, bias)
+    assert torch.equal(int8.int8_linear(x.reshape(2, 3, 16), weight, bias), flat.reshape(2, 3, 8))
+    strided = torch.randn(16, 6).t()  # not contiguous
+    assert torch.equal(int8.int8_linear(strided, weight, bias), int8.int8_linear(strided.contiguous(), weight, bias))
+    assert int8.int8_linear(torch.randn(0, 16), weight, bias).shape == (0, 8)
 
 
 def _hf_with_int8_linears(model_dir: str) -> torch.nn.Module:
@@ -149,5 +182,13 @@ def test_unsupported_quantization_is_a_clear_error(llama_dir):
         LLM(model=llama_dir, quantization="awq")
     with pytest.raises(ValueError, match="float32 or bfloat16 model, not float16"):
         LLM(model=llama_dir, quantization="int8", dtype="float16")
-    with pytest.raises(ValueError, match="runs on CPU"):
-        int8.check_quantization("int8", torch.device("cuda"), torch.float16)
+    with pytest.raises(ValueError, match="runs on CPU .* pass device='cpu'"):
+        int8.check_quantization("int8", torch.device("cuda"), torch.bfloat16)
+
+
+def test_a_cpu_without_int8_dot_products_is_refused(monkeypatch):
+    monkeypatch.setattr(int8, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512bw"})
+    reason = int8.int8_unavailable_reason(torch.device("cpu"), torch.float32)
+    assert reason is not None and "amx_int8" in reason and "saturate" in reason
+    with pytest.raises(ValueError, match="cannot run here"):
+        int8.check_quantization("int8", torch.device("cpu"), torch.float32)

@@ -109,22 +109,22 @@ class EngineArgs:
         if not self.enable_chunked_prefill and self.max_num_batched_tokens is None:
             batched = max(batched, max_model_len)
         config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-        dtype = resolve_dtype(self.dtype, config_dtype, device)
-        check_quantization(self.quantization, device, dtype)
+        model_config = ModelConfig(
+            model=model_path,
+            tokenizer=self.tokenizer or model_path,
+            hf_config=hf_config,
+            dtype=resolve_dtype(self.dtype, config_dtype, device),
+            max_model_len=max_model_len,
+            vocab_size=hf_config.vocab_size,
+            seed=self.seed,
+            enforce_eager=self.enforce_eager,
+            compile_fused_ops=(self.compile_fused_ops if self.compile_fused_ops is not None
+                               else device.type == "cuda" and not self.enforce_eager),
+            quantization=self.quantization,
+        )
+        check_quantization(model_config.quantization, device, model_config.dtype)
         return EngineConfig(
-            model_config=ModelConfig(
-                model=model_path,
-                tokenizer=self.tokenizer or model_path,
-                hf_config=hf_config,
-                dtype=dtype,
-                max_model_len=max_model_len,
-                vocab_size=hf_config.vocab_size,
-                seed=self.seed,
-                enforce_eager=self.enforce_eager,
-                compile_fused_ops=(self.compile_fused_ops if self.compile_fused_ops is not None
-                                   else device.type == "cuda" and not self.enforce_eager),
-                quantization=self.quantization,
-            ),
+            model_config=model_config,
             cache_config=CacheConfig(
                 block_size=self.block_size,
                 enable_prefix_caching=self.enable_prefix_caching,

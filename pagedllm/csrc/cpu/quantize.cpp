@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "dtype_utils.h"
 #include "ops.h"
@@ -40,7 +41,8 @@ void quantize_rows(at::Tensor& q, at::Tensor& scale, at::Tensor& zero_point, con
         hi = std::max(hi, v);
       }
       const float s = (hi - lo) / 255.f;
-      const float inv = s > 0.f ? 1.f / s : 0.f;
+      // A denormal scale (a row of values near 1e-38) would make 1 / s infinite and 0 * inf NaN.
+      const float inv = s >= std::numeric_limits<float>::min() ? 1.f / s : 0.f;
       const float z = std::nearbyint(-lo * inv);
       sp[r] = s;
       zp[r] = z;

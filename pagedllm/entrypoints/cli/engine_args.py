@@ -32,7 +32,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                    help="KV-cache storage dtype ('auto': the model's; 'bfloat16' halves a float32 cache, "
                         "the bytes decode attention reads)")
     g.add_argument("-q", "--quantization", default=None, choices=["int8"],
-                   help="'int8': W8A8 linear layers on CPU (int8 weights per channel, int8 activations per "
+                   help="'int8': W8A8 linear layers on CPU (int8 weights per channel, uint8 activations per "
                         "token, oneDNN's int8 matmul); changes the numerics, see docs/performance.md")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--num-gpu-blocks-override", type=int, default=None,

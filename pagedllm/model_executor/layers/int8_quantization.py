@@ -6,7 +6,7 @@ quarter of float32's bytes, and the CPU's int8 units (AMX tiles, AVX-512 VNNI) d
 more multiply-adds per cycle. llama.cpp does the same with its 4-bit weights: it quantises each
 activation row to int8 and multiplies integers.
 
-The scheme is vLLM's dynamic W8A8 int8 on CPU:
+The scheme is dynamic W8A8 int8, as vLLM's CPU build runs it with asymmetric ("azp") activations:
 - weights: symmetric int8 per output channel (scale = max |w| of the row / 127), quantised once
   after loading from whatever the checkpoint holds (a GGUF's Q4_1 is dequantised first);
 - activations: asymmetric uint8 per token (row), quantised on every call (`cpu_ops.quantize_per_token`):
@@ -28,21 +28,32 @@ from torch import nn
 
 from pagedllm import cpu_ops
 
-# vLLM's `quantization` values this engine implements.
-QUANTIZATION_METHODS = ("int8",)
 INT8_DTYPES = (torch.float32, torch.bfloat16)
-# oneDNN picks its weight blocking for a typical batch size; a decode batch is the case that matters.
-BATCH_SIZE_HINT = 32
+# Instruction sets that multiply uint8 by int8 exactly into int32. Without them oneDNN uses
+# AVX2/AVX-512BW's vpmaddubsw, whose 16-bit pair sums saturate on full-range uint8 inputs
+# (255 * 127 * 2 > 32767), which is why PyTorch's own x86 int8 backend then quantises to 7 bits.
+INT8_DOT_PRODUCT_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
 
 
 def int8_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why `quantization="int8"` cannot run here, or None when it can."""
     if device.type != "cpu":
-        return f"it runs on CPU (oneDNN's int8 matmul), not on {device.type}"
+        return f"it runs on CPU (oneDNN's int8 matmul), not on {device.type}; pass device='cpu' (--device cpu)"
     if dtype not in INT8_DTYPES:
         return f"it takes a float32 or bfloat16 model, not {str(dtype).removeprefix('torch.')}"
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
         return "this PyTorch build has no oneDNN int8 matmul (torch.ops.onednn.qlinear_pointwise)"
+    if not _cpu_flags() & set(INT8_DOT_PRODUCT_FLAGS):
+        return ("this CPU has none of " + ", ".join(INT8_DOT_PRODUCT_FLAGS) + " (x86 int8 dot products); "
+                "without them the uint8 x int8 products can saturate")
     return None
 
 
@@ -71,6 +82,8 @@ def quantize_weight(weight: torch.Tensor) -> Int8LinearWeight:
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     wsum = (q.sum(dim=1, dtype=torch.int64).float() * scale).contiguous()
+    from pagedllm.model_executor.layers.cpu_weight_packing import BATCH_SIZE_HINT  # (it imports this module)
+
     packed = torch.ops.onednn.qlinear_prepack(q, [BATCH_SIZE_HINT, w.shape[1]])
     return Int8LinearWeight(packed, scale.contiguous(), torch.zeros(w.shape[0], dtype=torch.int64), wsum, w.shape[0])
 
@@ -83,7 +96,7 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     xf = x.float()
     lo = xf.amin(dim=1, keepdim=True).clamp_(max=0)
     scale = (xf.amax(dim=1, keepdim=True).clamp_(min=0) - lo) / 255
-    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    inv = torch.where(scale >= torch.finfo(torch.float32).tiny, 1 / scale, torch.zeros_like(scale))
     zero_point = torch.round(-lo * inv)
     q = (torch.round(xf * inv) + zero_point).clamp_(0, 255).to(torch.uint8)
     return q, scale, zero_point
@@ -123,14 +136,10 @@ def quantize_linear_weights(model: nn.Module, modules: tuple[type, ...]) -> tupl
 
 
 def check_quantization(method: str | None, device: torch.device, dtype: torch.dtype) -> None:
-    """A clear ValueError for a `quantization` this engine cannot run, before anything loads."""
+    """A clear ValueError, before anything loads, when `quantization` cannot run on this device and
+    dtype (ModelConfig has already refused the methods that do not exist here)."""
     if method is None:
         return
-    if method not in QUANTIZATION_METHODS:
-        raise ValueError(
-            f"quantization must be one of {list(QUANTIZATION_METHODS)} or None, got {method!r} "
-            "(pre-quantised checkpoints such as AWQ, GPTQ or fp8 are not implemented; a GGUF file's "
-            "weights are dequantised to the model dtype when loaded)")
     reason = int8_unavailable_reason(device, dtype)
     if reason is not None:
         raise ValueError(f"quantization={method!r} cannot run here: {reason}")

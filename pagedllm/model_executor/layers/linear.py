@@ -5,7 +5,7 @@ layer holds a slice of the input features and sums the partial products over the
 all-reduce). A transformer block pairs them — QKV then O, gate/up then down — so each block costs
 two all-reduces. Every layer loads the full Hugging Face tensor and keeps its own slice
 (`weight_loader`). With a group of one they are plain linear layers: one matmul, nothing else
-(`F.linear`, or oneDNN's on a packed weight on CPU: `cpu_weight_packing`).
+(`F.linear`, or on CPU oneDNN's on a packed or int8 weight: `cpu_weight_packing`, `int8_quantization`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import nn
 
 from pagedllm.distributed.parallel_state import TensorParallelGroup
 from pagedllm.model_executor.layers.cpu_weight_packing import linear
+from pagedllm.model_executor.layers.int8_quantization import Int8LinearWeight
 
 ShardId = Union[str, int, None]
 
@@ -34,8 +35,9 @@ def _check_full(loaded: torch.Tensor, dim: int, full_size: int) -> None:
 
 
 class LinearBase(nn.Module):
-    # On CPU the weight may be replaced by oneDNN's packed form after loading (cpu_weight_packing).
-    packed_weight: torch.Tensor | None = None
+    # On CPU the weight may be replaced after loading by oneDNN's packed form (cpu_weight_packing)
+    # or, under quantization="int8", by its int8 form (int8_quantization.Int8LinearWeight).
+    packed_weight: torch.Tensor | Int8LinearWeight | None = None
 
     def __init__(self, input_size: int, output_size: int, bias: bool, tp_group: Optional[TensorParallelGroup]) -> None:
         super().__init__()
