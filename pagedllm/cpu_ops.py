@@ -143,13 +143,13 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     return q, k
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric uint8 per row of `x` [rows, n]: (q, scale, zero_point), the last two float32
-    [rows, 1], with x ≈ scale * (q - zero_point)."""
+def quantize_per_token(x: torch.Tensor, levels: int = 255) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric uint8 per row of `x` [rows, n], each row's range onto 0..levels: (q, scale,
+    zero_point), the last two float32 [rows, 1], with x ≈ scale * (q - zero_point)."""
     q = torch.empty(x.shape, dtype=torch.uint8)
     scale = torch.empty(x.shape[0], 1, dtype=torch.float32)
     zero_point = torch.empty(x.shape[0], 1, dtype=torch.float32)
-    torch.ops.pagedllm_cpu.quantize_per_token(q, scale, zero_point, x)
+    torch.ops.pagedllm_cpu.quantize_per_token(q, scale, zero_point, x, levels)
     return q, scale, zero_point
 
 

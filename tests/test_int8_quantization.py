@@ -4,6 +4,10 @@ and a whole generation against Hugging Face transformers running the same scheme
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,10 +28,11 @@ def reference_int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     w_scale = w.abs().amax(dim=1, keepdim=True) / 127
     w_deq = torch.round(w / w_scale).clamp(-127, 127) * w_scale
     xd = x.double()
+    levels = int8.activation_levels()
     lo = xd.amin(dim=-1, keepdim=True).clamp(max=0)
-    scale = (xd.amax(dim=-1, keepdim=True).clamp(min=0) - lo) / 255
+    scale = (xd.amax(dim=-1, keepdim=True).clamp(min=0) - lo) / levels
     zero_point = torch.round(-lo / scale)
-    x_deq = (torch.round(xd / scale) + zero_point).clamp(0, 255).sub(zero_point).mul(scale)
+    x_deq = (torch.round(xd / scale) + zero_point).clamp(0, levels).sub(zero_point).mul(scale)
     y = x_deq @ w_deq.T
     return y if bias is None else y + bias.double()
 
@@ -50,17 +55,18 @@ def test_activation_quantisation_follows_its_definition(kernel_path, dtype):
     x[1] = x[1].abs() + 0.5  # all positive: the range is widened to include 0
     x[2] *= 1000
     q, scale, zero_point = int8.quantize_activations(x)
+    levels = int8.activation_levels()  # 255 with VNNI or AMX, else 127
     assert q.dtype == torch.uint8 and q.shape == x.shape and scale.shape == zero_point.shape == (37, 1)
     xf = x.float()
     lo, hi = xf.amin(1, keepdim=True).clamp(max=0), xf.amax(1, keepdim=True).clamp(min=0)
-    torch.testing.assert_close(scale, (hi - lo) / 255)
+    torch.testing.assert_close(scale, (hi - lo) / levels)
     assert torch.equal(zero_point, torch.round(-lo / torch.where(scale > 0, scale, 1)))
     assert q[0].eq(zero_point[0].to(torch.uint8)).all() and scale[0].item() == 0.0
-    assert zero_point[1].item() == 0 and q[1].max().item() == 255
+    assert zero_point[1].item() == 0 and q[1].max().item() == levels
     # every value is within half a step of its reconstruction, and the row's range is used fully
     err = (scale * (q.float() - zero_point) - xf).abs()
     assert (err <= scale * 0.5001 + 1e-6).all()
-    assert (q.int().amax(1) - q.int().amin(1))[2:].ge(254).all()  # rows that cross 0
+    assert (q.int().amax(1) - q.int().amin(1))[2:].ge(levels - 1).all()  # rows that cross 0
 
 
 def test_kernel_and_fallback_quantise_identically(monkeypatch):
@@ -76,7 +82,7 @@ def test_kernel_and_fallback_quantise_identically(monkeypatch):
     assert torch.equal(from_kernel[0], from_torch[0])  # the same integers
     torch.testing.assert_close(from_kernel[1], from_torch[1], rtol=2e-7, atol=0)  # (x / 255 or x * (1/255))
     assert torch.equal(from_kernel[2], from_torch[2])
-    assert from_kernel[0][3].eq(0).all() and from_kernel[0][4].eq(0).all() and from_kernel[2][4].item() == 255
+    assert from_kernel[0][3].eq(0).all() and from_kernel[0][4].eq(0).all() and from_kernel[2][4].item() == int8.activation_levels()
 
 
 def _weight_deq(weight: torch.Tensor) -> torch.Tensor:
@@ -186,9 +192,35 @@ def test_unsupported_quantization_is_a_clear_error(llama_dir):
         int8.check_quantization("int8", torch.device("cuda"), torch.bfloat16)
 
 
-def test_a_cpu_without_int8_dot_products_is_refused(monkeypatch):
-    monkeypatch.setattr(int8, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512bw"})
-    reason = int8.int8_unavailable_reason(torch.device("cpu"), torch.float32)
-    assert reason is not None and "amx_int8" in reason and "saturate" in reason
-    with pytest.raises(ValueError, match="cannot run here"):
-        int8.check_quantization("int8", torch.device("cpu"), torch.float32)
+SEVEN_BIT_CHECK = """
+import torch
+from pagedllm import cpu_ops
+from pagedllm.model_executor.layers import int8_quantization as int8
+torch.manual_seed(0)
+w, x = torch.randn(64, 512), torch.randn(32, 512) * 10
+weight = int8.quantize_weight(w)
+w_deq = torch.round(w.double() / weight.scale.double()[:, None]).clamp(-127, 127) * weight.scale.double()[:, None]
+
+def error(q, scale, zero_point):
+    acc = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, weight.packed, weight.scale, weight.zero_points, None,
+                                             1.0, 0, torch.float32, "none", [], "")
+    want = q.double() @ w_deq.T
+    return ((acc.double() - want).abs().max() / want.abs().max()).item()
+
+q, scale, zero_point = int8.quantize_activations(x)
+print(int8.activation_levels(), int(q.max()), error(q, scale, zero_point), error(*cpu_ops.quantize_per_token(x, 255)))
+"""
+
+
+def test_without_vnni_activations_get_seven_bits():
+    """oneDNN limited to AVX2 (no VNNI, no AMX) sums uint8 x int8 pairs in 16 bits: full-range
+    activations saturate there, 7-bit ones do not. The probe notices and the quantiser follows."""
+    if not cpu_ops.cpu_kernels_available():
+        pytest.skip("the CPU kernels could not be built here")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1", "PAGEDLLM_LOGGING_LEVEL": "WARNING"}
+    out = subprocess.run([sys.executable, "-c", SEVEN_BIT_CHECK], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    levels, q_max, err_7bit, err_8bit = out.stdout.split()
+    assert int(levels) == 127 and int(q_max) == 127
+    assert float(err_7bit) < 1e-6  # exact integer products
+    assert float(err_8bit) > 1e-3  # what 8-bit activations would have given on this ISA

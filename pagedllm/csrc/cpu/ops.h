@@ -18,7 +18,7 @@ void silu_and_mul(at::Tensor out, const at::Tensor& x);
 void rotary_embedding(at::Tensor query, at::Tensor key, const at::Tensor& positions, const at::Tensor& cos,
                       const at::Tensor& sin);
 
-void quantize_per_token(at::Tensor q, at::Tensor scale, at::Tensor zero_point, const at::Tensor& x);
+void quantize_per_token(at::Tensor q, at::Tensor scale, at::Tensor zero_point, const at::Tensor& x, int64_t levels);
 
 void dequantize_int8_output(at::Tensor out, const at::Tensor& acc, const at::Tensor& scale,
                             const at::Tensor& zero_point, const at::Tensor& wsum,

@@ -2,7 +2,8 @@
 // around oneDNN's integer matmul.
 //
 // quantize_per_token: asymmetric uint8 per row (token). Each row's [min, max] (widened to include
-// 0) is mapped onto [0, 255]: scale = (max - min) / 255, zero_point = round(-min / scale), and
+// 0) is mapped onto [0, levels] (255, or 127 where the CPU's int8 products would saturate on full
+// 8-bit inputs): scale = (max - min) / levels, zero_point = round(-min / scale), and
 // x ≈ scale * (q - zero_point). Asymmetric, because it spends all 256 levels on the row's actual
 // range: on SmolLM2 it halved the perplexity change of symmetric int8 (see docs/performance.md).
 //
@@ -23,7 +24,7 @@ namespace pagedllm {
 namespace {
 
 template <typename scalar_t>
-void quantize_rows(at::Tensor& q, at::Tensor& scale, at::Tensor& zero_point, const at::Tensor& x) {
+void quantize_rows(at::Tensor& q, at::Tensor& scale, at::Tensor& zero_point, const at::Tensor& x, float levels) {
   const int64_t rows = x.size(0), n = x.size(1);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   uint8_t* qp = q.data_ptr<uint8_t>();
@@ -40,7 +41,7 @@ void quantize_rows(at::Tensor& q, at::Tensor& scale, at::Tensor& zero_point, con
         lo = std::min(lo, v);
         hi = std::max(hi, v);
       }
-      const float s = (hi - lo) / 255.f;
+      const float s = (hi - lo) / levels;
       // A denormal scale (a row of values near 1e-38) would make 1 / s infinite and 0 * inf NaN.
       const float inv = s >= std::numeric_limits<float>::min() ? 1.f / s : 0.f;
       const float z = std::nearbyint(-lo * inv);
@@ -49,7 +50,7 @@ void quantize_rows(at::Tensor& q, at::Tensor& scale, at::Tensor& zero_point, con
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         const float v = std::nearbyint(to_float(xr[i]) * inv) + z;
-        qr[i] = static_cast<uint8_t>(std::min(std::max(v, 0.f), 255.f));
+        qr[i] = static_cast<uint8_t>(std::min(std::max(v, 0.f), levels));
       }
     }
   });
@@ -88,15 +89,17 @@ void check_row_vector(const at::Tensor& t, int64_t rows, const char* op, const c
 
 }  // namespace
 
-void quantize_per_token(at::Tensor q, at::Tensor scale, at::Tensor zero_point, const at::Tensor& x) {
+void quantize_per_token(at::Tensor q, at::Tensor scale, at::Tensor zero_point, const at::Tensor& x, int64_t levels) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "quantize_per_token: x must be [rows, n] with contiguous rows");
   check_float_or_bf16(x.scalar_type(), "quantize_per_token");
   TORCH_CHECK(q.scalar_type() == at::kByte && q.sizes() == x.sizes() && q.stride(1) == 1,
               "quantize_per_token: q must be uint8 of x's shape");
   check_row_vector(scale, x.size(0), "quantize_per_token", "scale");
   check_row_vector(zero_point, x.size(0), "quantize_per_token", "zero_point");
-  if (x.scalar_type() == at::kFloat) quantize_rows<float>(q, scale, zero_point, x);
-  else quantize_rows<c10::BFloat16>(q, scale, zero_point, x);
+  TORCH_CHECK(levels >= 1 && levels <= 255, "quantize_per_token: levels must be in [1, 255]");
+  const float lv = static_cast<float>(levels);
+  if (x.scalar_type() == at::kFloat) quantize_rows<float>(q, scale, zero_point, x, lv);
+  else quantize_rows<c10::BFloat16>(q, scale, zero_point, x, lv);
 }
 
 void dequantize_int8_output(at::Tensor out, const at::Tensor& acc, const at::Tensor& scale,

@@ -12,7 +12,7 @@ TORCH_LIBRARY(pagedllm_cpu, m) {
         "float eps) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
   m.def("rotary_embedding(Tensor(a!) query, Tensor(b!) key, Tensor positions, Tensor cos, Tensor sin) -> ()");
-  m.def("quantize_per_token(Tensor(a!) q, Tensor(b!) scale, Tensor(c!) zero_point, Tensor x) -> ()");
+  m.def("quantize_per_token(Tensor(a!) q, Tensor(b!) scale, Tensor(c!) zero_point, Tensor x, int levels) -> ()");
   m.def("dequantize_int8_output(Tensor(a!) out, Tensor acc, Tensor scale, Tensor zero_point, Tensor wsum, "
         "Tensor? bias) -> ()");
 }

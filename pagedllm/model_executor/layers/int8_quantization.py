@@ -10,7 +10,8 @@ The scheme is dynamic W8A8 int8, as vLLM's CPU build runs it with asymmetric ("a
 - weights: symmetric int8 per output channel (scale = max |w| of the row / 127), quantised once
   after loading from whatever the checkpoint holds (a GGUF's Q4_1 is dequantised first);
 - activations: asymmetric uint8 per token (row), quantised on every call (`cpu_ops.quantize_per_token`):
-  each row's own range onto 0..255, which on SmolLM2 halved symmetric int8's perplexity change;
+  each row's own range onto 0..255, which on SmolLM2 halved symmetric int8's perplexity change
+  (0..127 on CPUs without VNNI or AMX, where 8-bit products would saturate: `activation_levels`);
 - the integer matmul is oneDNN's (`onednn::qlinear_pointwise`, int32 accumulation), which applies
   the weight scales. oneDNN takes one activation scale and zero point per tensor, so the per-token
   ones are applied after it, in one pass with the bias (`cpu_ops.dequantize_int8_output`):
@@ -21,26 +22,36 @@ dtype. The change in quality is stated by `benchmarks/precision_check.py` (see d
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pagedllm import cpu_ops
+from pagedllm.logger import init_logger
+
+logger = init_logger(__name__)
 
 INT8_DTYPES = (torch.float32, torch.bfloat16)
-# Instruction sets that multiply uint8 by int8 exactly into int32. Without them oneDNN uses
-# AVX2/AVX-512BW's vpmaddubsw, whose 16-bit pair sums saturate on full-range uint8 inputs
-# (255 * 127 * 2 > 32767), which is why PyTorch's own x86 int8 backend then quantises to 7 bits.
-INT8_DOT_PRODUCT_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
+@functools.cache
+def activation_levels() -> int:
+    """255 where oneDNN multiplies uint8 by int8 exactly on this machine (AMX, AVX-512 VNNI,
+    AVX-VNNI), else 127. Without VNNI oneDNN sums pairs of products in 16 bits (vpmaddubsw), which
+    saturate on full-range inputs (255 * 127 * 2 > 32767), so activations get 7 bits, as PyTorch's
+    own x86 int8 backend does (`reduce_range`). Probed once with the worst case, not read from CPU
+    flags, so that it follows whatever oneDNN dispatches to (ONEDNN_MAX_CPU_ISA included)."""
+    k = 64
+    weight = torch.ops.onednn.qlinear_prepack(torch.full((16, k), 127, dtype=torch.int8), [1, k])
+    acc = torch.ops.onednn.qlinear_pointwise(torch.full((1, k), 255, dtype=torch.uint8), 1.0, 0, weight,
+                                             torch.ones(16), torch.zeros(16, dtype=torch.int64), None, 1.0, 0,
+                                             torch.float32, "none", [], "")
+    exact = acc[0, 0].item() == 255 * 127 * k
+    if not exact:
+        logger.info("int8: this CPU's uint8 x int8 products would saturate on 8-bit activations; using 7 bits")
+    return 255 if exact else 127
 
 
 def int8_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -51,9 +62,6 @@ def int8_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | N
         return f"it takes a float32 or bfloat16 model, not {str(dtype).removeprefix('torch.')}"
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
         return "this PyTorch build has no oneDNN int8 matmul (torch.ops.onednn.qlinear_pointwise)"
-    if not _cpu_flags() & set(INT8_DOT_PRODUCT_FLAGS):
-        return ("this CPU has none of " + ", ".join(INT8_DOT_PRODUCT_FLAGS) + " (x86 int8 dot products); "
-                "without them the uint8 x int8 products can saturate")
     return None
 
 
@@ -91,14 +99,15 @@ def quantize_weight(weight: torch.Tensor) -> Int8LinearWeight:
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row asymmetric uint8 of a 2-D activation: (q, scale, zero_point), x ≈ scale * (q - zero_point);
     the C++ kernel when it is built, the same arithmetic in PyTorch ops otherwise."""
+    levels = activation_levels()
     if cpu_ops.cpu_kernels_available():
-        return cpu_ops.quantize_per_token(x)
+        return cpu_ops.quantize_per_token(x, levels)
     xf = x.float()
     lo = xf.amin(dim=1, keepdim=True).clamp_(max=0)
-    scale = (xf.amax(dim=1, keepdim=True).clamp_(min=0) - lo) / 255
+    scale = (xf.amax(dim=1, keepdim=True).clamp_(min=0) - lo) / levels
     inv = torch.where(scale >= torch.finfo(torch.float32).tiny, 1 / scale, torch.zeros_like(scale))
     zero_point = torch.round(-lo * inv)
-    q = (torch.round(xf * inv) + zero_point).clamp_(0, 255).to(torch.uint8)
+    q = (torch.round(xf * inv) + zero_point).clamp_(0, levels).to(torch.uint8)
     return q, scale, zero_point
 
 
