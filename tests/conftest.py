@@ -111,6 +111,26 @@ def qwen3_dir(tmp_path_factory) -> str:
     return build_checkpoint(str(tmp_path_factory.mktemp("qwen3")), "qwen3", tie_word_embeddings=True)
 
 
+@pytest.fixture
+def random_linear_layers():
+    """A factory, (dtype, rows) -> (qkv, down, x_qkv, x_down): a QKV layer with a bias (Qwen2's)
+    and a row-parallel layer with random weights, and a batch of `rows` inputs for each, for tests
+    that swap a layer's weight for another form and compare with the plain product."""
+    from pagedllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+
+    def make(dtype: torch.dtype, rows: int):
+        torch.manual_seed(rows)
+        qkv = QKVParallelLinear(64, 16, 4, 2, bias=True).to(dtype)
+        down = RowParallelLinear(96, 64).to(dtype)
+        for layer in (qkv, down):
+            layer.weight.data.normal_()
+            if layer.bias is not None:
+                layer.bias.data.normal_()
+        return qkv, down, torch.randn(rows, 64).to(dtype), torch.randn(rows, 96).to(dtype)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def llm(llama_dir):
     """One shared engine on the tiny Llama, for tests that only read from it."""

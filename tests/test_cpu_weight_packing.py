@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.model_executor.layers.cpu_weight_packing import pack_linear_weights, packing_wanted
-from pagedllm.model_executor.layers.linear import LinearBase, QKVParallelLinear, RowParallelLinear
+from pagedllm.model_executor.layers.linear import LinearBase
 
 pytestmark = pytest.mark.skipif(not packing_wanted(torch.device("cpu"), torch.float32),
                                 reason="this torch has no oneDNN")
@@ -17,15 +17,8 @@ pytestmark = pytest.mark.skipif(not packing_wanted(torch.device("cpu"), torch.fl
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 32, 300])
-def test_packed_layers_equal_plain_linear(dtype, rows):
-    torch.manual_seed(rows)
-    qkv = QKVParallelLinear(64, 16, 4, 2, bias=True).to(dtype)  # Qwen2-style bias
-    down = RowParallelLinear(96, 64).to(dtype)
-    for layer in (qkv, down):
-        layer.weight.data.normal_()
-        if layer.bias is not None:
-            layer.bias.data.normal_()
-    x_qkv, x_down = torch.randn(rows, 64).to(dtype), torch.randn(rows, 96).to(dtype)
+def test_packed_layers_equal_plain_linear(random_linear_layers, dtype, rows):
+    qkv, down, x_qkv, x_down = random_linear_layers(dtype, rows)
     want = [F.linear(x_qkv, qkv.weight, qkv.bias), F.linear(x_down, down.weight)]
     model = torch.nn.ModuleList([qkv, down])
     assert pack_linear_weights(model, (LinearBase,)) == 2

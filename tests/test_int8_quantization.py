@@ -101,15 +101,8 @@ def integer_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 32, 300])
-def test_int8_layers_compute_the_integer_product(kernel_path, dtype, rows):
-    torch.manual_seed(rows)
-    qkv = QKVParallelLinear(64, 16, 4, 2, bias=True).to(dtype)  # Qwen2-style bias
-    down = RowParallelLinear(96, 64).to(dtype)
-    for layer in (qkv, down):
-        layer.weight.data.normal_()
-        if layer.bias is not None:
-            layer.bias.data.normal_()
-    x_qkv, x_down = torch.randn(rows, 64).to(dtype), torch.randn(rows, 96).to(dtype)
+def test_int8_layers_compute_the_integer_product(kernel_path, random_linear_layers, dtype, rows):
+    qkv, down, x_qkv, x_down = random_linear_layers(dtype, rows)
     exact = [integer_product(x_qkv, qkv.weight, qkv.bias), integer_product(x_down, down.weight, None)]
     plain = [F.linear(x_qkv.float(), qkv.weight.float(), qkv.bias.float()), F.linear(x_down.float(), down.weight.float())]
     model = torch.nn.ModuleList([qkv, down])
