@@ -24,7 +24,7 @@ from pagedllm.model_executor.model_loader import load_model
 from pagedllm.sample.metadata import build_sampling_metadata
 from pagedllm.sample.sampler import Sampler, gather_logprobs
 from pagedllm.utils import async_tensor_h2d
-from pagedllm.worker.cpu_malloc import keep_freed_memory_in_heap
+from pagedllm.worker.cpu_malloc import keep_freed_memory_in_heap, release_free_heap
 from pagedllm.worker.cuda_graph_runner import DecodeGraphRunner, capture_sizes, cuda_graphs_wanted
 from pagedllm.worker.kv_cache import allocate_kv_cache, determine_num_blocks
 from pagedllm.worker.memory_profiler import needs_memory_profile, profile_memory
@@ -79,6 +79,8 @@ class ModelRunner:
         if hasattr(self.attn_backend, "prepare"):
             self.attn_backend.prepare(self.device)  # e.g. build the CPU kernel now, not in step 1
         self.model = load_model(config.model_config, self.device, self.tp_group)
+        if self.device.type == "cpu":
+            release_free_heap()  # loading's peak (checkpoint tensors, replaced plain weights) is not needed again
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.model_config.seed))
         self.generators: dict[str, torch.Generator] = {}  # per-request, for seeded requests
         use_graphs = cuda_graphs_wanted(self.device, config.model_config.enforce_eager, self.attn_backend)
