@@ -48,10 +48,14 @@ def _glibc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
 
 
+def _tuning_enabled() -> bool:
+    return os.environ.get(CPU_MALLOC_TUNING_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
 @functools.cache
 def keep_freed_memory_in_heap() -> bool:
     """Apply the two settings once per process; True when they are in effect."""
-    if os.environ.get(CPU_MALLOC_TUNING_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
+    if not _tuning_enabled():
         logger.info("%s=0: glibc malloc keeps its defaults", CPU_MALLOC_TUNING_ENV)
         return False
     libc = _glibc()
@@ -68,7 +72,10 @@ def keep_freed_memory_in_heap() -> bool:
 
 def release_free_heap() -> bool:
     """Return the heap's free pages to the OS once (glibc `malloc_trim(0)`), whatever the trim
-    threshold; True when glibc released something."""
+    threshold; True when glibc released something. Off, like the rest, with
+    `PAGEDLLM_CPU_MALLOC_TUNING=0` (glibc then trims by itself)."""
+    if not _tuning_enabled():
+        return False
     libc = _glibc()
     if libc is None or not hasattr(libc, "malloc_trim"):
         return False
