@@ -121,19 +121,20 @@ def main() -> int:
     workload = build_workload(args, gguf, work / "workload.json")
     in_tokens = sum(len(x) for x in workload["prompts"])
     hf_dir = None
-    pythons = {"pagedllm": sys.executable, "pagedllm_kvbf16": sys.executable, "pagedllm_int8": sys.executable,
-               "pagedllm_int8_kvbf16": sys.executable, "transformers": sys.executable,
-               "vllm": args.vllm_python, "llamacpp": args.llamacpp_python, "llamacpp_serial": args.llamacpp_python}
+    # interpreters by runner script, so every pagedllm variant in RUNNERS runs in this one
+    pythons = {"pagedllm": sys.executable, "transformers": sys.executable, "vllm": args.vllm_python,
+               "llamacpp": args.llamacpp_python}
     results = []
     for name in [e.strip() for e in args.engines.split(",") if e.strip()]:
-        if not pythons.get(name):
-            print(f"[compare] skipping {name}: pass --{RUNNERS.get(name, (name,))[0]}-python (its own virtual environment)")
+        script = RUNNERS.get(name, (name,))[0]
+        if not pythons.get(script):
+            print(f"[compare] skipping {name}: pass --{script}-python (its own virtual environment)")
             continue
         model = gguf
         if name in ("vllm", "transformers"):
             hf_dir = hf_dir or hf_checkpoint_from_gguf(gguf, Path(gguf).parent / "hf-float32")
             model = str(hf_dir)
-        result = run_engine(name, pythons[name], model, work / "workload.json", args.threads, args.dtype,
+        result = run_engine(name, pythons[script], model, work / "workload.json", args.threads, args.dtype,
                             args.compile_fused_ops)
         result["engine_key"] = name
         if "elapsed_s" in result:

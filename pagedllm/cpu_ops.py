@@ -28,6 +28,7 @@ import shutil
 import torch
 
 from pagedllm.logger import init_logger
+from pagedllm.utils import env_flag
 
 logger = init_logger(__name__)
 
@@ -76,7 +77,7 @@ def cpu_fast_paths_enabled() -> bool:
     and the oneDNN-packed linear weights (`layers/cpu_weight_packing.py`). `quantization="int8"` is
     a change of numerics the user asked for, so it still runs (oneDNN's int8 matmul, with PyTorch
     ops in place of the quantisation kernels)."""
-    return os.environ.get(CPU_KERNELS_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+    return env_flag(CPU_KERNELS_ENV, default=True)
 
 
 @functools.cache

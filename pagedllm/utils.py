@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
+
+_OFF = ("0", "false", "off", "no")
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """An on/off environment variable: unset or empty gives `default`; 0, false, off or no (any
+    case) turn it off; any other value turns it on."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    return raw not in _OFF
 
 
 def async_tensor_h2d(data: Sequence | torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

@@ -19,12 +19,12 @@ and each call site is one `is not None` test, so it costs nothing.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional, Sequence
 
 from pagedllm.core.block_pool import KVCacheBlock
 from pagedllm.engine.request import Request
 from pagedllm.logger import init_logger
+from pagedllm.utils import env_flag
 
 TRACE_ENV = "PAGEDLLM_TRACE"
 TRACE_LOGGER = "pagedllm.trace"
@@ -32,7 +32,7 @@ TRACE_LOGGER = "pagedllm.trace"
 
 def trace_enabled() -> bool:
     """`PAGEDLLM_TRACE` set to anything but empty, 0, false or no."""
-    return os.environ.get(TRACE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+    return env_flag(TRACE_ENV, default=False)
 
 
 def make_tracer() -> Optional["RequestTracer"]:

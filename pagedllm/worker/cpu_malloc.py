@@ -24,9 +24,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import os
 
 from pagedllm.logger import init_logger
+from pagedllm.utils import env_flag
 
 logger = init_logger(__name__)
 
@@ -49,7 +49,7 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def _tuning_enabled() -> bool:
-    return os.environ.get(CPU_MALLOC_TUNING_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+    return env_flag(CPU_MALLOC_TUNING_ENV, default=True)
 
 
 @functools.cache
