@@ -145,8 +145,8 @@ class StepTimer:
     def __init__(self, engine) -> None:
         self.engine, self.totals, self.steps = engine, Counter(), 0
         self.originals = {}
-        for owner, name in ((engine.scheduler, "schedule"), (engine.model_runner, "execute_model"),
-                            (engine.scheduler, "update_from_output"), (engine, "step")):
+        for owner, name in ((engine.engine_core.core.scheduler, "schedule"), (engine.model_runner, "execute_model"),
+                            (engine.engine_core.core.scheduler, "update_from_output"), (engine, "step")):
             original = getattr(owner, name)
             self.originals[(owner, name)] = original
             setattr(owner, name, self._timed(name, original))
@@ -197,9 +197,10 @@ def section_throughput(ctx: Context) -> dict:
     prompts, out_lens, hf_num = w["prompts"], w["out_lens"], w["hf_num"]
     llm = ctx.need_engine()
     runner = llm.llm_engine.model_runner
+    worker = llm.llm_engine.engine_core.core.model_executor.worker
     result = {"num_prompts": len(prompts), "len_range": [w["lo"], w["hi"]], "prompt_tokens": sum(map(len, prompts)),
               "output_tokens": sum(out_lens), "dtype": ctx.dtype, "num_kv_blocks": runner.num_blocks,
-              "memory_profile": vars(runner.memory_profile) if runner.memory_profile else None,
+              "memory_profile": vars(worker.memory_profile) if worker.memory_profile else None,
               "cuda_graphs": None if runner.cuda_graphs is None else {
                   "sizes": runner.graph_sizes, "capture_s": runner.cuda_graphs.capture_seconds,
                   "capture_bytes": runner.cuda_graphs.capture_bytes}}
@@ -252,7 +253,7 @@ def roofline_floor(model_dir: str, prompts: list[list[int]], out_lens: list[int]
 # ----- CUDA graphs, host syncs, profile ----------------------------------------------------------------
 def decode_batch(runner, n: int, context: int, first_block: int = 0):
     """n decodes at position `context`, each over its own run of blocks from `first_block`."""
-    from pagedllm.core.scheduler_output import ScheduledRequest, SchedulerOutput
+    from pagedllm.scheduler_output import ScheduledRequest, SchedulerOutput
     from pagedllm.sampling_params import SamplingParams
 
     per_seq = -(-(context + 1) // runner.block_size)
@@ -417,8 +418,8 @@ def section_kernels(ctx: Context) -> dict:
     a bfloat16 KV cache under float32 compute (kv_cache_dtype)."""
     from pagedllm.attention.ops import paged_decode, prefix_prefill
     from pagedllm.attention.testing import PagedBatch
-    from pagedllm.attention.torch_paged_attention import TorchPagedAttention
-    from pagedllm.attention.triton_paged_attention import TritonPagedAttention
+    from pagedllm.attention.torch_paged_attention import TorchPagedAttention, TorchPagedAttentionBackend
+    from pagedllm.attention.triton_paged_attention import TritonPagedAttention, TritonPagedAttentionBackend
 
     dev = ctx.device
     tol = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -439,13 +440,14 @@ def section_kernels(ctx: Context) -> dict:
             kw = dict(dtype=dtype, device=dev, cache_dtype=cache_dtype)
             batch = PagedBatch(mixed, h, kvh, d, bs, seed=1, **kw)
             key, value, slots = batch.take_new_kv()
-            meta = batch.metadata(slots)
             torch_cache = (batch.k_cache.nan_to_num(0.0), batch.v_cache.nan_to_num(0.0))
             triton_cache = (batch.k_cache, batch.v_cache)
-            out = TritonPagedAttention(h, kvh, d, d**-0.5).forward(batch.query, key, value, triton_cache, meta)
+            out = TritonPagedAttention(h, kvh, d, d**-0.5).forward(
+                batch.query, key, value, triton_cache, batch.metadata(slots, TritonPagedAttentionBackend))
             ref = batch.reference()
             err_mixed = (out.float() - ref).abs().max().item()
-            reference_backend = TorchPagedAttention(h, kvh, d, d**-0.5).forward(batch.query, key, value, torch_cache, meta)
+            reference_backend = TorchPagedAttention(h, kvh, d, d**-0.5).forward(
+                batch.query, key, value, torch_cache, batch.metadata(slots, TorchPagedAttentionBackend))
             err_torch_backend = (reference_backend.float() - ref).abs().max().item()
             same_cache = all(torch.equal(a.nan_to_num(0.0), b) for a, b in zip(triton_cache, torch_cache))
             dec = PagedBatch(decodes, h, kvh, d, bs, seed=2, **kw)

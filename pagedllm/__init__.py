@@ -6,6 +6,5 @@ The public surface mirrors vLLM's, so a vLLM script runs by changing its import.
 from pagedllm.entrypoints.llm import LLM
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.sampling_params import SamplingParams
-
-__version__ = "0.1.0"
+from pagedllm.version import __version__
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]

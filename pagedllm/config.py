@@ -8,7 +8,6 @@ engine and its workers.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -28,10 +27,6 @@ KV_CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16}
 
 # vLLM's `quantization` values this engine implements (None: the checkpoint's weights as loaded).
 QUANTIZATION_METHODS = ("int8",)
-
-# Default KV-cache budget on CPU, in GiB; vLLM's CPU build reads VLLM_CPU_KVCACHE_SPACE.
-CPU_KVCACHE_SPACE_ENV = "PAGEDLLM_CPU_KVCACHE_SPACE"
-DEFAULT_CPU_KVCACHE_SPACE_GIB = 4.0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -74,10 +69,17 @@ class ModelConfig:
     enforce_eager: bool = False
     # torch.compile of the elementwise ops between matmuls (layers/fused_ops.py)
     compile_fused_ops: bool = False
-    # vLLM's `quantization`: None, or "int8" (W8A8 on CPU: layers/int8_quantization.py)
+    # vLLM's `quantization`: None, or "int8" (W8A8 on CPU: layers/quantization/int8.py)
     quantization: Optional[str] = None
+    # most logprobs a request may ask for (-1: no limit), checked by the input processor
+    max_logprobs: int = 20
+    # the folder whose generation_config.json gives sampling defaults (None: none)
+    generation_config: Optional[str] = None
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be -1 (no limit) or a non-negative integer, got {self.max_logprobs!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(
                 f"quantization must be one of {list(QUANTIZATION_METHODS)} or None, got {self.quantization!r} "
@@ -103,6 +105,8 @@ class CacheConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     num_gpu_blocks_override: Optional[int] = None
+    # The byte budget of each worker's cache. On CPU it is always set (EngineArgs fills in
+    # $PAGEDLLM_CPU_KVCACHE_SPACE or 4 GiB); on GPU None means "what gpu_memory_utilization leaves".
     kv_cache_memory_bytes: Optional[int] = None
     gpu_memory_utilization: float = 0.9
     # vLLM's kv_cache_dtype: 'auto' stores K/V in the model's dtype; 'bfloat16' halves a float32
@@ -126,19 +130,6 @@ class CacheConfig:
         """The dtype K/V are stored in."""
         return KV_CACHE_DTYPES[self.cache_dtype] or model_dtype
 
-    def cpu_kv_cache_bytes(self) -> int:
-        """The CPU budget: explicit bytes, else the environment variable, else the default."""
-        if self.kv_cache_memory_bytes is not None:
-            return self.kv_cache_memory_bytes
-        raw = os.environ.get(CPU_KVCACHE_SPACE_ENV)
-        try:
-            gib = float(raw) if raw else DEFAULT_CPU_KVCACHE_SPACE_GIB
-        except ValueError as e:
-            raise ValueError(f"{CPU_KVCACHE_SPACE_ENV} must be a number of GiB, got {raw!r}") from e
-        if gib <= 0:
-            raise ValueError(f"{CPU_KVCACHE_SPACE_ENV} must be positive, got {raw!r}")
-        return int(gib * (1 << 30))
-
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -146,6 +137,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     enable_chunked_prefill: bool = True
+    # log every scheduling decision per request (core/request_trace.py)
+    trace: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -74,7 +74,7 @@ def _ensure_ninja_on_path() -> None:
 
 def cpu_fast_paths_enabled() -> bool:
     """False under `PAGEDLLM_CPU_KERNELS=0`, which turns off every CPU-only fast path: these kernels
-    and the oneDNN-packed linear weights (`layers/cpu_weight_packing.py`). `quantization="int8"` is
+    and the oneDNN-packed linear weights (`layers/cpu_packed_linear.py`). `quantization="int8"` is
     a change of numerics the user asked for, so it still runs (oneDNN's int8 matmul, with PyTorch
     ops in place of the quantisation kernels)."""
     return env_flag(CPU_KERNELS_ENV, default=True)

@@ -8,10 +8,22 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 # Below this temperature a request is treated as greedy, as in vLLM.
 SAMPLING_EPS = 1e-5
+
+
+_UNSUPPORTED_FIELDS = {
+    "structured_outputs": "structured outputs: JSON schemas, regexes, grammars, choices",
+    "bad_words": "bad-word lists",
+    "logprob_token_ids": "logprobs of chosen token ids",
+    "prompt_logprob_token_ids": "prompt logprobs of chosen token ids",
+    "thinking_token_budget": "thinking-token budgets",
+    "repetition_detection": "repetition detection",
+    "watermarking": "watermarking",
+    "extra_args": "extra arguments for custom logits processors",
+}
 
 
 class RequestOutputKind(enum.Enum):
@@ -53,6 +65,16 @@ class SamplingParams:
     logit_bias: Optional[dict[int, float]] = None
     allowed_token_ids: Optional[list[int]] = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # vLLM fields for features pagedllm does not have yet: accepted at their defaults only, so a
+    # request never runs without what it asked for (`_refuse_unsupported`).
+    structured_outputs: Optional[Any] = None
+    bad_words: Optional[list[str]] = None
+    logprob_token_ids: Optional[list[int]] = None
+    prompt_logprob_token_ids: Optional[Any] = None
+    thinking_token_budget: Optional[int] = None
+    repetition_detection: Optional[Any] = None
+    watermarking: Optional[bool] = None
+    extra_args: Optional[dict[str, Any]] = None
     # Filled by the engine: EOS plus the generation config's extra EOS ids.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -71,6 +93,7 @@ class SamplingParams:
                 self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
             except (TypeError, ValueError, AttributeError) as e:
                 raise ValueError(f"logit_bias must map token ids to floats, got {self.logit_bias!r}") from e
+        self._refuse_unsupported()
         self._verify()
         if self.temperature < SAMPLING_EPS:
             # Greedy: the truncation knobs can only change ties, so drop them (vLLM does too).
@@ -78,6 +101,12 @@ class SamplingParams:
             self.top_k = 0
             self.min_p = 0.0
         self.all_stop_token_ids = set(self.stop_token_ids)
+
+    def _refuse_unsupported(self) -> None:
+        for name, feature in _UNSUPPORTED_FIELDS.items():
+            value = getattr(self, name)
+            if value is not None and value is not False and value != {} and value != []:
+                raise NotImplementedError(f"{name} is not supported by pagedllm yet ({feature})")
 
     def _verify(self) -> None:
         def check(ok: bool, name: str, msg: str) -> None:

@@ -10,6 +10,11 @@ import torch
 _OFF = ("0", "false", "off", "no")
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division: how many blocks of `b` hold `a` items."""
+    return -(-a // b)
+
+
 def env_flag(name: str, default: bool) -> bool:
     """An on/off environment variable: unset or empty gives `default`; 0, false, off or no (any
     case) turn it off; any other value turns it on."""

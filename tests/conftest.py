@@ -113,15 +113,16 @@ def qwen3_dir(tmp_path_factory) -> str:
 
 @pytest.fixture
 def random_linear_layers():
-    """A factory, (dtype, rows) -> (qkv, down, x_qkv, x_down): a QKV layer with a bias (Qwen2's)
-    and a row-parallel layer with random weights, and a batch of `rows` inputs for each, for tests
-    that swap a layer's weight for another form and compare with the plain product."""
+    """A factory, (dtype, rows, linear method) -> (qkv, down, x_qkv, x_down): a QKV layer with a bias
+    (Qwen2's) and a row-parallel layer with random weights, built with that method, and a batch of
+    `rows` inputs for each, for tests that let a method turn the loaded weight into its own form
+    (`model_loader.process_weights_after_loading`) and compare with the plain product."""
     from pagedllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 
-    def make(dtype: torch.dtype, rows: int):
+    def make(dtype: torch.dtype, rows: int, linear_method=None):
         torch.manual_seed(rows)
-        qkv = QKVParallelLinear(64, 16, 4, 2, bias=True).to(dtype)
-        down = RowParallelLinear(96, 64).to(dtype)
+        qkv = QKVParallelLinear(64, 16, 4, 2, bias=True, linear_method=linear_method).to(dtype)
+        down = RowParallelLinear(96, 64, linear_method=linear_method).to(dtype)
         for layer in (qkv, down):
             layer.weight.data.normal_()
             if layer.bias is not None:

@@ -11,7 +11,7 @@ import pytest
 
 from pagedllm.core.block_pool import BlockPool
 from pagedllm.core.kv_cache_manager import KVCacheManager
-from pagedllm.engine.request import Request
+from pagedllm.request import Request
 from pagedllm.sampling_params import SamplingParams
 
 BLOCK_SIZE = 4

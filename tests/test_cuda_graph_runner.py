@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedllm.attention.torch_paged_attention import TorchPagedAttention
+from pagedllm.attention.torch_paged_attention import TorchPagedAttentionBackend
 from pagedllm.worker.cuda_graph_runner import (
     DecodeBuffers,
     DecodeGraphRunner,
@@ -22,7 +22,8 @@ from pagedllm.worker.cuda_graph_runner import (
 )
 
 pytest.importorskip("triton")
-from pagedllm.attention.triton_paged_attention import TritonPagedAttention  # noqa: E402
+from pagedllm.attention.triton_paged_attention import TritonAttentionMetadataBuilder  # noqa: E402
+from pagedllm.attention.triton_paged_attention import TritonPagedAttentionBackend  # noqa: E402
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -42,10 +43,10 @@ def test_padded_batch_size_is_the_smallest_graph_that_fits():
 
 
 def test_graphs_only_on_cuda_without_enforce_eager_with_the_triton_backend():
-    assert cuda_graphs_wanted(CUDA, False, TritonPagedAttention)
-    assert not cuda_graphs_wanted(CPU, False, TritonPagedAttention)
-    assert not cuda_graphs_wanted(CUDA, True, TritonPagedAttention)
-    assert not cuda_graphs_wanted(CUDA, False, TorchPagedAttention)
+    assert cuda_graphs_wanted(CUDA, False, TritonPagedAttentionBackend)
+    assert not cuda_graphs_wanted(CPU, False, TritonPagedAttentionBackend)
+    assert not cuda_graphs_wanted(CUDA, True, TritonPagedAttentionBackend)
+    assert not cuda_graphs_wanted(CUDA, False, TorchPagedAttentionBackend)
 
 
 def test_decode_buffers_send_padding_rows_to_the_padding_block():
@@ -59,8 +60,9 @@ def test_decode_buffers_send_padding_rows_to_the_padding_block():
     assert buffers.seq_lens[:4].tolist() == [1, 6, 10, 1]
     assert buffers.block_tables[3].tolist() == [padding_block] * 3
     assert buffers.block_tables[1, :2].tolist() == [4, 6]
-    meta = buffers.metadata(4)
-    assert meta.num_decodes == 4 and not meta.prefills
+    meta = buffers.metadata(4, TritonAttentionMetadataBuilder(CPU, torch.float32, torch.float32))
+    assert meta.num_decodes == 4 and meta.max_prefill_query_len == 0
+    assert meta.max_decode_seq_len == 3 * bs  # the longest sequence a table holds: splits sized for any length
     assert meta.block_tables.shape == (4, 3)  # always max_blocks wide: one graph for every length
     assert meta.query_start_loc.tolist() == [0, 1, 2, 3, 4]
     # A smaller batch next: stale rows beyond it are padding again.
@@ -80,7 +82,8 @@ def install_eager_graphs(llm, sizes: list[int]) -> DecodeGraphRunner:
     runner = llm.llm_engine.model_runner
     graphs = DecodeGraphRunner(
         runner.model, runner.kv_caches, runner.block_size, llm.llm_engine.config.model_config.max_model_len,
-        sizes, padding_block=runner.num_blocks, device=runner.device, graph_factory=CountingEagerGraph,
+        sizes, padding_block=runner.num_blocks, device=runner.device, metadata_builder=runner.attn_metadata_builder,
+        graph_factory=CountingEagerGraph,
     )
     graphs.capture()
     runner.cuda_graphs = graphs
@@ -126,7 +129,7 @@ def test_padded_rows_write_only_the_padding_block(llama_dir, monkeypatch):
     for i, prompt in enumerate(PROMPTS[:3]):
         engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=8))
     engine.step()  # the three prompts' prefill (eager)
-    sched = engine.scheduler.schedule()  # three decodes: replayed padded to 4 rows
+    sched = engine.engine_core.core.scheduler.schedule()  # three decodes: replayed padded to 4 rows
     assert graphs.can_run(sched) and len(sched.scheduled) == 3
     before = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
     CountingEagerGraph.replays = []
@@ -151,9 +154,9 @@ def test_prefills_and_oversized_batches_run_eagerly(llama_dir, monkeypatch):
     engine = llm.llm_engine
     for i, prompt in enumerate(PROMPTS[:3]):
         engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=1))
-    prefill = engine.scheduler.schedule()
+    prefill = engine.engine_core.core.scheduler.schedule()
     assert not graphs.can_run(prefill)  # prompts
-    engine.scheduler.update_from_output(prefill, engine.model_runner.execute_model(prefill))
-    decodes = engine.scheduler.schedule()
+    engine.engine_core.core.scheduler.update_from_output(prefill, engine.model_runner.execute_model(prefill))
+    decodes = engine.engine_core.core.scheduler.schedule()
     assert len(decodes.scheduled) == 3 and not graphs.can_run(decodes)  # 3 > the largest graph (2)
     llm.shutdown()

@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.engine.engine_state import BLOCK_STATES, EngineState, StateHistory
+from pagedllm.core.snapshot import BLOCK_STATES
+from pagedllm.engine.engine_state import EngineState, StateHistory
 from test_server_harness import RemoteServer
 
 BLOCK_SIZE = 8
@@ -129,7 +130,7 @@ def test_forced_preemption_shows_up(engine):
     assert victim.num_tokens > len(PROMPT_IDS)  # prompt and the tokens it had generated
     final = engine.get_engine_state()
     check_idle(final)
-    assert final.counters.num_preemptions == engine.scheduler.num_preemptions > before
+    assert final.counters.num_preemptions == engine.engine_core.core.scheduler.num_preemptions > before
 
 
 def test_after_all_requests_finish_every_block_is_free_or_cached(engine):
@@ -149,11 +150,11 @@ def test_after_all_requests_finish_every_block_is_free_or_cached(engine):
 
 def test_history_samples_at_most_once_per_interval_over_a_bounded_span(engine):
     history = StateHistory(interval=10.0, span=30.0)
-    history.maybe_record(engine)
-    history.maybe_record(engine)
+    history.maybe_record(engine.engine_core.core.stats)
+    history.maybe_record(engine.engine_core.core.stats)
     assert len(history.samples) == 1  # the second came within the interval
     for _ in range(5):
-        history.maybe_record(engine, force=True)
+        history.maybe_record(engine.engine_core.core.stats, force=True)
     assert len(history.samples) == 3  # 30 s of 10 s samples: the oldest are dropped
     assert [s.time for s in history.samples] == sorted(s.time for s in history.samples)
 

@@ -1,4 +1,4 @@
-"""`quantization="int8"` (W8A8 linear layers on CPU, `layers/int8_quantization.py`): the activation
+"""`quantization="int8"` (W8A8 linear layers on CPU, `layers/quantization/int8.py`): the activation
 quantiser against its definition, the int8 layer against the same integer arithmetic done by hand,
 and a whole generation against Hugging Face transformers running the same scheme."""
 
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from pagedllm import LLM, SamplingParams, cpu_ops
-from pagedllm.model_executor.layers import int8_quantization as int8
-from pagedllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+from pagedllm.model_executor.layers.quantization import int8, verify_quantization
+from pagedllm.model_executor.model_loader import process_weights_after_loading
 
 pytestmark = pytest.mark.skipif(int8.int8_unavailable_reason(torch.device("cpu"), torch.float32) is not None,
                                 reason="this torch has no oneDNN int8 matmul")
@@ -102,13 +102,13 @@ def integer_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 32, 300])
 def test_int8_layers_compute_the_integer_product(kernel_path, random_linear_layers, dtype, rows):
-    qkv, down, x_qkv, x_down = random_linear_layers(dtype, rows)
+    qkv, down, x_qkv, x_down = random_linear_layers(dtype, rows, int8.Int8LinearMethod())
     exact = [integer_product(x_qkv, qkv.weight, qkv.bias), integer_product(x_down, down.weight, None)]
     plain = [F.linear(x_qkv.float(), qkv.weight.float(), qkv.bias.float()), F.linear(x_down.float(), down.weight.float())]
     model = torch.nn.ModuleList([qkv, down])
-    count, nbytes = int8.quantize_linear_weights(model, (QKVParallelLinear, RowParallelLinear))
-    assert count == 2 and qkv.weight is None and isinstance(qkv.packed_weight, int8.Int8LinearWeight)
-    assert nbytes >= qkv.packed_weight.packed.numel() + down.packed_weight.packed.numel()
+    count, nbytes = process_weights_after_loading(model)["quantised to int8 (W8A8)"]
+    assert count == 2 and qkv.weight is None and isinstance(qkv.int8_weight, int8.Int8LinearWeight)
+    assert nbytes >= qkv.int8_weight.packed.numel() + down.int8_weight.packed.numel()
     for layer, x, want, approx in zip((qkv, down), (x_qkv, x_down), exact, plain):
         got = layer(x)
         assert got.dtype == dtype and got.shape == want.shape
@@ -152,8 +152,8 @@ def test_generation_matches_transformers_running_the_same_scheme(family, request
     ids = [5, 17, 42, 99, 7, 250, 13, 77, 31, 8, 120, 64, 3, 19, 200, 11]
     llm = LLM(model=model_dir, max_model_len=256, quantization="int8", max_num_batched_tokens=8)  # chunked prefill
     model = llm.llm_engine.model_runner.model
-    assert isinstance(model.layers[0].self_attn.qkv_proj.packed_weight, int8.Int8LinearWeight)
-    assert not isinstance(getattr(model, "lm_head", model.embed_tokens).packed_weight, int8.Int8LinearWeight)
+    assert isinstance(model.layers[0].self_attn.qkv_proj.linear_method, int8.Int8LinearMethod)
+    assert not isinstance(getattr(model, "lm_head", model.embed_tokens).linear_method, int8.Int8LinearMethod)
     try:
         ours = _prompt_logprobs(llm, ids)
         greedy = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0.0, max_tokens=8),
@@ -182,13 +182,13 @@ def test_unsupported_quantization_is_a_clear_error(llama_dir):
     with pytest.raises(ValueError, match="float32 or bfloat16 model, not float16"):
         LLM(model=llama_dir, quantization="int8", dtype="float16")
     with pytest.raises(ValueError, match="runs on CPU .* pass device='cpu'"):
-        int8.check_quantization("int8", torch.device("cuda"), torch.bfloat16)
+        verify_quantization("int8", torch.device("cuda"), torch.bfloat16)
 
 
 SEVEN_BIT_CHECK = """
 import torch
 from pagedllm import cpu_ops
-from pagedllm.model_executor.layers import int8_quantization as int8
+from pagedllm.model_executor.layers.quantization import int8
 torch.manual_seed(0)
 w, x = torch.randn(64, 512), torch.randn(32, 512) * 10
 weight = int8.quantize_weight(w)

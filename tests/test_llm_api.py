@@ -60,7 +60,7 @@ def test_bad_input_raises_value_error_and_leaves_engine_clean(llm, prompts, para
 
 
 def test_prompt_longer_than_max_model_len_names_both_numbers(llm):
-    with pytest.raises(ValueError, match=r"300 tokens.*256"):
+    with pytest.raises(ValueError, match=r"256 tokens.*300 input tokens"):
         llm.generate({"prompt_token_ids": [5] * 300}, use_tqdm=False)
     assert llm.generate("still works", GREEDY, use_tqdm=False)[0].finished
 
@@ -138,10 +138,10 @@ def test_abort_frees_blocks(llm):
     engine = llm.llm_engine
     engine.add_request("to-abort", "Hello, my name is", SamplingParams(max_tokens=50, ignore_eos=True))
     engine.step()
-    assert engine.kv_cache_manager.usage() > 0
+    assert engine.engine_core.core.kv_cache_manager.usage() > 0
     engine.abort_request("to-abort")
     assert not engine.has_unfinished_requests()
-    assert engine.kv_cache_manager.block_pool.num_free_blocks == engine.kv_cache_manager.num_blocks
+    assert engine.engine_core.core.kv_cache_manager.block_pool.num_free_blocks == engine.engine_core.core.kv_cache_manager.num_blocks
 
 
 def test_generation_config_sets_default_sampling_params(llama_dir, tmp_path):
@@ -173,3 +173,11 @@ def test_default_step_budget_by_usage_and_device():
     assert default_max_num_batched_tokens("llm_class", cpu) == default_max_num_batched_tokens("llm_class", gpu) == 8192
     assert default_max_num_batched_tokens("openai_api_server", gpu) == 2048  # vLLM's API-server default
     assert default_max_num_batched_tokens("openai_api_server", cpu) == 1024  # finer chunks: a CPU step is slow
+
+
+def test_logprobs_beyond_max_logprobs_are_refused_as_in_vllm(llm):
+    with pytest.raises(ValueError, match=r"logprobs must be between 0 and max_logprobs \(20\), got 21"):
+        llm.generate("Hello", SamplingParams(max_tokens=1, logprobs=21), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"prompt_logprobs must be between 0 and max_logprobs \(20\), got -1"):
+        llm.generate("Hello", SamplingParams(max_tokens=1, prompt_logprobs=-1), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()

@@ -25,7 +25,7 @@ def metric(llm: LLM, name: str) -> float:
 
 
 def assert_all_blocks_free(llm: LLM) -> None:
-    pool = llm.llm_engine.kv_cache_manager.block_pool
+    pool = llm.llm_engine.engine_core.core.kv_cache_manager.block_pool
     assert all(b.ref_cnt == 0 for b in pool.blocks)
     assert pool.num_free_blocks == pool.num_blocks
 

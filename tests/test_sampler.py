@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pagedllm import SamplingParams
-from pagedllm.core.scheduler_output import ScheduledRequest
+from pagedllm.scheduler_output import ScheduledRequest
 from pagedllm.sample.metadata import build_sampling_metadata
 from pagedllm.sample.sampler import Sampler, apply_min_p, apply_penalties, apply_processors, apply_top_k_top_p
 

@@ -88,7 +88,7 @@ def test_seeded_request_survives_preemption_and_chunked_prefill(llama_dir):
     cramped = LLM(model=llama_dir, max_model_len=64, num_gpu_blocks_override=8, block_size=8,
                   max_num_batched_tokens=16, max_num_seqs=4)
     got = [o.outputs[0].token_ids for o in cramped.generate(prompts, params, use_tqdm=False)]
-    preemptions = cramped.llm_engine.scheduler.num_preemptions
+    preemptions = cramped.llm_engine.engine_core.core.scheduler.num_preemptions
     cramped.shutdown()
     assert preemptions > 0  # the test is about that case
     assert got == expected

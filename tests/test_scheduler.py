@@ -20,8 +20,8 @@ import pytest
 from pagedllm.config import SchedulerConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.scheduler import Scheduler
-from pagedllm.core.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
-from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from pagedllm.request import Request, RequestStatus
 from pagedllm.sampling_params import SamplingParams
 
 BLOCK_SIZE = 4
@@ -254,8 +254,8 @@ def test_prefix_cache_hit_skips_prefill():
     (s,) = step(scheduler).scheduled
     assert s.num_computed_tokens == 8
     assert s.token_ids == [60, 61, 62]
-    stats = scheduler.stats()
-    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (10 + 11, 8)
+    kv = scheduler.kv_cache_manager
+    assert (kv.prefix_cache_queries, kv.prefix_cache_hits) == (10 + 11, 8)
 
 
 def test_prefix_cache_counts_once_per_admission_not_per_retry():
@@ -269,7 +269,7 @@ def test_prefix_cache_counts_once_per_admission_not_per_retry():
             break
         step(scheduler)
     assert not scheduler.has_unfinished_requests()
-    assert scheduler.stats().prefix_cache_queries == 8 + 6
+    assert scheduler.kv_cache_manager.prefix_cache_queries == 8 + 6
 
 
 def test_num_cached_tokens_recorded_at_first_admission():
@@ -322,7 +322,6 @@ def test_preemption_evicts_newest_running_request_and_it_resumes():
     assert new.status == RequestStatus.PREEMPTED
     assert new.num_computed_tokens == 0
     assert new.num_preemptions == 1 and scheduler.num_preemptions == 1
-    assert scheduler.stats().num_preemptions == 1
     assert list(scheduler.waiting) == [new, later]  # back at the front of the queue
     assert scheduler.running == [old]
     assert scheduler.kv_cache_manager.get_block_ids("new") == []

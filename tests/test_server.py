@@ -295,6 +295,13 @@ _BAD_REQUESTS = [
      "context_length_exceeded"),
     ("/v1/chat/completions", {"messages": MESSAGES, "model": "no-such-model", "stream": True}, 404, "model",
      "model_not_found"),
+    # vLLM fields for features pagedllm does not have yet: never silently ignored
+    ("/v1/completions", {"prompt": PROMPT, "guided_regex": "[a-z]+"}, 400, "guided_regex", None),
+    ("/v1/completions", {"prompt": PROMPT, "structured_outputs": {"choice": ["a", "b"]}}, 400, "structured_outputs",
+     None),
+    ("/v1/chat/completions", {"messages": MESSAGES, "priority": 5}, 400, "priority", None),
+    ("/v1/chat/completions", {"messages": MESSAGES, "guided_json": {"type": "object"}}, 400, "guided_json", None),
+    ("/v1/completions", {"prompt": PROMPT, "use_beam_search": True}, 400, "use_beam_search", None),
     ("/tokenize", {"model": None}, 400, "prompt", None),
     ("/detokenize", {"tokens": [99999999]}, 400, "tokens", None),
     ("/v1/completions", b'{"prompt": "x", ', 400, None, None),
@@ -318,6 +325,18 @@ def test_bad_input_is_an_openai_error_never_a_500(case, path, body, status, para
         assert error["param"] == param, error
     if code is not None:
         assert error["code"] == code, error
+
+
+def test_vllm_fields_at_their_defaults_and_unknown_fields_are_accepted(case):
+    """A vLLM field pagedllm lacks is fine at the value that asks for nothing; a field nobody defines
+    is ignored with a log line (as vLLM does), and the answer is the plain greedy one."""
+    expected = case.greedy(PROMPT, max_tokens=4)[0].outputs[0].text
+    body = {"model": case.model, "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "priority": 0,
+            "use_beam_search": False, "guided_regex": None, "x_my_client_tag": "abc"}
+    r = case.server.post("/v1/completions", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == expected
+    assert "Ignoring unknown request fields: ['x_my_client_tag']" in case.server.read_log()
 
 
 def test_unknown_routes_and_methods_answer_in_openai_shape(case):

@@ -64,11 +64,11 @@ def test_tp2_gives_the_same_greedy_tokens_as_tp1_with_preemption_and_prefix_cach
         llm = LLM(model=model_dir, tensor_parallel_size=tp, **SMALL_CACHE)
         try:
             results[tp] = generate_twice(llm)
-            executor = type(llm.llm_engine.model_executor).__name__
+            executor = type(llm.llm_engine.engine_core.core.model_executor).__name__
             assert executor == {1: "UniProcExecutor", 2: "MultiprocExecutor"}[tp]
             assert metric(llm, "num_preemptions") > 0
             assert metric(llm, "prefix_cache_hits") > 0
-            pool = llm.llm_engine.kv_cache_manager.block_pool
+            pool = llm.llm_engine.engine_core.core.kv_cache_manager.block_pool
             assert pool.num_free_blocks == pool.num_blocks
         finally:
             llm.shutdown()
@@ -76,7 +76,7 @@ def test_tp2_gives_the_same_greedy_tokens_as_tp1_with_preemption_and_prefix_cach
 
 
 def test_kv_cache_of_a_worker_holds_its_share_of_the_heads(llm):
-    from pagedllm.worker.kv_cache import bytes_per_block
+    from pagedllm.core.kv_cache_utils import bytes_per_block
 
     mc = llm.llm_engine.config.model_config
     assert bytes_per_block(mc, 16, tp_size=2) * 2 == bytes_per_block(mc, 16)
@@ -93,7 +93,7 @@ def test_two_tp_engines_on_one_host_and_a_dead_worker_fails_loudly(llama_dir):
         a = [o.outputs[0].token_ids for o in first.generate(prompts, params, use_tqdm=False)]
         b = [o.outputs[0].token_ids for o in second.generate(prompts, params, use_tqdm=False)]
         assert a == b
-        victim = first.llm_engine.model_executor.processes[1]
+        victim = first.llm_engine.engine_core.core.model_executor.processes[1]
         os.kill(victim.pid, signal.SIGKILL)
         victim.join(10)
         start = time.monotonic()
@@ -103,7 +103,7 @@ def test_two_tp_engines_on_one_host_and_a_dead_worker_fails_loudly(llama_dir):
         assert not first.llm_engine.has_unfinished_requests()
         with pytest.raises(ExecutorDeadError, match="dead"):  # and stays dead, fast
             first.generate(prompts, params, use_tqdm=False)
-        assert not any(p.is_alive() for p in first.llm_engine.model_executor.processes)
+        assert not any(p.is_alive() for p in first.llm_engine.engine_core.core.model_executor.processes)
         assert [o.outputs[0].token_ids for o in second.generate(prompts, params, use_tqdm=False)] == a
     finally:
         first.shutdown()
@@ -156,7 +156,7 @@ def test_tp2_on_ray_workers_matches_tp1_and_a_dead_actor_fails_loudly(qwen2_dir,
     reference.shutdown()
     llm = LLM(model=qwen2_dir, max_model_len=128, tensor_parallel_size=2, distributed_executor_backend="ray")
     try:
-        executor = llm.llm_engine.model_executor
+        executor = llm.llm_engine.engine_core.core.model_executor
         assert type(executor).__name__ == "RayDistributedExecutor" and len(executor.workers) == 2
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
         ray.kill(executor.workers[1])
@@ -169,14 +169,18 @@ def test_tp2_on_ray_workers_matches_tp1_and_a_dead_actor_fails_loudly(qwen2_dir,
 
 def test_a_dead_executor_ends_the_engine_loop_at_once(llm, monkeypatch):
     """In the server, a dead worker is not one bad request: the loop stops and says why."""
-    from pagedllm.engine.engine_core import AddRequest, EngineCore, EngineDeadError
+    from pagedllm.engine.core_loop import EngineCoreLoop
+    from pagedllm.engine.core_messages import AddRequests, EngineDeadError
+
+    core = llm.llm_engine.engine_core.core
 
     def dead_step():
         raise ExecutorDeadError("tensor-parallel worker 1 died")
 
-    monkeypatch.setattr(llm.llm_engine, "step", dead_step)
+    monkeypatch.setattr(core, "step", dead_step)
+    request = llm.llm_engine.input_processor.process("dead-executor", "Hello", SamplingParams(max_tokens=2))
     try:
         with pytest.raises(EngineDeadError, match="worker 1 died"):
-            EngineCore(llm.llm_engine).run_iteration([AddRequest("dead-executor", "Hello", SamplingParams(max_tokens=2))])
+            EngineCoreLoop(core).run_iteration([AddRequests(request.core_requests)])
     finally:
-        llm.llm_engine.abort_request("dead-executor")
+        core.abort_requests(request.child_ids)

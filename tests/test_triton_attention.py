@@ -25,8 +25,8 @@ pytest.importorskip("triton")
 
 from pagedllm.attention.ops import paged_decode, prefix_prefill, reshape_and_cache  # noqa: E402
 from pagedllm.attention.testing import PagedBatch  # noqa: E402
-from pagedllm.attention.torch_paged_attention import TorchPagedAttention  # noqa: E402
-from pagedllm.attention.triton_paged_attention import TritonPagedAttention  # noqa: E402
+from pagedllm.attention.torch_paged_attention import TorchPagedAttention, TorchPagedAttentionBackend  # noqa: E402
+from pagedllm.attention.triton_paged_attention import TritonPagedAttention, TritonPagedAttentionBackend  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 # Small tiles: several key tiles and query tiles even for sequences of a few dozen tokens.
@@ -165,12 +165,14 @@ def test_backend_mixed_batch_matches_torch_backend(block_size):
     """Decodes and prefills in one step, this step's K/V written first, as the model calls it."""
     batch = PagedBatch([(40, 1), (9, 1), (0, 23), (block_size, 6), (19, 11)], 4, 2, 32, block_size, device=DEVICE)
     key, value, slot_mapping = batch.take_new_kv()
-    meta = batch.metadata(slot_mapping)
+    # Each backend gets the metadata its own builder makes of the same batch.
+    torch_meta = batch.metadata(slot_mapping, TorchPagedAttentionBackend)
+    triton_meta = batch.metadata(slot_mapping, TritonPagedAttentionBackend)
     # The torch backend reads (and masks) whole blocks, so it needs finite values in unused slots.
     torch_cache = (batch.k_cache.nan_to_num(0.0), batch.v_cache.nan_to_num(0.0))
-    expected = TorchPagedAttention(4, 2, 32, 32**-0.5).forward(batch.query, key, value, torch_cache, meta)
+    expected = TorchPagedAttention(4, 2, 32, 32**-0.5).forward(batch.query, key, value, torch_cache, torch_meta)
     triton_cache = (batch.k_cache, batch.v_cache)
-    out = TritonPagedAttention(4, 2, 32, 32**-0.5).forward(batch.query, key, value, triton_cache, meta)
+    out = TritonPagedAttention(4, 2, 32, 32**-0.5).forward(batch.query, key, value, triton_cache, triton_meta)
     assert_close(out, expected)
     assert_close(out, batch.reference())
     # Both backends wrote exactly this step's slots.
@@ -186,7 +188,8 @@ def test_backend_reads_and_writes_a_bfloat16_cache(query_dtype):
     batch = PagedBatch(seqs, 4, 2, 32, 16, dtype=query_dtype, device=DEVICE, cache_dtype=torch.bfloat16)
     key, value, slot_mapping = batch.take_new_kv()
     cache = (batch.k_cache, batch.v_cache)
-    out = TritonPagedAttention(4, 2, 32, 32**-0.5).forward(batch.query, key, value, cache, batch.metadata(slot_mapping))
+    out = TritonPagedAttention(4, 2, 32, 32**-0.5).forward(batch.query, key, value, cache,
+                                                          batch.metadata(slot_mapping, TritonPagedAttentionBackend))
     assert out.dtype == query_dtype and batch.k_cache.dtype == torch.bfloat16
     assert_close(out, batch.reference(), query_dtype)
     flat = batch.k_cache.view(-1, 2, 32)

@@ -11,23 +11,24 @@ import os
 
 import torch
 
-from pagedllm.attention.torch_paged_attention import TorchPagedAttention
+from pagedllm.attention.backend import AttentionBackend
+from pagedllm.attention.torch_paged_attention import TorchPagedAttentionBackend
 
 BACKEND_ENV = "PAGEDLLM_ATTENTION_BACKEND"
 
 
-def get_attention_backend(device: torch.device) -> type:
+def get_attention_backend(device: torch.device) -> type[AttentionBackend]:
     name = os.environ.get(BACKEND_ENV, "").strip().lower()
     if not name:
         name = "triton" if device.type == "cuda" and _triton_available() else "torch"
     if name == "torch":
-        return TorchPagedAttention
+        return TorchPagedAttentionBackend
     if name == "triton":
         try:
-            from pagedllm.attention.triton_paged_attention import TritonPagedAttention
+            from pagedllm.attention.triton_paged_attention import TritonPagedAttentionBackend
         except ImportError as e:
             raise ValueError(f"{BACKEND_ENV}=triton needs the triton package: {e}") from e
-        return TritonPagedAttention
+        return TritonPagedAttentionBackend
     raise ValueError(f"{BACKEND_ENV} must be 'torch' or 'triton', got {name!r}")
 
 

@@ -11,14 +11,14 @@ path (fresh K/V or read back from the cache) a backend takes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-from pagedllm.attention.metadata import AttentionMetadata, PrefillSequence, sequence_tensors
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from pagedllm.attention.backend import AttentionBackend, CommonAttentionMetadata, sequence_tensors
+from pagedllm.attention.torch_paged_attention import TorchPagedAttentionBackend
+from pagedllm.utils import cdiv
 
 
 class PagedBatch:
@@ -108,30 +108,17 @@ class PagedBatch:
             slots.append(slot)
         return torch.cat(keys), torch.cat(values), torch.cat(slots)
 
-    def metadata(self, slot_mapping: torch.Tensor) -> AttentionMetadata:
-        """`AttentionMetadata` as `ModelRunner.prepare_inputs` builds it (decodes must come first)."""
-        bs, dev = self.block_size, self.device
+    def metadata(self, slot_mapping: torch.Tensor,
+                 backend: type[AttentionBackend] = TorchPagedAttentionBackend) -> Any:
+        """`backend`'s metadata for this batch, from its own builder, as the model runner gets it
+        (decodes must come first)."""
         num_decodes = next((i for i, (_, q) in enumerate(self.seqs) if q != 1), len(self.seqs))
         if any(q == 1 for _, q in self.seqs[num_decodes:]):
             raise ValueError("decodes (query_len 1) must come first in the batch")
-        decode_lens = [c + 1 for c, _ in self.seqs[:num_decodes]]
-        max_blocks = max((cdiv(n, bs) for n in decode_lens), default=0)
-        tables = [t[: cdiv(n, bs)] + [t[0]] * (max_blocks - cdiv(n, bs)) for t, n in zip(self.tables, decode_lens)]
-        starts = self.query_start_loc.tolist()
-        return AttentionMetadata(
-            slot_mapping=slot_mapping,
-            decode_token_idx=torch.arange(num_decodes, device=dev),
-            decode_block_tables=torch.tensor(tables, dtype=torch.long, device=dev).view(num_decodes, max_blocks),
-            decode_key_mask=torch.arange(max_blocks * bs, device=dev)[None, :]
-            < torch.tensor(decode_lens, device=dev).view(-1, 1),
-            prefills=[
-                PrefillSequence(starts[i], q, c, torch.tensor(self.tables[i], device=dev))
-                for i, (c, q) in enumerate(self.seqs) if i >= num_decodes
-            ],
-            num_tokens=starts[-1],
-            decode_groups=[(0, num_decodes, max_blocks)] if num_decodes else [],
-            decode_seq_lens=torch.tensor(decode_lens, dtype=torch.long, device=dev),
-            query_start_loc=self.query_start_loc,
-            seq_lens=self.seq_lens,
-            block_tables=self.block_tables,
+        common = CommonAttentionMetadata(
+            query_lens=[q for _, q in self.seqs], context_lens=[c for c, _ in self.seqs], block_ids=self.tables,
+            num_decodes=num_decodes, slot_mapping=slot_mapping.cpu().numpy(), block_size=self.block_size,
         )
+        dtype = self.queries[0].dtype if self.queries else torch.float32
+        builder = backend.get_builder_cls()(self.device, dtype, self.k_cache.dtype)
+        return builder.build(common)

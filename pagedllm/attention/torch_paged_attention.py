@@ -7,7 +7,8 @@ chunks, or prompts behind a cached prefix) one by one.
 
 Decodes on CPU go through the C++ kernel of `pagedllm.cpu_ops` when it is built, which reads the
 blocks in place; otherwise (and as the reference it is tested against) they gather their
-blocks into a padded copy and run SDPA over it.
+blocks into a padded copy and run SDPA over it, in groups of similar length. The metadata builder
+decides which once, when it is built, and prepares only what that path reads.
 
 The cache may hold a narrower dtype than the model computes in (`kv_cache_dtype="bfloat16"`
 under float32 weights): K/V are rounded once, when written, and read back into the query's
@@ -17,13 +18,107 @@ dtype. A prompt with nothing cached before it attends over its own K/V as comput
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pagedllm import cpu_ops
-from pagedllm.attention.metadata import AttentionMetadata
+from pagedllm.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    CommonAttentionMetadata,
+    KVCache,
+)
+from pagedllm.utils import async_tensor_h2d, cdiv
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
+# Decode batches on the gather path are split into up to this many length groups (one SDPA call each).
+MAX_DECODE_GROUPS = 4
+MIN_DECODES_PER_GROUP = 8
+
+
+@dataclass
+class PrefillSequence:
+    """A sequence feeding more than one token this step (a prompt, a chunk, a recompute)."""
+
+    token_start: int  # first row of this sequence in the flattened batch
+    query_len: int
+    context_len: int  # tokens already in the KV cache before this step
+    block_ids: torch.Tensor  # the blocks covering context_len + query_len tokens
+
+    @property
+    def seq_len(self) -> int:
+        return self.context_len + self.query_len
+
+
+@dataclass
+class TorchAttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    num_decodes: int  # decodes are rows 0 .. num_decodes - 1, one token each, shortest first
+    # [num_decodes, max_blocks] int64, padded with the row's first block
+    decode_block_tables: torch.Tensor
+    prefills: list[PrefillSequence]
+    # The CPU kernel's path: [num_decodes] int64, keys each decode attends to (its new token included).
+    decode_seq_lens: torch.Tensor | None = None
+    # The gather path: a key mask [num_decodes, max_blocks * block_size] and the length groups
+    # (first row, end row, blocks to read), so short sequences are not padded to the longest.
+    decode_key_mask: torch.Tensor | None = None
+    decode_groups: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+def decode_groups(sorted_lens: list[int], block_size: int) -> list[tuple[int, int, int]]:
+    """(first row, end row, blocks to read) for decodes sorted by length, in equal-count groups.
+
+    Padding every decode to the longest one wastes gather and attention work on short
+    sequences; a few groups recover most of it while keeping each call batched.
+    """
+    num = len(sorted_lens)
+    if num == 0:
+        return []
+    num_groups = max(1, min(MAX_DECODE_GROUPS, num // MIN_DECODES_PER_GROUP))
+    bounds = [round(i * num / num_groups) for i in range(num_groups + 1)]
+    return [(s, e, cdiv(sorted_lens[e - 1], block_size)) for s, e in zip(bounds, bounds[1:])]
+
+
+def decode_kernel_usable(device: torch.device, model_dtype: torch.dtype, kv_cache_dtype: torch.dtype) -> bool:
+    """Whether decodes can go through the CPU kernel (built, and both dtypes among its types)."""
+    return (device.type == "cpu" and model_dtype in cpu_ops.KERNEL_DTYPES
+            and kv_cache_dtype in cpu_ops.KERNEL_DTYPES and cpu_ops.cpu_kernels_available())
+
+
+class TorchAttentionMetadataBuilder(AttentionMetadataBuilder):
+    def __init__(self, device: torch.device, model_dtype: torch.dtype, kv_cache_dtype: torch.dtype) -> None:
+        super().__init__(device, model_dtype, kv_cache_dtype)
+        self.use_decode_kernel = decode_kernel_usable(device, model_dtype, kv_cache_dtype)
+
+    def build(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
+        bs, dev, n = common.block_size, self.device, common.num_decodes
+        decode_lens = [c + 1 for c in common.context_lens[:n]]
+        tables = [ids[: cdiv(length, bs)] for ids, length in zip(common.block_ids[:n], decode_lens)]
+        max_blocks = max((len(t) for t in tables), default=0)
+        padded = np.array([t + [t[0]] * (max_blocks - len(t)) for t in tables], dtype=np.int64).reshape(n, max_blocks)
+        lens = np.asarray(decode_lens, dtype=np.int64)
+        meta = TorchAttentionMetadata(
+            slot_mapping=async_tensor_h2d(torch.from_numpy(common.slot_mapping), torch.long, dev),
+            num_decodes=n,
+            decode_block_tables=async_tensor_h2d(torch.from_numpy(padded), torch.long, dev),
+            prefills=[],
+        )
+        if self.use_decode_kernel:
+            meta.decode_seq_lens = async_tensor_h2d(torch.from_numpy(lens), torch.long, dev)
+        else:
+            key_mask = np.arange(max_blocks * bs)[None, :] < lens[:, None]
+            meta.decode_key_mask = async_tensor_h2d(torch.from_numpy(key_mask), torch.bool, dev)
+            meta.decode_groups = decode_groups(decode_lens, bs)
+        row = sum(common.query_lens[:n])
+        for query_len, context_len, ids in zip(common.query_lens[n:], common.context_lens[n:], common.block_ids[n:]):
+            block_ids = np.asarray(ids[: cdiv(context_len + query_len, bs)], dtype=np.int64)
+            meta.prefills.append(PrefillSequence(row, query_len, context_len,
+                                                 async_tensor_h2d(torch.from_numpy(block_ids), torch.long, dev)))
+            row += query_len
+        return meta
 
 
 def write_to_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
@@ -33,21 +128,12 @@ def write_to_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache,
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
-class TorchPagedAttention:
+class TorchPagedAttention(AttentionImpl):
     """Attention over a paged KV cache with `torch.nn.functional.scaled_dot_product_attention`."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.scale = scale
+        super().__init__(num_heads, num_kv_heads, head_dim, scale)
         self.gqa = num_heads != num_kv_heads
-
-    @staticmethod
-    def prepare(device: torch.device) -> None:
-        """Build or load the CPU kernel at start-up rather than inside the first step."""
-        if device.type == "cpu":
-            cpu_ops.cpu_kernels_available()
 
     def forward(
         self,
@@ -55,15 +141,15 @@ class TorchPagedAttention:
         key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         value: torch.Tensor,
         kv_cache: KVCache,
-        meta: AttentionMetadata,
+        meta: TorchAttentionMetadata,
     ) -> torch.Tensor:
         write_to_kv_cache(key, value, kv_cache, meta.slot_mapping)
         out = torch.empty_like(query)
-        if meta.num_decodes and self._use_cpu_kernel(query, kv_cache, meta):
+        if meta.num_decodes and meta.decode_seq_lens is not None:
             n = meta.num_decodes  # decodes are rows 0 .. n - 1
             cpu_ops.paged_decode(out[:n], query[:n], *kv_cache, meta.decode_block_tables, meta.decode_seq_lens,
                                  self.scale)
-        else:
+        elif meta.num_decodes:
             self._decode_groups(query, kv_cache, meta, out)
         for seq in meta.prefills:
             rows = slice(seq.token_start, seq.token_start + seq.query_len)
@@ -75,17 +161,7 @@ class TorchPagedAttention:
             out[rows] = self._prefill(query[rows], k, v, seq.context_len)
         return out
 
-    @staticmethod
-    def _use_cpu_kernel(query: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> bool:
-        return (
-            query.device.type == "cpu"
-            and query.dtype in cpu_ops.KERNEL_DTYPES
-            and kv_cache[0].dtype in cpu_ops.KERNEL_DTYPES
-            and meta.decode_seq_lens is not None
-            and cpu_ops.cpu_kernels_available()
-        )
-
-    def _decode_groups(self, query: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
+    def _decode_groups(self, query: torch.Tensor, kv_cache: KVCache, meta: TorchAttentionMetadata,
                        out: torch.Tensor) -> None:
         """The PyTorch decode path: each length group gathered and attended in one SDPA call."""
         for start, end, num_blocks in meta.decode_groups:
@@ -128,3 +204,25 @@ class TorchPagedAttention:
             q.unsqueeze(2), k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.gqa
         )  # [num_decodes, heads, 1, dim]
         return o.squeeze(2)
+
+
+class TorchPagedAttentionBackend(AttentionBackend):
+    name = "torch"
+    # It gathers whole blocks up to the longest decode's length: in a graph that would be
+    # max_model_len keys for every row of every step, so it stays eager (as vLLM falls back to
+    # eager for backends without graph support).
+    supports_cuda_graphs = False
+
+    @staticmethod
+    def get_impl_cls() -> type[TorchPagedAttention]:
+        return TorchPagedAttention
+
+    @staticmethod
+    def get_builder_cls() -> type[TorchAttentionMetadataBuilder]:
+        return TorchAttentionMetadataBuilder
+
+    @classmethod
+    def prepare(cls, device: torch.device) -> None:
+        """Build or load the CPU kernel at start-up rather than inside the first step."""
+        if device.type == "cpu":
+            cpu_ops.cpu_kernels_available()

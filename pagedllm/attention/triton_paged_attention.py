@@ -4,7 +4,7 @@ Same contract as `TorchPagedAttention`, the reference: write this step's K/V at 
 `slot_mapping` slots, then attend. The batch arrives decodes first (one query token each),
 then prefills (prompts, chunks, prompts behind a cached prefix), so one decode kernel covers
 sequences `[0, num_decodes)` and one prefill kernel the rest, both reading every key through
-`AttentionMetadata.block_tables`. The kernels live in `attention/ops/`:
+`TritonAttentionMetadata.block_tables`. The kernels live in `attention/ops/`:
 
     reshape_and_cache  -> vLLM's reshape_and_cache_flash
     prefix_prefill     -> vLLM's prefix_prefill / the prefill half of triton_unified_attention
@@ -15,33 +15,69 @@ On CPU the kernels run only under `TRITON_INTERPRET=1` (slowly; for tests).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from pagedllm.attention.metadata import AttentionMetadata
+from pagedllm.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    CommonAttentionMetadata,
+    KVCache,
+    sequence_tensors,
+)
 from pagedllm.attention.ops import paged_decode, prefix_prefill, reshape_and_cache
 from pagedllm.attention.ops.utils import interpreting
+from pagedllm.utils import async_tensor_h2d
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
+
+@dataclass
+class TritonAttentionMetadata:
+    """The batch as one flat description of all its sequences, in row order (decodes first):
+    sequence i owns rows query_start_loc[i] .. query_start_loc[i + 1] - 1 [num_seqs + 1], has
+    seq_lens[i] = context + new tokens [num_seqs], and its block table in block_tables[i]
+    [num_seqs, max_blocks], padded with block 0. All int32."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    num_decodes: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    max_decode_seq_len: int  # a bound on the decodes' seq_lens: sizes the decode kernel's splits
+    max_prefill_query_len: int
 
 
-class TritonPagedAttention:
+class TritonAttentionMetadataBuilder(AttentionMetadataBuilder):
+    def build(self, common: CommonAttentionMetadata) -> TritonAttentionMetadata:
+        seq_lens = common.seq_lens
+        n = common.num_decodes
+        query_start_loc, seq_lens_t, block_tables = sequence_tensors(
+            common.query_lens, seq_lens, common.block_ids, common.block_size, self.device)
+        return TritonAttentionMetadata(
+            slot_mapping=async_tensor_h2d(torch.from_numpy(common.slot_mapping), torch.long, self.device),
+            num_decodes=n,
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens_t,
+            block_tables=block_tables,
+            max_decode_seq_len=max(seq_lens[:n], default=0),
+            max_prefill_query_len=max(common.query_lens[n:], default=0),
+        )
+
+    def build_for_cuda_graph(self, slot_mapping: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                             block_tables: torch.Tensor, max_seq_len: int) -> TritonAttentionMetadata:
+        # The decode kernel's splits are sized for the longest sequence a table can hold.
+        return TritonAttentionMetadata(slot_mapping, int(seq_lens.shape[0]), query_start_loc, seq_lens, block_tables,
+                                       max_decode_seq_len=max_seq_len, max_prefill_query_len=0)
+
+
+class TritonPagedAttention(AttentionImpl):
     """Attention over a paged KV cache with Triton kernels (GQA, any head_dim, fp32/fp16/bf16)."""
 
-    # It reads the batch through AttentionMetadata.query_start_loc / seq_lens / block_tables,
-    # which the model runner builds only for backends that ask.
-    uses_sequence_tensors = True
-    # Its decode path is fixed-shape under fixed-shape metadata (see worker/cuda_graph_runner.py).
-    supports_cuda_graphs = True
-
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        super().__init__(num_heads, num_kv_heads, head_dim, scale)
         if not torch.cuda.is_available() and not interpreting():
             raise ValueError("the Triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 to run its kernels on CPU")
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.scale = scale
 
     def forward(
         self,
@@ -49,25 +85,36 @@ class TritonPagedAttention:
         key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         value: torch.Tensor,
         kv_cache: KVCache,
-        meta: AttentionMetadata,
+        meta: TritonAttentionMetadata,
     ) -> torch.Tensor:
-        if meta.block_tables is None or meta.seq_lens is None or meta.query_start_loc is None:
-            raise ValueError("TritonPagedAttention needs AttentionMetadata.query_start_loc, seq_lens and block_tables")
         k_cache, v_cache = kv_cache
         reshape_and_cache(key, value, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(query)
         num_decodes = meta.num_decodes
         if num_decodes:
-            # decode_block_tables is padded to the longest decode: a bound on its seq_len.
-            max_decode_len = meta.decode_block_tables.shape[1] * k_cache.shape[1]
             paged_decode(
                 out[:num_decodes], query[:num_decodes], k_cache, v_cache,
-                meta.block_tables[:num_decodes], meta.seq_lens[:num_decodes], max_decode_len, self.scale,
+                meta.block_tables[:num_decodes], meta.seq_lens[:num_decodes], meta.max_decode_seq_len, self.scale,
             )
-        if meta.prefills:
+        if meta.max_prefill_query_len:
             prefix_prefill(
                 out, query, k_cache, v_cache,
                 meta.block_tables[num_decodes:], meta.query_start_loc[num_decodes:], meta.seq_lens[num_decodes:],
-                max(seq.query_len for seq in meta.prefills), self.scale,
+                meta.max_prefill_query_len, self.scale,
             )
         return out
+
+
+class TritonPagedAttentionBackend(AttentionBackend):
+    name = "triton"
+    # The decode kernel reads every key through the block table and stops at each sequence's own
+    # length, so one capture serves any lengths (worker/cuda_graph_runner.py).
+    supports_cuda_graphs = True
+
+    @staticmethod
+    def get_impl_cls() -> type[TritonPagedAttention]:
+        return TritonPagedAttention
+
+    @staticmethod
+    def get_builder_cls() -> type[TritonAttentionMetadataBuilder]:
+        return TritonAttentionMetadataBuilder

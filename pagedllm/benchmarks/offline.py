@@ -12,13 +12,13 @@ from tqdm.auto import tqdm
 
 from pagedllm.benchmarks.datasets import parse_range, random_requests
 from pagedllm.benchmarks.stats import format_table, summarize
-from pagedllm.entrypoints.cli.engine_args import add_engine_args, llm_kwargs
+from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.entrypoints.llm import LLM
 from pagedllm.sampling_params import SamplingParams
 
 
 def _llm_and_requests(args: argparse.Namespace, num: int, input_len: str, output_len: str):
-    llm = LLM(**llm_kwargs(args))
+    llm = LLM.from_engine_args(EngineArgs.from_cli_args(args))
     tokenizer = llm.get_tokenizer()
     requests = random_requests(
         num, parse_range(input_len), parse_range(output_len), llm.llm_engine.config.model_config.vocab_size,
@@ -108,7 +108,7 @@ def add_throughput_parser(subparsers) -> None:
     p.add_argument("--dataset-seed", type=int, default=0)
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
     p.add_argument("--output-json", default=None)
-    add_engine_args(p)
+    EngineArgs.add_cli_args(p)
     p.set_defaults(func=as_command(run_throughput))
 
 
@@ -121,5 +121,5 @@ def add_latency_parser(subparsers) -> None:
     p.add_argument("--num-iters", type=int, default=5)
     p.add_argument("--dataset-seed", type=int, default=0)
     p.add_argument("--output-json", default=None)
-    add_engine_args(p)
+    EngineArgs.add_cli_args(p)
     p.set_defaults(func=as_command(run_latency))

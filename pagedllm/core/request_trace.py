@@ -1,6 +1,7 @@
 """The request trace: one log line per scheduler decision and per block handed out or taken back.
 
-Switched on by `PAGEDLLM_TRACE=1` (or `--trace` on the command line, which sets it). Lines go to
+Switched on by `trace=True` (`--trace` on the command line; `PAGEDLLM_TRACE=1` is its default,
+read when the engine arguments are made). Lines go to
 the `pagedllm.trace` logger at INFO, whatever `PAGEDLLM_LOGGING_LEVEL` says, and every line starts
 with `req=<id>`, so `grep 'req=cmpl-42'` follows one request through the system:
 
@@ -12,32 +13,26 @@ with `req=<id>`, so `grep 'req=cmpl-42'` follows one request through the system:
     req=cmpl-42 finished (length): 16 tokens generated, 1 preemption(s); released [5, 9, 4, 3] (4 stay cached)
 
 A decode that fits in the request's last block is not logged (one line per token would drown the
-rest); the `finished` line counts the tokens. When the trace is off the scheduler holds no tracer
-and each call site is one `is not None` test, so it costs nothing.
+rest); the `finished` line counts the tokens. When the trace is off the scheduler holds a
+`RequestTracer`, whose methods do nothing: each call site costs one empty method call, and the
+scheduler has no branch for it.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from typing import Sequence
 
 from pagedllm.core.block_pool import KVCacheBlock
-from pagedllm.engine.request import Request
+from pagedllm.request import Request
 from pagedllm.logger import init_logger
-from pagedllm.utils import env_flag
 
-TRACE_ENV = "PAGEDLLM_TRACE"
+TRACE_ENV = "PAGEDLLM_TRACE"  # the default of EngineArgs.trace
 TRACE_LOGGER = "pagedllm.trace"
 
 
-def trace_enabled() -> bool:
-    """`PAGEDLLM_TRACE` set to anything but empty, 0, false or no."""
-    return env_flag(TRACE_ENV, default=False)
-
-
-def make_tracer() -> Optional["RequestTracer"]:
-    """A tracer if the trace is on, else None (read when the scheduler is built)."""
-    return RequestTracer() if trace_enabled() else None
+def make_tracer(enabled: bool) -> "RequestTracer":
+    return LoggingTracer() if enabled else RequestTracer()
 
 
 def _tokens(n: int) -> str:
@@ -48,19 +43,39 @@ def _blocks(n: int) -> str:
     return f"{n} cached block" if n == 1 else f"{n} cached blocks"
 
 
-def _ids(block_ids: Sequence[int]) -> str:
-    return "[" + ", ".join(str(b) for b in block_ids) + "]"
+def _ids(blocks: Sequence[KVCacheBlock]) -> str:
+    return "[" + ", ".join(str(b.block_id) for b in blocks) + "]"
 
 
 def _released(blocks: Sequence[KVCacheBlock]) -> str:
     """Block ids in release order, and how many stay findable in the prefix cache."""
-    text = _ids([b.block_id for b in blocks])
+    text = _ids(blocks)
     kept = sum(1 for b in blocks if b.block_hash is not None)
     return f"{text} ({kept} stay cached)" if kept else text
 
 
 class RequestTracer:
-    """Formats the scheduler's decisions about one request into `pagedllm.trace` lines."""
+    """The scheduler's decisions about one request, as events; this base class ignores them."""
+
+    def added(self, request: Request) -> None:
+        """A request joined the waiting queue."""
+
+    def admitted(self, request: Request, hits: Sequence[KVCacheBlock], num_hit_tokens: int, num_new: int,
+                 given: Sequence[KVCacheBlock], resumed: bool) -> None:
+        """A waiting request got blocks and its first chunk; `resumed` if it had been preempted."""
+
+    def scheduled(self, request: Request, num_new: int, given: Sequence[KVCacheBlock]) -> None:
+        """A running request's step (a prefill chunk, a recompute, or a decode)."""
+
+    def preempted(self, request: Request, released: Sequence[KVCacheBlock]) -> None:
+        """A running request lost its blocks to make room; it will be recomputed."""
+
+    def finished(self, request: Request, released: Sequence[KVCacheBlock]) -> None:
+        """A request ended (its status says how) and gave its blocks back."""
+
+
+class LoggingTracer(RequestTracer):
+    """Formats the scheduler's decisions about each request into `pagedllm.trace` lines."""
 
     def __init__(self) -> None:
         init_logger(TRACE_LOGGER)  # the pagedllm handler and format
@@ -75,9 +90,8 @@ class RequestTracer:
         self._log(request.request_id,
                   f"added: prompt {request.num_prompt_tokens} tokens, max_tokens {request.max_tokens}")
 
-    def admitted(self, request: Request, hits: Sequence[int], num_hit_tokens: int, num_new: int,
-                 given: Sequence[int], resumed: bool) -> None:
-        """A waiting request got blocks and its first chunk; `resumed` if it had been preempted."""
+    def admitted(self, request: Request, hits: Sequence[KVCacheBlock], num_hit_tokens: int, num_new: int,
+                 given: Sequence[KVCacheBlock], resumed: bool) -> None:
         cached = f"{_blocks(len(hits))} ({_tokens(num_hit_tokens)})"
         if hits:
             cached += f" shared {_ids(hits)}"
@@ -85,8 +99,8 @@ class RequestTracer:
                   f"{'resumed' if resumed else 'admitted'}: {cached}; chunk of {_tokens(num_new)} at "
                   f"{num_hit_tokens}; given {_ids(given)}")
 
-    def scheduled(self, request: Request, num_new: int, given: Sequence[int]) -> None:
-        """A running request's step: logged for chunks (prefill, recompute), and for decodes that took a block."""
+    def scheduled(self, request: Request, num_new: int, given: Sequence[KVCacheBlock]) -> None:
+        """Logged for chunks (prefill, recompute), and for decodes that took a block."""
         start = request.num_computed_tokens
         if num_new > 1 or start < request.num_prompt_tokens:
             self._log(request.request_id, f"chunk of {_tokens(num_new)} at {start}; given {_ids(given)}")

@@ -12,40 +12,25 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
 from pagedllm.config import SchedulerConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
-from pagedllm.core.request_trace import make_tracer
-from pagedllm.core.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
-from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.core.request_trace import RequestTracer
+from pagedllm.core.snapshot import RequestInfo, SchedulerState
 from pagedllm.logger import init_logger
+from pagedllm.request import Request, RequestStatus
+from pagedllm.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 
 logger = init_logger(__name__)
 
 
-@dataclass
-class SchedulerStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_preemptions: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-
-
-@dataclass
-class PreemptionEvent:
-    """One preemption, kept so that the engine-state snapshot can show it after the fact."""
-
-    time: float  # time.time() when it happened
-    request_id: str
-    num_tokens: int  # tokens it will have to recompute
-
-
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+    """`tracer` hears of every decision about a request (`core/request_trace.py`; the default
+    ignores them)."""
+
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager,
+                 tracer: Optional[RequestTracer] = None) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
         self.block_size = kv_cache_manager.block_size
@@ -53,17 +38,16 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
-        # The last few preemptions, for the dashboard (a bounded log; preemptions are rare).
-        self.recent_preemptions: deque[PreemptionEvent] = deque(maxlen=32)
         self._finished_since_last_step: set[str] = set()
-        self.tracer = make_tracer()  # None unless PAGEDLLM_TRACE is set
+        self.tracer = tracer or RequestTracer()
 
     # ----- queue management -------------------------------------------------------
     def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in the scheduler")
         self.requests[request.request_id] = request
         self.waiting.append(request)
-        if self.tracer is not None:
-            self.tracer.added(request)
+        self.tracer.added(request)
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
         """End requests from outside a step (a stop string matched, or an abort)."""
@@ -80,8 +64,7 @@ class Scheduler:
 
     def _free(self, request: Request) -> None:
         released = self.kv_cache_manager.free(request)
-        if self.tracer is not None:
-            self.tracer.finished(request, released)
+        self.tracer.finished(request, released)
         self._finished_since_last_step.add(request.request_id)
         del self.requests[request.request_id]
 
@@ -112,8 +95,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                if self.tracer is not None:
-                    self.tracer.scheduled(request, num_new, [b.block_id for b in new_blocks])
+                self.tracer.scheduled(request, num_new, new_blocks)
                 scheduled.append((request, num_new))
                 budget -= num_new
                 i += 1
@@ -130,9 +112,8 @@ class Scheduler:
             if new_blocks is None:
                 break
             self.waiting.popleft()
-            if self.tracer is not None:
-                self.tracer.admitted(request, [b.block_id for b in hits], num_hit_tokens, num_new,
-                                     [b.block_id for b in new_blocks], resumed=request.num_preemptions > 0)
+            self.tracer.admitted(request, hits, num_hit_tokens, num_new, new_blocks,
+                                 resumed=request.num_preemptions > 0)
             self.kv_cache_manager.record_prefix_cache_lookup(request.num_tokens, num_hit_tokens)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
@@ -158,10 +139,8 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.recent_preemptions.append(PreemptionEvent(time.time(), request.request_id, request.num_tokens))
         self.waiting.appendleft(request)
-        if self.tracer is not None:
-            self.tracer.preempted(request, released)
+        self.tracer.preempted(request, released)
         logger.debug("preempted %s (%d tokens)", request.request_id, request.num_tokens)
 
     def _make_scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
@@ -219,12 +198,25 @@ class Scheduler:
         elif request.num_output_tokens >= request.max_tokens:
             request.status = RequestStatus.FINISHED_LENGTH_CAPPED
 
-    def stats(self) -> SchedulerStats:
-        return SchedulerStats(
-            num_running=len(self.running),
-            num_waiting=len(self.waiting),
-            kv_cache_usage=self.kv_cache_manager.usage(),
-            num_preemptions=self.num_preemptions,
-            prefix_cache_queries=self.kv_cache_manager.prefix_cache_queries,
-            prefix_cache_hits=self.kv_cache_manager.prefix_cache_hits,
+    def snapshot(self) -> SchedulerState:
+        """The queues as plain data, for the engine-state view (`core/snapshot.py`)."""
+        # Requests carry time.monotonic() arrivals; the snapshot speaks time.time() throughout.
+        wall_offset = time.time() - time.monotonic()
+        return SchedulerState(running=[self._request_info(r, wall_offset) for r in self.running],
+                              waiting=[self._request_info(r, wall_offset) for r in self.waiting])
+
+    def _request_info(self, request: Request, wall_offset: float) -> RequestInfo:
+        status = {RequestStatus.RUNNING: "running", RequestStatus.PREEMPTED: "preempted"}.get(request.status, "waiting")
+        return RequestInfo(
+            request_id=request.request_id,
+            parent_id=request.request_id,
+            status=status,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_computed_tokens=request.num_computed_tokens,
+            num_output_tokens=request.num_output_tokens,
+            max_tokens=request.max_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+            num_preemptions=request.num_preemptions,
+            block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
+            arrival_time=request.arrival_time + wall_offset,
         )

@@ -28,10 +28,6 @@ class TensorParallelGroup:
     world_size: int = 1
     group: Optional[Any] = None  # a torch.distributed ProcessGroup; None: the default group
 
-    @property
-    def is_first_rank(self) -> bool:
-        return self.rank == 0
-
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the group, in place; every rank gets the same bytes."""
         if self.world_size == 1:
@@ -47,15 +43,6 @@ class TensorParallelGroup:
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(parts, x, group=self.group)
         return torch.cat(parts, dim=dim)
-
-
-# vLLM's names for the two collectives, as free functions.
-def tensor_model_parallel_all_reduce(x: torch.Tensor, tp_group: TensorParallelGroup) -> torch.Tensor:
-    return tp_group.all_reduce(x)
-
-
-def tensor_model_parallel_all_gather(x: torch.Tensor, tp_group: TensorParallelGroup, dim: int = -1) -> torch.Tensor:
-    return tp_group.all_gather(x, dim)
 
 
 def init_distributed_environment(rank: int, world_size: int, distributed_init_method: str,

@@ -1,14 +1,31 @@
-"""`EngineArgs`: the user-facing knobs (vLLM's names and defaults) turned into validated configs."""
+"""`EngineArgs`: the one list of engine arguments, with vLLM's names and defaults.
+
+Every knob is a field here, once: `LLM(**kwargs)` builds an `EngineArgs` from its keywords, and
+every command line (`pagedllm generate|chat|serve|bench`) gets its engine flags from
+`EngineArgs.add_cli_args`, generated from the fields (vLLM's `add_cli_args`). A field's help,
+flag spelling and choices sit beside its default. Environment variables are only documented
+defaults, read when the arguments are made (`trace` from `PAGEDLLM_TRACE`, the CPU KV-cache budget
+from `PAGEDLLM_CPU_KVCACHE_SPACE`); nothing downstream reads them. `create_engine_config` turns
+the arguments into the validated, frozen configs of `config.py`.
+
+An argument vLLM has and pagedllm does not implement yet (`VLLM_ONLY_ARGS`) is accepted only at
+vLLM's default: any other value raises `NotImplementedError` naming it, so a script never runs
+something other than what it asked for. A name nobody has raises `TypeError`, as in vLLM.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 from pagedllm.config import (
+    KV_CACHE_DTYPES,
+    QUANTIZATION_METHODS,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -18,10 +35,9 @@ from pagedllm.config import (
     resolve_dtype,
 )
 from pagedllm.logger import init_logger
-from pagedllm.model_executor.layers.int8_quantization import check_quantization
+from pagedllm.utils import env_flag
 
 logger = init_logger(__name__)
-
 
 # vLLM's defaults for max_num_batched_tokens by usage context (on hardware it has not tuned for).
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"llm_class": 8192, "openai_api_server": 2048}
@@ -31,6 +47,11 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = {"llm_class": 8192, "openai_api_server": 2048}
 # and cut the median TTFT from 1.85 s to 1.35-1.6 s (two runs).
 CPU_SERVER_MAX_NUM_BATCHED_TOKENS = 1024
 
+TRACE_ENV = "PAGEDLLM_TRACE"
+# Default KV-cache budget on CPU, in GiB; vLLM's CPU build reads VLLM_CPU_KVCACHE_SPACE.
+CPU_KVCACHE_SPACE_ENV = "PAGEDLLM_CPU_KVCACHE_SPACE"
+DEFAULT_CPU_KVCACHE_SPACE_GIB = 4.0
+
 
 def default_max_num_batched_tokens(usage_context: str, device: torch.device) -> int:
     if usage_context == "openai_api_server" and device.type == "cpu":
@@ -38,49 +59,144 @@ def default_max_num_batched_tokens(usage_context: str, device: torch.device) -> 
     return DEFAULT_MAX_NUM_BATCHED_TOKENS[usage_context]
 
 
+def cpu_kv_cache_space_bytes() -> int:
+    """`$PAGEDLLM_CPU_KVCACHE_SPACE` GiB, else 4 GiB: the CPU cache budget when none is given."""
+    raw = os.environ.get(CPU_KVCACHE_SPACE_ENV)
+    try:
+        gib = float(raw) if raw else DEFAULT_CPU_KVCACHE_SPACE_GIB
+    except ValueError as e:
+        raise ValueError(f"{CPU_KVCACHE_SPACE_ENV} must be a number of GiB, got {raw!r}") from e
+    if gib <= 0:
+        raise ValueError(f"{CPU_KVCACHE_SPACE_ENV} must be positive, got {raw!r}")
+    return int(gib * (1 << 30))
+
+
+def arg(default: Any = None, help: str = "", *, flags: tuple[str, ...] = (), choices: Optional[list] = None,
+        group: str = "engine", cli: bool = True, default_factory: Any = None) -> Any:
+    """A field of `EngineArgs` with what its command-line flag needs: help, spellings, choices."""
+    metadata = {"help": help, "flags": flags, "choices": choices, "group": group, "cli": cli}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class EngineArgs:
-    model: Optional[str] = None
-    tokenizer: Optional[str] = None
-    dtype: str = "auto"
-    seed: int = 0
-    max_model_len: Optional[int] = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: Optional[int] = None
-    block_size: int = 16
-    kv_cache_dtype: str = "auto"
-    # None, or "int8": W8A8 linear layers on CPU (layers/int8_quantization.py)
-    quantization: Optional[str] = None
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    num_gpu_blocks_override: Optional[int] = None
-    kv_cache_memory_bytes: Optional[int] = None
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False
-    # None: on for CUDA unless enforce_eager (where fusing saves kernel launches and memory passes),
-    # off on CPU (there it gains ~2% on W1 and costs start-up compile time).
-    compile_fused_ops: Optional[bool] = None
-    device: str = "auto"
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    distributed_executor_backend: Optional[str] = None
+    model: Optional[str] = arg(
+        None, "a local Hugging Face checkpoint directory, a .gguf file, a known short name, or a Hugging Face hub "
+              "id (default: the embedded SmolLM2-135M-Instruct)")
+    tokenizer: Optional[str] = arg(None, "tokenizer path (default: the model's)")
+    trust_remote_code: bool = arg(False, "let transformers run code the checkpoint ships for its config and tokenizer")
+    dtype: str = arg("auto", "weight dtype, and the KV cache's unless --kv-cache-dtype says otherwise ('auto': "
+                             "float32 on CPU, the checkpoint's on GPU)",
+                     choices=["auto", "float32", "bfloat16", "float16", "float", "half"])
+    device: str = arg("auto", "where the model runs ('auto': CUDA when a GPU is present)", choices=["auto", "cpu", "cuda"])
+    seed: int = arg(0, "engine seed for unseeded random sampling")
+    max_model_len: Optional[int] = arg(None, "context length, prompt + output (default: the model's)")
+    max_num_seqs: int = arg(256, "most sequences running at once")
+    max_num_batched_tokens: Optional[int] = arg(
+        None, "token budget of one engine step (default: 8192 offline; for serve 2048 on GPU, as vLLM, and 1024 on CPU)")
+    enable_chunked_prefill: bool = arg(True, "split prompts longer than a step's token budget over several steps")
+    block_size: int = arg(16, "tokens per KV-cache block")
+    kv_cache_dtype: str = arg("auto", "KV-cache storage dtype ('auto': the model's; 'bfloat16' halves a float32 cache, "
+                                      "the bytes decode attention reads)", choices=list(KV_CACHE_DTYPES))
+    quantization: Optional[str] = arg(None, "'int8': W8A8 linear layers on CPU (int8 weights per channel, uint8 "
+                                            "activations per token, oneDNN's int8 matmul); changes the numerics, see "
+                                            "docs/performance.md", flags=("-q", "--quantization"),
+                                      choices=list(QUANTIZATION_METHODS))
+    enable_prefix_caching: bool = arg(True, "share the KV blocks of prompts with a common beginning")
+    num_gpu_blocks_override: Optional[int] = arg(None, "exact number of KV-cache blocks (any device)")
+    kv_cache_memory_bytes: Optional[int] = arg(
+        None, f"KV-cache budget in bytes (CPU default: ${CPU_KVCACHE_SPACE_ENV} GiB, else 4; GPU default: what "
+              "--gpu-memory-utilization leaves after a profiling pass)")
+    gpu_memory_utilization: float = arg(0.9, "share of the GPU's memory the engine may use")
+    enforce_eager: bool = arg(False, "no CUDA graphs (and no torch.compile by default)")
+    compile_fused_ops: Optional[bool] = arg(
+        None, "torch.compile RMSNorm + residual, SiLU-and-mul and rotary (default: on CUDA unless --enforce-eager, "
+              "off on CPU, where it gains ~2% and costs start-up compile time)")
+    max_logprobs: int = arg(20, "most logprobs / prompt_logprobs a request may ask for (-1: no limit)")
+    generation_config: str = arg("auto", "where sampling defaults come from: 'auto' (the model's "
+                                         "generation_config.json), 'vllm' (none), or a folder holding one")
+    disable_log_stats: bool = arg(False, "no periodic throughput and KV-cache log line")
+    trace: bool = arg(
+        help="log every scheduler decision about each request (admitted with N cached blocks, chunk of N tokens, "
+             "preempted, resumed, finished) and the blocks it was given or released, under the pagedllm.trace "
+             f"logger (default: ${TRACE_ENV})",
+        default_factory=lambda: env_flag(TRACE_ENV, default=False))
+    tensor_parallel_size: int = arg(1, "split every layer over this many workers (processes, one device each)",
+                                    flags=("-tp", "--tensor-parallel-size"), group="parallelism")
+    data_parallel_size: int = arg(
+        1, "engine replicas, each with its own engine core and KV cache (and its own -tp workers); the server sends "
+           "each request to the replica with the fewest in flight (serve only)",
+        flags=("-dp", "--data-parallel-size"), group="parallelism")
+    distributed_executor_backend: Optional[str] = arg(
+        None, "who starts the workers (and, for serve, the replicas): 'mp' (processes on this machine, the default "
+              "for -tp > 1), 'ray' (actors on the Ray cluster this machine is part of, or a local one), 'uni' (this "
+              "process; -tp 1 only)", choices=["mp", "ray", "uni"], group="parallelism")
     # Who drives the engine, as vLLM's UsageContext: it picks the default step budget when
     # max_num_batched_tokens is not given (offline throughput wants big steps; a server wants
     # small ones, so a burst of prompts is chunked and the first ones start decoding sooner).
-    usage_context: str = "llm_class"
+    usage_context: str = arg("llm_class", cli=False)
 
-    def load_hf_config(self, model_path: str) -> Any:
-        from pagedllm.model_executor.gguf_loader import is_gguf_file, load_gguf_config
+    def __post_init__(self) -> None:
+        if self.usage_context not in DEFAULT_MAX_NUM_BATCHED_TOKENS:
+            raise ValueError(f"usage_context must be one of {sorted(DEFAULT_MAX_NUM_BATCHED_TOKENS)}, "
+                             f"got {self.usage_context!r}")
 
-        if is_gguf_file(model_path):
-            return load_gguf_config(model_path)
-        from transformers import AutoConfig
+    # ----- from LLM(**kwargs) and from the command line ------------------------------------
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
+        """`LLM(...)`'s keywords: vLLM-only arguments checked (`VLLM_ONLY_ARGS`), the rest ours;
+        a name neither knows is a `TypeError`."""
+        for name in [n for n in kwargs if n in VLLM_ONLY_ARGS]:
+            VLLM_ONLY_ARGS[name].check(name, kwargs.pop(name))
+        return cls(**kwargs)
 
-        if not os.path.isfile(os.path.join(model_path, "config.json")):
-            raise ValueError(f"{model_path} is not a Hugging Face checkpoint directory (no config.json)")
-        return AutoConfig.from_pretrained(model_path)
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, model_positional: bool = False) -> argparse.ArgumentParser:
+        """One flag per field (`--max-model-len`, ...), in an 'engine' and a 'parallelism' group.
+        Flags default to None, meaning "not given": the field's own default then applies."""
+        groups: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            if not meta.get("cli", False):
+                continue
+            group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+            if f.name == "model" and model_positional:
+                group.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help=meta["help"])
+            flags = meta["flags"] or ("--" + f.name.replace("_", "-"),)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            help_text = meta["help"] + (f" (default: {default})" if default not in (None, "") else "")
+            kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+            if _is_bool(f):
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = _value_type(f)
+                if meta["choices"]:
+                    kwargs["choices"] = meta["choices"]
+            group.add_argument(*flags, **kwargs)
+        return parser
 
-    def create_engine_config(self, model_path: str, hf_config: Any) -> EngineConfig:
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace, **overrides: Any) -> "EngineArgs":
+        """The flags that were given (a positional MODEL wins over --model), on top of the defaults."""
+        names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("cli", False)}
+        kwargs = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+        if getattr(args, "model_tag", None):
+            kwargs["model"] = args.model_tag
+        return cls(**{**kwargs, **overrides})
+
+    # ----- to configs ------------------------------------------------------------------------
+    def create_engine_config(self) -> EngineConfig:
+        """Resolve the model (fetching a known short name), read its config, and build the engine's
+        configs, each validated once with a clear `ValueError`."""
+        from pagedllm.model_executor.layers.quantization import verify_quantization
+        from pagedllm.model_executor.model_source import resolve_model
+
+        resolved = resolve_model(self.model)
+        logger.info("Model %s resolved to %s (%s)", resolved.name, resolved.path, resolved.kind)
+        model_path = resolved.path
+        hf_config = load_hf_config(model_path, self.trust_remote_code)
         device = resolve_device(self.device)
         parallel_config = ParallelConfig(
             tensor_parallel_size=self.tensor_parallel_size,
@@ -101,14 +217,12 @@ class EngineArgs:
             )
         if max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
-        if self.usage_context not in DEFAULT_MAX_NUM_BATCHED_TOKENS:
-            raise ValueError(f"usage_context must be one of {sorted(DEFAULT_MAX_NUM_BATCHED_TOKENS)}, "
-                             f"got {self.usage_context!r}")
         default_batched = default_max_num_batched_tokens(self.usage_context, device)
         batched = self.max_num_batched_tokens or max(default_batched, self.max_num_seqs)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens is None:
             batched = max(batched, max_model_len)
-        config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        # transformers >= 4.56 calls it `dtype` and warns on every read of the old `torch_dtype`.
+        config_dtype = hf_config.dtype if hasattr(hf_config, "dtype") else getattr(hf_config, "torch_dtype", None)
         model_config = ModelConfig(
             model=model_path,
             tokenizer=self.tokenizer or model_path,
@@ -121,15 +235,21 @@ class EngineArgs:
             compile_fused_ops=(self.compile_fused_ops if self.compile_fused_ops is not None
                                else device.type == "cuda" and not self.enforce_eager),
             quantization=self.quantization,
+            max_logprobs=self.max_logprobs,
+            generation_config=self._generation_config_folder(model_path),
+            trust_remote_code=self.trust_remote_code,
         )
-        check_quantization(model_config.quantization, device, model_config.dtype)
+        verify_quantization(model_config.quantization, device, model_config.dtype)
+        kv_cache_memory_bytes = self.kv_cache_memory_bytes
+        if kv_cache_memory_bytes is None and device.type == "cpu" and self.num_gpu_blocks_override is None:
+            kv_cache_memory_bytes = cpu_kv_cache_space_bytes()
         return EngineConfig(
             model_config=model_config,
             cache_config=CacheConfig(
                 block_size=self.block_size,
                 enable_prefix_caching=self.enable_prefix_caching,
                 num_gpu_blocks_override=self.num_gpu_blocks_override,
-                kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                kv_cache_memory_bytes=kv_cache_memory_bytes,
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 cache_dtype=self.kv_cache_dtype,
             ),
@@ -138,7 +258,105 @@ class EngineArgs:
                 max_num_batched_tokens=batched,
                 max_model_len=max_model_len,
                 enable_chunked_prefill=self.enable_chunked_prefill,
+                trace=self.trace,
             ),
             device=device,
             parallel_config=parallel_config,
         )
+
+    def _generation_config_folder(self, model_path: str) -> Optional[str]:
+        if self.generation_config == "vllm":
+            return None
+        if self.generation_config == "auto":
+            return model_path if os.path.isdir(model_path) else None
+        if not os.path.isdir(self.generation_config):
+            raise ValueError(f"generation_config must be 'auto', 'vllm' or a folder, got {self.generation_config!r}")
+        return self.generation_config
+
+
+def load_hf_config(model_path: str, trust_remote_code: bool = False) -> Any:
+    """The checkpoint's transformers config (from config.json, or from a GGUF's metadata)."""
+    from pagedllm.model_executor.gguf_loader import is_gguf_file, load_gguf_config
+
+    if is_gguf_file(model_path):
+        return load_gguf_config(model_path)
+    from transformers import AutoConfig
+
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise ValueError(f"{model_path} is not a Hugging Face checkpoint directory (no config.json)")
+    return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+
+
+def _is_bool(f: dataclasses.Field) -> bool:
+    return f.type in ("bool", "Optional[bool]", bool)
+
+
+def _value_type(f: dataclasses.Field) -> type:
+    for name, kind in (("int", int), ("float", float)):
+        if f.type in (name, f"Optional[{name}]"):
+            return kind
+    return str
+
+
+# ----- vLLM's arguments that pagedllm does not implement (yet) -------------------------------------
+@dataclass(frozen=True)
+class VllmOnlyArg:
+    """A vLLM engine argument with no pagedllm implementation: `accepted` are the values that ask
+    for nothing pagedllm lacks (vLLM's default among them)."""
+
+    accepted: tuple
+    feature: str
+
+    def check(self, name: str, value: Any) -> None:
+        if value in self.accepted or (value is None and None in self.accepted) or (
+                isinstance(value, (dict, list, set)) and not value and {} in self.accepted):
+            return
+        raise NotImplementedError(f"{name}={value!r} is not supported by pagedllm yet ({self.feature}); "
+                                  f"leave it at {self.accepted[0]!r}")
+
+
+_LORA = "LoRA adapters"
+_SPEC = "speculative decoding"
+_HUB = "options of the Hugging Face hub download"
+_MM = "image, audio and video inputs"
+VLLM_ONLY_ARGS: dict[str, VllmOnlyArg] = {
+    "enable_lora": VllmOnlyArg((False,), _LORA),
+    "max_loras": VllmOnlyArg((1,), _LORA),
+    "max_lora_rank": VllmOnlyArg((16,), _LORA),
+    "max_cpu_loras": VllmOnlyArg((None,), _LORA),
+    "fully_sharded_loras": VllmOnlyArg((False,), _LORA),
+    "lora_dtype": VllmOnlyArg(("auto",), _LORA),
+    "speculative_config": VllmOnlyArg((None, {}), _SPEC),
+    "spec_method": VllmOnlyArg((None,), _SPEC),
+    "spec_model": VllmOnlyArg((None,), _SPEC),
+    "spec_tokens": VllmOnlyArg((None,), _SPEC),
+    "pipeline_parallel_size": VllmOnlyArg((1,), "pipeline parallelism"),
+    "enable_expert_parallel": VllmOnlyArg((False,), "expert parallelism for mixture-of-experts models"),
+    "cpu_offload_gb": VllmOnlyArg((0,), "offloading weights to CPU memory"),
+    "runner": VllmOnlyArg(("auto", "generate"), "pooling models (embeddings, classification, scoring)"),
+    "convert": VllmOnlyArg(("auto", "none"), "pooling models (embeddings, classification, scoring)"),
+    "task": VllmOnlyArg(("auto", "generate"), "pooling models (embeddings, classification, scoring)"),
+    "structured_outputs_config": VllmOnlyArg((None, {}), "structured outputs"),
+    "reasoning_parser": VllmOnlyArg((None, ""), "reasoning parsers"),
+    "limit_mm_per_prompt": VllmOnlyArg((None, {}), _MM),
+    "mm_processor_kwargs": VllmOnlyArg((None, {}), _MM),
+    "enable_prompt_embeds": VllmOnlyArg((False,), "prompt embeddings"),
+    "revision": VllmOnlyArg((None,), _HUB),
+    "tokenizer_revision": VllmOnlyArg((None,), _HUB),
+    "code_revision": VllmOnlyArg((None,), _HUB),
+    "download_dir": VllmOnlyArg((None,), _HUB),
+    "hf_token": VllmOnlyArg((None,), _HUB),
+    "hf_overrides": VllmOnlyArg((None, {}), "overriding the checkpoint's config"),
+    "tokenizer_mode": VllmOnlyArg(("auto", "hf"), "tokenizers other than Hugging Face's"),
+    "skip_tokenizer_init": VllmOnlyArg((False,), "running without a tokenizer"),
+    "load_format": VllmOnlyArg(("auto",), "load formats other than safetensors and GGUF, picked from the files"),
+    "compilation_config": VllmOnlyArg((None, {}), "vLLM's compilation config (see compile_fused_ops)"),
+    "kv_transfer_config": VllmOnlyArg((None,), "disaggregated prefill"),
+    "scheduling_policy": VllmOnlyArg(("fcfs",), "priority scheduling"),
+    "async_scheduling": VllmOnlyArg((None, False), "asynchronous scheduling"),
+    "enable_sleep_mode": VllmOnlyArg((False,), "sleep mode"),
+    "logits_processors": VllmOnlyArg((None, []), "custom logits processors"),
+    "override_generation_config": VllmOnlyArg((None, {}), "overriding the generation config"),
+    # pagedllm has no custom all-reduce to disable: either value gets exactly what it asks for.
+    "disable_custom_all_reduce": VllmOnlyArg((False, True), "custom all-reduce"),
+}

@@ -1,21 +1,24 @@
-"""`AsyncLLM`: the engine behind an asyncio front end, as vLLM's server uses it.
+"""`AsyncLLM`: the server's frontend, an asyncio face on one or more engine cores.
 
-`generate()` is an async generator of DELTA `RequestOutput`s. The engine loop (`EngineCore`) runs
-in a process of its own (`engine_process=True`, vLLM v1's layout and what `pagedllm serve` uses) or
-in a background thread of this process; either way the asyncio side only puts commands in a queue
-and receives each step's outputs through `loop.call_soon_threadsafe`, so HTTP handling,
-tokenisation and JSON overlap with model steps. In a thread they still share the GIL with the
-engine's Python; `docs/serving.md` has the measurements. (A script that builds an AsyncLLM with
-`engine_process=True` needs the usual `if __name__ == "__main__":` guard of multiprocessing.)
+Like `LLMEngine` it owns the tokenizer and the input and output processors, in the server's
+process; the engine core (scheduler, KV cache, model) runs its busy loop in a process of its own
+(`engine_process=True`, vLLM v1's layout and what `pagedllm serve` uses) or in a background
+thread, behind an asynchronous client (`engine/core_client.py`). The asyncio side only puts
+commands in a queue and receives each loop iteration's `EngineCoreOutputs` through
+`loop.call_soon_threadsafe`; turning them into text (detokenization, stop strings) happens on the
+event loop, and a stop string ends the sequence in its core with an abort.
+
+`process_request` checks a request (a `ValueError` for bad input, before anything is sent) and
+`stream` runs it, yielding DELTA `RequestOutput`s; `generate` does both. Leaving a stream early (a
+client that disconnects) aborts the request in the engine, which frees its KV blocks at once.
 
 With `data_parallel_size=M` there are M engine cores (replicas, each with its own KV cache and,
-under tensor parallelism, its own workers), one client each (`engine/core_client.py`); a new request
-goes to the replica with the fewest requests in flight, and its aborts follow it there. With
+under tensor parallelism, its own workers), one client each; a new request goes to the replica
+with the fewest requests in flight, and its aborts follow it there. With
 `distributed_executor_backend="ray"` the replicas are Ray actors placed on a cluster's nodes.
-
-Leaving a `generate()` early (a client that disconnects) aborts the request in the engine, which
-frees its KV blocks at once. If an engine loop dies, every waiting caller gets an
-`EngineDeadError` and new requests fail fast.
+If an engine loop dies, every waiting caller gets an `EngineDeadError` and new requests fail fast.
+(A script that builds an AsyncLLM with `engine_process=True` needs the usual
+`if __name__ == "__main__":` guard of multiprocessing.)
 """
 
 from __future__ import annotations
@@ -25,28 +28,25 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncGenerator, Callable, Optional, Union
 
+from pagedllm.config import EngineConfig
 from pagedllm.engine.arg_utils import EngineArgs
-from pagedllm.engine.core_client import (
-    EngineCoreClient,
-    InprocClient,
-    LoadBalancer,
-    RayClient,
-    make_engine_core_clients,
-)
-from pagedllm.engine.engine_core import (
+from pagedllm.engine.core_client import AsyncEngineCoreClient, LoadBalancer, RayClient, make_async_clients
+from pagedllm.engine.core_messages import (
     AbortRequests,
-    AddRequest,
+    AddRequests,
     EngineCoreOutputs,
     EngineDeadError,
-    EngineStats,
     GetEngineState,
     Shutdown,
 )
 from pagedllm.engine.engine_state import EngineState
-from pagedllm.engine.llm_engine import PromptType
-from pagedllm.engine.tokenizer import load_generation_config, load_tokenizer, sampling_defaults
+from pagedllm.engine.input_processor import InputProcessor, ProcessedRequest, PromptType
+from pagedllm.engine.metrics import EngineStats, StatLogger
+from pagedllm.engine.output_processor import OutputProcessor
+from pagedllm.engine.tokenizer import load_generation_config, load_tokenizer
 from pagedllm.logger import init_logger
 from pagedllm.outputs import RequestOutput
+from pagedllm.request import RequestStatus
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = init_logger(__name__)
@@ -147,33 +147,36 @@ def _merge_delta(into: RequestOutput, new: RequestOutput) -> None:
 class AsyncLLM:
     """An engine for an asyncio server. Build it, `await start()` inside the loop, then `generate()`."""
 
-    def __init__(self, engine_args: EngineArgs, model_path: str, engine_process: bool = False) -> None:
-        self.engine_args = engine_args
-        self.model_path = model_path
-        self.engine_process = engine_process
+    def __init__(self, config: EngineConfig, engine_process: bool = False, log_stats: bool = True) -> None:
+        self.config = config
+        mc = config.model_config
+        self.max_model_len, self.vocab_size = mc.max_model_len, mc.vocab_size
+        self.tokenizer = load_tokenizer(mc.tokenizer)
+        self.input_processor = InputProcessor(mc, self.tokenizer, load_generation_config(mc.generation_config))
+        self.output_processor = OutputProcessor(self.tokenizer)
         self.stat_loggers: list[Callable[[RequestStats], None]] = []
         self._streams: dict[str, RequestStream] = {}
         self._engine_of: dict[str, int] = {}  # request id -> the replica serving it
         self._dead: Optional[str] = None
-        self._shutting_down = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self.engine_cores: list[EngineCoreClient] = make_engine_core_clients(engine_args, model_path, engine_process)
+        self.engine_cores: list[AsyncEngineCoreClient] = make_async_clients(config, engine_process)
         self._balancer = LoadBalancer(len(self.engine_cores))
         self._stats = [EngineStats() for _ in self.engine_cores]
+        self._stat_loggers = [StatLogger() if log_stats else None for _ in self.engine_cores]
         # Per replica, the callers waiting for the engine-state snapshot in flight (one request serves them all).
         self._state_waiters: dict[int, list[asyncio.Future]] = {i: [] for i in range(len(self.engine_cores))}
-        self.max_model_len, self.vocab_size = self.engine_cores[0].info.max_model_len, self.engine_cores[0].info.vocab_size
-        first = self.engine_cores[0]
-        if isinstance(first, InprocClient):
-            self.tokenizer = first.engine.tokenizer
-            self.default_sampling_overrides = dict(first.engine.default_sampling_overrides)
-        else:
-            self.tokenizer = load_tokenizer(engine_args.tokenizer or model_path)
-            self.default_sampling_overrides = sampling_defaults(load_generation_config(model_path))
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs, engine_process: bool = False) -> "AsyncLLM":
+        return cls(engine_args.create_engine_config(), engine_process, log_stats=not engine_args.disable_log_stats)
 
     @property
     def data_parallel_size(self) -> int:
         return len(self.engine_cores)
+
+    @property
+    def default_sampling_overrides(self) -> dict:
+        return self.input_processor.default_sampling_overrides
 
     # ----- life cycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -184,7 +187,6 @@ class AsyncLLM:
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine loops: requests still running are failed with a 503."""
-        self._shutting_down = True
         loop = asyncio.get_running_loop()
         for client in self.engine_cores:
             if self._dead is None:
@@ -199,18 +201,33 @@ class AsyncLLM:
             self._answer_state_waiters(engine, None, None)
 
     # ----- requests -------------------------------------------------------------------
-    async def generate(self, prompt: PromptType, params: SamplingParams,
-                       request_id: str) -> AsyncGenerator[RequestOutput, None]:
-        """Yield the request's DELTA outputs until it finishes; closing early aborts it."""
-        self.check_health()
+    def process_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                        max_tokens_param: Optional[str] = None) -> ProcessedRequest:
+        """Check and prepare a request (`InputProcessor.process`), raising `ValueError` for bad
+        input; nothing reaches the engine until `stream` runs it."""
         if request_id in self._streams:
             raise RequestFailedError(f"request id {request_id!r} is already in use", 400)
         params = params.clone()
         params.output_kind = RequestOutputKind.DELTA
+        return self.input_processor.process(request_id, prompt, params, max_tokens_param=max_tokens_param)
+
+    async def generate(self, prompt: PromptType, params: SamplingParams,
+                       request_id: str) -> AsyncGenerator[RequestOutput, None]:
+        """Yield the request's DELTA outputs until it finishes; closing early aborts it."""
+        async for output in self.stream(self.process_request(request_id, prompt, params)):
+            yield output
+
+    async def stream(self, request: ProcessedRequest) -> AsyncGenerator[RequestOutput, None]:
+        """Run a processed request, yielding its DELTA outputs until it finishes; closing early aborts it."""
+        self.check_health()
+        request_id = request.request_id
+        if request_id in self._streams:
+            raise RequestFailedError(f"request id {request_id!r} is already in use", 400)
         stream = RequestStream(time.monotonic())
+        self.output_processor.add_request(request)
         self._streams[request_id] = stream
         engine = self._engine_of[request_id] = self._balancer.acquire()
-        self.engine_cores[engine].send(AddRequest(request_id, prompt, params, stream.stats.arrival_time))
+        self.engine_cores[engine].send(AddRequests(request.core_requests))
         finished = False
         try:
             while not finished:
@@ -220,19 +237,23 @@ class AsyncLLM:
         finally:
             self._streams.pop(request_id, None)
             self._balancer.release(self._engine_of.pop(request_id))
+            sequences = self.output_processor.abort_requests([request_id])
             if finished:
                 for stat_logger in self.stat_loggers:
                     stat_logger(stream.stats)
-            elif self._dead is None:
-                self.engine_cores[engine].send(AbortRequests([request_id]))
+            elif self._dead is None and sequences:
+                self.engine_cores[engine].send(AbortRequests(sequences))
 
     def abort_all(self, reason: str) -> None:
         """Fail every request in flight with `reason` (a 503), e.g. when shutdown's grace period ends."""
-        if self._streams and self._dead is None:
-            for engine, client in enumerate(self.engine_cores):
-                ids = [rid for rid, e in self._engine_of.items() if e == engine]
-                if ids:
-                    client.send(AbortRequests(ids, reason))
+        if not self._streams or self._dead is not None:
+            return
+        requests = self.output_processor.requests
+        for engine, client in enumerate(self.engine_cores):
+            ids = [seq for request_id, e in self._engine_of.items() if e == engine and request_id in requests
+                   for seq in requests[request_id].child_ids]
+            if ids:
+                client.send(AbortRequests(ids, error=reason))
 
     def check_health(self) -> None:
         if self._dead is not None:
@@ -241,17 +262,6 @@ class AsyncLLM:
     @property
     def is_dead(self) -> bool:
         return self._dead is not None
-
-    def get_stats(self) -> EngineStats:
-        """The replicas' stats added up (KV-cache usage: their mean)."""
-        if len(self._stats) == 1:
-            return self._stats[0]
-        total = EngineStats()
-        for s in self._stats:
-            for name in vars(total):
-                setattr(total, name, getattr(total, name) + getattr(s, name))
-        total.kv_cache_usage /= len(self._stats)
-        return total
 
     def get_engine_stats(self) -> list[EngineStats]:
         """One snapshot per data-parallel replica, in replica order."""
@@ -275,10 +285,6 @@ class AsyncLLM:
             if future in self._state_waiters[engine]:  # timed out or cancelled: the next caller asks anew
                 self._state_waiters[engine].remove(future)
 
-    @property
-    def num_requests_in_flight(self) -> int:
-        return len(self._streams)
-
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 
@@ -291,18 +297,35 @@ class AsyncLLM:
             pass
 
     def _dispatch(self, engine: int, outputs: EngineCoreOutputs) -> None:
+        """On the event loop: one iteration's outputs turned into text and handed to their streams."""
         if outputs.stats is not None:
             self._stats[engine] = outputs.stats
+            stat_logger = self._stat_loggers[engine]
+            if stat_logger is not None and outputs.outputs:
+                stat_logger.maybe_log(outputs.stats)
         if outputs.engine_state is not None or outputs.engine_state_error is not None:
-            self._answer_state_waiters(engine, outputs.engine_state, outputs.engine_state_error)
-        for output in outputs.outputs:
+            state = outputs.engine_state
+            if state is not None:
+                state = state.with_parent_ids(self.output_processor.parent_of)
+            self._answer_state_waiters(engine, state, outputs.engine_state_error)
+        processed = self.output_processor.process_outputs(outputs.outputs)
+        for output in processed.request_outputs:
             stream = self._streams.get(output.request_id)
             if stream is not None:
                 stream.put(output)
+        if processed.reqs_to_abort and self._dead is None:  # stop strings: the core ends them before its next step
+            self.engine_cores[engine].send(AbortRequests(processed.reqs_to_abort, RequestStatus.FINISHED_STOPPED))
+        failed: dict[str, RequestFailedError] = {}
         for error in outputs.errors:
-            stream = self._streams.get(error.request_id)
+            failed.setdefault(self.output_processor.parent_of(error.request_id),
+                              RequestFailedError(error.message, error.status_code))
+        for request_id, error in failed.items():
+            stream = self._streams.get(request_id)
             if stream is not None:
-                stream.put(RequestFailedError(error.message, error.status_code))
+                stream.put(error)
+            sequences = self.output_processor.abort_requests([request_id])
+            if sequences and self._dead is None:  # its other sequences, if the core still runs them
+                self.engine_cores[engine].send(AbortRequests(sequences))
         if outputs.dead is not None and self._dead is None:
             # One replica gone is the server's failure, loudly: the others are stopped too.
             name = f"engine {engine}: " if len(self.engine_cores) > 1 else ""

@@ -1,16 +1,19 @@
-"""Engine-core clients: how the asyncio front end (`AsyncLLM`) reaches each engine core.
+"""Engine-core clients: how a frontend reaches an engine core.
 
-One client per engine replica. `InprocClient` runs the loop in a thread of this process,
-`MPClient` in a process of its own (vLLM v1's layout), `RayClient` in a Ray actor anywhere in a
-cluster. All three take commands through `send` and hand each loop iteration's
+`InprocClient` is the offline `LLMEngine`'s: the core in this process, called directly, one step
+per `get_output()`. The server's `AsyncLLM` uses one of the asynchronous clients per data-parallel
+replica, each of which runs the core's busy loop somewhere else: `ThreadClient` in a background
+thread of this process, `MPClient` in a process of its own (vLLM v1's layout), `RayClient` in a
+Ray actor anywhere in a cluster. They take commands through `send` and hand each loop iteration's
 `EngineCoreOutputs` to the callback given to `start`, from a thread of their own.
 
-With data parallelism the front end holds M clients and a `LoadBalancer` that sends each new
-request to the replica with the fewest requests in flight.
+With data parallelism the frontend holds M asynchronous clients and a `LoadBalancer` that sends
+each new request to the replica with the fewest requests in flight.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import queue
@@ -18,27 +21,58 @@ import threading
 from abc import ABC, abstractmethod
 from typing import Callable, Optional
 
-from pagedllm.engine.arg_utils import EngineArgs
-from pagedllm.engine.engine_core import (
-    EngineCommand,
-    EngineCore,
-    EngineCoreOutputs,
-    EngineInfo,
-    Shutdown,
-    run_engine_core_process,
-    run_in_thread,
-)
-from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.config import EngineConfig
+from pagedllm.engine.core_loop import EngineCoreActor, EngineCoreLoop, run_engine_core_process, run_in_thread
+from pagedllm.engine.core_messages import EngineCommand, EngineCoreOutputs, Shutdown
+from pagedllm.engine.engine_core import EngineCore
+from pagedllm.engine.engine_state import EngineState
 from pagedllm.logger import init_logger
+from pagedllm.request import EngineCoreRequest, RequestStatus
 
 logger = init_logger(__name__)
 
 PostOutputs = Callable[[EngineCoreOutputs], None]
 
 
-class EngineCoreClient(ABC):
-    info: EngineInfo
+# ----- offline: the core in this process, stepped by the caller ------------------------------
+class InprocClient:
+    """The engine core in this process; each `get_output()` runs one step."""
 
+    def __init__(self, config: EngineConfig) -> None:
+        self.core = EngineCore(config)
+
+    def add_requests(self, requests: list[EngineCoreRequest]) -> None:
+        added: list[str] = []
+        try:
+            for request in requests:
+                self.core.add_request(request)
+                added.append(request.request_id)
+        except BaseException:
+            self.core.abort_requests(added)
+            raise
+
+    def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        self.core.abort_requests(request_ids, status)
+
+    def get_output(self) -> EngineCoreOutputs:
+        outputs = self.core.step() if self.core.has_unfinished_requests() else []
+        return EngineCoreOutputs(outputs=outputs, stats=self.core.stats())
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests()
+
+    def get_engine_state(self) -> EngineState:
+        return self.core.get_engine_state()
+
+    def reset_prefix_cache(self) -> bool:
+        return self.core.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        self.core.shutdown()
+
+
+# ----- the server: the core's busy loop elsewhere --------------------------------------------
+class AsyncEngineCoreClient(ABC):
     @abstractmethod
     def start(self, post: PostOutputs) -> None:
         """Start delivering the loop's outputs to `post` (called from another thread)."""
@@ -52,19 +86,16 @@ class EngineCoreClient(ABC):
         """Wait (blocking) for the loop to end after a `Shutdown`; force it if it does not."""
 
 
-class InprocClient(EngineCoreClient):
-    """The loop in a background thread of this process."""
+class ThreadClient(AsyncEngineCoreClient):
+    """The loop in a background thread of this process (it shares the GIL with the server)."""
 
-    def __init__(self, engine_args: EngineArgs, model_path: str) -> None:
-        self.engine = LLMEngine.from_engine_args(engine_args, model_path)
-        mc = self.engine.config.model_config
-        self.info = EngineInfo(mc.max_model_len, mc.vocab_size)
+    def __init__(self, config: EngineConfig) -> None:
+        self.core = EngineCore(config)
         self._inbox: queue.Queue[EngineCommand] = queue.Queue()
         self._thread: Optional[threading.Thread] = None
 
     def start(self, post: PostOutputs) -> None:
-        core = EngineCore(self.engine)
-        self._thread = threading.Thread(target=run_in_thread, args=(core, self._inbox, post),
+        self._thread = threading.Thread(target=run_in_thread, args=(EngineCoreLoop(self.core), self._inbox, post),
                                         name="pagedllm-engine-core", daemon=True)
         self._thread.start()
 
@@ -74,22 +105,21 @@ class InprocClient(EngineCoreClient):
     def shutdown(self, timeout: float) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
-        self.engine.shutdown()
+        self.core.shutdown()
 
 
-class MPClient(EngineCoreClient):
+class MPClient(AsyncEngineCoreClient):
     """The loop in a spawned process, over a pipe; a sender and a receiver thread on this side.
 
     The process is not a daemon, so that it may start tensor-parallel worker processes of its own;
     it ends when told to, or when its pipe closes because this process is gone.
     """
 
-    def __init__(self, engine_args: EngineArgs, model_path: str, index: int = 0,
-                 cuda_visible_devices: Optional[str] = None) -> None:
+    def __init__(self, config: EngineConfig, index: int = 0, cuda_visible_devices: Optional[str] = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(target=run_engine_core_process, name=f"pagedllm-engine-core-{index}",
-                                   args=(engine_args, model_path, child_conn, cuda_visible_devices), daemon=False)
+                                   args=(config, child_conn, cuda_visible_devices), daemon=False)
         self.process.start()
         child_conn.close()
         try:
@@ -100,7 +130,6 @@ class MPClient(EngineCoreClient):
         if message[0] == "failed":
             self.process.join(10)
             raise (ValueError if message[2] else RuntimeError)(message[1])
-        self.info = message[1]
         self._outbox: queue.Queue[Optional[EngineCommand]] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._shutting_down = False
@@ -145,49 +174,18 @@ class MPClient(EngineCoreClient):
                 return
 
 
-class EngineCoreActor:
-    """The engine core as a Ray actor (wrapped with `ray.remote` at run time: Ray stays optional).
-
-    The client drives it one loop iteration per call, so the actor needs no thread or channel of
-    its own, and Ray carries the commands and the outputs.
-    """
-
-    def __init__(self, engine_args: EngineArgs, model_path: str, num_threads: Optional[int]) -> None:
-        import torch
-
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        self.core = EngineCore(LLMEngine.from_engine_args(engine_args, model_path))
-
-    def info(self) -> tuple[EngineInfo, str]:
-        import ray
-
-        mc = self.core.engine.config.model_config
-        return EngineInfo(mc.max_model_len, mc.vocab_size), ray.util.get_node_ip_address()
-
-    def run_iteration(self, commands: list[EngineCommand]) -> tuple[EngineCoreOutputs, bool, bool]:
-        """(outputs, stopped, has work left)."""
-        result, stop = self.core.run_iteration(commands)
-        if stop:
-            self.core.engine.shutdown()
-        return result, stop, self.core.engine.has_unfinished_requests()
-
-
-class RayClient(EngineCoreClient):
+class RayClient(AsyncEngineCoreClient):
     """An engine core in a Ray actor, placed by Ray (replicas spread over the cluster's nodes)."""
 
-    def __init__(self, engine_args: EngineArgs, model_path: str, index: int = 0,
-                 num_threads: Optional[int] = None) -> None:
+    def __init__(self, config: EngineConfig, index: int = 0, num_threads: Optional[int] = None) -> None:
         from pagedllm.executor.ray_utils import engine_core_actor_options, initialize_ray_cluster
 
         ray = initialize_ray_cluster()
         self._ray = ray
         actor_cls = ray.remote(EngineCoreActor)
-        options = engine_core_actor_options(engine_args)
-        self.actor = actor_cls.options(name=None, **options).remote(engine_args, model_path, num_threads)
+        self.actor = actor_cls.options(name=None, **engine_core_actor_options(config)).remote(config, num_threads)
         try:
-            self.info, self.node_ip = ray.get(self.actor.info.remote())
+            self.node_ip = ray.get(self.actor.node_ip.remote())
         except ray.exceptions.RayActorError as e:
             cause = getattr(e, "cause", None) or e
             raise (ValueError if isinstance(cause, ValueError) else RuntimeError)(
@@ -249,26 +247,24 @@ class LoadBalancer:
         self.in_flight[index] -= 1
 
 
-def make_engine_core_clients(engine_args: EngineArgs, model_path: str, engine_process: bool) -> list[EngineCoreClient]:
+def make_async_clients(config: EngineConfig, engine_process: bool) -> list[AsyncEngineCoreClient]:
     """The replicas `data_parallel_size` and `distributed_executor_backend` ask for."""
-    dp = engine_args.data_parallel_size
-    backend = engine_args.distributed_executor_backend
-    if dp < 1:
-        raise ValueError(f"data_parallel_size must be a positive integer, got {dp}")
-    clients: list[EngineCoreClient] = []
-    gpus = _visible_gpus(engine_args) if backend != "ray" and dp > 1 else None
+    pc = config.parallel_config
+    dp, backend = pc.data_parallel_size, pc.distributed_executor_backend
+    clients: list[AsyncEngineCoreClient] = []
+    gpus = _visible_gpus(config) if backend != "ray" and dp > 1 else None
     try:
         for index in range(dp):
             if backend == "ray":
-                clients.append(RayClient(_replica_args(engine_args), model_path, index))
+                clients.append(RayClient(_replica_config(config), index))
             elif engine_process:
-                devices = None if gpus is None else replica_devices(index, engine_args.tensor_parallel_size, gpus)
-                clients.append(MPClient(_replica_args(engine_args), model_path, index, devices))
+                devices = None if gpus is None else replica_devices(index, pc.tensor_parallel_size, gpus)
+                clients.append(MPClient(_replica_config(config), index, devices))
             elif dp > 1:
                 raise ValueError("data_parallel_size > 1 needs the engine core in its own process "
                                  "(--engine-core process) or Ray")
             else:
-                clients.append(InprocClient(engine_args, model_path))
+                clients.append(ThreadClient(config))
     except BaseException:
         for client in clients:
             client.send(Shutdown())
@@ -288,11 +284,11 @@ def replica_devices(index: int, tensor_parallel_size: int, visible: list[str]) -
     return ",".join(visible[start : start + tensor_parallel_size])
 
 
-def _visible_gpus(engine_args: EngineArgs) -> Optional[list[str]]:
+def _visible_gpus(config: EngineConfig) -> Optional[list[str]]:
     """This machine's GPUs as CUDA_VISIBLE_DEVICES names them, or None on CPU."""
     import torch
 
-    if engine_args.device == "cpu" or not torch.cuda.is_available():
+    if config.device.type != "cuda":
         return None
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible:
@@ -300,15 +296,9 @@ def _visible_gpus(engine_args: EngineArgs) -> Optional[list[str]]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def _replica_args(engine_args: EngineArgs) -> EngineArgs:
-    """One replica's engine: the data-parallel size is the front end's business, not the engine's."""
-    import dataclasses
-
-    args = dataclasses.replace(engine_args, data_parallel_size=1)
-    if args.distributed_executor_backend == "ray" and args.tensor_parallel_size == 1:
-        args.distributed_executor_backend = "uni"  # the replica actor runs the model itself
-    return args
-
-
-__all__ = ["EngineCoreClient", "InprocClient", "LoadBalancer", "MPClient", "RayClient",
-                      "make_engine_core_clients"]
+def _replica_config(config: EngineConfig) -> EngineConfig:
+    """One replica's engine: the data-parallel size is the frontend's business, not the engine's."""
+    pc = dataclasses.replace(config.parallel_config, data_parallel_size=1)
+    if pc.distributed_executor_backend == "ray" and pc.tensor_parallel_size == 1:
+        pc = dataclasses.replace(pc, distributed_executor_backend="uni")  # the replica actor runs the model itself
+    return dataclasses.replace(config, parallel_config=pc)

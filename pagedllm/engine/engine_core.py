@@ -1,283 +1,182 @@
-"""`EngineCore`: the engine's busy loop, run in a background thread or in a process of its own.
+"""`EngineCore`: the scheduler, the KV-cache manager and the executor, and nothing else.
 
-The loop owns the (synchronous, single-threaded) `LLMEngine`. It takes commands (add, abort,
-a request for an engine-state snapshot, shutdown) from an inbox, runs one step whenever there is
-work, and hands back one `EngineCoreOutputs` per iteration: the step's outputs, the requests that
-failed, a snapshot of the engine's counters for /metrics, and the engine state when it was asked
-for (for /v1/engine/state and the dashboard). The same loop runs behind a `queue.Queue` (thread) or a
-pipe (process); `AsyncLLM` is the asyncio side of both.
+It takes `EngineCoreRequest`s that a frontend has already tokenized and validated, and each `step`
+returns what the sequences got: new token ids, logprobs as ids, finish reasons (`EngineCoreOutput`).
+It never sees a tokenizer or text; stop strings, detokenization and `n > 1` are the frontend's
+(`engine/output_processor.py`), which ends a sequence here through `abort_requests` when its text
+matches a stop string. Frontends reach it through an `EngineCoreClient` (`engine/core_client.py`):
+in this process for the offline `LLMEngine`, in a process of its own for the server.
 
-A request that makes a step fail is failed on its own and the loop carries on; only an error the
-loop cannot recover from (or a dying process) ends it, and then it says so in its last message.
+Start-up sizes the KV cache in its own phase, as vLLM's does: build the executor (workers load the
+model), ask it how many bytes each worker can give the cache, turn the smallest answer into a
+block count (`core/kv_cache_utils.py`), have every worker allocate that many, then build the block
+pool and the scheduler over the same count.
 """
 
 from __future__ import annotations
 
-import os
-import queue
-import signal
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
-from typing import Callable, Optional, Union
+import time
+from typing import Iterable
 
-from pagedllm.engine.arg_utils import EngineArgs
-from pagedllm.engine.engine_state import EngineState
-from pagedllm.engine.llm_engine import LLMEngine, PromptType
-from pagedllm.executor.abstract import ExecutorDeadError
+from pagedllm.config import EngineConfig
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.kv_cache_utils import num_blocks_for_budget
+from pagedllm.core.request_trace import make_tracer
+from pagedllm.core.scheduler import Scheduler
+from pagedllm.engine.core_messages import EngineCoreOutput
+from pagedllm.engine.engine_state import EngineState, PreemptionLog, StateHistory
+from pagedllm.engine.metrics import EngineStats
+from pagedllm.executor import Executor, executor_class
 from pagedllm.logger import init_logger
-from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.request import EngineCoreRequest, Request, RequestStatus
 
 logger = init_logger(__name__)
 
-
-# ----- the messages -------------------------------------------------------------------
-@dataclass
-class AddRequest:
-    request_id: str
-    prompt: PromptType
-    params: SamplingParams
-    arrival_time: Optional[float] = None
-
-
-@dataclass
-class AbortRequests:
-    request_ids: list[str]
-    # Set when the abort is the server's decision (shutdown), not the client's: the requests
-    # are then reported back as failed so their callers get an answer.
-    reason: Optional[str] = None
-
-
-@dataclass
-class GetEngineState:
-    """Ask for an `EngineState` snapshot; it comes back in the iteration's `EngineCoreOutputs`."""
-
-
-@dataclass
-class Shutdown:
-    pass
-
-
-EngineCommand = Union[AddRequest, AbortRequests, GetEngineState, Shutdown]
-
-
-@dataclass
-class RequestError:
-    """A request the engine gave up on: 400 for bad input it caught, 500 for its own failures."""
-
-    request_id: str
-    message: str
-    status_code: int
-
-
-@dataclass
-class EngineStats:
-    """What /metrics shows of the engine, as of the end of the last loop iteration."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_preemptions: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-
-
-@dataclass
-class EngineCoreOutputs:
-    outputs: list[RequestOutput] = field(default_factory=list)
-    errors: list[RequestError] = field(default_factory=list)
-    stats: Optional[EngineStats] = None
-    # Answers a GetEngineState: the state after this iteration's step, or why it could not be taken.
-    engine_state: Optional[EngineState] = None
-    engine_state_error: Optional[str] = None
-    dead: Optional[str] = None  # the engine stopped for good; why
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop has stopped: no request can be served any more."""
-
-
-# ----- the loop -----------------------------------------------------------------------
-# A step that fails this many times in a row, each time after its requests were failed, means
-# the engine itself is broken rather than one request.
-_MAX_CONSECUTIVE_STEP_FAILURES = 3
+# Endings that count as a finished request (an abort does not).
+_SUCCESS = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
 
 
 class EngineCore:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self._consecutive_failures = 0
-
-    def run_busy_loop(self, get_commands: Callable[[bool], list[EngineCommand]],
-                      put: Callable[[EngineCoreOutputs], None]) -> None:
-        """Serve until a `Shutdown` command; an exception escaping here means the engine is dead.
-
-        `get_commands(block)` returns the pending commands, waiting for at least one when
-        `block` is true (the engine has nothing else to do).
-        """
-        while True:
-            result, stop = self.run_iteration(get_commands(not self.engine.has_unfinished_requests()))
-            put(result)
-            if stop:
-                return
-
-    def run_iteration(self, commands: list[EngineCommand]) -> tuple[EngineCoreOutputs, bool]:
-        """Apply the commands, run one step if there is work; True as well after a `Shutdown`.
-
-        One iteration of the loop, callable on its own by a front end that drives the loop
-        remotely (a Ray actor's method).
-        """
-        result = EngineCoreOutputs()
-        state_asked = False
-        for command in commands:
-            if isinstance(command, Shutdown):
-                self._abort(self._unfinished_request_ids(), "the server is shutting down", result)
-                result.stats = self.stats()
-                return result, True
-            if isinstance(command, AddRequest):
-                self._add(command, result)
-            elif isinstance(command, GetEngineState):
-                state_asked = True
-            else:
-                self._abort(command.request_ids, command.reason, result)
-        if self.engine.has_unfinished_requests():
-            result.outputs = self._step(result)
-        result.stats = self.stats()
-        if state_asked:
-            self._snapshot(result)
-        return result, False
-
-    def _snapshot(self, result: EngineCoreOutputs) -> None:
+    def __init__(self, config: EngineConfig) -> None:
+        start = time.perf_counter()
+        self.config = config
+        self.model_executor: Executor | None = executor_class(config)(config)
         try:
-            result.engine_state = self.engine.get_engine_state()
-        except Exception as e:  # a view of the engine must never stop it
-            logger.exception("taking the engine-state snapshot failed")
-            result.engine_state_error = f"could not take the engine-state snapshot: {e!r}"
+            num_blocks = self._initialize_kv_cache()
+        except BaseException:
+            self.shutdown()
+            raise
+        cc = config.cache_config
+        self.kv_cache_manager = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler_config, self.kv_cache_manager,
+                                   make_tracer(config.scheduler_config.trace))
+        self.prompt_tokens = self.generation_tokens = self.requests_finished = self.num_steps = 0
+        self.history = StateHistory()
+        self.preemptions = PreemptionLog()
+        logger.info("Engine core ready in %.2f s", time.perf_counter() - start)
 
-    def _add(self, command: AddRequest, result: EngineCoreOutputs) -> None:
-        try:
-            self.engine.add_request(command.request_id, command.prompt, command.params, command.arrival_time)
-        except ValueError as e:
-            result.errors.append(RequestError(command.request_id, str(e), 400))
-        except Exception as e:  # the request must not take the loop down with it
-            logger.exception("adding request %s failed", command.request_id)
-            self.engine.abort_request(command.request_id)
-            result.errors.append(RequestError(command.request_id, f"the engine could not add the request: {e}", 500))
+    def _initialize_kv_cache(self) -> int:
+        config, executor = self.config, self.model_executor
+        mc, cc = config.model_config, config.cache_config
+        if cc.num_gpu_blocks_override is not None:
+            num_blocks = cc.num_gpu_blocks_override  # exact: nothing to measure
+        else:
+            num_blocks = num_blocks_for_budget(config, executor.determine_available_memory())
+        capacity = num_blocks * cc.block_size
+        if mc.max_model_len > capacity:
+            raise ValueError(
+                f"max_model_len ({mc.max_model_len}) is larger than the KV cache can hold "
+                f"({num_blocks} blocks x {cc.block_size} = {capacity} tokens); lower max_model_len or "
+                "give the cache more room (num_gpu_blocks_override, kv_cache_memory_bytes, "
+                "PAGEDLLM_CPU_KVCACHE_SPACE)"
+            )
+        executor.initialize_kv_cache(num_blocks)
+        tp = config.parallel_config.tensor_parallel_size
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens of %s K/V on %s%s; maximum concurrency for %d-token "
+            "requests: %.2fx",
+            num_blocks, cc.block_size, capacity, str(config.kv_cache_dtype).removeprefix("torch."),
+            config.device, f" (x{tp} workers, each 1/{tp} of the heads)" if tp > 1 else "",
+            mc.max_model_len, capacity / mc.max_model_len,
+        )
+        return num_blocks
 
-    def _abort(self, request_ids: list[str], reason: Optional[str], result: EngineCoreOutputs) -> None:
-        self.engine.abort_request(request_ids)
-        if reason is not None:
-            result.errors.extend(RequestError(rid, reason, 503) for rid in request_ids)
+    # ----- requests -----------------------------------------------------------------
+    def add_request(self, request: EngineCoreRequest) -> None:
+        self.scheduler.add_request(Request.from_engine_core_request(request, self.config.cache_config.block_size))
 
-    def _step(self, result: EngineCoreOutputs) -> list[RequestOutput]:
-        try:
-            outputs = self.engine.step()
-        except ExecutorDeadError as e:  # a worker is gone: no later step can succeed
-            raise EngineDeadError(str(e)) from e
-        except Exception as e:
-            self._consecutive_failures += 1
-            if self._consecutive_failures >= _MAX_CONSECUTIVE_STEP_FAILURES:
-                raise EngineDeadError(f"the engine step failed {self._consecutive_failures} times in a row: {e}") from e
-            # Blame the requests that were running: the step was theirs. Aborting them frees
-            # their blocks, which puts the scheduler and the KV cache back in a clean state.
-            victims = self._running_request_ids() or self._unfinished_request_ids()
-            logger.exception("engine step failed; failing %d request(s) and carrying on", len(victims))
-            self.engine.abort_request(victims)
-            result.errors.extend(RequestError(rid, f"the engine failed while running this request: {e!r}", 500)
-                                 for rid in victims)
-            self._check_idle_invariant()
-            return []
-        self._consecutive_failures = 0
-        return outputs
+    def abort_requests(self, request_ids: Iterable[str],
+                       status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        """End sequences the frontend is done with (ids the core no longer has are ignored)."""
+        request_ids = [rid for rid in request_ids if rid in self.scheduler.requests]
+        if status in _SUCCESS:
+            self.requests_finished += len(request_ids)
+        self.scheduler.finish_requests(request_ids, status)
 
-    def _running_request_ids(self) -> list[str]:
-        parents = self.engine.output_processor.child_to_parent
-        running = {parents[r.request_id][0] for r in self.engine.scheduler.running if r.request_id in parents}
-        return sorted(running)
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
 
-    def _unfinished_request_ids(self) -> list[str]:
-        return list(self.engine.output_processor.parents)
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self.scheduler.requests)
 
-    def _check_idle_invariant(self) -> None:
-        """With no request left, every KV block must be free; if not, the engine cannot be trusted."""
-        if not self.engine.has_unfinished_requests() and self.engine.kv_cache_manager.usage() > 0:
-            raise EngineDeadError("KV-cache blocks are still in use with no request left after a failed step")
+    def running_request_ids(self) -> list[str]:
+        return [r.request_id for r in self.scheduler.running]
 
+    # ----- the step -----------------------------------------------------------------
+    def step(self) -> list[EngineCoreOutput]:
+        """Schedule, run the model, update the sequences; what each sequence got this step."""
+        scheduler = self.scheduler
+        sched_out = scheduler.schedule()
+        for request_id in sched_out.preempted_req_ids:
+            self.preemptions.record(request_id, scheduler.requests[request_id].num_tokens)
+        runner_out = self.model_executor.execute_model(sched_out)
+        self.num_steps += 1
+        updated = scheduler.update_from_output(sched_out, runner_out)
+        outputs: dict[str, EngineCoreOutput] = {}
+        for request in updated:
+            if request.num_output_tokens == 1:
+                self.prompt_tokens += request.num_prompt_tokens
+            self.generation_tokens += 1
+            if request.status in _SUCCESS:
+                self.requests_finished += 1
+            outputs[request.request_id] = EngineCoreOutput(
+                request_id=request.request_id,
+                new_token_ids=request.output_token_ids[-1:],
+                new_logprobs=runner_out.logprobs.get(request.request_id),
+                finish_reason=request.status.finish_reason,
+                stop_reason=request.stop_reason,
+            )
+        for request_id, prompt_logprobs in runner_out.prompt_logprobs.items():
+            output = outputs.setdefault(request_id, EngineCoreOutput(request_id, []))
+            output.new_prompt_logprobs = prompt_logprobs
+        self.history.maybe_record(self.stats)
+        return list(outputs.values())
+
+    # ----- introspection ------------------------------------------------------------
     def stats(self) -> EngineStats:
-        s, c = self.engine.scheduler.stats(), self.engine.counters
-        return EngineStats(s.num_running, s.num_waiting, s.kv_cache_usage, s.num_preemptions,
-                           s.prefix_cache_queries, s.prefix_cache_hits, c.prompt_tokens, c.generation_tokens)
+        scheduler, kv = self.scheduler, self.kv_cache_manager
+        return EngineStats(
+            time=time.time(),
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            kv_cache_usage=kv.usage(),
+            num_preemptions=scheduler.num_preemptions,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+            requests_finished=self.requests_finished,
+            num_steps=self.num_steps,
+        )
 
+    def get_engine_state(self) -> EngineState:
+        """What the KV cache and the scheduler hold now (see `engine/engine_state.py`); reads no tensor."""
+        self.history.maybe_record(self.stats)
+        queues = self.scheduler.snapshot()
+        sc = self.config.scheduler_config
+        return EngineState(
+            time=time.time(),
+            max_model_len=self.config.model_config.max_model_len,
+            max_num_seqs=sc.max_num_seqs,
+            max_num_batched_tokens=sc.max_num_batched_tokens,
+            kv_cache=self.kv_cache_manager.snapshot(),
+            running=queues.running,
+            waiting=queues.waiting,
+            counters=self.stats(),
+            recent_preemptions=list(self.preemptions.events),
+            history=list(self.history.samples),
+        )
 
-# ----- the two homes of the loop --------------------------------------------------------
-def run_in_thread(core: EngineCore, inbox: "queue.Queue[EngineCommand]",
-                  put: Callable[[EngineCoreOutputs], None]) -> None:
-    """Thread target: the loop fed from a `queue.Queue`; its death is reported, never silent."""
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_cache_manager.reset_prefix_cache()
 
-    def get_commands(block: bool) -> list[EngineCommand]:
-        commands = [inbox.get()] if block else []
-        while True:
-            try:
-                commands.append(inbox.get_nowait())
-            except queue.Empty:
-                return commands
+    def check_idle_invariant(self) -> None:
+        """With no request left, every KV block must be free; raises if not."""
+        if not self.has_unfinished_requests() and self.kv_cache_manager.usage() > 0:
+            raise RuntimeError("KV-cache blocks are still in use with no request left")
 
-    try:
-        core.run_busy_loop(get_commands, put)
-    except BaseException as e:  # noqa: BLE001 - whatever it was, the engine is gone
-        logger.exception("the engine loop died")
-        put(EngineCoreOutputs(dead=f"{type(e).__name__}: {e}"))
-
-
-@dataclass
-class EngineInfo:
-    """What the front end needs to know about an engine that lives in another process."""
-
-    max_model_len: int
-    vocab_size: int
-
-
-def run_engine_core_process(engine_args: EngineArgs, model_path: str, conn: Connection,
-                            cuda_visible_devices: Optional[str] = None) -> None:
-    """Process target: build the engine, report ready (or the error), then serve over `conn`.
-
-    `cuda_visible_devices` gives a data-parallel replica its own GPUs (set before CUDA starts).
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides when to stop
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if cuda_visible_devices is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
-    try:
-        engine = LLMEngine.from_engine_args(engine_args, model_path)
-    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send(("failed", f"{e}", isinstance(e, ValueError)))
-        return
-    mc = engine.config.model_config
-    conn.send(("ready", EngineInfo(mc.max_model_len, mc.vocab_size)))
-
-    def get_commands(block: bool) -> list[EngineCommand]:
-        commands: list[EngineCommand] = []
-        try:
-            if block:
-                commands.append(conn.recv())
-            while conn.poll():
-                commands.append(conn.recv())
-        except (EOFError, OSError):  # the front end is gone
-            commands.append(Shutdown())
-        return commands
-
-    def put(out: EngineCoreOutputs) -> None:
-        try:
-            conn.send(out)
-        except (BrokenPipeError, OSError):
-            pass
-
-    try:
-        EngineCore(engine).run_busy_loop(get_commands, put)
-    except BaseException as e:  # noqa: BLE001
-        logger.exception("the engine loop died")
-        put(EngineCoreOutputs(dead=f"{type(e).__name__}: {e}"))
-    finally:
-        engine.shutdown()
+    def shutdown(self) -> None:
+        """Stop the workers, drop the model, the KV cache and the CUDA graphs so their memory returns at once."""
+        executor, self.model_executor = self.model_executor, None
+        if executor is not None:
+            executor.shutdown()

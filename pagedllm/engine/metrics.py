@@ -1,7 +1,12 @@
-"""Engine metrics: the counters and gauges `LLM.get_metrics()` returns, and the periodic stats line.
+"""The engine's numbers: one stats snapshot type, one table of metric names, the periodic stats line.
 
-Names follow vLLM's (`vllm:num_requests_running` becomes `pagedllm:num_requests_running`),
-so dashboards and scripts carry over; the same objects will feed the server's /metrics.
+`EngineStats` is what the engine core reports after each step (the scheduler's gauges, the KV
+cache, the token and step counters). Everything that shows engine numbers reads it: the stats
+line in the log (`StatLogger`), `LLM.get_metrics()`, the server's `/metrics` (one sample per
+data-parallel replica), and the engine-state view (`/v1/engine/state`: its `counters`, and its
+`history`, a list of them). `ENGINE_METRICS` names them once, with vLLM's names under the
+`pagedllm:` prefix (`vllm:num_requests_running` becomes `pagedllm:num_requests_running`), so
+dashboards and scripts carry over.
 """
 
 from __future__ import annotations
@@ -9,7 +14,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from pagedllm.core.scheduler import SchedulerStats
 from pagedllm.logger import init_logger
 
 logger = init_logger(__name__)
@@ -18,7 +22,51 @@ PREFIX = "pagedllm:"
 
 
 @dataclass
+class EngineStats:
+    """The engine core's gauges and counters at one moment (counters are monotonic since start)."""
+
+    time: float = 0.0  # time.time() when taken
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # fraction of blocks held by requests
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # in tokens, as vLLM counts them
+    prefix_cache_hits: int = 0
+    prompt_tokens: int = 0  # prompt tokens of admitted requests (cache hits included)
+    generation_tokens: int = 0
+    requests_finished: int = 0  # sequences that ended with a stop or at their length
+    num_steps: int = 0  # engine steps run (each one model forward pass)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str  # after the `pagedllm:` prefix
+    kind: str  # "gauge" or "counter"
+    stat: str  # the EngineStats field
+    help: str
+    # The server counts this one itself, per finish reason, as requests end (vLLM's label).
+    counted_by_server: bool = False
+
+
+ENGINE_METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("num_requests_running", "gauge", "num_running", "Number of requests in model execution batches."),
+    MetricSpec("num_requests_waiting", "gauge", "num_waiting", "Number of requests waiting to be processed."),
+    MetricSpec("kv_cache_usage_perc", "gauge", "kv_cache_usage", "KV-cache usage. 1 means 100 percent usage."),
+    MetricSpec("num_preemptions", "counter", "num_preemptions", "Cumulative number of preemptions from the engine."),
+    MetricSpec("prefix_cache_queries", "counter", "prefix_cache_queries",
+               "Prefix-cache queries, in number of queried tokens."),
+    MetricSpec("prefix_cache_hits", "counter", "prefix_cache_hits", "Prefix-cache hits, in number of cached tokens."),
+    MetricSpec("prompt_tokens", "counter", "prompt_tokens", "Number of prefill tokens processed."),
+    MetricSpec("generation_tokens", "counter", "generation_tokens", "Number of generation tokens processed."),
+    MetricSpec("request_success", "counter", "requests_finished", "Count of successfully processed requests.",
+               counted_by_server=True),
+)
+
+
+@dataclass
 class Metric:
+    """One value of `LLM.get_metrics()`."""
+
     name: str
     value: float
     labels: dict[str, str] = field(default_factory=dict)
@@ -34,12 +82,10 @@ class Gauge(Metric):
     """A current level."""
 
 
-@dataclass
-class EngineCounters:
-    prompt_tokens: int = 0  # prompt tokens of admitted requests (cache hits included)
-    generation_tokens: int = 0
-    requests_finished: int = 0
-    num_steps: int = 0  # engine steps run (each one model forward pass)
+def collect_metrics(stats: EngineStats) -> list[Metric]:
+    """`ENGINE_METRICS` read off one snapshot, as `LLM.get_metrics()` returns them."""
+    kinds = {"gauge": Gauge, "counter": Counter}
+    return [kinds[spec.kind](PREFIX + spec.name, getattr(stats, spec.stat)) for spec in ENGINE_METRICS]
 
 
 class StatLogger:
@@ -47,43 +93,27 @@ class StatLogger:
 
     def __init__(self, interval: float = 5.0) -> None:
         self.interval = interval
-        self._last_time = time.monotonic()
-        self._last_prompt = 0
-        self._last_generation = 0
-        self._last_queries = 0
-        self._last_hits = 0
+        self._last = EngineStats(time=time.monotonic())
 
-    def maybe_log(self, stats: SchedulerStats, counters: EngineCounters, force: bool = False) -> None:
+    def maybe_log(self, stats: EngineStats, force: bool = False) -> None:
         now = time.monotonic()
-        elapsed = now - self._last_time
+        elapsed = now - self._last.time
         if elapsed < self.interval and not force:
             return
-        queries = stats.prefix_cache_queries - self._last_queries
-        hits = stats.prefix_cache_hits - self._last_hits
+        last = self._last
+        queries = stats.prefix_cache_queries - last.prefix_cache_queries
+        hits = stats.prefix_cache_hits - last.prefix_cache_hits
         logger.info(
             "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
             "Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
-            (counters.prompt_tokens - self._last_prompt) / max(elapsed, 1e-9),
-            (counters.generation_tokens - self._last_generation) / max(elapsed, 1e-9),
+            (stats.prompt_tokens - last.prompt_tokens) / max(elapsed, 1e-9),
+            (stats.generation_tokens - last.generation_tokens) / max(elapsed, 1e-9),
             stats.num_running,
             stats.num_waiting,
             stats.kv_cache_usage * 100,
             100.0 * hits / queries if queries else 0.0,
         )
-        self._last_time = now
-        self._last_prompt, self._last_generation = counters.prompt_tokens, counters.generation_tokens
-        self._last_queries, self._last_hits = stats.prefix_cache_queries, stats.prefix_cache_hits
-
-
-def collect_metrics(stats: SchedulerStats, counters: EngineCounters) -> list[Metric]:
-    return [
-        Gauge(PREFIX + "num_requests_running", stats.num_running),
-        Gauge(PREFIX + "num_requests_waiting", stats.num_waiting),
-        Gauge(PREFIX + "kv_cache_usage_perc", stats.kv_cache_usage),
-        Counter(PREFIX + "num_preemptions", stats.num_preemptions),
-        Counter(PREFIX + "prefix_cache_queries", stats.prefix_cache_queries),
-        Counter(PREFIX + "prefix_cache_hits", stats.prefix_cache_hits),
-        Counter(PREFIX + "prompt_tokens", counters.prompt_tokens),
-        Counter(PREFIX + "generation_tokens", counters.generation_tokens),
-        Counter(PREFIX + "request_success", counters.requests_finished),
-    ]
+        self._last = EngineStats(time=now, prompt_tokens=stats.prompt_tokens,
+                                 generation_tokens=stats.generation_tokens,
+                                 prefix_cache_queries=stats.prefix_cache_queries,
+                                 prefix_cache_hits=stats.prefix_cache_hits)

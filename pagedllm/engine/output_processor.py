@@ -1,20 +1,23 @@
-"""From scheduler updates to `RequestOutput`s: detokenise, match stop strings, gather n>1.
+"""The frontend's way out: the engine core's token ids become `RequestOutput`s.
 
-This is where a request's text, logprobs and finish reason are assembled. A stop string
-ends a sequence here (the engine then tells the scheduler to free it), because only the
-decoded text can tell.
+Per user request it keeps the text so far (incremental detokenization, `engine/detokenizer.py`),
+the logprobs turned into `Logprob` entries with their text, and the `n` sequences gathered back
+into one output. A stop string ends a sequence here, because only the decoded text can tell: the
+sequence is finished at once in its output, and `process_outputs` returns its id so the caller
+(`LLMEngine`, `AsyncLLM`) ends it in the engine core too, through the core client.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
-from pagedllm.core.scheduler_output import TokenLogprobs
+from pagedllm.engine.core_messages import EngineCoreOutput
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
-from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.engine.input_processor import ProcessedRequest
 from pagedllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.scheduler_output import TokenLogprobs
 
 
 @dataclass
@@ -30,7 +33,7 @@ class SequenceState:
 
 
 @dataclass
-class ParentState:
+class RequestState:
     request_id: str
     prompt: Optional[str]
     prompt_token_ids: list[int]
@@ -45,98 +48,144 @@ class ParentState:
         return all(s.finish_reason is not None for s in self.sequences)
 
 
-class OutputProcessor:
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.parents: dict[str, ParentState] = {}
-        self.child_to_parent: dict[str, tuple[str, int]] = {}
+@dataclass
+class ProcessedOutputs:
+    request_outputs: list[RequestOutput]
+    # Sequences a stop string ended here, still running in the engine core until it is told.
+    reqs_to_abort: list[str]
 
-    def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
-                    params: SamplingParams, child_ids: list[str]) -> None:
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.requests: dict[str, RequestState] = {}
+        self._parent_of: dict[str, tuple[str, int]] = {}  # sequence id -> (request id, index)
+
+    def add_request(self, request: ProcessedRequest) -> None:
+        params = request.params
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
         sequences = []
-        for i, child_id in enumerate(child_ids):
+        for i, child_id in enumerate(request.child_ids):
             detok = None
             if params.detokenize:
-                detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens,
+                detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens,
                                                params.stop, params.include_stop_str_in_output, params.min_tokens)
             seq = SequenceState(index=i, detokenizer=detok)
             if params.logprobs is not None:
                 seq.logprobs, seq.cumulative_logprob = [], 0.0
             sequences.append(seq)
-            self.child_to_parent[child_id] = (request_id, i)
-        parent = ParentState(request_id, prompt, prompt_token_ids, params, sequences, list(child_ids))
+            self._parent_of[child_id] = (request.request_id, i)
+        state = RequestState(request.request_id, request.prompt, request.prompt_token_ids, params, sequences,
+                             request.child_ids)
         if params.prompt_logprobs is not None:
-            parent.prompt_logprobs = [None]
-        self.parents[request_id] = parent
+            state.prompt_logprobs = [None]
+        self.requests[request.request_id] = state
 
     def has_request(self, request_id: str) -> bool:
-        return request_id in self.parents
+        return request_id in self.requests
 
-    def child_ids(self, request_id: str) -> list[str]:
-        return self.parents[request_id].child_ids
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
 
-    def parent_of(self, child_id: str) -> str:
-        return self.child_to_parent[child_id][0]
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
 
-    def remove(self, request_id: str) -> None:
-        parent = self.parents.pop(request_id)
-        for child in parent.child_ids:
-            del self.child_to_parent[child]
+    def parent_of(self, sequence_id: str) -> str:
+        """The user request a sequence belongs to (itself when unknown)."""
+        entry = self._parent_of.get(sequence_id)
+        return entry[0] if entry else sequence_id
 
-    def add_prompt_logprobs(self, child_id: str, first_pos: int, lp: TokenLogprobs) -> None:
-        parent = self.parents[self.child_to_parent[child_id][0]]
-        if parent.prompt_logprobs is None:
+    def abort_requests(self, request_ids: list[str]) -> list[str]:
+        """Forget these requests; returns their sequence ids, for the engine core to end."""
+        sequence_ids: list[str] = []
+        for request_id in request_ids:
+            if request_id in self.requests:
+                sequence_ids.extend(self._remove(request_id).child_ids)
+        return sequence_ids
+
+    def _remove(self, request_id: str) -> RequestState:
+        state = self.requests.pop(request_id)
+        for child in state.child_ids:
+            self._parent_of.pop(child, None)
+        return state
+
+    # ----- one step's outputs -------------------------------------------------------------
+    def process_outputs(self, outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
+        touched: dict[str, None] = {}
+        reqs_to_abort: list[str] = []
+        for output in outputs:
+            entry = self._parent_of.get(output.request_id)
+            if entry is None:  # aborted meanwhile (a client that left, a stop string): its tokens are dropped
+                continue
+            state = self.requests[entry[0]]
+            if output.new_prompt_logprobs is not None:
+                self._add_prompt_logprobs(state, *output.new_prompt_logprobs)
+            if not output.new_token_ids:
+                continue
+            seq = state.sequences[entry[1]]
+            if seq.finish_reason is not None:
+                continue
+            if self._update_sequence(seq, output):
+                reqs_to_abort.append(output.request_id)
+            touched[state.request_id] = None
+        request_outputs = []
+        for request_id in touched:
+            state = self.requests[request_id]
+            output = self._make_output(state)
+            if output is not None:
+                request_outputs.append(output)
+            if state.finished:
+                self._remove(request_id)
+        return ProcessedOutputs(request_outputs, reqs_to_abort)
+
+    def _update_sequence(self, seq: SequenceState, output: EngineCoreOutput) -> bool:
+        """Record a sequence's new tokens; True when a stop string ended it here."""
+        new_token_ids = output.new_token_ids
+        seq.token_ids.extend(new_token_ids)
+        if output.new_logprobs is not None and seq.logprobs is not None:
+            seq.logprobs.extend(self._to_logprob_dicts(output.new_logprobs))
+            seq.cumulative_logprob += sum(row[0] for row in output.new_logprobs.logprobs)
+        stop_string = None
+        if seq.detokenizer is not None:
+            stop_string = seq.detokenizer.update(new_token_ids, output.finish_reason == "stop")
+        if stop_string is not None:
+            seq.finish_reason, seq.stop_reason = "stop", stop_string
+            # Ended by its text while the core may still hold it (it ends there only on a stop id).
+            return output.finish_reason is None
+        if output.finish_reason is not None:
+            seq.finish_reason, seq.stop_reason = output.finish_reason, output.stop_reason
+        return False
+
+    def _add_prompt_logprobs(self, state: RequestState, first_pos: int, lp: TokenLogprobs) -> None:
+        if state.prompt_logprobs is None:
             return
         # Entry p (p >= 1) is prompt token p given tokens 0..p-1; a recompute after a
         # preemption may send positions we already hold.
         for j, entry in enumerate(self._to_logprob_dicts(lp)):
-            if first_pos + j + 1 == len(parent.prompt_logprobs):
-                parent.prompt_logprobs.append(entry)
+            if first_pos + j + 1 == len(state.prompt_logprobs):
+                state.prompt_logprobs.append(entry)
 
-    def process(self, request: Request, new_token_ids: list[int], logprobs: Optional[TokenLogprobs]) -> Optional[str]:
-        """Record a sequence's new tokens. Returns a matched stop string, if any."""
-        parent_id, index = self.child_to_parent[request.request_id]
-        seq = self.parents[parent_id].sequences[index]
-        seq.token_ids.extend(new_token_ids)
-        if logprobs is not None and seq.logprobs is not None:
-            seq.logprobs.extend(self._to_logprob_dicts(logprobs))
-            seq.cumulative_logprob += sum(row[0] for row in logprobs.logprobs)
-        stop_string = None
-        if seq.detokenizer is not None:
-            stop_terminated = request.status == RequestStatus.FINISHED_STOPPED
-            stop_string = seq.detokenizer.update(new_token_ids, stop_terminated)
-        if stop_string is not None:
-            seq.finish_reason, seq.stop_reason = "stop", stop_string
-        elif request.is_finished:
-            seq.finish_reason, seq.stop_reason = request.status.finish_reason, request.stop_reason
-        return stop_string
-
-    def finish_aborted(self, request_id: str) -> None:
-        for seq in self.parents[request_id].sequences:
-            if seq.finish_reason is None:
-                seq.finish_reason = "abort"
-
-    def make_output(self, request_id: str) -> Optional[RequestOutput]:
+    def _make_output(self, state: RequestState) -> Optional[RequestOutput]:
         """The request's output after this step, in its `output_kind` (None: nothing to send yet).
 
         Text that could still turn out to be the start of a stop string is held back until
         the sequence finishes, so a streamed or cumulative text is never taken back later.
         """
-        parent = self.parents[request_id]
-        kind = parent.params.output_kind
-        finished = parent.finished
+        kind = state.params.output_kind
+        finished = state.finished
         if kind == RequestOutputKind.FINAL_ONLY and not finished:
             return None
         delta = kind == RequestOutputKind.DELTA
-        outputs = [self._completion(s, delta) for s in parent.sequences]
+        outputs = [self._completion(s, delta) for s in state.sequences]
         prompt_logprobs = None
-        if parent.prompt_logprobs is not None and not parent.prompt_logprobs_sent:
-            prompt_logprobs = list(parent.prompt_logprobs)
-            parent.prompt_logprobs_sent = delta
+        if state.prompt_logprobs is not None and not state.prompt_logprobs_sent:
+            prompt_logprobs = list(state.prompt_logprobs)
+            state.prompt_logprobs_sent = delta
         return RequestOutput(
-            request_id=request_id,
-            prompt=parent.prompt,
-            prompt_token_ids=parent.prompt_token_ids,
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
             prompt_logprobs=prompt_logprobs,
             outputs=outputs,
             finished=finished,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 from pagedllm.logger import init_logger
 
@@ -23,12 +23,12 @@ def load_tokenizer(path: str) -> Any:
         raise ValueError(f"could not load a tokenizer from {path}: {e}") from e
 
 
-def load_generation_config(model_path: str) -> dict:
-    """The checkpoint's generation_config.json as a dict ({} when absent)."""
-    if os.path.isdir(model_path) and os.path.isfile(os.path.join(model_path, "generation_config.json")):
+def load_generation_config(folder: Optional[str]) -> dict:
+    """The generation_config.json in `folder` as a dict ({} when there is none, or no folder)."""
+    if folder and os.path.isdir(folder) and os.path.isfile(os.path.join(folder, "generation_config.json")):
         from transformers import GenerationConfig
 
-        return GenerationConfig.from_pretrained(model_path).to_diff_dict()
+        return GenerationConfig.from_pretrained(folder).to_diff_dict()
     return {}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any, Optional, Sequence, Union
 
@@ -9,7 +10,8 @@ from tqdm.auto import tqdm
 
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.engine_state import EngineState
-from pagedllm.engine.llm_engine import LLMEngine, PromptType
+from pagedllm.engine.input_processor import PromptType
+from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.metrics import Metric
 from pagedllm.logger import init_logger
 from pagedllm.outputs import RequestOutput
@@ -24,52 +26,25 @@ class LLM:
     """An engine for offline batched generation, with vLLM's constructor arguments.
 
     `model` is a local Hugging Face checkpoint directory, a `.gguf` file, or a known short
-    name (None: the embedded default model). `tensor_parallel_size=N` splits the model over N
-    worker processes (`distributed_executor_backend`: "mp", the default, or "ray").
+    name (None: the embedded default model). Every other keyword is an `EngineArgs` field
+    (`engine/arg_utils.py`, the one list of engine arguments): `tensor_parallel_size=N` splits the
+    model over N worker processes, `quantization="int8"` runs int8 linear layers, and so on. A vLLM
+    argument pagedllm does not implement yet raises `NotImplementedError`; an unknown one `TypeError`.
     """
 
-    def __init__(
-        self,
-        model: Optional[str] = None,
-        tokenizer: Optional[str] = None,
-        dtype: str = "auto",
-        seed: int = 0,
-        max_model_len: Optional[int] = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: Optional[int] = None,
-        block_size: int = 16,
-        kv_cache_dtype: str = "auto",
-        quantization: Optional[str] = None,
-        enable_prefix_caching: bool = True,
-        enable_chunked_prefill: bool = True,
-        num_gpu_blocks_override: Optional[int] = None,
-        kv_cache_memory_bytes: Optional[int] = None,
-        gpu_memory_utilization: float = 0.9,
-        enforce_eager: bool = False,
-        compile_fused_ops: Optional[bool] = None,
-        device: str = "auto",
-        tensor_parallel_size: int = 1,
-        data_parallel_size: int = 1,
-        distributed_executor_backend: Optional[str] = None,
-        **kwargs: Any,
-    ) -> None:
-        if kwargs:
-            logger.warning("Ignoring unsupported LLM arguments: %s", sorted(kwargs))
-        if data_parallel_size != 1:
+    def __init__(self, model: Optional[str] = None, **kwargs: Any) -> None:
+        engine_args = EngineArgs.from_kwargs(model=model, **kwargs)
+        if engine_args.data_parallel_size != 1:
             raise ValueError(
-                f"data_parallel_size={data_parallel_size}: offline LLM runs one engine; serve replicas with "
-                "`pagedllm serve --data-parallel-size N`"
+                f"data_parallel_size={engine_args.data_parallel_size}: offline LLM runs one engine; serve replicas "
+                "with `pagedllm serve --data-parallel-size N`"
             )
-        args = EngineArgs(
-            model=model, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-            kv_cache_dtype=kv_cache_dtype, quantization=quantization, enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
-            num_gpu_blocks_override=num_gpu_blocks_override, kv_cache_memory_bytes=kv_cache_memory_bytes,
-            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, device=device,
-            compile_fused_ops=compile_fused_ops, tensor_parallel_size=tensor_parallel_size, distributed_executor_backend=distributed_executor_backend,
-        )
-        self.llm_engine = LLMEngine.from_engine_args(args, _resolve_model_path(model))
+        self.llm_engine = LLMEngine.from_engine_args(engine_args)
         self._counter = itertools.count()
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> "LLM":
+        return cls(**{f.name: getattr(engine_args, f.name) for f in dataclasses.fields(engine_args)})
 
     # ----- generation -----------------------------------------------------------------
     def generate(
@@ -77,7 +52,14 @@ class LLM:
         prompts: Union[PromptType, Sequence[PromptType]],
         sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
         use_tqdm: bool = True,
+        *,
+        lora_request: Any = None,
+        priority: Any = None,
+        tokenization_kwargs: Optional[dict[str, Any]] = None,
+        mm_processor_kwargs: Optional[dict[str, Any]] = None,
     ) -> list[RequestOutput]:
+        _refuse_unsupported(lora_request=lora_request, priority=priority, tokenization_kwargs=tokenization_kwargs,
+                            mm_processor_kwargs=mm_processor_kwargs)
         prompt_list = _as_prompt_list(prompts)
         return self._run(prompt_list, sampling_params, use_tqdm)
 
@@ -89,8 +71,17 @@ class LLM:
         chat_template: Optional[str] = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        *,
+        lora_request: Any = None,
+        tools: Optional[list[dict[str, Any]]] = None,
+        chat_template_kwargs: Optional[dict[str, Any]] = None,
+        mm_processor_kwargs: Optional[dict[str, Any]] = None,
     ) -> list[RequestOutput]:
-        """Render each conversation with the chat template, then generate (no BOS added twice)."""
+        """Render each conversation with the chat template, then generate (no BOS added twice).
+
+        `tools` and `chat_template_kwargs` go to the template, as in vLLM; no tool calls are parsed
+        from the output yet."""
+        _refuse_unsupported(lora_request=lora_request, mm_processor_kwargs=mm_processor_kwargs)
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self.get_tokenizer()
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
@@ -99,9 +90,9 @@ class LLM:
         for conversation in conversations:
             try:
                 text = tokenizer.apply_chat_template(
-                    conversation, chat_template=chat_template, tokenize=False,
+                    conversation, chat_template=chat_template, tokenize=False, tools=tools,
                     add_generation_prompt=add_generation_prompt and not continue_final_message,
-                    continue_final_message=continue_final_message,
+                    continue_final_message=continue_final_message, **(chat_template_kwargs or {}),
                 )
             except Exception as e:  # template errors come in many types (jinja, KeyError, ...)
                 raise ValueError(f"could not render the chat template: {e}") from e
@@ -192,6 +183,21 @@ class LLM:
             pass
 
 
+def _refuse_unsupported(**arguments: Any) -> None:
+    """vLLM's per-call arguments for features pagedllm does not have yet: an error, never ignored."""
+    features = {"lora_request": "LoRA adapters", "priority": "priority scheduling",
+                "tokenization_kwargs": "tokenization options (truncation, ...)",
+                "mm_processor_kwargs": "image, audio and video inputs"}
+    for name, value in arguments.items():
+        if value is None or value == {} or (name == "priority" and not any(_as_list(value))):
+            continue
+        raise NotImplementedError(f"{name} is not supported by pagedllm yet ({features[name]})")
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def _as_prompt_list(prompts: Any) -> list[PromptType]:
     if isinstance(prompts, (str, dict)):
         return [prompts]
@@ -200,11 +206,3 @@ def _as_prompt_list(prompts: Any) -> list[PromptType]:
             return [list(prompts)]  # one prompt given as token ids
         return list(prompts)
     raise ValueError(f"prompts must be a string, a prompt dict, or a list of them; got {type(prompts).__name__}")
-
-
-def _resolve_model_path(model: Optional[str]) -> str:
-    from pagedllm.model_executor.model_source import resolve_model
-
-    resolved = resolve_model(model)
-    logger.info("Model %s resolved to %s (%s)", resolved.name, resolved.path, resolved.kind)
-    return resolved.path

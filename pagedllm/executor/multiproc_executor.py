@@ -2,9 +2,10 @@
 
 The workers are started with `torch.multiprocessing` (spawn) and join one `torch.distributed`
 group (gloo on CPU, NCCL on CUDA) at a free port of 127.0.0.1, so several engines can share a
-host. Each step the engine's `SchedulerOutput` is pickled once and sent down one pipe per worker;
-every rank runs it, rank 0 sends back the sampled tokens, the others an empty acknowledgement
-(so that a failure on any rank is seen).
+host. Every call on the workers (`collective_rpc`: the start-up phases, then one `execute_model`
+per step) is pickled once and sent down one pipe per worker; every rank runs it and answers, rank
+0 with the sampled tokens, the others with an empty acknowledgement (so that a failure on any rank
+is seen).
 
 A worker that dies is noticed at once: while waiting for replies the executor also waits on every
 worker's process sentinel. Then the remaining workers are killed (they may be stuck in a
@@ -26,7 +27,6 @@ import torch
 import torch.multiprocessing as mp
 
 from pagedllm.config import EngineConfig
-from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.distributed.parallel_state import get_distributed_init_method, get_open_port
 from pagedllm.executor.abstract import Executor, ExecutorDeadError
 from pagedllm.logger import init_logger
@@ -43,7 +43,7 @@ def worker_threads(config: EngineConfig, world_size: int) -> Optional[int]:
 
 def run_worker_process(config: EngineConfig, rank: int, world_size: int, distributed_init_method: str,
                        num_threads: Optional[int], conn: Connection) -> None:
-    """Process target: build the worker, say ready (with its block count), then run steps until told to stop."""
+    """Process target: build the worker, say ready, then run the calls it is sent until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine decides when the workers stop
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from pagedllm.worker.worker import Worker
@@ -53,17 +53,17 @@ def run_worker_process(config: EngineConfig, rank: int, world_size: int, distrib
     except BaseException as e:  # noqa: BLE001 - reported to the engine, which raises it
         conn.send(("failed", f"{type(e).__name__}: {e}", isinstance(e, ValueError)))
         return
-    conn.send(("ready", worker.num_blocks))
+    conn.send(("ready", None))
     try:
         while True:
             try:
-                method, arg = pickle.loads(conn.recv_bytes())
+                method, args = pickle.loads(conn.recv_bytes())
             except (EOFError, OSError):  # the engine is gone
                 return
             if method == "shutdown":
                 return
             try:
-                conn.send(("ok", worker.execute_model(arg)))
+                conn.send(("ok", getattr(worker, method)(*args)))
             except BaseException as e:  # noqa: BLE001
                 conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
                 return
@@ -100,21 +100,18 @@ class MultiprocExecutor(Executor):
             if reply[0] == "failed":
                 self.shutdown()
                 raise (ValueError if reply[2] else RuntimeError)(f"tensor-parallel worker {rank} failed to start: {reply[1]}")
-        # On CPU every rank finds the same count; on GPUs free memory may differ, and the pool is
-        # the smallest of them (a rank with more simply leaves some blocks unused).
-        self.num_blocks = min(reply[1] for reply in replies)
         logger.info("Started %d tensor-parallel workers (%s) at %s", self.world_size,
                     "nccl" if config.device.type == "cuda" else "gloo", init_method)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
         self.check_health()
-        payload = pickle.dumps(("execute_model", scheduler_output), protocol=pickle.HIGHEST_PROTOCOL)
+        payload = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
         for rank, conn in enumerate(self.conns):
             try:
                 conn.send_bytes(payload)
             except (BrokenPipeError, OSError):
                 self._die(f"tensor-parallel worker {rank} is gone (exit code {self.processes[rank].exitcode})")
-        return self._collect("step")[0][1]
+        return [reply[1] for reply in self._collect("step" if method == "execute_model" else method)]
 
     def _collect(self, what: str) -> list[tuple]:
         """One reply from every worker, or `ExecutorDeadError` as soon as one of them dies or fails."""

@@ -1,7 +1,7 @@
 """`RayDistributedExecutor`: the tensor-parallel workers as Ray actors, on any node of a cluster.
 
-The same protocol as `MultiprocExecutor`: every rank runs each `SchedulerOutput` (put in Ray's
-object store once per step), rank 0's output comes back. The workers live in one placement group
+The same protocol as `MultiprocExecutor`: every rank runs each call (`collective_rpc`; a step's
+`SchedulerOutput` is put in Ray's object store once), and every rank's result comes back. The workers live in one placement group
 packed on one node; the process group meets at rank 0's node address. A worker that dies makes
 Ray fail its call (`RayActorError`), which is raised as `ExecutorDeadError` as soon as it is seen.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from pagedllm.config import EngineConfig
-from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.distributed.parallel_state import get_distributed_init_method
 from pagedllm.executor.abstract import Executor, ExecutorDeadError
 from pagedllm.executor.ray_utils import RayWorkerWrapper, initialize_ray_cluster
@@ -55,18 +54,18 @@ class RayDistributedExecutor(Executor):
         # core its bundle reserved.
         local_rank, threads = (0, None) if gpu else (None, 1)
         try:
-            blocks = self._gather([w.init_worker.remote(config, rank, self.world_size, init_method, local_rank, threads)
-                                   for rank, w in enumerate(self.workers)], "start")
+            self._gather([w.init_worker.remote(config, rank, self.world_size, init_method, local_rank, threads)
+                          for rank, w in enumerate(self.workers)], "start")
         except BaseException:
             self.shutdown()
             raise
-        self.num_blocks = min(blocks)
         logger.info("Started %d tensor-parallel Ray workers at %s", self.world_size, init_method)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
         self.check_health()
-        ref = self._ray.put(scheduler_output)
-        return self._gather([w.execute_model.remote(ref) for w in self.workers], "step")[0]
+        refs = [self._ray.put(arg) for arg in args]  # once, not once per worker
+        what = "step" if method == "execute_model" else method
+        return self._gather([w.execute_method.remote(method, *refs) for w in self.workers], what)
 
     def _gather(self, refs: list[Any], what: str) -> list[Any]:
         """Every result, failing at the first worker that is seen to fail (not after the others)."""

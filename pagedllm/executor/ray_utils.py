@@ -18,9 +18,7 @@ import signal
 import threading
 from typing import Any
 
-import torch
-
-from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.config import EngineConfig
 
 # Environment variables that Ray's worker processes must see as this process sees them.
 _FORWARDED_ENV_PREFIXES = ("PAGEDLLM_", "TRITON_INTERPRET", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")
@@ -61,21 +59,11 @@ def shutdown_ray() -> None:
         ray.shutdown()
 
 
-def uses_gpu(engine_args: EngineArgs) -> bool:
-    if engine_args.device == "cpu":
-        return False
-    return engine_args.device.startswith("cuda") or torch.cuda.is_available()
-
-
-def device_resource(engine_args: EngineArgs) -> str:
-    return "GPU" if uses_gpu(engine_args) else "CPU"
-
-
-def engine_core_actor_options(engine_args: EngineArgs) -> dict[str, Any]:
+def engine_core_actor_options(config: EngineConfig) -> dict[str, Any]:
     """Resources and placement of one replica's engine-core actor."""
-    tp = engine_args.tensor_parallel_size
+    tp = config.parallel_config.tensor_parallel_size
     ray = import_ray()
-    resource = device_resource(engine_args)
+    resource = "GPU" if config.device.type == "cuda" else "CPU"
     _check_cluster_has(ray, resource, tp)
     options: dict[str, Any] = {"scheduling_strategy": "SPREAD", "num_cpus": 0, "num_gpus": 0}
     if tp == 1:  # the actor runs the model itself
@@ -101,15 +89,14 @@ class RayWorkerWrapper:
         return get_ip(), get_open_port("")
 
     def init_worker(self, config: Any, rank: int, world_size: int, distributed_init_method: str,
-                    local_rank: int | None, num_threads: int | None) -> int:
+                    local_rank: int | None, num_threads: int | None) -> None:
         from pagedllm.worker.worker import Worker
 
         self.worker = Worker(config, rank, world_size, distributed_init_method, local_rank=local_rank,
                              num_threads=num_threads)
-        return self.worker.num_blocks
 
-    def execute_model(self, scheduler_output: Any) -> Any:
-        return self.worker.execute_model(scheduler_output)
+    def execute_method(self, method: str, *args: Any) -> Any:
+        return getattr(self.worker, method)(*args)
 
     def shutdown(self) -> None:
         if self.worker is not None:

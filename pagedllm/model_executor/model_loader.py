@@ -1,29 +1,31 @@
-"""Building a model and filling it with checkpoint weights (safetensors or GGUF)."""
+"""Building a model and filling it with checkpoint weights (safetensors or GGUF).
+
+Three phases, as vLLM's loader: build the model on the meta device with its `BuildContext` (each
+layer takes its linear method, fused ops and attention backend then), load the checkpoint's
+tensors into it, then let every layer's linear method turn its loaded weight into its own form
+(`process_weights_after_loading`: packed for oneDNN, quantized to int8, ...). The loader does not
+know what any method does.
+"""
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import torch
+from torch import nn
 
-from pagedllm.attention.selector import get_attention_backend
 from pagedllm.config import ModelConfig
-from pagedllm.distributed.parallel_state import TensorParallelGroup
 from pagedllm.logger import init_logger
-from pagedllm.model_executor.layers.cpu_weight_packing import pack_linear_weights, pack_tied_lm_head, packing_wanted
-from pagedllm.model_executor.layers.int8_quantization import quantize_linear_weights
-from pagedllm.model_executor.layers.fused_ops import fused_ops_for
-from pagedllm.model_executor.layers.linear import LinearBase
+from pagedllm.model_executor.layers.build_context import BuildContext
 from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
-from pagedllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from pagedllm.model_executor.models import SUPPORTED_ARCHITECTURES, get_architecture
 from pagedllm.model_executor.weight_utils import iterate_safetensors_weights
 
 logger = init_logger(__name__)
 
 
-def load_model(model_config: ModelConfig, device: torch.device,
-               tp_group: TensorParallelGroup | None = None) -> torch.nn.Module:
+def load_model(model_config: ModelConfig, device: torch.device, ctx: BuildContext) -> nn.Module:
     """The model, or this tensor-parallel rank's share of it (each rank reads the full checkpoint)."""
     arch = get_architecture(model_config.hf_config)
     start = time.perf_counter()
@@ -33,10 +35,7 @@ def load_model(model_config: ModelConfig, device: torch.device,
         # Built on the meta device: no time is spent on random initialisation that the
         # checkpoint overwrites anyway (load_weights checks every parameter is loaded).
         with torch.device("meta"):
-            model = SUPPORTED_ARCHITECTURES[arch](
-                model_config.hf_config, arch, model_config.max_model_len, model_config.dtype,
-                get_attention_backend(device), tp_group,
-            )
+            model = SUPPORTED_ARCHITECTURES[arch](model_config.hf_config, arch, ctx)
     finally:
         torch.set_default_dtype(old_dtype)
     model = model.to_empty(device=device)
@@ -45,31 +44,32 @@ def load_model(model_config: ModelConfig, device: torch.device,
             module.init_cache()
     model.load_weights(_iterate_weights(model_config))
     model.eval().requires_grad_(False)
-    ops = fused_ops_for(device, model_config.compile_fused_ops)
-    for module in model.modules():
-        if hasattr(module, "fused_ops"):
-            module.fused_ops = ops
     num_params = sum(p.numel() for p in model.parameters())
-    quantized = int8_bytes = packed = tied_copy = 0
-    if model_config.quantization == "int8":
-        # The linear layers only: the LM head stays in the model's dtype, as in vLLM, since in
-        # int8 it added about half again to the perplexity change (docs/performance.md).
-        quantized, int8_bytes = quantize_linear_weights(model, (LinearBase,))
-    if packing_wanted(device, model_config.dtype):
-        packed = pack_linear_weights(model, (LinearBase, ParallelLMHead))  # skips the int8 ones
-        if getattr(model, "tie_word_embeddings", False):
-            tied_copy = pack_tied_lm_head(model.embed_tokens)
+    processed = process_weights_after_loading(model)
     logger.info(
-        "Loaded %s weights (%s, %.1fM parameters%s%s%s) in %.2f s",
-        arch,
-        str(model_config.dtype).removeprefix("torch."),
-        num_params / 1e6,
-        f", {quantized} linear weights quantised to int8 (W8A8, {int8_bytes / 2**20:.0f} MiB)" if quantized else "",
-        f", {packed} linear weights packed for oneDNN" if packed else "",
-        f", the tied LM head packed beside the embedding (+{tied_copy / 2**20:.0f} MiB)" if tied_copy else "",
+        "Loaded %s weights (%s, %.1fM parameters%s) in %.2f s",
+        arch, str(model_config.dtype).removeprefix("torch."), num_params / 1e6,
+        "".join(f", {count} linear weights {what} ({nbytes / 2**20:.0f} MiB)"
+                for what, (count, nbytes) in processed.items()),
         time.perf_counter() - start,
     )
     return model
+
+
+def process_weights_after_loading(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Hand every layer to its linear method once its weights are in. Returns, per method that
+    has something to report, (how many layers, the bytes their weights now take)."""
+    counts: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
+    for module in model.modules():
+        method = getattr(module, "linear_method", None)
+        if method is None:
+            continue
+        method.process_weights_after_loading(module)
+        if method.description is not None:
+            counts[method.description] += 1
+            sizes[method.description] += method.weight_bytes(module)
+    return {what: (counts[what], sizes[what]) for what in counts}
 
 
 def _iterate_weights(model_config: ModelConfig):

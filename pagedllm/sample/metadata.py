@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from pagedllm.core.scheduler_output import ScheduledRequest
+from pagedllm.scheduler_output import ScheduledRequest
 from pagedllm.utils import async_tensor_h2d
 
 

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import bisect
 import time
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 
-from pagedllm.attention.metadata import AttentionMetadata
-from pagedllm.core.kv_cache_manager import cdiv
-from pagedllm.core.scheduler_output import SchedulerOutput
+from pagedllm.attention.backend import AttentionBackend, AttentionMetadataBuilder
+from pagedllm.scheduler_output import SchedulerOutput
+from pagedllm.utils import cdiv
 from pagedllm.logger import init_logger
 
 logger = init_logger(__name__)
@@ -57,23 +57,13 @@ def padded_batch_size(num_decodes: int, sizes: list[int]) -> int | None:
     return sizes[i] if i < len(sizes) else None
 
 
-def supports_cuda_graphs(attn_backend: type) -> bool:
-    """Whether a backend's decode path is fixed-shape given fixed-shape metadata.
-
-    The Triton decode kernel reads every key through the block table and stops at each
-    sequence's own length, so one capture serves any lengths. The torch reference gathers
-    `block_tables.shape[1]` whole blocks per sequence; in a graph that would be
-    max_model_len keys for every row of every step, so it stays eager (as vLLM falls back
-    to eager for backends without graph support).
-    """
-    return bool(getattr(attn_backend, "supports_cuda_graphs", False))
-
-
-def cuda_graphs_wanted(device: torch.device, enforce_eager: bool, attn_backend: type) -> bool:
+def cuda_graphs_wanted(device: torch.device, enforce_eager: bool, attn_backend: type[AttentionBackend]) -> bool:
+    """On CUDA unless `enforce_eager`, for a backend whose decode path is fixed-shape under
+    fixed-shape metadata (`AttentionBackend.supports_cuda_graphs`)."""
     if device.type != "cuda" or enforce_eager:
         return False
-    if not supports_cuda_graphs(attn_backend):
-        logger.info("CUDA graphs are off: the %s attention backend has no graph support", attn_backend.__name__)
+    if not attn_backend.supports_cuda_graphs:
+        logger.info("CUDA graphs are off: the %s attention backend has no graph support", attn_backend.name)
         return False
     return True
 
@@ -147,7 +137,6 @@ class DecodeBuffers:
         self.block_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
-        self.decode_token_idx = torch.arange(max_batch, dtype=torch.long, device=device)
         self.copied = torch.cuda.Event() if pin else None
 
     @property
@@ -188,21 +177,12 @@ class DecodeBuffers:
         if self.copied is not None:
             self.copied.record()
 
-    def metadata(self, size: int) -> AttentionMetadata:
-        """Fixed-shape metadata over the first `size` rows, for the Triton backend: all decodes,
-        block tables `max_blocks` wide (so the decode kernel's splits are sized for max_model_len)."""
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:size],
-            decode_token_idx=self.decode_token_idx[:size],
-            decode_block_tables=self.block_tables[:size],
-            decode_key_mask=torch.empty(size, 0, dtype=torch.bool, device=self.tokens.device),  # torch backend only
-            prefills=[],
-            num_tokens=size,
-            decode_groups=[],
-            query_start_loc=self.query_start_loc[: size + 1],
-            seq_lens=self.seq_lens[:size],
-            block_tables=self.block_tables[:size],
-        )
+    def metadata(self, size: int, builder: AttentionMetadataBuilder) -> Any:
+        """The backend's fixed-shape metadata over the first `size` rows: all decodes, block tables
+        `max_blocks` wide, so one capture serves every sequence length."""
+        return builder.build_for_cuda_graph(self.slot_mapping[:size], self.query_start_loc[: size + 1],
+                                            self.seq_lens[:size], self.block_tables[:size],
+                                            self.max_blocks * self.block_size)
 
 
 # ----- the runner ----------------------------------------------------------------------------
@@ -218,9 +198,11 @@ class DecodeGraphRunner:
         sizes: list[int],
         padding_block: int,
         device: torch.device,
+        metadata_builder: AttentionMetadataBuilder,
         graph_factory: Callable[[tuple | None], Graph] | None = None,
     ) -> None:
         self.model, self.kv_caches, self.sizes = model, kv_caches, sizes
+        self.metadata_builder = metadata_builder
         self.buffers = DecodeBuffers(sizes[-1], cdiv(max_model_len, block_size), padding_block, block_size, device)
         self.device = device
         self.graph_factory = graph_factory or CudaGraph
@@ -237,7 +219,7 @@ class DecodeGraphRunner:
         free_before = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
         for size in reversed(self.sizes):
             self.buffers.fill([], [], [], size)  # all padding: captures write the padding block only
-            meta = self.buffers.metadata(size)
+            meta = self.buffers.metadata(size, self.metadata_builder)
             graph = self.graph_factory(pool)
             self.outputs[size] = graph.capture(
                 lambda size=size, meta=meta: self.model(

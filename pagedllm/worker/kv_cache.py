@@ -1,81 +1,26 @@
-"""Sizing and allocating the paged KV cache.
+"""Allocating the paged KV cache: one (key, value) pair of tensors per layer.
 
-One (key, value) pair of tensors per layer, each [num_blocks, block_size, num_kv_heads,
-head_dim]; under tensor parallelism a worker holds only its `num_kv_heads / tp_size` heads.
-The number of blocks comes from, in order: `num_gpu_blocks_override` (exact, on any device);
-on CPU the byte budget (`kv_cache_memory_bytes`, else `$PAGEDLLM_CPU_KVCACHE_SPACE` GiB,
-default 4); on GPU `kv_cache_memory_bytes`, else what
-`gpu_memory_utilization` of the device leaves after the weights, the peak activations of a
-profiling pass and the CUDA-graph pool (`memory_profiler.py`). Never more than all
-`max_num_seqs` requests at `max_model_len` could use, since extra blocks would only cost memory.
+Each tensor is [num_blocks, block_size, num_kv_heads, head_dim]; under tensor parallelism a worker
+holds only its `num_kv_heads / tp_size` heads. How many blocks there are is the engine core's
+decision (`core/kv_cache_utils.py`), made from what the workers report they can hold
+(`Worker.determine_available_memory`); this module only lays them out.
 """
 
 from __future__ import annotations
 
 import mmap
-from typing import TYPE_CHECKING
 
 import torch
 
-from pagedllm.config import CacheConfig, ModelConfig, SchedulerConfig
-from pagedllm.core.kv_cache_manager import cdiv
-from pagedllm.logger import init_logger
+from pagedllm.config import ModelConfig
 
-if TYPE_CHECKING:
-    from pagedllm.worker.memory_profiler import MemoryProfile
-
-logger = init_logger(__name__)
-
-
-def bytes_per_block(model_config: ModelConfig, block_size: int, tp_size: int = 1,
-                    dtype: torch.dtype | None = None) -> int:
-    """`dtype`: the cache's storage dtype (default: the model's)."""
-    elem = torch.empty((), dtype=dtype or model_config.dtype).element_size()
-    num_kv_heads = model_config.num_kv_heads // tp_size
-    return 2 * model_config.num_layers * block_size * num_kv_heads * model_config.head_dim * elem
-
-
-def determine_num_blocks(
-    model_config: ModelConfig,
-    cache_config: CacheConfig,
-    scheduler_config: SchedulerConfig,
-    device: torch.device,
-    tp_size: int = 1,
-    *,
-    profile: MemoryProfile | None = None,
-) -> int:
-    """`profile` (a CUDA memory profile) is needed on GPU unless a block count or byte budget is given."""
-    per_block = bytes_per_block(model_config, cache_config.block_size, tp_size,
-                                cache_config.kv_cache_torch_dtype(model_config.dtype))
-    if cache_config.num_gpu_blocks_override is not None:
-        return cache_config.num_gpu_blocks_override
-    if device.type == "cpu":
-        budget = cache_config.cpu_kv_cache_bytes()
-    elif cache_config.kv_cache_memory_bytes is not None:
-        budget = cache_config.kv_cache_memory_bytes
-    else:
-        from pagedllm.worker.memory_profiler import kv_cache_budget
-
-        if profile is None:
-            raise ValueError("sizing the KV cache on GPU needs a memory profile (worker/memory_profiler.py)")
-        budget = kv_cache_budget(profile, cache_config.gpu_memory_utilization)
-    num_blocks = max(0, budget) // per_block - 1  # the model runner adds the padding block
-    useful = scheduler_config.max_num_seqs * cdiv(model_config.max_model_len, cache_config.block_size)
-    if num_blocks > useful:
-        logger.debug("KV cache capped at %d blocks: all requests at max_model_len fit", useful)
-        num_blocks = useful
-    if num_blocks < 1:
-        raise ValueError(
-            f"the KV-cache budget ({budget} bytes) does not fit a single block of {per_block} bytes; "
-            "raise kv_cache_memory_bytes / PAGEDLLM_CPU_KVCACHE_SPACE or gpu_memory_utilization"
-        )
-    return num_blocks
+KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def allocate_kv_cache(
     model_config: ModelConfig, num_blocks: int, block_size: int, device: torch.device, tp_size: int = 1,
     dtype: torch.dtype | None = None,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+) -> KVCaches:
     """Zero-filled, so that slots a masked attention row still reads hold finite values.
 
     On CPU the zeros come from one anonymous memory map: the OS hands out zero pages lazily, so

@@ -13,26 +13,24 @@ size is measured the same way: the graphs' shared pool holds about that much.
 
 `non-torch memory` is what the process and others hold outside PyTorch's allocator (the CUDA
 context, cuBLAS workspaces, other processes): `total - free - torch reserved`. The arithmetic
-is `kv_cache_budget`, a pure function; `profile_memory` takes the measurements.
+is `kv_cache_budget`, a pure function; `profile_memory` takes the measurements, running its steps
+through whatever `ProfiledRunner` it is given (the model runner).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-from pagedllm.config import CacheConfig
-from pagedllm.core.kv_cache_manager import cdiv
-from pagedllm.core.scheduler_output import ScheduledRequest, SchedulerOutput
+from pagedllm.config import EngineConfig
 from pagedllm.logger import init_logger
-from pagedllm.sample.metadata import build_sampling_metadata
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.worker.kv_cache import allocate_kv_cache
+from pagedllm.scheduler_output import ScheduledRequest
+from pagedllm.utils import cdiv
 
-if TYPE_CHECKING:
-    from pagedllm.worker.model_runner import ModelRunner
+KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 logger = init_logger(__name__)
 
@@ -46,12 +44,6 @@ class MemoryProfile:
     peak_activation_bytes: int  # the largest step's peak above weights (and its own KV cache)
     non_torch_bytes: int  # held outside PyTorch's allocator
     cuda_graph_bytes: int = 0  # reserved for the decode graphs' shared pool
-
-
-def needs_memory_profile(device: torch.device, cache_config: CacheConfig) -> bool:
-    """Only a GPU cache sized from gpu_memory_utilization needs the profiling pass."""
-    return (device.type == "cuda" and cache_config.num_gpu_blocks_override is None
-            and cache_config.kv_cache_memory_bytes is None)
 
 
 def kv_cache_budget(profile: MemoryProfile, gpu_memory_utilization: float) -> int:
@@ -84,38 +76,35 @@ def dummy_requests(lengths: list[int], block_size: int, params: SamplingParams) 
     return requests
 
 
-def dummy_step(runner: ModelRunner, requests: list[ScheduledRequest],
-               kv_caches: list[tuple[torch.Tensor, torch.Tensor]], sample: bool) -> None:
-    """One eager step over `requests` (forward, then the sampler if `sample`) into `kv_caches`."""
-    with torch.inference_mode():
-        inputs = runner.prepare_inputs(SchedulerOutput(requests, sum(len(r.token_ids) for r in requests)))
-        hidden = runner.model(inputs.input_ids, inputs.positions, kv_caches, inputs.attn_metadata)
-        if sample:
-            logits = runner.model.compute_logits(hidden[inputs.sample_rows])
-            runner.sampler(logits, build_sampling_metadata(requests, {}, runner.vocab_size, runner.device))
+class ProfiledRunner(Protocol):
+    """What the profile needs of the model runner: its config and device, the decode-graph sizes it
+    will capture, and a way to run one eager step into a throw-away cache."""
+
+    config: EngineConfig
+    device: torch.device
+    block_size: int
+    graph_sizes: list[int]
+
+    def dummy_step(self, requests: list[ScheduledRequest], kv_caches: KVCaches, sample: bool) -> None: ...
+
+    def allocate_dummy_kv_caches(self, num_blocks: int) -> KVCaches: ...
 
 
-def dummy_kv_caches(runner: ModelRunner, requests: list[ScheduledRequest]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A throw-away KV cache just large enough for `requests`."""
-    num_blocks = max(max(r.block_ids) for r in requests) + 1
-    return allocate_kv_cache(runner.config.model_config, num_blocks, runner.block_size, runner.device,
-                             dtype=runner.config.kv_cache_dtype)
-
-
-def _peak_step_bytes(runner: ModelRunner, requests: list[ScheduledRequest], sample: bool) -> int:
-    """Peak bytes allocated by one step over `requests`, beyond its own KV cache."""
-    kv_caches = dummy_kv_caches(runner, requests)
+def _peak_step_bytes(runner: ProfiledRunner, requests: list[ScheduledRequest], sample: bool) -> int:
+    """Peak bytes allocated by one step over `requests`, beyond its own KV cache (a throw-away one
+    just large enough for them)."""
+    kv_caches = runner.allocate_dummy_kv_caches(max(max(r.block_ids) for r in requests) + 1)
     torch.cuda.synchronize(runner.device)
     torch.cuda.reset_peak_memory_stats(runner.device)
     before = torch.cuda.memory_allocated(runner.device)
-    dummy_step(runner, requests, kv_caches, sample)
+    runner.dummy_step(requests, kv_caches, sample)
     torch.cuda.synchronize(runner.device)
     peak = torch.cuda.max_memory_allocated(runner.device) - before
     del kv_caches
     return peak
 
 
-def profile_memory(runner: ModelRunner) -> MemoryProfile:
+def profile_memory(runner: ProfiledRunner) -> MemoryProfile:
     """Measure weights, peak activations and non-torch memory (see the module docstring)."""
     device, sc = runner.device, runner.config.scheduler_config
     torch.cuda.empty_cache()

@@ -2,32 +2,37 @@
 
 All scheduled tokens of all requests go through the model together as one sequence of
 rows (`input_ids`, `positions`); `slot_mapping` says where each row's K/V is written, and
-each request's block table says where its earlier K/V is read from. Logits are computed
+each request's block table says where its earlier K/V is read from. The attention backend's
+metadata builder turns that description into what its kernels read. Logits are computed
 only for rows where a token is due (the end of a request's known tokens) or whose prompt
 logprobs were asked for.
+
+Its life has two phases, as a worker's in vLLM: built, it holds the model (loaded) and nothing
+else; `initialize_kv_cache` then allocates the number of blocks the engine core settled on (after
+`Worker.determine_available_memory`) and captures the CUDA graphs that read it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from pagedllm.attention.metadata import AttentionMetadata, PrefillSequence, sequence_tensors
+from pagedllm.attention.backend import CommonAttentionMetadata
 from pagedllm.attention.selector import get_attention_backend
 from pagedllm.config import EngineConfig
-from pagedllm.core.kv_cache_manager import cdiv
-from pagedllm.core.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
 from pagedllm.distributed.parallel_state import TensorParallelGroup
+from pagedllm.model_executor.layers.build_context import BuildContext
 from pagedllm.model_executor.model_loader import load_model
 from pagedllm.sample.metadata import build_sampling_metadata
 from pagedllm.sample.sampler import Sampler, gather_logprobs
-from pagedllm.utils import async_tensor_h2d
+from pagedllm.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
+from pagedllm.utils import async_tensor_h2d, cdiv
 from pagedllm.worker.cpu_malloc import keep_freed_memory_in_heap, release_free_heap
 from pagedllm.worker.cuda_graph_runner import DecodeGraphRunner, capture_sizes, cuda_graphs_wanted
-from pagedllm.worker.kv_cache import allocate_kv_cache, determine_num_blocks
-from pagedllm.worker.memory_profiler import needs_memory_profile, profile_memory
+from pagedllm.worker.kv_cache import KVCaches, allocate_kv_cache
 
 
 @dataclass
@@ -35,30 +40,11 @@ class ModelInputs:
     # None when a CUDA graph ran the step from its own static buffers
     input_ids: torch.Tensor | None
     positions: torch.Tensor | None
-    attn_metadata: AttentionMetadata | None
+    attn_metadata: Any  # the attention backend's own metadata
     sample_rows: torch.Tensor  # hidden-state rows whose logits feed the sampler
     sample_requests: list[ScheduledRequest]
     # request -> (rows, first position, target token ids, top-k) for prompt logprobs
     prompt_logprob_rows: dict[str, tuple[torch.Tensor, int, torch.Tensor, int]]
-
-
-# Decode batches are split into up to this many length groups (one attention call each).
-MAX_DECODE_GROUPS = 4
-MIN_DECODES_PER_GROUP = 8
-
-
-def decode_groups(sorted_lens: list[int], block_size: int) -> list[tuple[int, int, int]]:
-    """(first row, end row, blocks to read) for decodes sorted by length, in equal-count groups.
-
-    Padding every decode to the longest one wastes gather and attention work on short
-    sequences; a few groups recover most of it while keeping each call batched.
-    """
-    num = len(sorted_lens)
-    if num == 0:
-        return []
-    num_groups = max(1, min(MAX_DECODE_GROUPS, num // MIN_DECODES_PER_GROUP))
-    bounds = [round(i * num / num_groups) for i in range(num_groups + 1)]
-    return [(s, e, cdiv(sorted_lens[e - 1], block_size)) for s, e in zip(bounds, bounds[1:])]
 
 
 class ModelRunner:
@@ -72,35 +58,36 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         self.vocab_size = config.model_config.vocab_size
         self.tp_group = tp_group or TensorParallelGroup()
-        tp_size = self.tp_group.world_size
         if self.device.type == "cpu":
             keep_freed_memory_in_heap()  # large activations stop page-faulting in every step
+        mc = config.model_config
         self.attn_backend = get_attention_backend(self.device)
-        if hasattr(self.attn_backend, "prepare"):
-            self.attn_backend.prepare(self.device)  # e.g. build the CPU kernel now, not in step 1
-        self.model = load_model(config.model_config, self.device, self.tp_group)
+        self.attn_backend.prepare(self.device)  # e.g. build the CPU kernel now, not in step 1
+        self.attn_metadata_builder = self.attn_backend.get_builder_cls()(self.device, mc.dtype, config.kv_cache_dtype)
+        ctx = BuildContext.for_engine(mc.dtype, mc.max_model_len, self.device, mc.quantization, mc.compile_fused_ops,
+                                      self.attn_backend, self.tp_group)
+        self.model = load_model(mc, self.device, ctx)
         if self.device.type == "cpu":
             release_free_heap()  # loading's peak (checkpoint tensors, replaced plain weights) is not needed again
-        self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.model_config.seed))
+        self.sampler = Sampler(torch.Generator(self.device).manual_seed(mc.seed))
         self.generators: dict[str, torch.Generator] = {}  # per-request, for seeded requests
-        use_graphs = cuda_graphs_wanted(self.device, config.model_config.enforce_eager, self.attn_backend)
+        use_graphs = cuda_graphs_wanted(self.device, mc.enforce_eager, self.attn_backend)
         self.graph_sizes = capture_sizes(config.scheduler_config.max_num_seqs) if use_graphs else []
-        self.memory_profile = profile_memory(self) if needs_memory_profile(self.device, config.cache_config) else None
-        self.num_blocks = determine_num_blocks(
-            config.model_config, config.cache_config, config.scheduler_config, self.device, tp_size,
-            profile=self.memory_profile,
-        )
+        self.num_blocks = 0  # until initialize_kv_cache
+        self.kv_caches: KVCaches = []
+        self.cuda_graphs: DecodeGraphRunner | None = None
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        """Allocate `num_blocks` blocks per layer (the scheduler's pool), then capture the graphs."""
+        self.num_blocks = num_blocks
         # One block more than the scheduler hands out: the padding block, which padded rows
         # of a CUDA-graph replay write to (never a live sequence's block).
-        self.kv_caches = allocate_kv_cache(
-            config.model_config, self.num_blocks + 1, self.block_size, self.device, tp_size,
-            config.kv_cache_dtype,
-        )
-        self.cuda_graphs: DecodeGraphRunner | None = None
-        if use_graphs:
+        self.kv_caches = allocate_kv_cache(self.config.model_config, num_blocks + 1, self.block_size, self.device,
+                                           self.tp_group.world_size, self.config.kv_cache_dtype)
+        if self.graph_sizes:
             self.cuda_graphs = DecodeGraphRunner(
-                self.model, self.kv_caches, self.block_size, config.model_config.max_model_len, self.graph_sizes,
-                padding_block=self.num_blocks, device=self.device,
+                self.model, self.kv_caches, self.block_size, self.config.model_config.max_model_len, self.graph_sizes,
+                padding_block=num_blocks, device=self.device, metadata_builder=self.attn_metadata_builder,
             )
             self.cuda_graphs.capture()
 
@@ -110,10 +97,6 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[np.ndarray] = []
         slots: list[np.ndarray] = []
-        decode_rows: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefills: list[PrefillSequence] = []
         sample_rows: list[int] = []
         sample_requests: list[ScheduledRequest] = []
         prompt_rows: dict[str, tuple[torch.Tensor, int, torch.Tensor, int]] = {}
@@ -131,13 +114,6 @@ class ModelRunner:
             positions.append(pos)
             block_ids = np.asarray(req.block_ids[: cdiv(start + n, bs)], dtype=np.int64)
             slots.append(block_ids[pos // bs] * bs + pos % bs)
-            if n == 1:
-                decode_rows.append(row)
-                decode_tables.append(req.block_ids[: cdiv(start + 1, bs)])
-                decode_lens.append(start + 1)
-            else:
-                prefills.append(PrefillSequence(row, n, start, async_tensor_h2d(torch.from_numpy(block_ids), torch.long,
-                                                                                self.device)))
             if req.sample:
                 sample_rows.append(row + n - 1)
                 sample_requests.append(req)
@@ -148,35 +124,19 @@ class ModelRunner:
                 k = self._num_logprobs(req.sampling_params.prompt_logprobs)
                 prompt_rows[req.request_id] = (torch.arange(row, row + last - start), start, targets, k)
 
-        dev = self.device
-        max_blocks = max((len(t) for t in decode_tables), default=0)
-        tables = np.array([t + [t[0]] * (max_blocks - len(t)) for t in decode_tables], dtype=np.int64)
-        lens = np.asarray(decode_lens, dtype=np.int64)
-        key_mask = np.arange(max_blocks * bs)[None, :] < lens[:, None]
-        query_start_loc = seq_lens = block_tables = None
-        if getattr(self.attn_backend, "uses_sequence_tensors", False):
-            query_start_loc, seq_lens, block_tables = sequence_tensors(
-                [len(r.token_ids) for r in ordered], [r.num_computed_tokens + len(r.token_ids) for r in ordered],
-                [r.block_ids for r in ordered], bs, dev,
-            )
-        meta = AttentionMetadata(
-            slot_mapping=async_tensor_h2d(torch.from_numpy(np.concatenate(slots)), torch.long, dev),
-            decode_token_idx=async_tensor_h2d(decode_rows, torch.long, dev),
-            decode_block_tables=async_tensor_h2d(torch.from_numpy(tables.reshape(len(decode_tables), max_blocks)),
-                                                 torch.long, dev),
-            decode_key_mask=async_tensor_h2d(torch.from_numpy(key_mask), torch.bool, dev),
-            prefills=prefills,
-            num_tokens=len(input_ids),
-            decode_groups=decode_groups(decode_lens, bs),
-            decode_seq_lens=async_tensor_h2d(torch.from_numpy(lens), torch.long, dev),
-            query_start_loc=query_start_loc,
-            seq_lens=seq_lens,
-            block_tables=block_tables,
+        common = CommonAttentionMetadata(
+            query_lens=[len(r.token_ids) for r in ordered],
+            context_lens=[r.num_computed_tokens for r in ordered],
+            block_ids=[r.block_ids for r in ordered],
+            num_decodes=len(decodes),
+            slot_mapping=np.concatenate(slots),
+            block_size=bs,
         )
+        dev = self.device
         return ModelInputs(
             input_ids=async_tensor_h2d(input_ids, torch.long, dev),
             positions=async_tensor_h2d(torch.from_numpy(np.concatenate(positions)), torch.long, dev),
-            attn_metadata=meta,
+            attn_metadata=self.attn_metadata_builder.build(common),
             sample_rows=async_tensor_h2d(sample_rows, torch.long, dev),
             sample_requests=sample_requests,
             prompt_logprob_rows=prompt_rows,
@@ -201,6 +161,19 @@ class ModelRunner:
         for request_id, (rows, first_pos, targets, k) in inputs.prompt_logprob_rows.items():
             out.prompt_logprobs[request_id] = (first_pos, self._prompt_logprobs(hidden, rows, targets, k))
         return out
+
+    @torch.inference_mode()
+    def dummy_step(self, requests: list[ScheduledRequest], kv_caches: KVCaches, sample: bool) -> None:
+        """One eager step over made-up `requests` into throw-away `kv_caches` (the memory profile's)."""
+        inputs = self.prepare_inputs(SchedulerOutput(requests, sum(len(r.token_ids) for r in requests)))
+        hidden = self.model(inputs.input_ids, inputs.positions, kv_caches, inputs.attn_metadata)
+        if sample:
+            logits = self.model.compute_logits(hidden[inputs.sample_rows])
+            self.sampler(logits, build_sampling_metadata(requests, {}, self.vocab_size, self.device))
+
+    def allocate_dummy_kv_caches(self, num_blocks: int) -> KVCaches:
+        return allocate_kv_cache(self.config.model_config, num_blocks, self.block_size, self.device,
+                                 self.tp_group.world_size, self.config.kv_cache_dtype)
 
     def _replayed_inputs(self, sched: SchedulerOutput) -> ModelInputs:
         """What sampling needs from a graph-replayed decode batch (one row per request, in order)."""

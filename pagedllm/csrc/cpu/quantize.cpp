@@ -1,4 +1,4 @@
-// The two elementwise halves of a W8A8 linear layer (model_executor/layers/int8_quantization.py),
+// The two elementwise halves of a W8A8 linear layer (model_executor/layers/quantization/int8.py),
 // around oneDNN's integer matmul.
 //
 // quantize_per_token: asymmetric uint8 per row (token). Each row's [min, max] (widened to include

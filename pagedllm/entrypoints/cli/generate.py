@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Iterator, Optional
 
-from pagedllm.entrypoints.cli.engine_args import add_engine_args, llm_kwargs
+from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.entrypoints.llm import LLM
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
@@ -81,7 +81,7 @@ def print_streamed(llm: LLM, prompt: dict, params: SamplingParams) -> str:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    llm = LLM(**llm_kwargs(args))
+    llm = LLM.from_engine_args(EngineArgs.from_cli_args(args))
     has_template = bool(getattr(llm.get_tokenizer(), "chat_template", None))
     prompt_text = " ".join(args.prompt)
     raw = prompt_text if (args.raw or not has_template) else None
@@ -92,7 +92,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    llm = LLM(**llm_kwargs(args))
+    llm = LLM.from_engine_args(EngineArgs.from_cli_args(args))
     if not getattr(llm.get_tokenizer(), "chat_template", None):
         print("error: this model has no chat template; use `pagedllm generate --raw`", file=sys.stderr)
         return 2
@@ -125,12 +125,12 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("prompt", nargs="+", help="the prompt (words are joined with spaces)")
     p.add_argument("--raw", action="store_true", help="plain completion: do not apply the chat template")
     add_sampling_args(p)
-    add_engine_args(p)
+    EngineArgs.add_cli_args(p)
     p.set_defaults(func=run_generate)
 
     c = subparsers.add_parser("chat", help="interactive chat in the terminal",
                               description="Chat with the model; the conversation is kept between turns.")
     c.add_argument("--system", default=None, help="a system message to start the conversation with")
     add_sampling_args(c)
-    add_engine_args(c)
+    EngineArgs.add_cli_args(c)
     c.set_defaults(func=run_chat)

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Optional
 
-from pagedllm import __version__
+from pagedllm.version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,13 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if getattr(args, "trace", False):
-        # Read when the scheduler is built; a spawned engine-core process inherits it.
-        os.environ["PAGEDLLM_TRACE"] = "1"
     try:
         return args.func(args)
-    except ValueError as e:
-        # Bad input (a missing model, a prompt too long, ...) is the user's to fix: one line, no traceback.
+    except (ValueError, NotImplementedError) as e:
+        # Bad input (a missing model, a prompt too long, a feature not there yet, ...) is the user's
+        # to fix: one line, no traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from pagedllm.entrypoints.cli.engine_args import add_engine_args, llm_kwargs
+from pagedllm.engine.arg_utils import EngineArgs
 
 
 def run_serve(args: argparse.Namespace) -> int:
     # Imported here so that `pagedllm generate` never pays for the web stack.
-    from pagedllm.engine.arg_utils import EngineArgs
     from pagedllm.engine.async_llm import AsyncLLM
     from pagedllm.entrypoints.openai.api_server import (
         ServerSettings,
@@ -19,27 +18,20 @@ def run_serve(args: argparse.Namespace) -> int:
         parse_allowed_origins,
         serve,
     )
-    from pagedllm.logger import init_logger
     from pagedllm.model_executor.model_source import resolve_model
 
-    logger = init_logger("pagedllm.entrypoints.cli.serve")
-    if args.max_logprobs < 0:
-        raise ValueError(f"--max-logprobs must be >= 0, got {args.max_logprobs}")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
-    if args.data_parallel_size < 1:
-        raise ValueError(f"--data-parallel-size must be >= 1, got {args.data_parallel_size}")
-    kwargs = llm_kwargs(args)
+    engine_args = EngineArgs.from_cli_args(args, usage_context="openai_api_server")
     settings_kwargs = dict(
         api_key=args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,
         allowed_origins=parse_allowed_origins(args.allowed_origins),
         chat_template=load_chat_template(args.chat_template),
-        max_logprobs=args.max_logprobs,
     )
     sock = bind_socket(args.host, args.port)
-    resolved = resolve_model(kwargs["model"])
-    logger.info("Model %s resolved to %s (%s)", resolved.name, resolved.path, resolved.kind)
-    engine = AsyncLLM(EngineArgs(**kwargs, usage_context="openai_api_server"), resolved.path, engine_process=args.engine_core == "process")
+    resolved = resolve_model(engine_args.model)  # its name is what the server answers to
+    engine_args.model = resolved.path
+    engine = AsyncLLM.from_engine_args(engine_args, engine_process=args.engine_core == "process")
     settings = ServerSettings(served_model_names=args.served_model_name or [resolved.name], model_root=resolved.path,
                               **settings_kwargs)
     serve(engine, settings, sock, log_level=args.uvicorn_log_level, shutdown_timeout=args.shutdown_timeout,
@@ -75,16 +67,11 @@ def add_serve_parser(subparsers) -> None:
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     g.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
-    g.add_argument("--max-logprobs", type=int, default=20,
-                   help="most logprobs / top_logprobs / prompt_logprobs a request may ask for (default 20)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGINT/SIGTERM, seconds requests in flight may take to finish before they are "
                         "failed (default 30)")
     g.add_argument("--engine-core", choices=["process", "thread"], default="process",
                    help="where the engine loop runs: a process of its own (default, as in vLLM v1), or a "
                         "background thread of the server process (docs/serving.md has the measurements)")
-    g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
-                   help="engine replicas, each with its own engine core and KV cache (and its own -tp workers); "
-                        "requests go to the replica with the fewest in flight")
-    add_engine_args(p, model_positional=True)
+    EngineArgs.add_cli_args(p, model_positional=True)
     p.set_defaults(func=run_serve)

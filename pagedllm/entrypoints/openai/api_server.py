@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from pagedllm import __version__
+from pagedllm.version import __version__
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.entrypoints.openai.dashboard import DASHBOARD_PATH, add_dashboard_routes
 from pagedllm.entrypoints.openai.errors import OpenAIError, install_error_handlers
@@ -42,6 +42,8 @@ from pagedllm.entrypoints.openai.protocol import (
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    ignored_fields,
+    unsupported_field,
 )
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
@@ -62,7 +64,6 @@ class ServerSettings:
     api_key: Optional[str] = None
     allowed_origins: list[str] = field(default_factory=list)
     chat_template: Optional[str] = None
-    max_logprobs: int = 20
 
 
 # ----- the app --------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="pagedllm", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     names = settings.served_model_names
-    common = dict(served_model_names=names, max_logprobs=settings.max_logprobs, chat_template=settings.chat_template)
+    common = dict(served_model_names=names, chat_template=settings.chat_template)
     completions = OpenAIServingCompletion(engine, **common)
     chat = OpenAIServingChat(engine, **common)
     tokenization = OpenAIServing(engine, **common)
@@ -103,12 +104,12 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
-        _log_ignored_fields(request)
+        _check_extra_fields(request)
         return await _until_disconnected(raw_request, completions.create_completion(request))
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
-        _log_ignored_fields(request)
+        _check_extra_fields(request)
         return await _until_disconnected(raw_request, chat.create_chat_completion(request))
 
     @app.post("/tokenize")
@@ -148,9 +149,15 @@ def _json(model: BaseModel) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
-def _log_ignored_fields(request: BaseModel) -> None:
-    if request.model_extra:
-        logger.warning("Ignoring unsupported request fields: %s", sorted(request.model_extra))
+def _check_extra_fields(request: BaseModel) -> None:
+    """A 400 for a vLLM field pagedllm cannot honour yet; a log line for fields nobody defines."""
+    unsupported = unsupported_field(request)
+    if unsupported is not None:
+        name, feature = unsupported
+        raise OpenAIError(f"{name} is not supported by pagedllm yet ({feature})", 400, param=name)
+    ignored = ignored_fields(request)
+    if ignored:
+        logger.warning("Ignoring unknown request fields: %s", ignored)
 
 
 async def _until_disconnected(raw_request: Request, handler: Awaitable[Response]) -> Response:

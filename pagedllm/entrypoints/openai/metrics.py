@@ -1,7 +1,8 @@
 """`GET /metrics`: Prometheus text with vLLM's metric names under the `pagedllm:` prefix.
 
-Gauges and counters are read from the engine's latest stats snapshot when Prometheus scrapes,
-one sample per data-parallel replica under its `engine` label (vLLM's); the latency histograms
+Gauges and counters are read from the engine's latest `EngineStats` when Prometheus scrapes, named
+by the engine's one metric table (`engine/metrics.py::ENGINE_METRICS`), one sample per data-parallel
+replica under its `engine` label (vLLM's); the latency histograms
 (time to first token, inter-token latency, end-to-end latency) are observed by the front end as
 each request finishes. Everything lives in one registry per
 server, so two servers in one process never mix their numbers.
@@ -16,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from pagedllm.engine.async_llm import AsyncLLM, RequestStats
-from pagedllm.engine.metrics import PREFIX
+from pagedllm.engine.metrics import ENGINE_METRICS, PREFIX
 
 # vLLM's buckets (seconds), cut at what a CPU engine can take.
 _TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -39,26 +40,14 @@ class _EngineCollector(Collector):
         # One sample per data-parallel replica, labelled `engine` as vLLM labels them.
         per_engine = list(enumerate(self.engine.get_engine_stats()))
         labels = ["model_name", "engine"]
-        for name, doc, field in (
-            ("num_requests_running", "Number of requests in model execution batches.", "num_running"),
-            ("num_requests_waiting", "Number of requests waiting to be processed.", "num_waiting"),
-            ("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", "kv_cache_usage"),
-        ):
-            g = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
-            for index, s in per_engine:
-                g.add_metric([self.model_name, str(index)], getattr(s, field))
-            yield g
-        for name, doc, field in (
-            ("num_preemptions", "Cumulative number of preemptions from the engine.", "num_preemptions"),
-            ("prefix_cache_queries", "Prefix-cache queries, in number of queried tokens.", "prefix_cache_queries"),
-            ("prefix_cache_hits", "Prefix-cache hits, in number of cached tokens.", "prefix_cache_hits"),
-            ("prompt_tokens", "Number of prefill tokens processed.", "prompt_tokens"),
-            ("generation_tokens", "Number of generation tokens processed.", "generation_tokens"),
-        ):
-            c = CounterMetricFamily(PREFIX + name, doc, labels=labels)
-            for index, s in per_engine:
-                c.add_metric([self.model_name, str(index)], getattr(s, field))
-            yield c
+        families = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily}
+        for spec in ENGINE_METRICS:
+            if spec.counted_by_server:
+                continue  # observed per finish reason as requests end (ServerMetrics.record)
+            family = families[spec.kind](PREFIX + spec.name, spec.help, labels=labels)
+            for index, stats in per_engine:
+                family.add_metric([self.model_name, str(index)], getattr(stats, spec.stat))
+            yield family
         healthy = GaugeMetricFamily(PREFIX + "engine_healthy", "1 while the engine loop is running.",
                                     labels=["model_name"])
         healthy.add_metric([self.model_name], 0.0 if self.engine.is_dead else 1.0)
@@ -83,8 +72,9 @@ class ServerMetrics:
         self.generation_tokens = Histogram(PREFIX + "request_generation_tokens",
                                            "Number of generation tokens processed.",
                                            labels, buckets=_TOKEN_BUCKETS, registry=self.registry).labels(model_name)
-        self.request_success = Counter(PREFIX + "request_success", "Count of successfully processed requests.",
-                                       labels + ["finished_reason"], registry=self.registry)
+        success = next(spec for spec in ENGINE_METRICS if spec.name == "request_success")
+        self.request_success = Counter(PREFIX + success.name, success.help, labels + ["finished_reason"],
+                                       registry=self.registry)
         engine.stat_loggers.append(self.record)
 
     def record(self, stats: RequestStats) -> None:

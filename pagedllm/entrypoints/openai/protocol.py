@@ -2,8 +2,10 @@
 
 Field names, types and defaults follow OpenAI's API reference; the extras (`top_k`, `min_p`,
 `repetition_penalty`, `stop_token_ids`, `ignore_eos`, ...) follow vLLM's server, so a client written
-for either works unchanged. Unknown fields are accepted and ignored (with a log line), as vLLM does;
-non-finite floats are rejected.
+for either works unchanged. Non-finite floats are rejected. A field vLLM's server has for a feature
+pagedllm does not implement yet (`UNSUPPORTED_FIELDS`) is a 400 naming it unless it holds vLLM's
+default, so a client never gets unconstrained output it did not ask for; a field no system defines
+is ignored with a log line, as vLLM does.
 """
 
 from __future__ import annotations
@@ -20,6 +22,63 @@ MAX_N = 128  # OpenAI's own limit on `n`
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+_STRUCTURED = "structured outputs"
+_MM = "image, audio and video inputs"
+# vLLM server fields for features pagedllm does not have yet -> (values that ask for nothing, the feature).
+UNSUPPORTED_FIELDS: dict[str, tuple[tuple, str]] = {
+    "structured_outputs": ((None,), _STRUCTURED),
+    "guided_json": ((None,), _STRUCTURED),
+    "guided_regex": ((None,), _STRUCTURED),
+    "guided_choice": ((None,), _STRUCTURED),
+    "guided_grammar": ((None,), _STRUCTURED),
+    "guided_decoding_backend": ((None,), _STRUCTURED),
+    "guided_whitespace_pattern": ((None,), _STRUCTURED),
+    "use_beam_search": ((None, False), "beam search"),
+    "length_penalty": ((None, 1.0), "beam search"),
+    "priority": ((None, 0), "priority scheduling"),
+    "truncate_prompt_tokens": ((None,), "prompt truncation"),
+    "truncation_side": ((None,), "prompt truncation"),
+    "bad_words": ((None, []), "bad-word lists"),
+    "logprob_token_ids": ((None,), "logprobs of chosen token ids"),
+    "prompt_embeds": ((None,), "prompt embeddings"),
+    "watermarking": ((None, False), "watermarking"),
+    "return_tokens_as_token_ids": ((None, False), "token ids in place of token text"),
+    "return_token_ids": ((None, False), "token ids in responses"),
+    "return_token_offsets": ((None, False), "token offsets in responses"),
+    "return_prompt_text": ((None, False), "the prompt's text in responses"),
+    "mm_processor_kwargs": ((None, {}), _MM),
+    "media_io_kwargs": ((None, {}), _MM),
+    "mm_payload": ((None,), _MM),
+    "return_mm_kwargs": ((None,), _MM),
+    "cache_salt": ((None,), "prefix-cache salts"),
+    "kv_transfer_params": ((None,), "disaggregated prefill"),
+    "ec_transfer_params": ((None,), "disaggregated prefill"),
+    "vllm_xargs": ((None, {}), "extra arguments for custom logits processors"),
+    "repetition_detection": ((None,), "repetition detection"),
+    "thinking_token_budget": ((None,), "thinking-token budgets"),
+    "reasoning_effort": ((None,), "reasoning models"),
+    "documents": ((None,), "documents for the chat template"),
+    "stream_interval": ((None, 1), "streaming in intervals"),
+    "request_id": ((None,), "client-chosen request ids"),
+    "session_id": ((None,), "sessions"),
+    "routed_experts_prompt_start": ((None, 0), "routed-expert outputs"),
+}
+
+
+def unsupported_field(request: BaseModel) -> Optional[tuple[str, str]]:
+    """The first field of `request` that asks for a feature pagedllm does not have: (name, feature)."""
+    for name, value in (request.model_extra or {}).items():
+        accepted, feature = UNSUPPORTED_FIELDS.get(name, ((), ""))
+        if feature and value not in accepted:
+            return name, feature
+    return None
+
+
+def ignored_fields(request: BaseModel) -> list[str]:
+    """Extra fields no system defines (ignored, as vLLM does)."""
+    return sorted(name for name in (request.model_extra or {}) if name not in UNSUPPORTED_FIELDS)
 
 
 # ----- errors -------------------------------------------------------------------------

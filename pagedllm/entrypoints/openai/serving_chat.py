@@ -39,7 +39,7 @@ from pagedllm.entrypoints.openai.serving_engine import (
     token_text,
     top_entries,
 )
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.engine.input_processor import ProcessedRequest
 
 _ROLE = "assistant"
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
@@ -55,24 +55,25 @@ class OpenAIServingChat(OpenAIServing):
         text = self.render_chat(request.messages, request.add_generation_prompt, request.continue_final_message,
                                 request.chat_template, request.chat_template_kwargs, request.tools)
         prompt = self.tokenize(text, request.add_special_tokens)
-        self.check_prompt_length(prompt, "messages")
         if request.max_completion_tokens is not None:
             param, requested = "max_completion_tokens", request.max_completion_tokens
         else:
             param, requested = "max_tokens", request.max_tokens
-        max_tokens = self.resolve_max_tokens(requested, True, len(prompt.token_ids), param)
         logprobs = None
         if request.logprobs:
             logprobs = request.top_logprobs or 0
-        params = self.sampling_params(request, max_tokens, logprobs, request.prompt_logprobs)
+        params = self.sampling_params(request, self.default_max_tokens(requested), logprobs, request.prompt_logprobs)
         request_id = random_id("chatcmpl")
+        processed = self._check(
+            lambda: self.engine.process_request(request_id, prompt.as_engine_input(), params,
+                                                max_tokens_param=param if requested is not None else None),
+            {"prompt": "messages", "logprobs": "top_logprobs"})
         echo = ""
         if request.echo and request.messages[-1].role == _ROLE:
             echo = self.render_content(request.messages[-1])
         if request.stream:
-            return StreamingResponse(self._stream(request, request_id, prompt, params, echo),
-                                     media_type="text/event-stream")
-        return await self._full(request, request_id, prompt, params, echo)
+            return StreamingResponse(self._stream(request, prompt, processed, echo), media_type="text/event-stream")
+        return await self._full(request, prompt, processed, echo)
 
     def _check_unsupported(self, request: ChatCompletionRequest) -> None:
         fmt = request.response_format
@@ -82,10 +83,8 @@ class OpenAIServingChat(OpenAIServing):
         if request.tool_choice not in (None, "none", "auto"):
             raise OpenAIError("only tool_choice 'none' or 'auto' is supported (tools go to the chat template)", 400,
                               param="tool_choice")
-        if request.top_logprobs is not None:
-            if not request.logprobs:
-                raise OpenAIError("top_logprobs needs logprobs to be true", 400, param="top_logprobs")
-            self.check_logprobs(request.top_logprobs, "top_logprobs")
+        if request.top_logprobs is not None and not request.logprobs:
+            raise OpenAIError("top_logprobs needs logprobs to be true", 400, param="top_logprobs")
 
     def render_content(self, message) -> str:
         content = message.content
@@ -94,14 +93,14 @@ class OpenAIServingChat(OpenAIServing):
         return content or ""
 
     # ----- one JSON answer --------------------------------------------------------------
-    async def _full(self, request: ChatCompletionRequest, request_id: str, prompt: EnginePrompt,
-                    params: SamplingParams, echo: str) -> ChatCompletionResponse:
-        n = request.n
+    async def _full(self, request: ChatCompletionRequest, prompt: EnginePrompt, processed: ProcessedRequest,
+                    echo: str) -> ChatCompletionResponse:
+        n, request_id, params = request.n, processed.request_id, processed.params
         texts, token_ids = [echo] * n, [[] for _ in range(n)]
         steps: list[list] = [[] for _ in range(n)]
         finish: list[tuple] = [(None, None)] * n
         prompt_logprobs = None
-        generator = self.engine.generate(prompt.as_engine_input(), params, request_id)
+        generator = self.engine.stream(processed)
         try:
             async for _, output in merge_async_iterators([generator]):
                 prompt_logprobs = prompt_logprobs or output.prompt_logprobs
@@ -128,9 +127,10 @@ class OpenAIServingChat(OpenAIServing):
         )
 
     # ----- Server-Sent Events -----------------------------------------------------------
-    async def _stream(self, request: ChatCompletionRequest, request_id: str, prompt: EnginePrompt,
-                      params: SamplingParams, echo: str) -> AsyncGenerator[str, None]:
+    async def _stream(self, request: ChatCompletionRequest, prompt: EnginePrompt, processed: ProcessedRequest,
+                      echo: str) -> AsyncGenerator[str, None]:
         n, created = request.n, int(time.time())
+        request_id, params = processed.request_id, processed.params
         options = request.stream_options
         include_usage = bool(options and options.include_usage)
         continuous_usage = include_usage and bool(options.continuous_usage_stats)
@@ -152,7 +152,7 @@ class OpenAIServingChat(OpenAIServing):
             if echo:
                 yield chunk(j, DeltaMessage(content=echo))
         finished: set[int] = set()
-        generator = self.engine.generate(prompt.as_engine_input(), params, request_id)
+        generator = self.engine.stream(processed)
         try:
             async for _, output in merge_async_iterators([generator]):
                 for o in output.outputs:

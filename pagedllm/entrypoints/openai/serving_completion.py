@@ -35,7 +35,7 @@ from pagedllm.entrypoints.openai.serving_engine import (
     token_text,
     top_entries,
 )
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.engine.input_processor import ProcessedRequest
 
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 
@@ -64,18 +64,19 @@ class OpenAIServingCompletion(OpenAIServing):
         want_prompt_logprobs = request.prompt_logprobs
         if request.echo and request.logprobs is not None:
             want_prompt_logprobs = max(request.logprobs, request.prompt_logprobs or 0)
-        explicit = "max_tokens" in request.model_fields_set
-        params_list = []
-        for prompt in prompts:
-            self.check_prompt_length(prompt, "prompt")
-            max_tokens = self.resolve_max_tokens(1 if echo_only else request.max_tokens, explicit and not echo_only,
-                                                 len(prompt.token_ids))
-            params_list.append(self.sampling_params(request, max_tokens, request.logprobs, want_prompt_logprobs))
+        explicit = "max_tokens" if "max_tokens" in request.model_fields_set and not echo_only else None
+        params = self.sampling_params(request, 1 if echo_only else self.default_max_tokens(request.max_tokens),
+                                      request.logprobs, want_prompt_logprobs)
         request_id = random_id("cmpl")
+        processed = [self.process(f"{request_id}-{i}", prompt, params, explicit) for i, prompt in enumerate(prompts)]
+        if request.echo:  # checked: token-id prompts can be decoded now
+            for prompt in prompts:
+                if prompt.text is None:
+                    prompt.text = self.tokenizer.decode(prompt.token_ids)
         if request.stream:
-            return StreamingResponse(self._stream(request, request_id, prompts, params_list, echo_only),
+            return StreamingResponse(self._stream(request, request_id, prompts, processed, echo_only),
                                      media_type="text/event-stream")
-        return await self._full(request, request_id, prompts, params_list, echo_only)
+        return await self._full(request, request_id, prompts, processed, echo_only)
 
     def _prompts(self, request: CompletionRequest) -> list[EnginePrompt]:
         prompt = request.prompt
@@ -84,28 +85,22 @@ class OpenAIServingCompletion(OpenAIServing):
         if not prompt:
             raise OpenAIError("prompt must not be empty", 400, param="prompt")
         if isinstance(prompt[0], int):
-            return [self._with_text(self.from_token_ids(prompt), request.echo)]
+            return [EnginePrompt(None, list(prompt))]
         if isinstance(prompt[0], str):
             return [self.tokenize(p, request.add_special_tokens) for p in prompt]
-        return [self._with_text(self.from_token_ids(p, f"prompt.{i}"), request.echo) for i, p in enumerate(prompt)]
+        return [EnginePrompt(None, list(p)) for p in prompt]
 
-    def _with_text(self, prompt: EnginePrompt, echo: bool) -> EnginePrompt:
-        if echo:
-            prompt.text = self.tokenizer.decode(prompt.token_ids)
-        return prompt
-
-    def _generators(self, request_id: str, prompts: list[EnginePrompt], params_list: list[SamplingParams]) -> list:
-        return [self.engine.generate(p.as_engine_input(), params, f"{request_id}-{i}")
-                for i, (p, params) in enumerate(zip(prompts, params_list))]
+    def _generators(self, processed: list[ProcessedRequest]) -> list:
+        return [self.engine.stream(request) for request in processed]
 
     # ----- one JSON answer --------------------------------------------------------------
     async def _full(self, request: CompletionRequest, request_id: str, prompts: list[EnginePrompt],
-                    params_list: list[SamplingParams], echo_only: bool) -> CompletionResponse:
+                    processed: list[ProcessedRequest], echo_only: bool) -> CompletionResponse:
         n = request.n
         choices = [[_Choice() for _ in range(n)] for _ in prompts]
         prompt_logprobs: list[Optional[list]] = [None] * len(prompts)
         try:
-            async for i, output in merge_async_iterators(self._generators(request_id, prompts, params_list)):
+            async for i, output in merge_async_iterators(self._generators(processed)):
                 if output.prompt_logprobs is not None:
                     prompt_logprobs[i] = output.prompt_logprobs
                 for o in output.outputs:
@@ -148,7 +143,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
     # ----- Server-Sent Events -----------------------------------------------------------
     async def _stream(self, request: CompletionRequest, request_id: str, prompts: list[EnginePrompt],
-                      params_list: list[SamplingParams], echo_only: bool) -> AsyncGenerator[str, None]:
+                      processed: list[ProcessedRequest], echo_only: bool) -> AsyncGenerator[str, None]:
         n, created = request.n, int(time.time())
         options = request.stream_options
         include_usage = bool(options and options.include_usage)
@@ -159,7 +154,7 @@ class OpenAIServingCompletion(OpenAIServing):
         finished: set[int] = set()
         offsets: dict[int, int] = {}
         try:
-            async for i, output in merge_async_iterators(self._generators(request_id, prompts, params_list)):
+            async for i, output in merge_async_iterators(self._generators(processed)):
                 for o in output.outputs:
                     index = i * n + o.index
                     if index in finished:  # n > 1: a finished completion still rides along in later outputs

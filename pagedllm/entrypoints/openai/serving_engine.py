@@ -1,8 +1,11 @@
-"""What completions and chat share: the model check, prompts to checked token ids, SamplingParams
-from a request, logprob entries, and merging several requests' streams into one.
+"""What completions and chat share: the model check, prompts to token ids, SamplingParams from a
+request, the engine's checks as 400s, logprob entries, and merging several requests' streams into one.
 
-Everything a client can get wrong is checked here, before the engine sees the request, so that
-bad input is a 400 with the parameter named and never reaches the engine loop.
+Everything a client can get wrong is caught before the engine core sees the request: the request's
+shape by pydantic (`protocol.py`), its sampling values by `SamplingParams`, and the rest (the
+prompt's length and token ids, logprobs against `--max-logprobs`, `max_tokens` against the context)
+by the engine's input processor (`AsyncLLM.process_request`), the same checks the offline API runs.
+Each failure is a 400 naming the parameter, and nothing reaches the engine loop.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncGenerator, AsyncIterator, Optional, TypeVar
 
 from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.engine.input_processor import InvalidRequestError, ProcessedRequest
 from pagedllm.entrypoints.openai.errors import OpenAIError, bad_request
 from pagedllm.entrypoints.openai.protocol import ChatMessageParam, SamplingRequest
 from pagedllm.outputs import Logprob
@@ -38,15 +42,12 @@ def random_id(prefix: str) -> str:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLM, served_model_names: list[str], max_logprobs: int = 20,
-                 chat_template: Optional[str] = None) -> None:
+    def __init__(self, engine: AsyncLLM, served_model_names: list[str], chat_template: Optional[str] = None) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
-        self.max_logprobs = max_logprobs
         self.chat_template = chat_template
         self.tokenizer = engine.get_tokenizer()
         self.max_model_len = engine.max_model_len
-        self.vocab_size = engine.vocab_size
 
     @property
     def model_name(self) -> str:
@@ -66,39 +67,34 @@ class OpenAIServing:
         return EnginePrompt(text, self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def from_token_ids(self, token_ids: list[int], param: str = "prompt") -> EnginePrompt:
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise OpenAIError(f"token ids out of vocabulary (size {self.vocab_size}): {bad[:5]}", 400, param=param)
+        self._check(lambda: self.engine.input_processor.check_token_ids(token_ids, param))
         return EnginePrompt(None, list(token_ids))
 
-    def check_prompt_length(self, prompt: EnginePrompt, param: str) -> None:
-        n = len(prompt.token_ids)
-        if n == 0:
-            raise OpenAIError("the prompt is empty (no tokens)", 400, param=param)
-        if n >= self.max_model_len:
-            raise OpenAIError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
-                f"{n} input tokens, which leaves no room for output. Please reduce the length of the input.",
-                400, param=param, code="context_length_exceeded",
-            )
+    def process(self, request_id: str, prompt: EnginePrompt, params: SamplingParams, explicit_max_tokens: Optional[str],
+                prompt_param: str = "prompt") -> ProcessedRequest:
+        """The engine's checks of one prompt (`InputProcessor.process`), as 400s naming the parameter.
+        `explicit_max_tokens` names the field the client set `max_tokens` through, if it did: asking
+        for more than the context leaves is then an error, as OpenAI's server makes it."""
+        def process() -> ProcessedRequest:
+            return self.engine.process_request(request_id, prompt.as_engine_input(), params,
+                                               max_tokens_param=explicit_max_tokens)
 
-    def resolve_max_tokens(self, requested: Optional[int], explicit: bool, num_prompt_tokens: int,
-                           param: str = "max_tokens") -> int:
-        """The request's output budget: what it asked for, checked against what the context leaves."""
-        room = self.max_model_len - num_prompt_tokens
-        if requested is None:
-            default = self.engine.default_sampling_overrides.get("max_tokens")
-            return min(room, default) if default else room
-        if requested < 1:
-            raise OpenAIError(f"{param} must be at least 1, got {requested}", 400, param=param)
-        if explicit and requested > room:
-            raise OpenAIError(
-                f"'{param}' is too large: {requested}. This model's maximum context length is {self.max_model_len} "
-                f"tokens and your request has {num_prompt_tokens} input tokens ({requested} > "
-                f"{self.max_model_len} - {num_prompt_tokens}).",
-                400, param=param, code="context_length_exceeded",
-            )
-        return min(requested, room)
+        return self._check(process, {"prompt": prompt_param})
+
+    def default_max_tokens(self, requested: Optional[int]) -> Optional[int]:
+        """What the client asked for, else the model's generation-config default, else None (the
+        whole context the prompt leaves)."""
+        return requested if requested is not None else self.engine.default_sampling_overrides.get("max_tokens")
+
+    @staticmethod
+    def _check(run: Any, rename: Optional[dict[str, str]] = None) -> Any:
+        try:
+            return run()
+        except InvalidRequestError as e:
+            param = (rename or {}).get(e.param, e.param)
+            raise OpenAIError(str(e), 400, param=param, code=e.code) from e
+        except (ValueError, NotImplementedError) as e:
+            raise bad_request(e) from e
 
     def render_chat(self, messages: list[ChatMessageParam], add_generation_prompt: bool,
                     continue_final_message: bool, chat_template: Optional[str],
@@ -128,16 +124,10 @@ class OpenAIServing:
             raise OpenAIError(f"could not apply the chat template: {e}", 400, param="messages") from e
 
     # ----- sampling parameters --------------------------------------------------------
-    def check_logprobs(self, value: Optional[int], param: str) -> None:
-        if value is not None and not 0 <= value <= self.max_logprobs:
-            raise OpenAIError(f"{param} must be between 0 and {self.max_logprobs}, got {value}", 400, param=param)
-
     def sampling_params(self, request: SamplingRequest, max_tokens: int, logprobs: Optional[int],
                         prompt_logprobs: Optional[int]) -> SamplingParams:
         """SamplingParams from a request: the client's values, else the model's defaults, else OpenAI's."""
         defaults = self.engine.default_sampling_overrides
-        self.check_logprobs(logprobs, "logprobs")
-        self.check_logprobs(prompt_logprobs, "prompt_logprobs")
 
         def pick(name: str, fallback: Any) -> Any:
             value = getattr(request, name)
@@ -174,7 +164,6 @@ class OpenAIServing:
                 logit_bias=logit_bias,
                 allowed_token_ids=request.allowed_token_ids,
             )
-            params.verify_vocab(self.vocab_size)
         except ValueError as e:
             raise bad_request(e) from e
         return params

@@ -9,8 +9,9 @@ big batches (prefills) take them; on a GPU every batch does. On CPU the C++ kern
 are the default there. The eager functions are the reference: the compiled ones are the same
 code, the kernels are tested against them.
 
-Which `FusedOps` a model uses is set once, after it is built (`model_loader.load_model`), on every
-module that declares a `fused_ops` attribute; the default is eager.
+Which `FusedOps` a model uses is chosen once from the device and the config (`fused_ops_for`) and
+handed to every layer that needs one when the model is built (`layers/build_context.py`); a layer
+built on its own gets the eager ops.
 """
 
 from __future__ import annotations

@@ -9,12 +9,11 @@ from pagedllm.model_executor.layers.fused_ops import EAGER_OPS, FusedOps
 
 
 class RMSNorm(nn.Module):
-    fused_ops: FusedOps = EAGER_OPS  # set per model by model_loader.load_model
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-6, fused_ops: FusedOps = EAGER_OPS) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.fused_ops = fused_ops
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None

@@ -4,8 +4,11 @@ A column-parallel layer holds a slice of the output features (no communication);
 layer holds a slice of the input features and sums the partial products over the group (one
 all-reduce). A transformer block pairs them — QKV then O, gate/up then down — so each block costs
 two all-reduces. Every layer loads the full Hugging Face tensor and keeps its own slice
-(`weight_loader`). With a group of one they are plain linear layers: one matmul, nothing else
-(`F.linear`, or on CPU oneDNN's on a packed or int8 weight: `cpu_weight_packing`, `int8_quantization`).
+(`weight_loader`). With a group of one they are plain linear layers: one matmul, nothing else.
+
+Which matmul, and in what form the weight is held, is the layer's `LinearMethod`, given when it is
+built (`layers/linear_method.py`): `F.linear` on the weight as loaded, oneDNN's on a packed weight,
+or int8. The layer slices, the method multiplies.
 """
 
 from __future__ import annotations
@@ -16,8 +19,7 @@ import torch
 from torch import nn
 
 from pagedllm.distributed.parallel_state import TensorParallelGroup
-from pagedllm.model_executor.layers.cpu_weight_packing import linear
-from pagedllm.model_executor.layers.int8_quantization import Int8LinearWeight
+from pagedllm.model_executor.layers.linear_method import UNQUANTIZED, LinearMethodBase
 
 ShardId = Union[str, int, None]
 
@@ -35,28 +37,28 @@ def _check_full(loaded: torch.Tensor, dim: int, full_size: int) -> None:
 
 
 class LinearBase(nn.Module):
-    # On CPU the weight may be replaced after loading by oneDNN's packed form (cpu_weight_packing)
-    # or, under quantization="int8", by its int8 form (int8_quantization.Int8LinearWeight).
-    packed_weight: torch.Tensor | Int8LinearWeight | None = None
+    """This rank's [output, input] share of a linear layer; `linear_method` holds and applies it."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, tp_group: Optional[TensorParallelGroup]) -> None:
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp_group: Optional[TensorParallelGroup],
+                 linear_method: LinearMethodBase | None = None) -> None:
         super().__init__()
         self.tp_group = tp_group or TensorParallelGroup()
         self.tp_rank, self.tp_size = self.tp_group.rank, self.tp_group.world_size
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.linear_method = linear_method or UNQUANTIZED
+        self.linear_method.create_weights(self, input_size, output_size)
         self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.packed_weight, self.bias)
+        return self.linear_method.apply(self, x, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
     """y = x A^T with A split by rows (output features): rank r computes its slice of y."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 tp_group: Optional[TensorParallelGroup] = None) -> None:
+                 tp_group: Optional[TensorParallelGroup] = None, linear_method: LinearMethodBase | None = None) -> None:
         tp_size = (tp_group or TensorParallelGroup()).world_size
-        super().__init__(input_size, output_size // tp_size, bias, tp_group)
+        super().__init__(input_size, output_size // tp_size, bias, tp_group, linear_method)
         self.output_size = output_size
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
@@ -69,8 +71,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel matrices in one (gate and up): each rank holds its slice of each."""
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
-                 tp_group: Optional[TensorParallelGroup] = None) -> None:
-        super().__init__(input_size, sum(output_sizes), bias, tp_group)
+                 tp_group: Optional[TensorParallelGroup] = None, linear_method: LinearMethodBase | None = None) -> None:
+        super().__init__(input_size, sum(output_sizes), bias, tp_group, linear_method)
         self.output_sizes = output_sizes
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
@@ -89,12 +91,14 @@ class QKVParallelLinear(ColumnParallelLinear):
     """Q, K and V in one matrix, split by heads: rank r holds its query heads and their KV heads."""
 
     def __init__(self, hidden_size: int, head_size: int, total_num_heads: int, total_num_kv_heads: int,
-                 bias: bool = False, tp_group: Optional[TensorParallelGroup] = None) -> None:
+                 bias: bool = False, tp_group: Optional[TensorParallelGroup] = None,
+                 linear_method: LinearMethodBase | None = None) -> None:
         tp_size = (tp_group or TensorParallelGroup()).world_size
         self.head_size = head_size
         self.num_heads = total_num_heads // tp_size
         self.num_kv_heads = total_num_kv_heads // tp_size
-        super().__init__(hidden_size, (total_num_heads + 2 * total_num_kv_heads) * head_size, bias, tp_group)
+        super().__init__(hidden_size, (total_num_heads + 2 * total_num_kv_heads) * head_size, bias, tp_group,
+                         linear_method)
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         q, kv = self.num_heads * self.head_size, self.num_kv_heads * self.head_size
@@ -112,9 +116,9 @@ class RowParallelLinear(LinearBase):
     """y = x A^T with A split by columns (input features): partial sums, all-reduced; bias once."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 tp_group: Optional[TensorParallelGroup] = None) -> None:
+                 tp_group: Optional[TensorParallelGroup] = None, linear_method: LinearMethodBase | None = None) -> None:
         tp_size = (tp_group or TensorParallelGroup()).world_size
-        super().__init__(input_size // tp_size, output_size, bias, tp_group)
+        super().__init__(input_size // tp_size, output_size, bias, tp_group, linear_method)
         self.input_size = input_size
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
@@ -126,6 +130,6 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return linear(x, self.weight, self.packed_weight, self.bias)
-        out = self.tp_group.all_reduce(linear(x, self.weight, self.packed_weight, None))
+            return self.linear_method.apply(self, x, self.bias)
+        out = self.tp_group.all_reduce(self.linear_method.apply(self, x, None))
         return out if self.bias is None else out + self.bias

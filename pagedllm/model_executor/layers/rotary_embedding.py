@@ -36,11 +36,11 @@ def compute_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    fused_ops: FusedOps = EAGER_OPS  # set per model by model_loader.load_model
-
-    def __init__(self, config, head_dim: int, max_position: int, dtype: torch.dtype) -> None:
+    def __init__(self, config, head_dim: int, max_position: int, dtype: torch.dtype,
+                 fused_ops: FusedOps = EAGER_OPS) -> None:
         super().__init__()
         self._args = (config, head_dim, max_position, dtype)
+        self.fused_ops = fused_ops
         self.register_buffer("cos", torch.empty(max_position, head_dim // 2, dtype=dtype), persistent=False)
         self.register_buffer("sin", torch.empty(max_position, head_dim // 2, dtype=dtype), persistent=False)
         if self.cos.device.type != "meta":

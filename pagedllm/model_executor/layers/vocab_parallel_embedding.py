@@ -3,7 +3,8 @@
 Rank r holds rows [r * V/N, (r + 1) * V/N) of the (vocab x hidden) matrix, the vocabulary padded
 up to a multiple of N. The embedding looks up the tokens it holds, zeroes the others and sums over
 the group; the LM head computes the logits of its rows and gathers them, so every rank ends with
-the same full logits. With a group of one they are `F.embedding` and `F.linear`.
+the same full logits. With a group of one they are `F.embedding` and one matmul, by the
+`LinearMethod` the layer is built with (`logits_method`: on CPU a oneDNN-packed copy).
 """
 
 from __future__ import annotations
@@ -15,17 +16,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed.parallel_state import TensorParallelGroup
-from pagedllm.model_executor.layers.cpu_weight_packing import linear
 from pagedllm.model_executor.layers.linear import ShardId, copy_weight
+from pagedllm.model_executor.layers.linear_method import UNQUANTIZED, LinearMethodBase
 
 
 class VocabParallelEmbedding(nn.Module):
-    # oneDNN-packed weight for compute_logits on CPU (layers/cpu_weight_packing.py): a ParallelLMHead's
-    # only copy, or a tied embedding's second one (its lookup keeps reading `weight`)
-    packed_weight: torch.Tensor | None = None
+    """`logits_method` multiplies by the matrix when the embedding doubles as the LM head (tied): it
+    must keep `weight`, which the lookup reads."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, tp_group: Optional[TensorParallelGroup] = None) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp_group: Optional[TensorParallelGroup] = None,
+                 logits_method: LinearMethodBase | None = None) -> None:
         super().__init__()
+        self.linear_method = logits_method or UNQUANTIZED
         self.tp_group = tp_group or TensorParallelGroup()
         tp_rank, tp_size = self.tp_group.rank, self.tp_group.world_size
         self.num_embeddings = num_embeddings
@@ -51,7 +53,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden @ weight^T over the whole vocabulary (an embedding doubles as a tied LM head)."""
-        logits = linear(hidden, self.weight, self.packed_weight, None)
+        logits = self.linear_method.apply(self, hidden)
         if self.tp_group.world_size == 1:
             return logits
         return self.tp_group.all_gather(logits, dim=-1)[..., : self.num_embeddings]
@@ -59,7 +61,7 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     """The output projection of an untied model: sharded like the embedding, used only for logits
-    (so on CPU its weight may be packed like a linear layer's)."""
+    (so its method may keep the weight in its own form alone)."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("ParallelLMHead computes logits (compute_logits); it is not an embedding")

@@ -6,21 +6,22 @@ Weights arrive with Hugging Face names and are packed into fused QKV and gate/up
 so each layer runs three large matmuls instead of seven small ones. Under tensor parallelism
 (`tp_group` of N ranks) each rank holds 1/N of the heads, of the MLP and of the vocabulary; the
 parallel layers slice the full tensors as they load them and add the two all-reduces per layer.
+
+Every layer is built with what `BuildContext` carries (`layers/build_context.py`): its linear
+method, the fused elementwise ops, the attention backend. What a constructor says is what runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from pagedllm.attention.metadata import AttentionMetadata
-from pagedllm.attention.torch_paged_attention import KVCache, TorchPagedAttention
-from pagedllm.distributed.parallel_state import TensorParallelGroup
-from pagedllm.model_executor.layers.fused_ops import EAGER_OPS, FusedOps
+from pagedllm.attention.backend import KVCache
+from pagedllm.model_executor.layers.build_context import BuildContext
 from pagedllm.model_executor.layers.layernorm import RMSNorm
 from pagedllm.model_executor.layers.linear import (
     MergedColumnParallelLinear,
@@ -52,9 +53,9 @@ def arch_flags(architecture: str, config) -> ArchFlags:
 
 
 class Attention(nn.Module):
-    def __init__(self, config, flags: ArchFlags, max_position: int, dtype: torch.dtype, attn_backend: type,
-                 tp_group: TensorParallelGroup) -> None:
+    def __init__(self, config, flags: ArchFlags, ctx: BuildContext) -> None:
         super().__init__()
+        tp_group, method = ctx.tp_group, ctx.linear_methods.linear
         total_heads = config.num_attention_heads
         total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_heads
@@ -63,19 +64,18 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, total_heads, total_kv_heads,
-                                          bias=flags.qkv_bias, tp_group=tp_group)
+                                          bias=flags.qkv_bias, tp_group=tp_group, linear_method=method)
         self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, bias=flags.o_bias,
-                                        tp_group=tp_group)
+                                        tp_group=tp_group, linear_method=method)
         if flags.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ctx.fused_ops)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ctx.fused_ops)
         self.qk_norm = flags.qk_norm
-        self.rotary_emb = RotaryEmbedding(config, self.head_dim, max_position, dtype)
-        self.attn = attn_backend(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        self.rotary_emb = RotaryEmbedding(config, self.head_dim, ctx.max_position, ctx.dtype, ctx.fused_ops)
+        impl = ctx.attn_backend.get_impl_cls()
+        self.attn = impl(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache, meta: Any) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -89,13 +89,14 @@ class Attention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    fused_ops: FusedOps = EAGER_OPS  # set per model by model_loader.load_model
-
-    def __init__(self, config, bias: bool, tp_group: TensorParallelGroup) -> None:
+    def __init__(self, config, bias: bool, ctx: BuildContext) -> None:
         super().__init__()
-        size = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=bias, tp_group=tp_group)
-        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias, tp_group=tp_group)
+        size, method = config.intermediate_size, ctx.linear_methods.linear
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=bias,
+                                                       tp_group=ctx.tp_group, linear_method=method)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias, tp_group=ctx.tp_group,
+                                           linear_method=method)
+        self.fused_ops = ctx.fused_ops
         self.act = ACT2FN[config.hidden_act]
         self.is_silu = config.hidden_act == "silu"
 
@@ -108,13 +109,12 @@ class GatedMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, flags: ArchFlags, max_position: int, dtype: torch.dtype, attn_backend: type,
-                 tp_group: TensorParallelGroup) -> None:
+    def __init__(self, config, flags: ArchFlags, ctx: BuildContext) -> None:
         super().__init__()
-        self.self_attn = Attention(config, flags, max_position, dtype, attn_backend, tp_group)
-        self.mlp = GatedMLP(config, flags.mlp_bias, tp_group)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, flags, ctx)
+        self.mlp = GatedMLP(config, flags.mlp_bias, ctx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.fused_ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.fused_ops)
 
     def forward(
         self,
@@ -122,7 +122,7 @@ class DecoderLayer(nn.Module):
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
         kv_cache: KVCache,
-        meta: AttentionMetadata,
+        meta: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual = hidden
@@ -137,27 +137,24 @@ class DecoderLayer(nn.Module):
 class DecoderForCausalLM(nn.Module):
     """`forward` maps a flattened batch of tokens to hidden states; `compute_logits` the rows asked for."""
 
-    def __init__(
-        self, config, architecture: str, max_position: int, dtype: torch.dtype, attn_backend: type = TorchPagedAttention,
-        tp_group: TensorParallelGroup | None = None,
-    ) -> None:
+    def __init__(self, config, architecture: str, ctx: BuildContext) -> None:
         super().__init__()
         flags = arch_flags(architecture, config)
-        tp_group = tp_group or TensorParallelGroup()
+        methods = ctx.linear_methods
         self.config = config
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp_group)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, flags, max_position, dtype, attn_backend, tp_group)
-            for _ in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        # A tied embedding doubles as the LM head: its logits method keeps the plain matrix for the lookup.
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp_group,
+                                                   logits_method=methods.tied_lm_head if self.tie_word_embeddings
+                                                   else None)
+        self.layers = nn.ModuleList(DecoderLayer(config, flags, ctx) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.fused_ops)
         if not self.tie_word_embeddings:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp_group)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx.tp_group,
+                                          logits_method=methods.lm_head)
 
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+                meta: Any) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):

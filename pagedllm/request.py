@@ -1,13 +1,17 @@
-"""`Request`: one sequence's scheduling state, shared by the engine, scheduler and KV cache.
+"""What a request is on each side of the engine core: `EngineCoreRequest` crosses from a frontend
+into the core, `Request` is the scheduling state the core keeps for it.
 
-A user request with `n > 1` becomes `n` of these (see `engine/parent_request.py`); they
-share their prompt's KV blocks through the prefix cache.
+Both sides import this module and nothing here imports them: the frontend (input processor,
+output processor) builds `EngineCoreRequest`s; the core (scheduler, KV-cache manager) works on
+`Request`s. A user request with `n > 1` is fanned out by the frontend into `n` core requests
+(see `engine/parent_request.py`), which share their prompt's KV blocks through the prefix cache.
 """
 
 from __future__ import annotations
 
 import enum
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 from pagedllm.sampling_params import SamplingParams
@@ -32,6 +36,21 @@ class RequestStatus(enum.Enum):
             RequestStatus.FINISHED_LENGTH_CAPPED: "length",
             RequestStatus.FINISHED_ABORTED: "abort",
         }.get(self)
+
+
+@dataclass
+class EngineCoreRequest:
+    """One sequence, tokenized and validated: all the core needs, and nothing it must check again.
+
+    `sampling_params` already carries the model's end-of-sequence ids (`all_stop_token_ids`) and
+    `n == 1`; `max_tokens` is already capped so that prompt + output fit in `max_model_len`.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    max_tokens: int
+    arrival_time: float
 
 
 class Request:
@@ -66,6 +85,11 @@ class Request:
         self.block_size = block_size
         self.block_hashes: list[tuple] = []
         self._update_block_hashes()
+
+    @classmethod
+    def from_engine_core_request(cls, request: EngineCoreRequest, block_size: int) -> "Request":
+        return cls(request.request_id, request.prompt_token_ids, request.sampling_params, request.max_tokens,
+                   block_size, request.arrival_time)
 
     @property
     def num_prompt_tokens(self) -> int:

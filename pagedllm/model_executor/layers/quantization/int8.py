@@ -1,4 +1,5 @@
-"""W8A8 int8 linear layers on CPU (`quantization="int8"`): the scheme llama.cpp's speed comes from.
+"""`Int8LinearMethod`: W8A8 int8 linear layers on CPU (`quantization="int8"`), the scheme llama.cpp's
+speed comes from.
 
 A float32 decode step reads every weight once per step, and on two cores that reading is most of
 the step; a prefill step is bound by the float32 FMAs. Both shrink with int8: weights are a
@@ -30,6 +31,8 @@ from torch import nn
 
 from pagedllm import cpu_ops
 from pagedllm.logger import init_logger
+from pagedllm.model_executor.layers.cpu_packed_linear import BATCH_SIZE_HINT
+from pagedllm.model_executor.layers.linear_method import LinearMethodBase
 
 logger = init_logger(__name__)
 
@@ -90,8 +93,6 @@ def quantize_weight(weight: torch.Tensor) -> Int8LinearWeight:
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     wsum = (q.sum(dim=1, dtype=torch.int64).float() * scale).contiguous()
-    from pagedllm.model_executor.layers.cpu_weight_packing import BATCH_SIZE_HINT  # (it imports this module)
-
     packed = torch.ops.onednn.qlinear_prepack(q, [BATCH_SIZE_HINT, w.shape[1]])
     return Int8LinearWeight(packed, scale.contiguous(), torch.zeros(w.shape[0], dtype=torch.int64), wsum, w.shape[0])
 
@@ -131,24 +132,20 @@ def int8_linear(x: torch.Tensor, weight: Int8LinearWeight, bias: torch.Tensor | 
     return out.reshape(*shape[:-1], weight.out_features)
 
 
-def quantize_linear_weights(model: nn.Module, modules: tuple[type, ...]) -> tuple[int, int]:
-    """Replace the weight of every module of the given types by its int8 form, in place.
-    Returns (how many, the int8 bytes they now hold)."""
-    count = nbytes = 0
-    for module in model.modules():
-        if isinstance(module, modules) and getattr(module, "weight", None) is not None:
-            module.packed_weight = quantize_weight(module.weight)
-            module.register_parameter("weight", None)
-            count += 1
-            nbytes += module.packed_weight.nbytes
-    return count, nbytes
+class Int8LinearMethod(LinearMethodBase):
+    """Loads the float matrix (a GGUF's is dequantised on the way in), then keeps only its int8
+    form (`layer.int8_weight`): a quarter of float32's bytes."""
+
+    description = "quantised to int8 (W8A8)"
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        layer.int8_weight = quantize_weight(layer.weight)
+        layer.register_parameter("weight", None)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return int8_linear(x, layer.int8_weight, bias)
+
+    def weight_bytes(self, layer: nn.Module) -> int:
+        return layer.int8_weight.nbytes
 
 
-def check_quantization(method: str | None, device: torch.device, dtype: torch.dtype) -> None:
-    """A clear ValueError, before anything loads, when `quantization` cannot run on this device and
-    dtype (ModelConfig has already refused the methods that do not exist here)."""
-    if method is None:
-        return
-    reason = int8_unavailable_reason(device, dtype)
-    if reason is not None:
-        raise ValueError(f"quantization={method!r} cannot run here: {reason}")

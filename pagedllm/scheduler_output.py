@@ -1,14 +1,15 @@
-"""The one message between deciding and doing.
+"""The one message between deciding and doing, and its answer.
 
-The scheduler fills a `SchedulerOutput` from pure Python state; the model runner turns it
-into tensors and returns a `ModelRunnerOutput`. Both are plain picklable data so that a
-tensor-parallel worker in another process can receive the same message.
+The scheduler (`core/scheduler.py`) fills a `SchedulerOutput` from pure Python state; the model
+runner (`worker/model_runner.py`) turns it into tensors and returns a `ModelRunnerOutput`. Both are
+plain picklable data so that a tensor-parallel worker in another process can receive the same
+message. They live outside both rooms so that neither imports the other: the scheduler never
+sees a tensor, the runner never decides.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from pagedllm.sampling_params import SamplingParams
 
@@ -56,4 +57,3 @@ class ModelRunnerOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     # request id -> (first prompt position covered, logprobs for the following positions)
     prompt_logprobs: dict[str, tuple[int, TokenLogprobs]] = field(default_factory=dict)
-    error: Optional[str] = None

@@ -1,0 +1,43 @@
+"""Which `LinearMethod` each kind of layer of a model is built with, from `quantization`, dtype and device.
+
+The one place that knows every method: the layers take the method they are given, the model
+loader processes whatever methods the model holds. vLLM's `quantization` names the scheme
+(`config.QUANTIZATION_METHODS` lists the ones implemented here); the LM head is never quantized,
+as in vLLM, since in int8 it added about half again to the perplexity change (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.model_executor.layers.cpu_packed_linear import CpuPackedLinearMethod, cpu_packing_available
+from pagedllm.model_executor.layers.linear_method import UNQUANTIZED, LinearMethodBase
+from pagedllm.model_executor.layers.quantization.int8 import Int8LinearMethod, int8_unavailable_reason
+
+
+@dataclass(frozen=True)
+class LinearMethods:
+    linear: LinearMethodBase  # the decoder layers' QKV, O, gate/up and down projections
+    lm_head: LinearMethodBase  # an untied output projection
+    tied_lm_head: LinearMethodBase  # the embedding's logits, where the LM head is tied to it
+
+
+def get_linear_methods(quantization: str | None, dtype: torch.dtype, device: torch.device) -> LinearMethods:
+    if cpu_packing_available(device, dtype):
+        plain, tied = CpuPackedLinearMethod(), CpuPackedLinearMethod(keep_weight=True)
+    else:
+        plain = tied = UNQUANTIZED
+    linear = Int8LinearMethod() if quantization == "int8" else plain
+    return LinearMethods(linear=linear, lm_head=plain, tied_lm_head=tied)
+
+
+def verify_quantization(quantization: str | None, device: torch.device, dtype: torch.dtype) -> None:
+    """A clear ValueError, before anything loads, when `quantization` cannot run on this device and
+    dtype (`ModelConfig` has already refused the names that are not implemented)."""
+    if quantization is None:
+        return
+    reason = int8_unavailable_reason(device, dtype)
+    if reason is not None:
+        raise ValueError(f"quantization={quantization!r} cannot run here: {reason}")
