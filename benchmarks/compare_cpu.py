@@ -8,6 +8,11 @@ llama.cpp runs twice: `llamacpp` decodes all sequences together (low-level llama
 Only generation is timed, after a short warm-up. Prints a table with ratios, writes JSON
 and a PNG chart under benchmarks/results/.
 
+Before and after a change, in one run: `--pagedllm-baseline DIR` names another checkout of pagedllm
+(e.g. `git worktree add /tmp/before <commit>`), and an engine written `NAME@baseline` (for example
+`pagedllm@baseline`, `pagedllm_int8@baseline`) runs NAME from that checkout; the table then ends with
+each variant's ratio to its baseline.
+
     python benchmarks/compare_cpu.py \\
         --vllm-python /path/to/vllm-venv/bin/python --llamacpp-python /path/to/llamacpp-venv/bin/python
 """
@@ -70,23 +75,28 @@ def hf_checkpoint_from_gguf(gguf_path: str, out_dir: Path) -> Path:
 
 
 def run_engine(name: str, python: str, model: str, workload: Path, threads: int, dtype: str,
-               compile_fused_ops: bool = False) -> dict:
+               compile_fused_ops: bool = False, source: Path | None = None) -> dict:
+    """One engine in its own process; `source`: another pagedllm checkout to import it from."""
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     script, flags = RUNNERS.get(name, (name, []))
     cmd = [python, str(HERE / "peers" / f"run_{script}.py"), "--workload", str(workload), "--model", model,
            "--out", str(out), "--threads", str(threads), "--dtype", dtype, *flags]
     if compile_fused_ops and script == "pagedllm":
         cmd.append("--compile-fused-ops")
-    env = {**os.environ, "PYTHONPATH": str(HERE / "peers"), "PAGEDLLM_LOGGING_LEVEL": "WARNING"}
-    print(f"[compare] running {name} ...", flush=True)
+    # pagedllm from the checkout this script is in (or the baseline's), whatever is installed
+    checkout = source if source is not None else HERE.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), str(HERE / "peers")]),
+           "PAGEDLLM_LOGGING_LEVEL": "WARNING"}
+    label = name + (" (baseline)" if source is not None else "")
+    print(f"[compare] running {label} ...", flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        print(f"[compare] {name} failed:\n  " + "\n  ".join(tail), flush=True)
+        print(f"[compare] {label} failed:\n  " + "\n  ".join(tail), flush=True)
         return {"engine": name, "error": "\n".join(tail)}
     result = json.loads(out.read_text())
-    print(f"[compare] {name}: {result['elapsed_s']:.1f} s generating ({time.perf_counter() - start:.0f} s with load)",
+    print(f"[compare] {label}: {result['elapsed_s']:.1f} s generating ({time.perf_counter() - start:.0f} s with load)",
           flush=True)
     return result
 
@@ -110,6 +120,8 @@ def main() -> int:
                    help="weights and KV cache of the torch engines (W1 is float32; llama.cpp always reads Q4_1)")
     p.add_argument("--compile-fused-ops", action="store_true",
                    help="pagedllm with torch.compile'd elementwise ops (LLM(compile_fused_ops=True))")
+    p.add_argument("--pagedllm-baseline", default=None, metavar="DIR",
+                   help="another pagedllm checkout; engines written NAME@baseline run NAME from it")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
 
@@ -125,18 +137,25 @@ def main() -> int:
     pythons = {"pagedllm": sys.executable, "transformers": sys.executable, "vllm": args.vllm_python,
                "llamacpp": args.llamacpp_python}
     results = []
-    for name in [e.strip() for e in args.engines.split(",") if e.strip()]:
+    baseline = Path(args.pagedllm_baseline).resolve() if args.pagedllm_baseline else None
+    for key in [e.strip() for e in args.engines.split(",") if e.strip()]:
+        name, _, variant = key.partition("@")
+        if variant and (variant != "baseline" or baseline is None):
+            print(f"[compare] skipping {key}: '@baseline' needs --pagedllm-baseline DIR")
+            continue
         script = RUNNERS.get(name, (name,))[0]
         if not pythons.get(script):
-            print(f"[compare] skipping {name}: pass --{script}-python (its own virtual environment)")
+            print(f"[compare] skipping {key}: pass --{script}-python (its own virtual environment)")
             continue
         model = gguf
         if name in ("vllm", "transformers"):
             hf_dir = hf_dir or hf_checkpoint_from_gguf(gguf, Path(gguf).parent / "hf-float32")
             model = str(hf_dir)
         result = run_engine(name, pythons[script], model, work / "workload.json", args.threads, args.dtype,
-                            args.compile_fused_ops)
-        result["engine_key"] = name
+                            args.compile_fused_ops, source=baseline if variant else None)
+        result["engine_key"] = key
+        if variant and "engine" in result:
+            result["engine"] += f" @ {_revision(baseline)}"
         if "elapsed_s" in result:
             result["output_tok_s"] = result["output_tokens"] / result["elapsed_s"]
             result["total_tok_s"] = (in_tokens + result["output_tokens"]) / result["elapsed_s"]
@@ -165,6 +184,15 @@ def main() -> int:
                 r["ratio_to_best_peer"] = r["output_tok_s"] / best["output_tok_s"]
                 print(f"  {r.get('engine', r['engine_key']):<52}{r['ratio_to_best_peer']:>6.2f}x")
 
+    # Each variant against the same variant of the baseline checkout, run in the same minutes.
+    done = {r["engine_key"]: r for r in results if "output_tok_s" in r}
+    pairs = [(r, done[key + "@baseline"]) for key, r in done.items() if key + "@baseline" in done]
+    if pairs:
+        print(f"\nagainst the baseline checkout ({_revision(baseline)}):")
+    for after, before in pairs:
+        after["ratio_to_baseline"] = after["output_tok_s"] / before["output_tok_s"]
+        print(f"  {after['engine_key']:<52}{after['ratio_to_baseline']:>6.2f}x")
+
     stamp = datetime.now(timezone.utc)
     record = {
         "date": stamp.isoformat(), "machine": platform.node(), "cpu_count": os.cpu_count(),
@@ -177,6 +205,12 @@ def main() -> int:
     print(f"\nwrote {out}")
     chart(results, out.with_suffix(".png"))
     return 0
+
+
+def _revision(checkout: Path) -> str:
+    """The baseline checkout's commit, for the table."""
+    proc = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() or checkout.name
 
 
 def chart(results: list[dict], path: Path) -> None:
