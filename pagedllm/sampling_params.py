@@ -12,6 +12,10 @@ from typing import Any, Optional, Union
 
 # Below this temperature a request is treated as greedy, as in vLLM.
 SAMPLING_EPS = 1e-5
+# vLLM's (and OpenAI's) range for temperature.
+MAX_TEMPERATURE = 2.0
+# Every integer a request sets ends up in an int64 tensor or a 64-bit generator seed.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 _UNSUPPORTED_FIELDS = {
@@ -111,49 +115,55 @@ class SamplingParams:
     def _verify(self) -> None:
         def check(ok: bool, name: str, msg: str) -> None:
             if not ok:
-                raise ValueError(f"{name} {msg}, got {getattr(self, name)!r}.")
+                raise ValueError(f"{name} {msg}, got {_short(getattr(self, name))}.")
 
-        check(isinstance(self.n, int) and self.n >= 1, "n", "must be an integer >= 1")
+        def is_int(value: Any, lo: int = INT64_MIN, hi: int = INT64_MAX) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+        check(is_int(self.n, 1), "n", "must be an integer >= 1")
         check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]")
         check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]")
         check(self.repetition_penalty > 0.0, "repetition_penalty", "must be greater than zero")
-        check(self.temperature >= 0.0, "temperature", "must be non-negative")
+        check(0.0 <= self.temperature <= MAX_TEMPERATURE, "temperature", f"must be in [0, {MAX_TEMPERATURE:g}]")
         check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
-        check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be -1 or 0 (disable), or at least 1")
+        check(is_int(self.top_k, 0), "top_k", "must be -1 or 0 (disable), or a positive 64-bit integer")
         check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
         if self.max_tokens is not None:
-            check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "must be at least 1")
-        check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be greater than or equal to 0")
+            check(is_int(self.max_tokens, 1), "max_tokens", "must be an integer of at least 1")
+        check(is_int(self.min_tokens, 0), "min_tokens", "must be an integer greater than or equal to 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}."
             )
         if self.logprobs is not None:
-            check(isinstance(self.logprobs, int) and self.logprobs >= -1, "logprobs",
+            check(is_int(self.logprobs, -1), "logprobs",
                   "must be non-negative, or -1 for the whole vocabulary")
         if self.prompt_logprobs is not None:
             check(
-                isinstance(self.prompt_logprobs, int) and self.prompt_logprobs >= -1,
+                is_int(self.prompt_logprobs, -1),
                 "prompt_logprobs",
                 "must be non-negative, or -1 for the whole vocabulary",
             )
         if self.seed is not None:
-            check(isinstance(self.seed, int), "seed", "must be an integer")
+            check(is_int(self.seed), "seed", "must be a 64-bit integer")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise ValueError(f"stop cannot contain an empty string, got {self.stop!r}.")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}.")
+        if any(not is_int(t, 0) for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be non-negative 64-bit integers, got {_short(self.stop_token_ids)}.")
         if self.allowed_token_ids is not None:
             if len(self.allowed_token_ids) == 0:
                 raise ValueError("allowed_token_ids must not be empty.")
-            if any(not isinstance(t, int) or t < 0 for t in self.allowed_token_ids):
-                raise ValueError(f"allowed_token_ids must be non-negative integers, got {self.allowed_token_ids!r}.")
+            if any(not is_int(t, 0) for t in self.allowed_token_ids):
+                raise ValueError(f"allowed_token_ids must be non-negative 64-bit integers, got {_short(self.allowed_token_ids)}.")
+        if self.logit_bias is not None and any(not is_int(t, 0) for t in self.logit_bias):
+            raise ValueError(f"logit_bias keys must be non-negative 64-bit token ids, got {_short(list(self.logit_bias))}.")
 
     def verify_vocab(self, vocab_size: int) -> None:
         """Reject token ids the model cannot produce (checked when the request is added)."""
         for name, ids in (
             ("allowed_token_ids", self.allowed_token_ids or []),
             ("logit_bias", list((self.logit_bias or {}).keys())),
+            ("stop_token_ids", self.stop_token_ids),
         ):
             bad = [t for t in ids if not 0 <= t < vocab_size]
             if bad:
@@ -167,3 +177,9 @@ class SamplingParams:
         from copy import deepcopy
 
         return deepcopy(self)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A value for an error message, cut so that a huge list never becomes a huge message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

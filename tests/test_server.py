@@ -302,6 +302,24 @@ _BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": MESSAGES, "priority": 5}, 400, "priority", None),
     ("/v1/chat/completions", {"messages": MESSAGES, "guided_json": {"type": "object"}}, 400, "guided_json", None),
     ("/v1/completions", {"prompt": PROMPT, "use_beam_search": True}, 400, "use_beam_search", None),
+    # values no tensor holds, and vLLM's validation rules (issue #24)
+    ("/v1/completions", {"prompt": PROMPT, "top_k": 1180591620717411303424}, 400, "top_k", None),
+    ("/v1/completions", {"prompt": PROMPT, "stop_token_ids": [2**64]}, 400, "stop_token_ids", None),
+    ("/v1/completions", {"prompt": PROMPT, "stop_token_ids": [99999999]}, 400, "stop_token_ids", None),
+    ("/v1/completions", {"prompt": PROMPT, "temperature": 2.5}, 400, "temperature", None),
+    ("/v1/completions", {"prompt": PROMPT, "stream_options": {"include_usage": True}}, 400, "stream_options", None),
+    ("/v1/completions", b'{"prompt": "Hi \\ud800"}', 400, None, None),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user\\udfff", "content": "hi"}]}', 400, None, None),
+    ("/tokenize", b'{"prompt": "\\ud83d"}', 400, None, None),
+    # bounded work per request
+    ("/v1/completions", {"prompt": PROMPT, "stop": [f"s{i}" for i in range(17)]}, 400, "stop", None),
+    ("/v1/completions", {"prompt": PROMPT, "stop": ["x" * 1025]}, 400, "stop", None),
+    ("/v1/completions", {"prompt": ["a"] * 1025}, 400, "prompt", None),
+    ("/v1/completions", {"prompt": ["a"] * 100, "n": 11}, 400, "n", None),
+    ("/v1/chat/completions", {"messages": MESSAGES, "chat_template": "{{ messages[0]['content'] }}"}, 400,
+     "chat_template", None),
+    ("/v1/chat/completions", {"messages": MESSAGES, "chat_template_kwargs": {"chat_template": "x"}}, 400,
+     "chat_template", None),
     ("/tokenize", {"model": None}, 400, "prompt", None),
     ("/detokenize", {"tokens": [99999999]}, 400, "tokens", None),
     ("/v1/completions", b'{"prompt": "x", ', 400, None, None),
@@ -337,6 +355,26 @@ def test_vllm_fields_at_their_defaults_and_unknown_fields_are_accepted(case):
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == expected
     assert "Ignoring unknown request fields: ['x_my_client_tag']" in case.server.read_log()
+
+
+def test_null_means_not_given_for_optional_fields(case):
+    """OpenAI's schema allows null for every optional field: it takes the default (n=1, 16 tokens)."""
+    body = {"model": case.model, "prompt": PROMPT, "n": None, "max_tokens": None, "temperature": 0, "stop": None,
+            "seed": None, "stream": None, "logprobs": None}
+    r = case.server.post("/v1/completions", body)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["choices"][0]["text"] == case.greedy(PROMPT)[0].outputs[0].text
+
+
+def test_seeds_use_all_64_bits(case):
+    """torch's CPU generator keeps 32 bits of a seed; seeds that differ only above them must still differ."""
+    texts = set()
+    for seed in (1, 2**32 + 1, 2**40 + 1):
+        r = case.server.post("/v1/completions", {"model": case.model, "prompt": PROMPT, "max_tokens": 12,
+                                                 "temperature": 1.0, "seed": seed})
+        assert r.status_code == 200, r.text
+        texts.add(r.json()["choices"][0]["text"])
+    assert len(texts) == 3
 
 
 def test_unknown_routes_and_methods_answer_in_openai_shape(case):

@@ -76,6 +76,56 @@ def test_a_request_that_breaks_a_step_gets_a_500_and_the_engine_carries_on(fault
     assert metrics["pagedllm:kv_cache_usage_perc"] == 0 and metrics["pagedllm:engine_healthy"] == 1
 
 
+def run_together(server: RemoteServer, bodies: dict[str, dict], stagger: float = 0.0) -> dict[str, httpx.Response]:
+    """Send every body at once (one thread each; `stagger` seconds apart), return the answers by name."""
+    results: dict[str, httpx.Response] = {}
+
+    def send(name: str, body: dict) -> None:
+        results[name] = server.post("/v1/completions", body, timeout=180)
+
+    threads = []
+    for name, body in bodies.items():
+        threads.append(threading.Thread(target=send, args=(name, body)))
+        threads[-1].start()
+        time.sleep(stagger)
+    for thread in threads:
+        thread.join()
+    return results
+
+
+HEALTHY = {f"healthy-{i}": {"prompt": f"Story number {i}: once upon a time", "max_tokens": 40, "temperature": 0,
+                            "ignore_eos": True} for i in range(4)}
+
+
+def check_healthy_answers(results: dict[str, httpx.Response], llm) -> None:
+    """Every healthy request finished in full, with the greedy text the offline engine gives."""
+    from pagedllm import SamplingParams
+
+    expected = llm.generate([b["prompt"] for b in HEALTHY.values()],
+                            SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    for name, want in zip(HEALTHY, expected):
+        r = results[name]
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 40
+        assert r.json()["choices"][0]["text"] == want.outputs[0].text
+
+
+def test_requests_that_break_steps_fail_alone_amid_healthy_streams(faulty_server, llm):
+    """Three requests that break every step they are in, sent while four healthy ones decode: the step
+    that fails is run again one request at a time, each culprit fails alone with a 500, and the
+    healthy requests finish with the answers they would have had."""
+    server = faulty_server
+    bad = {f"bad-{i}": {"prompt": PROMPT, "max_tokens": 8, "seed": 4242} for i in range(3)}
+    results = run_together(server, {**HEALTHY, **bad}, stagger=0.05)
+    check_healthy_answers(results, llm)
+    for name in bad:
+        assert results[name].status_code == 500 and "injected fault" in results[name].json()["error"]["message"]
+    assert "one at a time to find the cause" in server.read_log()  # the isolation ran, not luck
+    assert httpx.get(server.url("/health")).status_code == 200
+    metrics = server.wait_idle()
+    assert metrics["pagedllm:kv_cache_usage_perc"] == 0 and metrics["pagedllm:engine_healthy"] == 1
+
+
 def test_a_dead_engine_fails_requests_fast_and_health_says_so(faulty_server):
     server = faulty_server
     in_flight = completion(server, seed=4343)
@@ -100,6 +150,18 @@ def process_server(llama_dir):
                           "--chat-template", "{% for m in messages %}{{ m['content'] }}|{% endfor %}")
     yield server
     server.stop()
+
+
+def test_an_out_of_range_integer_is_a_400_and_hurts_nobody(process_server, llm):
+    """top_k = 2**70 once passed validation and failed the whole batch while its sampling tensors were
+    built; three of them amid healthy streams took the engine down. Now each is a 400 naming the field."""
+    bad = {f"bad-{i}": {"prompt": PROMPT, "max_tokens": 2, "temperature": 1, "top_k": 1180591620717411303424}
+           for i in range(3)}
+    results = run_together(process_server, {**HEALTHY, **bad}, stagger=0.05)
+    check_healthy_answers(results, llm)
+    for name in bad:
+        assert results[name].status_code == 400 and results[name].json()["error"]["param"] == "top_k"
+    assert httpx.get(process_server.url("/health")).status_code == 200
 
 
 def test_the_engine_core_process_serves_the_same_answers(process_server, llm):
@@ -210,6 +272,40 @@ def test_a_taken_port_fails_at_once_with_one_error_line(llama_dir):
     assert any(line.startswith("error: cannot listen on 127.0.0.1") for line in result.stderr.splitlines())
 
 
+def test_a_second_server_on_the_same_port_exits_at_once_and_the_first_serves(llama_dir):
+    """Started while the first is still loading its model: both used to bind (SO_REUSEADDR), and the
+    second hung at listen() with its engine process alive. The first now listens as it binds."""
+    first = subprocess.Popen([sys.executable, "-m", "pagedllm.entrypoints.cli.main", "serve", llama_dir, "--port",
+                              str(port := free_port()), "--max-model-len", "256"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the port is claimed before the model is loaded
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        start = time.monotonic()
+        second = subprocess.run([sys.executable, "-m", "pagedllm.entrypoints.cli.main", "serve", llama_dir,
+                                 "--port", str(port)], capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and time.monotonic() - start < 30
+        assert "Traceback" not in second.stderr
+        assert any(line.startswith("error: cannot listen on 127.0.0.1") for line in second.stderr.splitlines())
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(60)
+
+
 def test_serve_help_names_the_default_bind_address():
     result = subprocess.run([sys.executable, "-m", "pagedllm.entrypoints.cli.main", "serve", "--help"],
                             capture_output=True, text=True, timeout=120)
@@ -218,3 +314,84 @@ def test_serve_help_names_the_default_bind_address():
                  "--enable-prefix-caching", "--no-enable-prefix-caching", "--dtype", "--num-gpu-blocks-override",
                  "--api-key", "--chat-template", "--allowed-origins", "--uvicorn-log-level"):
         assert flag in result.stdout, flag
+
+
+# ----- bounded work per request -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def limited_server(llama_dir):
+    server = RemoteServer(llama_dir, "--max-model-len", "256", "--max-request-body-bytes", "9000000",
+                          "--request-body-timeout-s", "1", "--request-head-timeout-s", "1",
+                          "--trust-request-chat-template")
+    yield server
+    server.stop()
+
+
+def health_while(server: RemoteServer, path: str, body: dict) -> tuple[list[httpx.Response], list[float]]:
+    """Send `body` in the background and time /health every 0.1 s while it is being served."""
+    results: list[httpx.Response] = []
+    thread = threading.Thread(target=lambda: results.append(server.post(path, body, timeout=120)))
+    thread.start()
+    time.sleep(0.3)
+    latencies = []
+    while thread.is_alive() and len(latencies) < 20:
+        start = time.monotonic()
+        assert httpx.get(server.url("/health"), timeout=10).status_code == 200
+        latencies.append(time.monotonic() - start)
+        time.sleep(0.1)
+    thread.join()
+    return results, latencies
+
+
+def test_a_body_over_the_limit_is_a_413_declared_or_streamed(limited_server):
+    server = limited_server
+    big = json.dumps({"prompt": "x" * 9_100_000}).encode()
+    r = server.post("/v1/completions", big)
+    assert r.status_code == 413 and "--max-request-body-bytes" in r.json()["error"]["message"]
+    assert r.headers["connection"] == "close"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(10):
+            yield b" " * 1_000_000
+    streamed = httpx.post(server.url("/v1/completions"), content=chunks(), timeout=60,
+                          headers={**server.headers, "Content-Type": "application/json"})
+    assert streamed.status_code == 413
+    assert completion(server).status_code == 200
+
+
+def test_a_stalled_body_gets_a_408_and_a_stalled_head_is_closed(limited_server):
+    server = limited_server
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + server.api_key.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"pro")
+        answer = s.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 408"), answer
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers
+        assert s.recv(1024) == b""  # closed by the server
+    assert time.monotonic() - start < 5
+
+
+def test_tokenizing_a_huge_prompt_does_not_block_other_requests(limited_server):
+    """The tokenizer runs off the event loop: /health answers at once while an 8 MB prompt is encoded
+    (it then gets its 400: far longer than the context)."""
+    server = limited_server
+    results, latencies = health_while(server, "/v1/completions", {"prompt": "lorem ipsum " * 700_000, "max_tokens": 2})
+    assert results[0].status_code == 400 and results[0].json()["error"]["code"] == "context_length_exceeded"
+    assert latencies and max(latencies) < 1.0, latencies
+
+
+def test_a_slow_trusted_template_renders_off_the_event_loop_and_a_huge_one_is_refused(limited_server):
+    """Templates are rendered in a worker thread: /health answers while nested loops run; a rendering
+    longer than any prompt could tokenize into is a 400 before the tokenizer sees it."""
+    server = limited_server
+    slow = ("{% for i in range(3000) %}{% for j in range(3000) %}{% if (i ~ j) == '-1' %}y{% endif %}{% endfor %}"
+            "{% endfor %}{{ messages[0]['content'] }}")  # about 3 s of Python
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "chat_template": slow}
+    results, latencies = health_while(server, "/v1/chat/completions", body)
+    assert results[0].status_code == 200, results[0].text
+    assert latencies and max(latencies) < 1.0, latencies
+    huge = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "chat_template": "{% for i in range(100000) %}{{ 'lorem ipsum ' }}{% endfor %}"}
+    r = server.post("/v1/chat/completions", huge)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text

@@ -91,6 +91,10 @@ class BlockPool:
         # keep the first: both stay valid, only one needs to be findable.
         self.cached_block_hash_to_block.setdefault(block_hash, block)
 
+    def uncache_block(self, block: KVCacheBlock) -> None:
+        """Forget the prefix a block was registered under (its K/V turned out never to be written)."""
+        self._evict(block)
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix; only possible when no block is in use."""
         if len(self._free) != self.num_blocks:

@@ -92,6 +92,18 @@ class KVCacheManager:
             self.block_pool.cache_block(blocks[i], request.block_hashes[i])
         self._num_cached_blocks[request.request_id] = max(start, end)
 
+    def uncache_from(self, request: Request, num_computed_tokens: int) -> None:
+        """Take the request's blocks past its first `num_computed_tokens` tokens out of the prefix
+        cache: a step meant to fill them failed, so their K/V is not there. They are registered again
+        when a later step allocates for them."""
+        blocks = self.req_to_blocks.get(request.request_id, [])
+        first = num_computed_tokens // self.block_size
+        for block in blocks[first:]:
+            self.block_pool.uncache_block(block)
+        cached = self._num_cached_blocks.get(request.request_id)
+        if cached is not None:
+            self._num_cached_blocks[request.request_id] = min(cached, first)
+
     def free(self, request: Request) -> list[KVCacheBlock]:
         """Release a request's blocks, tail first, so shared prefixes are evicted last.
 

@@ -15,6 +15,7 @@ from collections import deque
 from typing import Iterable, Optional
 
 from pagedllm.config import SchedulerConfig
+from pagedllm.core.block_pool import KVCacheBlock
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request_trace import RequestTracer
 from pagedllm.core.snapshot import RequestInfo, SchedulerState
@@ -112,14 +113,7 @@ class Scheduler:
             if new_blocks is None:
                 break
             self.waiting.popleft()
-            self.tracer.admitted(request, hits, num_hit_tokens, num_new, new_blocks,
-                                 resumed=request.num_preemptions > 0)
-            self.kv_cache_manager.record_prefix_cache_lookup(request.num_tokens, num_hit_tokens)
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = num_hit_tokens
-            request.num_computed_tokens = num_hit_tokens
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
+            self._admit(request, hits, num_hit_tokens, num_new, new_blocks)
             scheduled.append((request, num_new))
             budget -= num_new
 
@@ -132,16 +126,74 @@ class Scheduler:
         self._finished_since_last_step = set()
         return out
 
-    def _preempt(self, request: Request) -> None:
+    def schedule_alone(self, request_id: str) -> SchedulerOutput:
+        """A step for one request only, whichever queue it is in: how a step that failed finds which
+        of its requests broke it (`EngineCore.step`). It preempts nobody; the others wait a step."""
+        request = self.requests.get(request_id)
+        scheduled: list[tuple[Request, int]] = []
+        budget = self.config.max_num_batched_tokens
+        if request is not None and request.status == RequestStatus.RUNNING:
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new) if num_new > 0 else None
+            if new_blocks is not None:
+                self.tracer.scheduled(request, num_new, new_blocks)
+                scheduled.append((request, num_new))
+        elif request is not None and request in self.waiting:
+            hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new, hits)
+            if new_blocks is not None:
+                self.waiting.remove(request)
+                self._admit(request, hits, num_hit_tokens, num_new, new_blocks)
+                scheduled.append((request, num_new))
+        out = SchedulerOutput(
+            scheduled=[self._make_scheduled(r, n) for r, n in scheduled],
+            num_batched_tokens=sum(n for _, n in scheduled),
+            finished_req_ids=self._finished_since_last_step,
+        )
+        self._finished_since_last_step = set()
+        return out
+
+    def step_failed(self, scheduler_output: SchedulerOutput) -> None:
+        """Put back what a step that raised left half done, so its requests can run again.
+
+        The runner never saw the requests that had finished since the previous step. The blocks the
+        step was to fill hold no K/V, yet were already registered in the prefix cache (and another
+        request of the same step may have counted them as computed): they are taken out of the
+        cache, and every request of the step goes back to the waiting queue to be recomputed, as
+        after a preemption (not counted as one), keeping its place in line.
+        """
+        self._finished_since_last_step |= scheduler_output.finished_req_ids
+        requests = [self.requests[s.request_id] for s in scheduler_output.scheduled
+                    if s.request_id in self.requests and self.requests[s.request_id].status == RequestStatus.RUNNING]
+        for request in requests:
+            self.kv_cache_manager.uncache_from(request, request.num_computed_tokens)
+        for request in reversed(requests):
+            self.running.remove(request)
+            self._preempt(request, count=False)
+
+    def _preempt(self, request: Request, count: bool = True) -> None:
         """Free everything the request holds; it will recompute prompt and output later."""
         released = self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
-        request.num_preemptions += 1
-        self.num_preemptions += 1
+        if count:
+            request.num_preemptions += 1
+            self.num_preemptions += 1
         self.waiting.appendleft(request)
         self.tracer.preempted(request, released)
         logger.debug("preempted %s (%d tokens)", request.request_id, request.num_tokens)
+
+    def _admit(self, request: Request, hits: list[KVCacheBlock], num_hit_tokens: int, num_new: int,
+               new_blocks: list[KVCacheBlock]) -> None:
+        """A waiting request that got its blocks joins the running ones (at the end: the newest)."""
+        self.tracer.admitted(request, hits, num_hit_tokens, num_new, new_blocks, resumed=request.num_preemptions > 0)
+        self.kv_cache_manager.record_prefix_cache_lookup(request.num_tokens, num_hit_tokens)
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_hit_tokens
+        request.num_computed_tokens = num_hit_tokens
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
 
     def _make_scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
@@ -174,6 +226,7 @@ class Scheduler:
             if request is None or request.status != RequestStatus.RUNNING:
                 continue
             request.num_computed_tokens += len(sched.token_ids)
+            request.has_run = True
             token_id = runner_output.sampled_token_ids.get(sched.request_id)
             if token_id is None:
                 continue

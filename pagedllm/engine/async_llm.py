@@ -200,6 +200,13 @@ class AsyncLLM:
         for engine in self._state_waiters:
             self._answer_state_waiters(engine, None, None)
 
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the engine loops without an event loop (after `shutdown`, or when the server failed to
+        start and never ran it): no engine process is left behind."""
+        for client in self.engine_cores:
+            client.send(Shutdown())
+            client.shutdown(timeout)
+
     # ----- requests -------------------------------------------------------------------
     def process_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                         max_tokens_param: Optional[str] = None) -> ProcessedRequest:

@@ -145,6 +145,8 @@ class MPClient(AsyncEngineCoreClient):
 
     def shutdown(self, timeout: float) -> None:
         self._shutting_down = True
+        if not self._threads:  # never started: closing the pipe is the process's shutdown
+            self._conn.close()
         self.process.join(timeout)
         if self.process.is_alive():
             self.process.kill()

@@ -6,8 +6,10 @@ The loop takes commands (`AddRequests`, `AbortRequests`, `GetEngineState`, `Shut
 `EngineStats` for /metrics, and the engine state when it was asked for. The async frontend
 (`AsyncLLM`) reaches it through `engine/core_client.py`.
 
-A request that makes a step fail is failed on its own and the loop carries on; only an error the
-loop cannot recover from (or a dying process) ends it, and then it says so in its last message.
+A request that makes a step fail is found and failed on its own (`EngineCore.step` runs the failed
+step's requests one at a time until the culprit fails alone) and every other request carries on;
+only an error the loop cannot recover from (a dead worker, steps of requests that had all run
+before failing again and again, or a dying process) ends it, and then it says so in its last message.
 """
 
 from __future__ import annotations
@@ -30,14 +32,14 @@ from pagedllm.engine.core_messages import (
     RequestError,
     Shutdown,
 )
-from pagedllm.engine.engine_core import EngineCore
+from pagedllm.engine.engine_core import EngineCore, StepFailedError
 from pagedllm.executor.abstract import ExecutorDeadError
 from pagedllm.logger import init_logger
 
 logger = init_logger(__name__)
 
-# A step that fails this many times in a row, each time after its requests were failed, means
-# the engine itself is broken rather than one request.
+# Steps of requests that had all run before failing this many times in a row mean the engine itself
+# is broken rather than one request's input.
 _MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
@@ -117,6 +119,19 @@ class EngineCoreLoop:
             outputs = self.core.step()
         except ExecutorDeadError as e:  # a worker is gone: no later step can succeed
             raise EngineDeadError(str(e)) from e
+        except StepFailedError as e:
+            if e.counts_against_engine:
+                self._consecutive_failures += 1
+                if self._consecutive_failures >= _MAX_CONSECUTIVE_STEP_FAILURES:
+                    raise EngineDeadError(f"the engine step failed {self._consecutive_failures} times in a row: {e}") from e
+            if e.culprit is None:
+                logger.warning("engine step failed (%s); running its %d request(s) one at a time to find the cause",
+                               e, len(self.core.suspects))
+                return []
+            logger.error("request %s breaks engine steps (%s); failing it alone", e.culprit, e.__cause__ or e)
+            self.core.abort_requests([e.culprit])
+            result.errors.append(RequestError(e.culprit, f"the engine failed while running this request: {e}", 500))
+            return []
         except Exception as e:
             self._consecutive_failures += 1
             if self._consecutive_failures >= _MAX_CONSECUTIVE_STEP_FAILURES:

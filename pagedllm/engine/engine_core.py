@@ -26,7 +26,7 @@ from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.core_messages import EngineCoreOutput
 from pagedllm.engine.engine_state import EngineState, PreemptionLog, StateHistory
 from pagedllm.engine.metrics import EngineStats
-from pagedllm.executor import Executor, executor_class
+from pagedllm.executor import Executor, ExecutorDeadError, executor_class
 from pagedllm.logger import init_logger
 from pagedllm.request import EngineCoreRequest, Request, RequestStatus
 
@@ -34,6 +34,18 @@ logger = init_logger(__name__)
 
 # Endings that count as a finished request (an abort does not).
 _SUCCESS = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+
+
+class StepFailedError(RuntimeError):
+    """A step raised. `culprit`: the request found to break steps (it ran alone and failed), which the
+    caller should fail; without one, the step's requests are suspects and run alone next.
+    `counts_against_engine`: only requests that had run before were in the step, so the engine
+    itself, not a new request's input, is the likely cause."""
+
+    def __init__(self, message: str, culprit: str | None, counts_against_engine: bool) -> None:
+        super().__init__(message)
+        self.culprit = culprit
+        self.counts_against_engine = counts_against_engine
 
 
 class EngineCore:
@@ -53,6 +65,8 @@ class EngineCore:
         self.prompt_tokens = self.generation_tokens = self.requests_finished = self.num_steps = 0
         self.history = StateHistory()
         self.preemptions = PreemptionLog()
+        # Requests of a step that raised, each to run alone until the one that breaks steps is found.
+        self.suspects: dict[str, None] = {}
         logger.info("Engine core ready in %.2f s", time.perf_counter() - start)
 
     def _initialize_kv_cache(self) -> int:
@@ -104,12 +118,33 @@ class EngineCore:
 
     # ----- the step -----------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
-        """Schedule, run the model, update the sequences; what each sequence got this step."""
+        """Schedule, run the model, update the sequences; what each sequence got this step.
+
+        A step that raises is put back (`Scheduler.step_failed`) and its requests become suspects:
+        the next steps run each of them alone, so the one that breaks steps is found and its caller
+        fails it (`StepFailedError.culprit`) while the others carry on. A dead worker is not a
+        request's fault and is raised as it is.
+        """
         scheduler = self.scheduler
-        sched_out = scheduler.schedule()
+        suspect = self._next_suspect()
+        sched_out = scheduler.schedule_alone(suspect) if suspect is not None else scheduler.schedule()
         for request_id in sched_out.preempted_req_ids:
             self.preemptions.record(request_id, scheduler.requests[request_id].num_tokens)
-        runner_out = self.model_executor.execute_model(sched_out)
+        try:
+            runner_out = self.model_executor.execute_model(sched_out)
+        except ExecutorDeadError:
+            raise
+        except Exception as e:
+            ids = [s.request_id for s in sched_out.scheduled]
+            proven = all(scheduler.requests[i].has_run for i in ids if i in scheduler.requests)
+            scheduler.step_failed(sched_out)
+            if suspect is not None and ids == [suspect]:
+                self.suspects.pop(suspect, None)
+                raise StepFailedError(f"{type(e).__name__}: {e}", suspect, proven) from e
+            self.suspects.update(dict.fromkeys(ids))
+            raise StepFailedError(f"{type(e).__name__}: {e}", None, proven) from e
+        if suspect is not None:
+            self.suspects.pop(suspect, None)
         self.num_steps += 1
         updated = scheduler.update_from_output(sched_out, runner_out)
         outputs: dict[str, EngineCoreOutput] = {}
@@ -131,6 +166,14 @@ class EngineCore:
             output.new_prompt_logprobs = prompt_logprobs
         self.history.maybe_record(self.stats)
         return list(outputs.values())
+
+    def _next_suspect(self) -> str | None:
+        """The first suspect still in the scheduler (finished or aborted ones are dropped)."""
+        for request_id in list(self.suspects):
+            if request_id in self.scheduler.requests:
+                return request_id
+            del self.suspects[request_id]
+        return None
 
     # ----- introspection ------------------------------------------------------------
     def stats(self) -> EngineStats:

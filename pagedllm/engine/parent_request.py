@@ -20,7 +20,8 @@ def child_sampling_params(params: SamplingParams, index: int) -> SamplingParams:
     child = params.clone()
     child.n = 1
     if params.seed is not None:
-        child.seed = params.seed + index
+        # seed + i, wrapped into int64 so that a seed near the top of the range stays a valid seed
+        child.seed = (params.seed + index + 2**63) % 2**64 - 2**63
     if index > 0:
         child.prompt_logprobs = None  # computed once, by the first child
     return child

@@ -13,6 +13,7 @@ The model runner reads the results back with one `.tolist()` per result tensor.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,6 +29,14 @@ class SamplerOutput:
     logprob_token_ids: Optional[torch.Tensor] = None
     logprobs: Optional[torch.Tensor] = None
     ranks: Optional[torch.Tensor] = None
+
+
+def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The generator of a request with its own seed. torch's CPU generator keeps only the low 32 bits
+    of a seed (seeds 1, 2**32 + 1 and 2**40 + 1 would draw the same numbers), so the 64-bit seed is
+    hashed first: equal seeds still draw equal streams, and nearby or high-bit seeds do not collide."""
+    digest = hashlib.blake2b(seed.to_bytes(8, "little", signed=True), digest_size=8).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest, "little"))
 
 
 class Sampler:

@@ -27,7 +27,7 @@ from pagedllm.distributed.parallel_state import TensorParallelGroup
 from pagedllm.model_executor.layers.build_context import BuildContext
 from pagedllm.model_executor.model_loader import load_model
 from pagedllm.sample.metadata import build_sampling_metadata
-from pagedllm.sample.sampler import Sampler, gather_logprobs
+from pagedllm.sample.sampler import Sampler, gather_logprobs, seeded_generator
 from pagedllm.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
 from pagedllm.utils import async_tensor_h2d, cdiv
 from pagedllm.worker.cpu_malloc import keep_freed_memory_in_heap, release_free_heap
@@ -186,7 +186,7 @@ class ModelRunner:
         for req in requests:
             seed = req.sampling_params.seed
             if seed is not None and req.request_id not in self.generators:
-                self.generators[req.request_id] = torch.Generator(self.device).manual_seed(seed)
+                self.generators[req.request_id] = seeded_generator(seed, self.device)
         logits = self.model.compute_logits(hidden[inputs.sample_rows])
         meta = build_sampling_metadata(requests, self.generators, self.vocab_size, self.device)
         result = self.sampler(logits, meta)

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.entrypoints.openai.limits import add_limit_args
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -18,6 +19,7 @@ def run_serve(args: argparse.Namespace) -> int:
         parse_allowed_origins,
         serve,
     )
+    from pagedllm.entrypoints.openai.limits import limits_from_args
     from pagedllm.model_executor.model_source import resolve_model
 
     if args.shutdown_timeout < 0:
@@ -27,6 +29,8 @@ def run_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,
         allowed_origins=parse_allowed_origins(args.allowed_origins),
         chat_template=load_chat_template(args.chat_template),
+        trust_request_chat_template=args.trust_request_chat_template,
+        limits=limits_from_args(args),
     )
     sock = bind_socket(args.host, args.port)
     resolved = resolve_model(engine_args.model)  # its name is what the server answers to
@@ -34,9 +38,9 @@ def run_serve(args: argparse.Namespace) -> int:
     engine = AsyncLLM.from_engine_args(engine_args, engine_process=args.engine_core == "process")
     settings = ServerSettings(served_model_names=args.served_model_name or [resolved.name], model_root=resolved.path,
                               **settings_kwargs)
-    serve(engine, settings, sock, log_level=args.uvicorn_log_level, shutdown_timeout=args.shutdown_timeout,
-          access_log=not args.disable_uvicorn_access_log)
-    return 0
+    started = serve(engine, settings, sock, log_level=args.uvicorn_log_level, shutdown_timeout=args.shutdown_timeout,
+                    access_log=not args.disable_uvicorn_access_log)
+    return 0 if started else 1
 
 
 def add_serve_parser(subparsers) -> None:
@@ -61,6 +65,9 @@ def add_serve_parser(subparsers) -> None:
                         "and the /dashboard page itself (default: $PAGEDLLM_API_KEY, else no key)")
     g.add_argument("--chat-template", default=None,
                    help="a Jinja chat template, or the path of a file holding one (default: the model's)")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="render a chat_template sent with a request (default: refused with a 400, since a template "
+                        "is code the server runs)")
     g.add_argument("--allowed-origins", default=None,
                    help="CORS origins allowed to call the server from a browser, as a JSON list ('[\"*\"]') or "
                         "comma-separated (default: none)")
@@ -73,5 +80,6 @@ def add_serve_parser(subparsers) -> None:
     g.add_argument("--engine-core", choices=["process", "thread"], default="process",
                    help="where the engine loop runs: a process of its own (default, as in vLLM v1), or a "
                         "background thread of the server process (docs/serving.md has the measurements)")
+    add_limit_args(p)
     EngineArgs.add_cli_args(p, model_positional=True)
     p.set_defaults(func=run_serve)

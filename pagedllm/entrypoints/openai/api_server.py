@@ -47,7 +47,8 @@ from pagedllm.entrypoints.openai.protocol import (
 )
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
-from pagedllm.entrypoints.openai.serving_engine import OpenAIServing
+from pagedllm.entrypoints.openai.limits import RequestSizeLimitMiddleware, ServerLimits, http_protocol
+from pagedllm.entrypoints.openai.serving_engine import EnginePrompt, OpenAIServing
 from pagedllm.logger import init_logger
 
 logger = init_logger(__name__)
@@ -64,6 +65,8 @@ class ServerSettings:
     api_key: Optional[str] = None
     allowed_origins: list[str] = field(default_factory=list)
     chat_template: Optional[str] = None
+    trust_request_chat_template: bool = False
+    limits: ServerLimits = field(default_factory=ServerLimits)
 
 
 # ----- the app --------------------------------------------------------------------------------
@@ -77,7 +80,8 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="pagedllm", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     names = settings.served_model_names
-    common = dict(served_model_names=names, chat_template=settings.chat_template)
+    common = dict(served_model_names=names, chat_template=settings.chat_template, limits=settings.limits,
+                  trust_request_chat_template=settings.trust_request_chat_template)
     completions = OpenAIServingCompletion(engine, **common)
     chat = OpenAIServingChat(engine, **common)
     tokenization = OpenAIServing(engine, **common)
@@ -117,15 +121,7 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
         tokenization.check_model(request.model)
         if (request.prompt is None) == (request.messages is None):
             raise OpenAIError("give exactly one of prompt or messages", 400, param="prompt")
-        if request.messages is not None:
-            text = tokenization.render_chat(request.messages, request.add_generation_prompt,
-                                            request.continue_final_message, request.chat_template,
-                                            request.chat_template_kwargs)
-            add_special = bool(request.add_special_tokens)
-        else:
-            text = request.prompt
-            add_special = request.add_special_tokens is not False
-        ids = tokenization.tokenize(text, add_special).token_ids
+        ids = (await tokenization.off_the_event_loop(_tokenize, tokenization, request)).token_ids
         strs = tokenization.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
         return _json(TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs))
 
@@ -137,12 +133,25 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
 
     add_dashboard_routes(app, engine, names[0])
 
+    limits = settings.limits
+    app.add_middleware(RequestSizeLimitMiddleware, max_bytes=limits.max_request_body_bytes,
+                       body_timeout_s=limits.request_body_timeout_s)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     if settings.allowed_origins:  # outermost, so that CORS preflights never meet the API-key check
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"],
                            allow_headers=["*"])
     return app
+
+
+def _tokenize(tokenization: OpenAIServing, request: TokenizeRequest) -> EnginePrompt:
+    """/tokenize's work, run off the event loop: the chat template or the prompt, then the tokenizer."""
+    if request.messages is not None:
+        text = tokenization.render_chat(request.messages, request.add_generation_prompt,
+                                        request.continue_final_message, request.chat_template,
+                                        request.chat_template_kwargs)
+        return tokenization.tokenize(text, bool(request.add_special_tokens))
+    return tokenization.tokenize(request.prompt, request.add_special_tokens is not False)
 
 
 def _json(model: BaseModel) -> Response:
@@ -242,6 +251,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
+        # Listening at once claims the port: SO_REUSEADDR lets a second server bind it until this one
+        # listens, and that one would then fail only after loading its model. Connections made while
+        # the model loads wait in the backlog.
+        sock.listen(2048)
     except OSError as e:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
@@ -279,12 +292,18 @@ def parse_allowed_origins(value: Optional[str]) -> list[str]:
 
 
 def serve(engine: AsyncLLM, settings: ServerSettings, sock: socket.socket, log_level: str = "info",
-          shutdown_timeout: float = 30.0, access_log: bool = True) -> None:
+          shutdown_timeout: float = 30.0, access_log: bool = True) -> bool:
+    """Serve until told to stop; False if the HTTP server never started (uvicorn's log says why)."""
     app = build_app(engine, settings)
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log,
-                            timeout_graceful_shutdown=shutdown_timeout + 10, timeout_keep_alive=5)
+                            timeout_graceful_shutdown=shutdown_timeout + 10, timeout_keep_alive=5,
+                            http=http_protocol(settings.limits.request_head_timeout_s))
     server = _Server(config, engine, shutdown_timeout)
     host, port = sock.getsockname()[:2]
     logger.info("Serving %s on http://%s:%d (OpenAI-compatible API under /v1)",
                 ", ".join(settings.served_model_names), host, port)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.close()  # whatever stopped the server, no engine process is left behind
+    return server.started

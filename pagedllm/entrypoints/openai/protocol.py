@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # Seeds are passed to torch generators, which take 64-bit integers.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -22,6 +22,42 @@ MAX_N = 128  # OpenAI's own limit on `n`
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+class OpenAIRequestModel(OpenAIBaseModel):
+    """A request body. `null` for an optional field means "not given" (OpenAI's schema allows it for
+    every optional field), and text must be valid Unicode: a lone surrogate (`"\\ud800"` in JSON)
+    cannot be encoded, so it is refused here rather than failing deep in the tokenizer."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_and_surrogates(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        where = _lone_surrogate(data)
+        if where is not None:
+            raise ValueError(f"{where or 'the request'} holds a lone surrogate code point, which is not valid "
+                             "Unicode text")
+        return {k: v for k, v in data.items() if not (v is None and k in cls.model_fields)}
+
+
+def _lone_surrogate(value: Any, path: str = "") -> Optional[str]:
+    """The path of the first string (or key) holding a lone surrogate, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        child = f"{path}.{key}" if path else str(key)
+        found = _lone_surrogate(key, child) if isinstance(key, str) else None
+        if found is None:
+            found = _lone_surrogate(item, child)
+        if found is not None:
+            return found
+    return None
 
 
 _STRUCTURED = "structured outputs"
@@ -100,7 +136,7 @@ class UsageInfo(OpenAIBaseModel):
     total_tokens: int = 0
 
 
-class StreamOptions(OpenAIBaseModel):
+class StreamOptions(OpenAIRequestModel):
     include_usage: Optional[bool] = False
     continuous_usage_stats: Optional[bool] = False  # vLLM: usage in every chunk
 
@@ -120,7 +156,7 @@ class ModelList(OpenAIBaseModel):
     data: list[ModelCard] = Field(default_factory=list)
 
 
-class SamplingRequest(OpenAIBaseModel):
+class SamplingRequest(OpenAIRequestModel):
     """The sampling fields completions and chat share. `None` means "the model's default"."""
 
     model: Optional[str] = None
@@ -147,6 +183,15 @@ class SamplingRequest(OpenAIBaseModel):
     spaces_between_special_tokens: bool = True
     prompt_logprobs: Optional[int] = None
     allowed_token_ids: Optional[list[int]] = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_a_stream(cls, value: Optional["StreamOptions"], info: ValidationInfo) -> Any:
+        # vLLM's rule: options for a stream that is not asked for are a mistake, not something to ignore
+        # (an empty object asks for nothing).
+        if value is not None and (value.model_fields_set or value.model_extra) and not info.data.get("stream"):
+            raise ValueError("stream_options can only be set when stream is true")
+        return value
 
 
 # ----- /v1/completions ------------------------------------------------------------------
@@ -204,7 +249,7 @@ class CompletionStreamResponse(OpenAIBaseModel):
 
 
 # ----- /v1/chat/completions -------------------------------------------------------------
-class ChatMessageParam(OpenAIBaseModel):
+class ChatMessageParam(OpenAIRequestModel):
     role: str
     content: Optional[Union[str, list[dict[str, Any]]]] = None
     name: Optional[str] = None
@@ -292,7 +337,7 @@ class ChatCompletionStreamResponse(OpenAIBaseModel):
 
 
 # ----- /tokenize and /detokenize (vLLM's) -------------------------------------------------
-class TokenizeRequest(OpenAIBaseModel):
+class TokenizeRequest(OpenAIRequestModel):
     """Either `prompt` (completion-style) or `messages` (rendered with the chat template first)."""
 
     model: Optional[str] = None
@@ -313,7 +358,7 @@ class TokenizeResponse(OpenAIBaseModel):
     token_strs: Optional[list[str]] = None
 
 
-class DetokenizeRequest(OpenAIBaseModel):
+class DetokenizeRequest(OpenAIRequestModel):
     model: Optional[str] = None
     tokens: list[int]
 

@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from pagedllm.engine.async_llm import EngineDeadError, RequestFailedError
 from pagedllm.entrypoints.openai.errors import OpenAIError, from_engine_error
+from pagedllm.entrypoints.openai.limits import check_request_limits
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionLogProb,
     ChatCompletionLogProbs,
@@ -52,9 +53,8 @@ class OpenAIServingChat(OpenAIServing):
         self.check_model(request.model)
         self.check_engine()
         self._check_unsupported(request)
-        text = self.render_chat(request.messages, request.add_generation_prompt, request.continue_final_message,
-                                request.chat_template, request.chat_template_kwargs, request.tools)
-        prompt = self.tokenize(text, request.add_special_tokens)
+        check_request_limits(self.limits, request, num_prompts=1)
+        prompt = await self.off_the_event_loop(self._render_and_tokenize, request)
         if request.max_completion_tokens is not None:
             param, requested = "max_completion_tokens", request.max_completion_tokens
         else:
@@ -85,6 +85,11 @@ class OpenAIServingChat(OpenAIServing):
                               param="tool_choice")
         if request.top_logprobs is not None and not request.logprobs:
             raise OpenAIError("top_logprobs needs logprobs to be true", 400, param="top_logprobs")
+
+    def _render_and_tokenize(self, request: ChatCompletionRequest) -> EnginePrompt:
+        text = self.render_chat(request.messages, request.add_generation_prompt, request.continue_final_message,
+                                request.chat_template, request.chat_template_kwargs, request.tools)
+        return self.tokenize(text, request.add_special_tokens)
 
     def render_content(self, message) -> str:
         content = message.content

@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from pagedllm.engine.async_llm import EngineDeadError, RequestFailedError
 from pagedllm.entrypoints.openai.errors import OpenAIError, from_engine_error
+from pagedllm.entrypoints.openai.limits import check_request_limits
 from pagedllm.entrypoints.openai.protocol import (
     CompletionLogProbs,
     CompletionRequest,
@@ -60,7 +61,8 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.best_of is not None and request.best_of != request.n:
             raise OpenAIError("best_of is not supported unless it equals n", 400, param="best_of")
         echo_only = request.echo and request.max_tokens == 0
-        prompts = self._prompts(request)
+        check_request_limits(self.limits, request, num_prompts=_num_prompts(request.prompt))
+        prompts = await self.off_the_event_loop(self._prompts, request)
         want_prompt_logprobs = request.prompt_logprobs
         if request.echo and request.logprobs is not None:
             want_prompt_logprobs = max(request.logprobs, request.prompt_logprobs or 0)
@@ -220,6 +222,13 @@ class OpenAIServingCompletion(OpenAIServing):
                 top.setdefault(token_text(self.tokenizer, t, step), max(lp.logprob, _MIN_LOGPROB))
             out.top_logprobs.append(top)
         return out
+
+
+def _num_prompts(prompt: Union[str, list]) -> int:
+    """How many prompts a completions `prompt` holds: a string or a list of token ids is one."""
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+        return 1
+    return len(prompt)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncGenerator, AsyncIterator, Optional, TypeVar
+from typing import Any, AsyncGenerator, AsyncIterator, Callable, Optional, TypeVar
 
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.engine.input_processor import InvalidRequestError, ProcessedRequest
 from pagedllm.entrypoints.openai.errors import OpenAIError, bad_request
+from pagedllm.entrypoints.openai.limits import ServerLimits
 from pagedllm.entrypoints.openai.protocol import ChatMessageParam, SamplingRequest
 from pagedllm.outputs import Logprob
 from pagedllm.sampling_params import SamplingParams
@@ -42,10 +44,17 @@ def random_id(prefix: str) -> str:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLM, served_model_names: list[str], chat_template: Optional[str] = None) -> None:
+    """`trust_request_chat_template`: render a `chat_template` sent with a request (vLLM's
+    `--trust-request-chat-template`); without it such a request is a 400, since a template is code the
+    server runs."""
+
+    def __init__(self, engine: AsyncLLM, served_model_names: list[str], chat_template: Optional[str] = None,
+                 limits: ServerLimits = ServerLimits(), trust_request_chat_template: bool = False) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
         self.chat_template = chat_template
+        self.limits = limits
+        self.trust_request_chat_template = trust_request_chat_template
         self.tokenizer = engine.get_tokenizer()
         self.max_model_len = engine.max_model_len
 
@@ -63,6 +72,12 @@ class OpenAIServing:
             raise OpenAIError("the engine is not running; the server cannot serve requests", 503, code="engine_dead")
 
     # ----- prompts ------------------------------------------------------------------
+    @staticmethod
+    async def off_the_event_loop(fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU-heavy work (templates, tokenizing) in a worker thread, so that the event loop keeps
+        serving every other request (and /health) meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+
     def tokenize(self, text: str, add_special_tokens: bool) -> EnginePrompt:
         return EnginePrompt(text, self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
@@ -107,21 +122,30 @@ class OpenAIServing:
         if continue_final_message and messages[-1].role != "assistant":
             raise OpenAIError("continue_final_message needs the last message to be the assistant's", 400,
                               param="continue_final_message")
-        template = chat_template or self.chat_template
+        kwargs = dict(chat_template_kwargs or {})
+        if (chat_template is not None or "chat_template" in kwargs) and not self.trust_request_chat_template:
+            raise OpenAIError("a chat_template sent with the request is refused: the server was not started with "
+                              "--trust-request-chat-template", 400, param="chat_template")
+        template = chat_template or kwargs.get("chat_template") or self.chat_template
         if template is None and not getattr(self.tokenizer, "chat_template", None):
             raise OpenAIError("this model has no chat template; start the server with --chat-template", 400,
                               param="messages")
         conversation = [_message_dict(m, i) for i, m in enumerate(messages)]
-        kwargs = dict(chat_template_kwargs or {})
         for reserved in ("conversation", "tokenize", "chat_template", "add_generation_prompt"):
             kwargs.pop(reserved, None)
         try:
-            return self.tokenizer.apply_chat_template(
+            text = self.tokenizer.apply_chat_template(
                 conversation, chat_template=template, tokenize=False, tools=tools,
                 add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message, **kwargs,
             )
         except Exception as e:  # jinja errors, template-raised exceptions, bad kwargs: all the client's input
             raise OpenAIError(f"could not apply the chat template: {e}", 400, param="messages") from e
+        limit = max_rendered_chars(self.max_model_len)
+        if len(text) > limit:
+            raise OpenAIError(f"the rendered chat template is {len(text)} characters long, more than {limit} could "
+                              f"ever fit in {self.max_model_len} tokens", 400, param="messages",
+                              code="context_length_exceeded")
+        return text
 
     # ----- sampling parameters --------------------------------------------------------
     def sampling_params(self, request: SamplingRequest, max_tokens: int, logprobs: Optional[int],
@@ -167,6 +191,12 @@ class OpenAIServing:
         except ValueError as e:
             raise bad_request(e) from e
         return params
+
+
+def max_rendered_chars(max_model_len: int) -> int:
+    """Text longer than this cannot tokenize into `max_model_len` tokens (no tokenizer averages 64
+    characters a token), so it is refused before it is tokenized."""
+    return 64 * max_model_len + 65536
 
 
 def _message_dict(message: ChatMessageParam, i: int) -> dict[str, Any]:
