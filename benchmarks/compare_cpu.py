@@ -75,12 +75,12 @@ def hf_checkpoint_from_gguf(gguf_path: str, out_dir: Path) -> Path:
 
 
 def run_engine(name: str, python: str, model: str, workload: Path, threads: int, dtype: str,
-               compile_fused_ops: bool = False, source: Path | None = None) -> dict:
+               compile_fused_ops: bool = False, source: Path | None = None, repeats: int = 1) -> dict:
     """One engine in its own process; `source`: another pagedllm checkout to import it from."""
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     script, flags = RUNNERS.get(name, (name, []))
     cmd = [python, str(HERE / "peers" / f"run_{script}.py"), "--workload", str(workload), "--model", model,
-           "--out", str(out), "--threads", str(threads), "--dtype", dtype, *flags]
+           "--out", str(out), "--threads", str(threads), "--dtype", dtype, "--repeats", str(repeats), *flags]
     if compile_fused_ops and script == "pagedllm":
         cmd.append("--compile-fused-ops")
     # pagedllm from the checkout this script is in (or the baseline's), whatever is installed
@@ -120,6 +120,8 @@ def main() -> int:
                    help="weights and KV cache of the torch engines (W1 is float32; llama.cpp always reads Q4_1)")
     p.add_argument("--compile-fused-ops", action="store_true",
                    help="pagedllm with torch.compile'd elementwise ops (LLM(compile_fused_ops=True))")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="pagedllm engines time W1 this many times in their process and report the fastest")
     p.add_argument("--pagedllm-baseline", default=None, metavar="DIR",
                    help="another pagedllm checkout; engines written NAME@baseline run NAME from it")
     p.add_argument("--output-json", default=None)
@@ -152,7 +154,7 @@ def main() -> int:
             hf_dir = hf_dir or hf_checkpoint_from_gguf(gguf, Path(gguf).parent / "hf-float32")
             model = str(hf_dir)
         result = run_engine(name, pythons[script], model, work / "workload.json", args.threads, args.dtype,
-                            args.compile_fused_ops, source=baseline if variant else None)
+                            args.compile_fused_ops, source=baseline if variant else None, repeats=args.repeats)
         result["engine_key"] = key
         if variant and "engine" in result:
             result["engine"] += f" @ {_revision(baseline)}"
@@ -196,7 +198,8 @@ def main() -> int:
     stamp = datetime.now(timezone.utc)
     record = {
         "date": stamp.isoformat(), "machine": platform.node(), "cpu_count": os.cpu_count(),
-        "workload": {k: getattr(args, k) for k in ("num_prompts", "input_min", "input_max", "output_len", "seed", "dtype", "compile_fused_ops")},
+        "workload": {k: getattr(args, k) for k in ("num_prompts", "input_min", "input_max", "output_len", "seed", "dtype",
+                                                   "compile_fused_ops", "repeats")},
         "input_tokens": in_tokens, "results": results,
         "best_peer": best["engine_key"] if best is not None else None,
     }
