@@ -80,7 +80,6 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit on first admission; -1 until then
         self.num_preemptions = 0
-        self.has_run = False  # it has been through a step that succeeded (see EngineCore.step)
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.block_size = block_size

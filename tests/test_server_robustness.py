@@ -365,6 +365,20 @@ def test_a_stalled_body_gets_a_408_and_a_stalled_head_is_closed(limited_server):
                   b"Authorization: Bearer " + server.api_key.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"pro")
         answer = s.recv(65536).decode()
     assert answer.startswith("HTTP/1.1 408"), answer
+    # A byte every 0.2 s never stalls for the 1 s timeout, yet the whole body is late: 408 all the same.
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + server.api_key.encode() + b"\r\nContent-Length: 100\r\n\r\n")
+        s.settimeout(0.2)
+        answer = b""
+        while not answer and time.monotonic() - start < 8:
+            try:
+                s.sendall(b" ")
+                answer = s.recv(65536)
+            except TimeoutError:
+                continue
+    assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - start < 3, answer
     start = time.monotonic()
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers

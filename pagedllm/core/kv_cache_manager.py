@@ -7,6 +7,9 @@ never both; after every request ends, every block is free (and possibly cached).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 from pagedllm.core.block_pool import BlockPool, KVCacheBlock
 from pagedllm.core.snapshot import BlockInfo, KVCacheState
 from pagedllm.request import Request
@@ -92,17 +95,24 @@ class KVCacheManager:
             self.block_pool.cache_block(blocks[i], request.block_hashes[i])
         self._num_cached_blocks[request.request_id] = max(start, end)
 
-    def uncache_from(self, request: Request, num_computed_tokens: int) -> None:
+    def uncache_from(self, request: Request, num_computed_tokens: int) -> set[int]:
         """Take the request's blocks past its first `num_computed_tokens` tokens out of the prefix
         cache: a step meant to fill them failed, so their K/V is not there. They are registered again
-        when a later step allocates for them."""
+        when a later step allocates for them. Returns the ids of the blocks that were registered."""
         blocks = self.req_to_blocks.get(request.request_id, [])
         first = num_computed_tokens // self.block_size
+        uncached = {block.block_id for block in blocks[first:] if block.block_hash is not None}
         for block in blocks[first:]:
             self.block_pool.uncache_block(block)
         cached = self._num_cached_blocks.get(request.request_id)
         if cached is not None:
             self._num_cached_blocks[request.request_id] = min(cached, first)
+        return uncached
+
+    def computed_block_ids(self, request: Request) -> set[int]:
+        """The blocks the request counts as computed: its full blocks below `num_computed_tokens`."""
+        blocks = self.req_to_blocks.get(request.request_id, [])
+        return {block.block_id for block in blocks[: request.num_computed_tokens // self.block_size]}
 
     def free(self, request: Request) -> list[KVCacheBlock]:
         """Release a request's blocks, tail first, so shared prefixes are evicted last.
@@ -114,6 +124,20 @@ class KVCacheManager:
         released = blocks[::-1]
         self.block_pool.free_blocks(released)
         return released
+
+    @contextmanager
+    def scratch_block(self) -> Iterator[int | None]:
+        """A free block to write throw-away K/V into, free again afterwards (None when none is).
+
+        Taking it evicts whatever prefix it cached, since its K/V is overwritten."""
+        if self.block_pool.num_free_blocks == 0:
+            yield None
+            return
+        (block,) = self.block_pool.get_new_blocks(1)
+        try:
+            yield block.block_id
+        finally:
+            self.block_pool.free_blocks([block])
 
     def get_block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_to_blocks.get(request_id, [])]

@@ -155,22 +155,26 @@ class Scheduler:
         return out
 
     def step_failed(self, scheduler_output: SchedulerOutput) -> None:
-        """Put back what a step that raised left half done, so its requests can run again.
+        """Put back what a step that raised left half done, so that each of its requests can run the
+        same chunk or decode again (alone: `schedule_alone`).
 
         The runner never saw the requests that had finished since the previous step. The blocks the
-        step was to fill hold no K/V, yet were already registered in the prefix cache (and another
-        request of the same step may have counted them as computed): they are taken out of the
-        cache, and every request of the step goes back to the waiting queue to be recomputed, as
-        after a preemption (not counted as one), keeping its place in line.
+        step was to fill hold no K/V, yet were already registered in the prefix cache: they are taken
+        out of it. A request that counted one of them as computed (a prefix hit on a block another
+        request of the same step was filling) must recompute: it goes back to the waiting queue, as
+        after a preemption (not counted as one). The others keep their blocks and their place.
         """
         self._finished_since_last_step |= scheduler_output.finished_req_ids
         requests = [self.requests[s.request_id] for s in scheduler_output.scheduled
                     if s.request_id in self.requests and self.requests[s.request_id].status == RequestStatus.RUNNING]
+        kv = self.kv_cache_manager
+        unwritten: set[int] = set()
         for request in requests:
-            self.kv_cache_manager.uncache_from(request, request.num_computed_tokens)
+            unwritten |= kv.uncache_from(request, request.num_computed_tokens)
         for request in reversed(requests):
-            self.running.remove(request)
-            self._preempt(request, count=False)
+            if kv.computed_block_ids(request) & unwritten:
+                self.running.remove(request)
+                self._preempt(request, count=False)
 
     def _preempt(self, request: Request, count: bool = True) -> None:
         """Free everything the request holds; it will recompute prompt and output later."""
@@ -226,7 +230,6 @@ class Scheduler:
             if request is None or request.status != RequestStatus.RUNNING:
                 continue
             request.num_computed_tokens += len(sched.token_ids)
-            request.has_run = True
             token_id = runner_output.sampled_token_ids.get(sched.request_id)
             if token_id is None:
                 continue

@@ -24,6 +24,7 @@ If an engine loop dies, every waiting caller gets an `EngineDeadError` and new r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncGenerator, Callable, Optional, Union
@@ -220,9 +221,13 @@ class AsyncLLM:
 
     async def generate(self, prompt: PromptType, params: SamplingParams,
                        request_id: str) -> AsyncGenerator[RequestOutput, None]:
-        """Yield the request's DELTA outputs until it finishes; closing early aborts it."""
-        async for output in self.stream(self.process_request(request_id, prompt, params)):
-            yield output
+        """Yield the request's DELTA outputs until it finishes; closing early aborts it.
+
+        The inner stream is closed with this generator (`aclosing`), not whenever the garbage
+        collector gets to it, so an early close aborts the request at once."""
+        async with contextlib.aclosing(self.stream(self.process_request(request_id, prompt, params))) as outputs:
+            async for output in outputs:
+                yield output
 
     async def stream(self, request: ProcessedRequest) -> AsyncGenerator[RequestOutput, None]:
         """Run a processed request, yielding its DELTA outputs until it finishes; closing early aborts it."""

@@ -8,8 +8,8 @@ The loop takes commands (`AddRequests`, `AbortRequests`, `GetEngineState`, `Shut
 
 A request that makes a step fail is found and failed on its own (`EngineCore.step` runs the failed
 step's requests one at a time until the culprit fails alone) and every other request carries on;
-only an error the loop cannot recover from (a dead worker, steps of requests that had all run
-before failing again and again, or a dying process) ends it, and then it says so in its last message.
+only an error the loop cannot recover from (a dead worker, steps that fail whatever runs in them,
+or a dying process) ends it, and then it says so in its last message.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from pagedllm.logger import init_logger
 
 logger = init_logger(__name__)
 
-# Steps of requests that had all run before failing this many times in a row mean the engine itself
-# is broken rather than one request's input.
+# Steps failing this many times in a row outside `EngineCore.step`'s own isolation (an error in the
+# loop's bookkeeping, not in the model) mean the engine itself is broken.
 _MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
@@ -120,10 +120,8 @@ class EngineCoreLoop:
         except ExecutorDeadError as e:  # a worker is gone: no later step can succeed
             raise EngineDeadError(str(e)) from e
         except StepFailedError as e:
-            if e.counts_against_engine:
-                self._consecutive_failures += 1
-                if self._consecutive_failures >= _MAX_CONSECUTIVE_STEP_FAILURES:
-                    raise EngineDeadError(f"the engine step failed {self._consecutive_failures} times in a row: {e}") from e
+            if e.engine_broken:
+                raise EngineDeadError(f"the engine is broken: its steps fail whatever runs ({e})") from e
             if e.culprit is None:
                 logger.warning("engine step failed (%s); running its %d request(s) one at a time to find the cause",
                                e, len(self.core.suspects))

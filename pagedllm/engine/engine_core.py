@@ -29,6 +29,8 @@ from pagedllm.engine.metrics import EngineStats
 from pagedllm.executor import Executor, ExecutorDeadError, executor_class
 from pagedllm.logger import init_logger
 from pagedllm.request import EngineCoreRequest, Request, RequestStatus
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.scheduler_output import ScheduledRequest, SchedulerOutput
 
 logger = init_logger(__name__)
 
@@ -39,13 +41,17 @@ _SUCCESS = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED
 class StepFailedError(RuntimeError):
     """A step raised. `culprit`: the request found to break steps (it ran alone and failed), which the
     caller should fail; without one, the step's requests are suspects and run alone next.
-    `counts_against_engine`: only requests that had run before were in the step, so the engine
-    itself, not a new request's input, is the likely cause."""
+    `engine_broken`: the failures are the engine's, not any request's (see `EngineCore.step`)."""
 
-    def __init__(self, message: str, culprit: str | None, counts_against_engine: bool) -> None:
+    def __init__(self, message: str, culprit: str | None, engine_broken: bool = False) -> None:
         super().__init__(message)
         self.culprit = culprit
-        self.counts_against_engine = counts_against_engine
+        self.engine_broken = engine_broken
+
+
+# Rounds of isolation in a row that find no culprit (every suspect passes alone, yet the batch keeps
+# failing) before the engine is declared broken.
+MAX_UNEXPLAINED_ROUNDS = 3
 
 
 class EngineCore:
@@ -67,6 +73,9 @@ class EngineCore:
         self.preemptions = PreemptionLog()
         # Requests of a step that raised, each to run alone until the one that breaks steps is found.
         self.suspects: dict[str, None] = {}
+        self._round_found_culprit = False
+        self._last_round_unexplained = False
+        self._unexplained_rounds = 0
         logger.info("Engine core ready in %.2f s", time.perf_counter() - start)
 
     def _initialize_kv_cache(self) -> int:
@@ -121,9 +130,13 @@ class EngineCore:
         """Schedule, run the model, update the sequences; what each sequence got this step.
 
         A step that raises is put back (`Scheduler.step_failed`) and its requests become suspects:
-        the next steps run each of them alone, so the one that breaks steps is found and its caller
-        fails it (`StepFailedError.culprit`) while the others carry on. A dead worker is not a
-        request's fault and is raised as it is.
+        the next steps run each of them alone, on the same chunk or decode that failed, so the one
+        that breaks steps is found and its caller fails it (`StepFailedError.culprit`) while the
+        others carry on. Whether a request that fails alone is at fault, or the engine is, a step of
+        made-up input decides (`_probe_passes`): if that fails too, the engine is declared broken
+        (`engine_broken`), however few or many requests ran before. So is an engine whose batches
+        keep failing though each of their requests passes alone. A dead worker is not a request's
+        fault and is raised as it is.
         """
         scheduler = self.scheduler
         suspect = self._next_suspect()
@@ -135,16 +148,14 @@ class EngineCore:
         except ExecutorDeadError:
             raise
         except Exception as e:
-            ids = [s.request_id for s in sched_out.scheduled]
-            proven = all(scheduler.requests[i].has_run for i in ids if i in scheduler.requests)
-            scheduler.step_failed(sched_out)
-            if suspect is not None and ids == [suspect]:
-                self.suspects.pop(suspect, None)
-                raise StepFailedError(f"{type(e).__name__}: {e}", suspect, proven) from e
-            self.suspects.update(dict.fromkeys(ids))
-            raise StepFailedError(f"{type(e).__name__}: {e}", None, proven) from e
-        if suspect is not None:
+            raise self._step_failed(e, sched_out, suspect) from e
+        if suspect is None:
+            self._unexplained_rounds = 0
+            self._last_round_unexplained = False
+        else:
             self.suspects.pop(suspect, None)
+            if not self.suspects:  # the round is over
+                self._last_round_unexplained = not self._round_found_culprit
         self.num_steps += 1
         updated = scheduler.update_from_output(sched_out, runner_out)
         outputs: dict[str, EngineCoreOutput] = {}
@@ -166,6 +177,46 @@ class EngineCore:
             output.new_prompt_logprobs = prompt_logprobs
         self.history.maybe_record(self.stats)
         return list(outputs.values())
+
+    def _step_failed(self, error: Exception, sched_out, suspect: str | None) -> StepFailedError:
+        """Put the failed step back, update the isolation state, and say what the caller should do."""
+        ids = [s.request_id for s in sched_out.scheduled]
+        self.scheduler.step_failed(sched_out)
+        message = f"{type(error).__name__}: {error}"
+        if suspect is not None and ids == [suspect]:
+            self.suspects.pop(suspect, None)
+            self._round_found_culprit = True
+            return StepFailedError(message, suspect, engine_broken=not self._probe_passes())
+        if self._last_round_unexplained:
+            self._unexplained_rounds += 1
+        self._last_round_unexplained = False
+        self._round_found_culprit = False
+        self.suspects.update(dict.fromkeys(ids))
+        return StepFailedError(message, None, engine_broken=self._unexplained_rounds >= MAX_UNEXPLAINED_ROUNDS)
+
+    def _probe_passes(self) -> bool:
+        """Run one step of made-up input: a one-token prompt, greedy, written into a free block.
+
+        A request that fails alone may be bad input or may be the first to meet an engine that broke
+        (a kernel that now always raises, a device in a bad state); counting failures cannot tell
+        the two apart when bad requests come one after another. A step no request shaped can: if it
+        fails too, the engine is broken. With no free block to write into, the request is blamed.
+        """
+        with self.kv_cache_manager.scratch_block() as block_id:
+            if block_id is None:
+                return True
+            probe = ScheduledRequest(request_id="engine-core-probe", token_ids=[0], num_computed_tokens=0,
+                                     block_ids=[block_id], sampling_params=SamplingParams(temperature=0.0),
+                                     prompt_token_ids=[0], output_token_ids=[], sample=True)
+            try:
+                self.model_executor.execute_model(SchedulerOutput([probe], num_batched_tokens=1))
+            except ExecutorDeadError:
+                raise
+            except Exception as e:
+                logger.error("a step of made-up input fails too (%s: %s): the engine is broken",
+                             type(e).__name__, e)
+                return False
+        return True
 
     def _next_suspect(self) -> str | None:
         """The first suspect still in the scheduler (finished or aborted ones are dropped)."""

@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 from pagedllm.config import EngineConfig
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.core_client import InprocClient
+from pagedllm.engine.engine_core import StepFailedError
 from pagedllm.engine.engine_state import EngineState
 from pagedllm.engine.input_processor import InputProcessor, PromptType
 from pagedllm.engine.metrics import Metric, StatLogger, collect_metrics
@@ -64,8 +65,17 @@ class LLMEngine:
 
     # ----- the step -----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one engine-core step; return the outputs of requests that advanced."""
-        core_outputs = self.engine_core.get_output()
+        """Run one engine-core step; return the outputs of requests that advanced.
+
+        A step that raises is raised (`StepFailedError`); when the core has found the request that
+        breaks steps, that request is aborted first, so a caller that catches the error and steps on
+        is left with the others (the core runs a failed step's requests alone until it finds one)."""
+        try:
+            core_outputs = self.engine_core.get_output()
+        except StepFailedError as e:
+            if e.culprit is not None:
+                self.abort_request(self.output_processor.parent_of(e.culprit))
+            raise
         processed = self.output_processor.process_outputs(core_outputs.outputs)
         if processed.reqs_to_abort:  # stop strings: the core ends them before its next step
             self.engine_core.abort_requests(processed.reqs_to_abort, RequestStatus.FINISHED_STOPPED)

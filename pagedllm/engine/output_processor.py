@@ -60,6 +60,9 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.requests: dict[str, RequestState] = {}
         self._parent_of: dict[str, tuple[str, int]] = {}  # sequence id -> (request id, index)
+        # Token id -> its text alone, for logprobs: 20 candidates per position add up, and the
+        # vocabulary bounds this.
+        self._token_text: dict[int, str] = {}
 
     def add_request(self, request: ProcessedRequest) -> None:
         params = request.params
@@ -211,12 +214,18 @@ class OutputProcessor:
             stop_reason=s.stop_reason,
         )
 
+    def _text_of(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return text
+
     def _to_logprob_dicts(self, lp: TokenLogprobs) -> list[dict[int, Logprob]]:
         out = []
         for ids, lps, ranks in zip(lp.token_ids, lp.logprobs, lp.ranks):
             entry: dict[int, Logprob] = {}
             for t, v, r in zip(ids, lps, ranks):
                 if t not in entry:
-                    entry[t] = Logprob(v, r, self.tokenizer.decode([t]))
+                    entry[t] = Logprob(v, r, self._text_of(t))
             out.append(entry)
         return out

@@ -133,6 +133,8 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
 
     add_dashboard_routes(app, engine, names[0])
 
+    # Middleware added last runs first: CORS, then the API key (so that no unauthenticated body is
+    # read), then the body limits, then the routes.
     limits = settings.limits
     app.add_middleware(RequestSizeLimitMiddleware, max_bytes=limits.max_request_body_bytes,
                        body_timeout_s=limits.request_body_timeout_s)

@@ -2,7 +2,7 @@
 
 A server shared by many clients must not let one request slow or stop the others. Bytes are bounded
 before the body is read (`RequestSizeLimitMiddleware`: a 413, checked on the declared length and
-again while a body without one streams in, and a 408 for a body that stalls); work is bounded once
+again while a body without one streams in, and a 408 for a body not whole in time); work is bounded once
 the body is parsed (`check_request_limits`: prompts per request, sequences per request, stop
 strings). Every limit is a `pagedllm serve` flag; `docs/serving.md` lists them with their defaults
 and what a client sees when it hits one.
@@ -28,7 +28,8 @@ class ServerLimits:
     # A connection that has not sent a whole request line and headers this long after connecting (or
     # after its previous response) is closed, so idle or trickling clients hold no connection for good.
     request_head_timeout_s: float = 10.0
-    # A body that stops arriving for this long is cut off (408), so a stalled client holds nothing.
+    # A body not whole this long after its head is cut off (408): a client trickling bytes, or one
+    # that stalled, holds nothing for longer.
     request_body_timeout_s: float = 30.0
     # vLLM's limit on a completions prompt list (VLLM_MAX_COMPLETION_PROMPTS).
     max_prompts_per_request: int = 1024
@@ -50,7 +51,7 @@ def add_limit_args(parser: argparse.ArgumentParser) -> None:
         "max_request_body_bytes": "largest request body in bytes; a larger one gets a 413",
         "request_head_timeout_s": "seconds a connection may take to send a request's line and headers before it is "
                                   "closed",
-        "request_body_timeout_s": "seconds a request body may stall before the server gives up on it (408)",
+        "request_body_timeout_s": "seconds a request body may take to arrive, whole, before the server gives up on it (408)",
         "max_prompts_per_request": "most prompts in one completions request",
         "max_sequences_per_request": "most sequences one request may start: prompts x n",
         "max_stop_strings": "most stop strings in one request",
@@ -130,7 +131,8 @@ def http_protocol(head_timeout_s: float) -> type:
 
 class RequestSizeLimitMiddleware:
     """413 for a body over the limit: at once when its Content-Length says so, else as soon as the
-    bytes received pass it; 408 when a body stops arriving. The body is read here, whole, before the
+    bytes received pass it; 408 when the whole body has not arrived within the timeout (one deadline
+    for the body, not per chunk, so a byte every few seconds cannot hold a connection for hours). The body is read here, whole, before the
     route runs (FastAPI reads it whole too), so the route never sees a request cut short."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, body_timeout_s: float) -> None:
@@ -146,11 +148,12 @@ class RequestSizeLimitMiddleware:
             return await self._refuse(scope, receive, send, self._too_large())
         chunks: list[bytes] = []
         received = 0
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
         while True:
             try:
-                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
             except asyncio.TimeoutError:
-                error = OpenAIError(f"the request body stalled for {self.body_timeout_s:g} s "
+                error = OpenAIError(f"the request body did not arrive whole within {self.body_timeout_s:g} s "
                                     "(--request-body-timeout-s)", 408)
                 return await self._refuse(scope, receive, send, error)
             if message["type"] != "http.request":  # the client left before sending its body
