@@ -308,9 +308,9 @@ _BAD_REQUESTS = [
     ("/v1/completions", {"prompt": PROMPT, "stop_token_ids": [99999999]}, 400, "stop_token_ids", None),
     ("/v1/completions", {"prompt": PROMPT, "temperature": 2.5}, 400, "temperature", None),
     ("/v1/completions", {"prompt": PROMPT, "stream_options": {"include_usage": True}}, 400, "stream_options", None),
-    ("/v1/completions", b'{"prompt": "Hi \\ud800"}', 400, None, None),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user\\udfff", "content": "hi"}]}', 400, None, None),
-    ("/tokenize", b'{"prompt": "\\ud83d"}', 400, None, None),
+    ("/v1/completions", b'{"prompt": "Hi \\ud800"}', 400, "prompt", None),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user\\udfff", "content": "hi"}]}', 400, "messages.0.role", None),
+    ("/tokenize", b'{"prompt": "\\ud83d"}', 400, "prompt", None),
     # bounded work per request
     ("/v1/completions", {"prompt": PROMPT, "stop": [f"s{i}" for i in range(17)]}, 400, "stop", None),
     ("/v1/completions", {"prompt": PROMPT, "stop": ["x" * 1025]}, 400, "stop", None),

@@ -88,7 +88,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]
     first = errors[0]
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
-    param = ".".join(_param_path(first.get("loc", ()))) or None
+    param = ".".join(_param_path(first.get("loc", ()))) or first.get("ctx", {}).get("param") or None
     parts = []
     for err in errors[:5]:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")

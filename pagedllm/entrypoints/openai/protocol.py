@@ -14,6 +14,7 @@ import time
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 # Seeds are passed to torch generators, which take 64-bit integers.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -36,8 +37,9 @@ class OpenAIRequestModel(OpenAIBaseModel):
             return data
         where = _lone_surrogate(data)
         if where is not None:
-            raise ValueError(f"{where or 'the request'} holds a lone surrogate code point, which is not valid "
-                             "Unicode text")
+            # A custom error, so that the 400 names the field (`param`) this whole-body check found.
+            raise PydanticCustomError("lone_surrogate", "{param} holds a lone surrogate code point, which is not "
+                                      "valid Unicode text", {"param": where or "the request"})
         return {k: v for k, v in data.items() if not (v is None and k in cls.model_fields)}
 
 
