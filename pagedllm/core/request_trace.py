@@ -27,7 +27,6 @@ from pagedllm.core.block_pool import KVCacheBlock
 from pagedllm.request import Request
 from pagedllm.logger import init_logger
 
-TRACE_ENV = "PAGEDLLM_TRACE"  # the default of EngineArgs.trace
 TRACE_LOGGER = "pagedllm.trace"
 
 

@@ -117,14 +117,7 @@ class Scheduler:
             scheduled.append((request, num_new))
             budget -= num_new
 
-        out = SchedulerOutput(
-            scheduled=[self._make_scheduled(r, n) for r, n in scheduled],
-            num_batched_tokens=self.config.max_num_batched_tokens - budget,
-            finished_req_ids=self._finished_since_last_step,
-            preempted_req_ids=preempted,
-        )
-        self._finished_since_last_step = set()
-        return out
+        return self._output(scheduled, preempted)
 
     def schedule_alone(self, request_id: str) -> SchedulerOutput:
         """A step for one request only, whichever queue it is in: how a step that failed finds which
@@ -146,10 +139,15 @@ class Scheduler:
                 self.waiting.remove(request)
                 self._admit(request, hits, num_hit_tokens, num_new, new_blocks)
                 scheduled.append((request, num_new))
+        return self._output(scheduled, set())
+
+    def _output(self, scheduled: list[tuple[Request, int]], preempted: set[str]) -> SchedulerOutput:
+        """The step's decisions for the runner; the requests ended since the last step go with them once."""
         out = SchedulerOutput(
             scheduled=[self._make_scheduled(r, n) for r, n in scheduled],
             num_batched_tokens=sum(n for _, n in scheduled),
             finished_req_ids=self._finished_since_last_step,
+            preempted_req_ids=preempted,
         )
         self._finished_since_last_step = set()
         return out

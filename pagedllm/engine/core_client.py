@@ -42,14 +42,7 @@ class InprocClient:
         self.core = EngineCore(config)
 
     def add_requests(self, requests: list[EngineCoreRequest]) -> None:
-        added: list[str] = []
-        try:
-            for request in requests:
-                self.core.add_request(request)
-                added.append(request.request_id)
-        except BaseException:
-            self.core.abort_requests(added)
-            raise
+        self.core.add_requests(requests)
 
     def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         self.core.abort_requests(request_ids, status)

@@ -96,15 +96,11 @@ class EngineCoreLoop:
             result.engine_state_error = f"could not take the engine-state snapshot: {e!r}"
 
     def _add(self, command: AddRequests, result: EngineCoreOutputs) -> None:
-        """All of one user request's sequences, or none of them."""
-        added: list[str] = []
+        """All of one user request's sequences, or none of them (`EngineCore.add_requests`)."""
         try:
-            for request in command.requests:
-                self.core.add_request(request)
-                added.append(request.request_id)
+            self.core.add_requests(command.requests)
         except Exception as e:  # the request must not take the loop down with it
             logger.exception("adding request %s failed", command.requests[0].request_id)
-            self.core.abort_requests(added)
             status = 400 if isinstance(e, ValueError) else 500
             message = str(e) if status == 400 else f"the engine could not add the request: {e}"
             result.errors.extend(RequestError(r.request_id, message, status) for r in command.requests)

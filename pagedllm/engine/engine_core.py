@@ -108,6 +108,18 @@ class EngineCore:
     def add_request(self, request: EngineCoreRequest) -> None:
         self.scheduler.add_request(Request.from_engine_core_request(request, self.config.cache_config.block_size))
 
+    def add_requests(self, requests: Iterable[EngineCoreRequest]) -> None:
+        """The sequences of one user request (n of them for n > 1): all added, or, if one cannot be,
+        none (those already in are taken out again) and the error raised."""
+        added: list[str] = []
+        try:
+            for request in requests:
+                self.add_request(request)
+                added.append(request.request_id)
+        except BaseException:
+            self.abort_requests(added)
+            raise
+
     def abort_requests(self, request_ids: Iterable[str],
                        status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         """End sequences the frontend is done with (ids the core no longer has are ignored)."""

@@ -29,8 +29,7 @@ from pagedllm.logger import init_logger
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.scheduler_output import ScheduledRequest
 from pagedllm.utils import cdiv
-
-KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
+from pagedllm.worker.kv_cache import KVCaches
 
 logger = init_logger(__name__)
 

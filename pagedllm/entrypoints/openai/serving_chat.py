@@ -64,10 +64,8 @@ class OpenAIServingChat(OpenAIServing):
             logprobs = request.top_logprobs or 0
         params = self.sampling_params(request, self.default_max_tokens(requested), logprobs, request.prompt_logprobs)
         request_id = random_id("chatcmpl")
-        processed = self._check(
-            lambda: self.engine.process_request(request_id, prompt.as_engine_input(), params,
-                                                max_tokens_param=param if requested is not None else None),
-            {"prompt": "messages", "logprobs": "top_logprobs"})
+        processed = self.process(request_id, prompt, params, param if requested is not None else None,
+                                 rename={"prompt": "messages", "logprobs": "top_logprobs"})
         echo = ""
         if request.echo and request.messages[-1].role == _ROLE:
             echo = self.render_content(request.messages[-1])

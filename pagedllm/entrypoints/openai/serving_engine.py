@@ -86,15 +86,16 @@ class OpenAIServing:
         return EnginePrompt(None, list(token_ids))
 
     def process(self, request_id: str, prompt: EnginePrompt, params: SamplingParams, explicit_max_tokens: Optional[str],
-                prompt_param: str = "prompt") -> ProcessedRequest:
-        """The engine's checks of one prompt (`InputProcessor.process`), as 400s naming the parameter.
+                rename: Optional[dict[str, str]] = None) -> ProcessedRequest:
+        """The engine's checks of one prompt (`InputProcessor.process`), as 400s naming the parameter
+        (`rename`: the engine's name for it -> this route's, e.g. chat's `messages` for `prompt`).
         `explicit_max_tokens` names the field the client set `max_tokens` through, if it did: asking
         for more than the context leaves is then an error, as OpenAI's server makes it."""
         def process() -> ProcessedRequest:
             return self.engine.process_request(request_id, prompt.as_engine_input(), params,
                                                max_tokens_param=explicit_max_tokens)
 
-        return self._check(process, {"prompt": prompt_param})
+        return self._check(process, rename)
 
     def default_max_tokens(self, requested: Optional[int]) -> Optional[int]:
         """What the client asked for, else the model's generation-config default, else None (the
