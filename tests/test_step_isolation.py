@@ -7,6 +7,8 @@ the engine loop (`EngineCoreLoop`) is driven one iteration at a time, as the ser
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 
 from pagedllm import LLM, SamplingParams
@@ -30,11 +32,10 @@ def expected(llm):
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
 
 
-def run_loop(llm: LLM, fault, max_iterations: int = 400, prompts: list[str] = PROMPTS):
-    """Add every prompt, run the loop with `fault(scheduler_output)` able to raise, collect each
-    request's tokens and errors; raises EngineDeadError if the loop declares the engine dead."""
-    core = llm.llm_engine.engine_core.core
-    executor = core.model_executor
+@contextmanager
+def faults(llm: LLM, fault):
+    """While inside, every step first calls `fault(scheduler_output)`, which may raise."""
+    executor = llm.llm_engine.engine_core.core.model_executor
     original = executor.execute_model
 
     def faulty(scheduler_output):
@@ -42,26 +43,47 @@ def run_loop(llm: LLM, fault, max_iterations: int = 400, prompts: list[str] = PR
         return original(scheduler_output)
 
     executor.execute_model = faulty
+    try:
+        yield
+    finally:
+        executor.execute_model = original
+
+
+def breaks_steps(llm: LLM, prompt: str):
+    """A fault: every step holding a request for `prompt` raises (recognised by its token ids)."""
+    bad_ids = llm.llm_engine.input_processor.process("x", prompt, PARAMS).core_requests[0].prompt_token_ids
+
+    def fault(sched):
+        if any(s.prompt_token_ids == bad_ids for s in sched.scheduled):
+            raise RuntimeError("injected: this prompt breaks steps")
+
+    return fault
+
+
+def run_loop(llm: LLM, fault, max_iterations: int = 400, prompts: list[str] = PROMPTS):
+    """Add every prompt, run the loop with `fault(scheduler_output)` able to raise, collect each
+    request's tokens and errors; raises EngineDeadError if the loop declares the engine dead."""
+    core = llm.llm_engine.engine_core.core
     loop = EngineCoreLoop(core)
     tokens: dict[str, list[int]] = {}
     errors: dict[str, str] = {}
     try:
-        commands = []
-        for i, prompt in enumerate(prompts):
-            request = llm.llm_engine.input_processor.process(f"r{i}", prompt, PARAMS)
-            commands.append(AddRequests(request.core_requests))
-            tokens[f"r{i}"] = []
-        for _ in range(max_iterations):
-            result, _ = loop.run_iteration(commands)
+        with faults(llm, fault):
             commands = []
-            for out in result.outputs:
-                tokens[out.request_id] += out.new_token_ids
-            for error in result.errors:
-                errors[error.request_id] = error.message
-            if not core.has_unfinished_requests():
-                break
+            for i, prompt in enumerate(prompts):
+                request = llm.llm_engine.input_processor.process(f"r{i}", prompt, PARAMS)
+                commands.append(AddRequests(request.core_requests))
+                tokens[f"r{i}"] = []
+            for _ in range(max_iterations):
+                result, _ = loop.run_iteration(commands)
+                commands = []
+                for out in result.outputs:
+                    tokens[out.request_id] += out.new_token_ids
+                for error in result.errors:
+                    errors[error.request_id] = error.message
+                if not core.has_unfinished_requests():
+                    break
     finally:
-        executor.execute_model = original
         core.abort_requests(core.unfinished_request_ids())
     assert core.kv_cache_manager.usage() == 0  # every block free or cached again
     return tokens, errors
@@ -93,12 +115,7 @@ def test_bad_requests_one_after_another_each_fail_alone_and_the_engine_lives(eng
     """Five requests that break every step they are in, each arriving on an idle engine: no step
     succeeds between them, yet each is failed alone (a step of made-up input still passes), and the
     engine then answers exactly."""
-    bad_ids = engine_llm.llm_engine.input_processor.process("x", PROMPTS[1], PARAMS).core_requests[0].prompt_token_ids
-
-    def fault(sched):
-        if any(s.prompt_token_ids == bad_ids for s in sched.scheduled):
-            raise RuntimeError("injected: this prompt breaks steps")
-
+    fault = breaks_steps(engine_llm, PROMPTS[1])
     for _ in range(5):
         tokens, errors = run_loop(engine_llm, fault, prompts=[PROMPTS[1]])
         assert set(errors) == {"r0"} and "injected" in errors["r0"]
@@ -123,17 +140,8 @@ def test_llm_engine_users_who_catch_step_errors_and_step_on_get_the_others_exact
     from pagedllm.engine.engine_core import StepFailedError
 
     engine = engine_llm.llm_engine
-    bad_ids = engine.input_processor.process("x", PROMPTS[1], PARAMS).core_requests[0].prompt_token_ids
-    executor = engine.engine_core.core.model_executor
-    original = executor.execute_model
-
-    def faulty(sched):
-        if any(s.prompt_token_ids == bad_ids for s in sched.scheduled):
-            raise RuntimeError("injected: this prompt breaks steps")
-        return original(sched)
-
-    executor.execute_model = faulty
-    try:
+    fault = breaks_steps(engine_llm, PROMPTS[1])
+    with faults(engine_llm, fault):
         for i, prompt in enumerate(PROMPTS):
             engine.add_request(f"q{i}", prompt, PARAMS)
         finished, culprits = {}, []
@@ -146,8 +154,6 @@ def test_llm_engine_users_who_catch_step_errors_and_step_on_get_the_others_exact
                 culprits.append(e.culprit)
                 continue
             finished.update({o.request_id: o.outputs[0].token_ids for o in outputs if o.finished})
-    finally:
-        executor.execute_model = original
     assert culprits[-1] == "q1" and not engine.has_unfinished_requests()
     assert finished == {f"q{i}": expected[i] for i in (0, 2, 3)}
     assert engine.engine_core.core.kv_cache_manager.usage() == 0
