@@ -17,17 +17,13 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
-
+import server_process
 from pagedllm import LLM, SamplingParams
 from pagedllm.benchmarks.datasets import random_requests
 from pagedllm.benchmarks.serve import run_serve
@@ -37,39 +33,19 @@ RESULTS = ROOT / "benchmarks" / "results"
 NUM_OUTPUT = 64
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model: str | None, mode: str, threads: int, max_model_len: int,
                  dtype: str = "float32", kv_cache_dtype: str = "auto",
                  max_num_batched_tokens: int | None = None, quantization: str | None = None,
                  ) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli.main", "serve", *([model] if model else []),
-           "--port", str(port), "--engine-core", mode, "--max-model-len", str(max_model_len), "--dtype", dtype,
-           "--kv-cache-dtype", kv_cache_dtype,
-           *(["--max-num-batched-tokens", str(max_num_batched_tokens)] if max_num_batched_tokens else []),
-           *(["--quantization", quantization] if quantization else []),
-           "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PAGEDLLM_LOGGING_LEVEL": "WARNING"}
+    args = [*([model] if model else []), "--engine-core", mode, "--max-model-len", str(max_model_len),
+            "--dtype", dtype, "--kv-cache-dtype", kv_cache_dtype,
+            *(["--max-num-batched-tokens", str(max_num_batched_tokens)] if max_num_batched_tokens else []),
+            *(["--quantization", quantization] if quantization else []),
+            "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
+    env = {"OMP_NUM_THREADS": str(threads), "PAGEDLLM_LOGGING_LEVEL": "WARNING"}
     log = tempfile.NamedTemporaryFile("w", prefix="server-frontend-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}); see {log.name}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError(f"server not healthy; see {log.name}")
+    log.close()
+    return server_process.start_server(args, log.name, env)
 
 
 def bench_args(url: str, vocab: int, num_prompts: int, concurrency: int, seed: int) -> argparse.Namespace:
@@ -116,11 +92,8 @@ def main() -> None:
 
     rows = []
     for name in args.models.split(","):
-        if name == "tiny":
-            sys.path.insert(0, str(ROOT / "tests"))
-            from conftest import build_checkpoint  # the tests' tiny Llama (vocab 388)
-
-            model, vocab, max_model_len = build_checkpoint(tempfile.mkdtemp(prefix="tiny-llama-"), "llama"), 300, 512
+        if name == "tiny":  # the tests' tiny Llama (vocab 388)
+            model, vocab, max_model_len = server_process.tiny_model(tempfile.mkdtemp(prefix="tiny-llama-")), 300, 512
         else:
             model, vocab, max_model_len = None, 32000, 512
         for concurrency in [int(c) for c in args.concurrency.split(",")]:
@@ -136,8 +109,7 @@ def main() -> None:
                         run_serve(bench_args(url, vocab, 2, concurrency, seed=99))  # warm-up
                         report = run_serve(bench_args(url, vocab, num_prompts, concurrency, seed=1))
                     finally:
-                        proc.send_signal(signal.SIGTERM)
-                        proc.wait(60)
+                        server_process.stop_server(proc)
                     rows.append({"model": name, "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
                                  "quantization": args.quantization,
                                  "max_num_batched_tokens": args.max_num_batched_tokens, "engine_core": mode, "concurrency": concurrency, "repeat": repeat,

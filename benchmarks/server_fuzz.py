@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,42 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+from server_process import HERE, idle_metrics, start_server, stop_server, tiny_model
 
-HERE = Path(__file__).resolve().parent
 API_KEY = "fuzz-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tiny_model(directory: Path) -> str:
-    """The tests' tiny random Llama, built here (no hub)."""
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    from conftest import build_checkpoint
-
-    return build_checkpoint(str(directory), "llama")
-
-
-def start_server(model: str, port: int, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli.main", "serve", model, "--port", str(port),
-           "--api-key", API_KEY, "--max-model-len", "256", "--max-sequences-per-request", "8",
-           "--max-prompts-per-request", "8", "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited ({proc.returncode}); see {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit(f"the server did not start; see {log}")
 
 
 def main() -> int:
@@ -79,10 +42,11 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="pagedllm-fuzz-"))
     model = args.model or tiny_model(work / "tiny")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    proc = start_server(model, port, work / "server.log")
+    proc, base = start_server(
+        [model, "--api-key", API_KEY, "--max-model-len", "256", "--max-sequences-per-request", "8",
+         "--max-prompts-per-request", "8", "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"],
+        work / "server.log", env={"OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + args.time_limit
     statuses: dict[str, Counter] = {}
     failures: list[dict] = []
@@ -119,17 +83,9 @@ def main() -> int:
         after = httpx.post(base + "/v1/completions", json={"prompt": "Hello", "max_tokens": 4}, headers=headers,
                            timeout=60)
         healthy = httpx.get(base + "/health", timeout=10).status_code == 200
-        usage = None
-        for _ in range(100):
-            text = httpx.get(base + "/metrics", timeout=10).text
-            usage = sum(float(line.split()[-1]) for line in text.splitlines()
-                        if line.startswith("pagedllm:kv_cache_usage_perc{"))
-            if usage == 0:
-                break
-            time.sleep(0.2)
+        usage = idle_metrics(base).get("pagedllm:kv_cache_usage_perc")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        stop_server(proc)
 
     print(f"\n{'operation':<36}{'requests':>10}  statuses")
     for label, counts in statuses.items():

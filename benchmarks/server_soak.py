@@ -22,8 +22,6 @@ import os
 import platform
 import random
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,8 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+from server_process import HERE, idle_metrics, start_server, stop_server, tiny_model
 
-HERE = Path(__file__).resolve().parent
 API_KEY = "soak-key"
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 BAD_BODIES = [
@@ -41,12 +39,6 @@ BAD_BODIES = [
     {"prompt": "x", "max_tokens": 10**6}, {"prompt": "x", "stop": ["s"] * 40}, {"prompt": "x", "guided_regex": "a"},
     {"prompt": "x", "stream_options": {"include_usage": True}}, {"messages": "not a list"},
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mib(pid: int) -> float:
@@ -212,27 +204,11 @@ def main() -> int:
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="pagedllm-soak-"))
-    model = args.model
-    if model is None:
-        sys.path.insert(0, str(HERE.parent / "tests"))
-        from conftest import build_checkpoint
-
-        model = build_checkpoint(str(work / "tiny"), "llama")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = work / "server.log"
-    proc = subprocess.Popen([sys.executable, "-m", "pagedllm.entrypoints.cli.main", "serve", model, "--port", str(port),
-                             "--api-key", API_KEY, "--max-model-len", "512", "--kv-cache-memory-bytes", str(256 << 20),
-                             "--disable-uvicorn-access-log",
-                             "--uvicorn-log-level", "warning"],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    model = args.model or tiny_model(work / "tiny")
+    proc, base = start_server([model, "--api-key", API_KEY, "--max-model-len", "512", "--kv-cache-memory-bytes",
+                               str(256 << 20), "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"],
+                              work / "server.log")
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         engine_pid = engine_core_pid(proc.pid)
         # warm-up, then the memory the soak starts from
         httpx.post(base + "/v1/completions", headers=HEADERS, json={"prompt": "warm up", "max_tokens": 8}, timeout=60)
@@ -255,25 +231,14 @@ def main() -> int:
 
         asyncio.run(soak())
         elapsed = time.monotonic() - start
-        usage = running = None
-        for _ in range(200):
-            metrics = httpx.get(base + "/metrics", timeout=10).text
-            values = {line.split("{")[0]: float(line.split()[-1]) for line in metrics.splitlines()
-                      if line.startswith("pagedllm:") and "{" in line}
-            usage, running = values.get("pagedllm:kv_cache_usage_perc"), values.get("pagedllm:num_requests_running")
-            if usage == 0 and running == 0:
-                break
-            time.sleep(0.1)
+        values = idle_metrics(base)
+        usage, running = values.get("pagedllm:kv_cache_usage_perc"), values.get("pagedllm:num_requests_running")
         rss_end = {"server": rss_mib(proc.pid), "engine_core": rss_mib(engine_pid)}
         duplicates = [i for i, n in tally.ids.items() if n > 1]
         kill = asyncio.run(kill_engine_mid_stream(base, engine_pid))
         server_alive = proc.poll() is None
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
 
     total = sum(tally.outcomes.values())
     print(f"\nsoak: {args.clients} clients for {elapsed:.0f} s, {total} requests ({total / elapsed:.1f}/s), "
