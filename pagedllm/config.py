@@ -215,6 +215,7 @@ class EngineConfig:
     scheduler_config: SchedulerConfig
     device: torch.device
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    structured_outputs_backend: str = "auto"  # the grammar engine of structured outputs ("auto": xgrammar)
 
     @property
     def kv_cache_dtype(self) -> torch.dtype:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from pagedllm.sampling_params import SamplingParams
 
@@ -51,6 +51,9 @@ class EngineCoreRequest:
     sampling_params: SamplingParams
     max_tokens: int
     arrival_time: float
+    # With a reasoning parser and a structured-output constraint: the token that ends the reasoning,
+    # after which the constraint applies (None: it applies from the first token).
+    reasoning_end_token_id: Optional[int] = None
 
 
 class Request:
@@ -69,6 +72,7 @@ class Request:
         max_tokens: int,
         block_size: int,
         arrival_time: Optional[float] = None,
+        reasoning_end_token_id: Optional[int] = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -85,11 +89,14 @@ class Request:
         self.block_size = block_size
         self.block_hashes: list[tuple] = []
         self._update_block_hashes()
+        self.reasoning_end_token_id = reasoning_end_token_id
+        # Set by the engine core's StructuredOutputManager for a request with a constraint.
+        self.structured_output_request: Optional[Any] = None
 
     @classmethod
     def from_engine_core_request(cls, request: EngineCoreRequest, block_size: int) -> "Request":
         return cls(request.request_id, request.prompt_token_ids, request.sampling_params, request.max_tokens,
-                   block_size, request.arrival_time)
+                   block_size, request.arrival_time, request.reasoning_end_token_id)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -7,7 +7,7 @@ output processor) can trust the values.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union
 
 # Below this temperature a request is treated as greedy, as in vLLM.
@@ -19,7 +19,6 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 _UNSUPPORTED_FIELDS = {
-    "structured_outputs": "structured outputs: JSON schemas, regexes, grammars, choices",
     "bad_words": "bad-word lists",
     "logprob_token_ids": "logprobs of chosen token ids",
     "prompt_logprob_token_ids": "prompt logprobs of chosen token ids",
@@ -28,6 +27,58 @@ _UNSUPPORTED_FIELDS = {
     "watermarking": "watermarking",
     "extra_args": "extra arguments for custom logits processors",
 }
+
+
+# The constraint kinds of `StructuredOutputsParams`, in vLLM's order; a request sets exactly one.
+STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """What the output must match (vLLM's `StructuredOutputsParams`): exactly one of a JSON schema
+    (`json`, a dict or its JSON text), a regular expression, a list of choices, an EBNF grammar, any
+    JSON object (`json_object=True`) or an xgrammar structural tag (JSON text).
+
+    Only the shape is checked here; whether the grammar engine can compile the constraint is checked
+    by the frontend before the request reaches the engine (`structured_output/backend_xgrammar.py`).
+    """
+
+    json: Optional[Union[str, dict]] = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+    structural_tag: Optional[str] = None
+    # Options of the JSON constraint.
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        kinds = [k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) is not None]
+        if len(kinds) > 1:
+            raise ValueError("You can only use one kind of structured outputs constraint but multiple are "
+                             f"specified: {', '.join(kinds)}.")
+        if not kinds:
+            raise ValueError("You must use one kind of structured outputs constraint but none are specified "
+                             f"(one of {', '.join(STRUCTURED_OUTPUT_KINDS)}).")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (an object or its JSON text), "
+                             f"got {type(self.json).__name__}.")
+        for name in ("regex", "grammar", "structural_tag", "whitespace_pattern"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"structured_outputs.{name} must be a string, got {type(value).__name__}.")
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                        or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError(f"structured_outputs.choice must be a non-empty list of strings, got {_short(self.choice)}.")
+        if self.json_object is not None and self.json_object is not True:
+            raise ValueError(f"structured_outputs.json_object must be true when given, got {self.json_object!r}.")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: one of `STRUCTURED_OUTPUT_KINDS`."""
+        return next(k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) is not None)
 
 
 class RequestOutputKind(enum.Enum):
@@ -69,9 +120,9 @@ class SamplingParams:
     logit_bias: Optional[dict[int, float]] = None
     allowed_token_ids: Optional[list[int]] = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: Optional[StructuredOutputsParams] = None
     # vLLM fields for features pagedllm does not have yet: accepted at their defaults only, so a
     # request never runs without what it asked for (`_refuse_unsupported`).
-    structured_outputs: Optional[Any] = None
     bad_words: Optional[list[str]] = None
     logprob_token_ids: Optional[list[int]] = None
     prompt_logprob_token_ids: Optional[Any] = None
@@ -97,6 +148,14 @@ class SamplingParams:
                 self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
             except (TypeError, ValueError, AttributeError) as e:
                 raise ValueError(f"logit_bias must map token ids to floats, got {self.logit_bias!r}") from e
+        if isinstance(self.structured_outputs, dict):
+            unknown = sorted(set(self.structured_outputs) - {f.name for f in fields(StructuredOutputsParams)})
+            if unknown:
+                raise ValueError(f"structured_outputs has unknown fields {unknown}.")
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams, got "
+                             f"{type(self.structured_outputs).__name__}.")
         self._refuse_unsupported()
         self._verify()
         if self.temperature < SAMPLING_EPS:

@@ -10,6 +10,9 @@ sees a tensor, the runner never decides.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
 
 from pagedllm.sampling_params import SamplingParams
 
@@ -36,6 +39,10 @@ class SchedulerOutput:
     # Requests that ended since the previous step: the runner drops their state.
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: set[str] = field(default_factory=set)
+    # Structured outputs: int32 [rows, ceil(vocab / 32)], bit t of a row allowing token t, and the row
+    # of each request whose next token its grammar constrains (`structured_output/manager.py`).
+    grammar_bitmask: Optional[np.ndarray] = None
+    structured_output_request_ids: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:

@@ -23,6 +23,7 @@ LAYERS: list[tuple[list[str], bool]] = [
     (["pagedllm.entrypoints.llm", "pagedllm.entrypoints.openai", "pagedllm.entrypoints"], False),
     (["pagedllm.engine"], False),
     (["pagedllm.core", "pagedllm.executor"], False),
+    (["pagedllm.structured_output"], False),
     (["pagedllm.worker"], False),
     (["pagedllm.model_executor"], False),
     (["pagedllm.attention", "pagedllm.sample"], False),

@@ -61,8 +61,8 @@ def test_per_call_and_per_prompt_features_are_refused(llm):
 
 
 def test_sampling_params_refuse_vllm_fields_pagedllm_lacks():
-    with pytest.raises(NotImplementedError, match="structured_outputs is not supported"):
-        SamplingParams(structured_outputs={"regex": "[a-z]+"})
+    with pytest.raises(NotImplementedError, match="logprob_token_ids is not supported"):
+        SamplingParams(logprob_token_ids=[3])
     with pytest.raises(NotImplementedError, match="bad_words is not supported"):
         SamplingParams(bad_words=["foo"])
     with pytest.raises(TypeError, match="unexpected keyword argument 'guided_decoding'"):

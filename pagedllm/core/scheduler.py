@@ -22,16 +22,19 @@ from pagedllm.core.snapshot import RequestInfo, SchedulerState
 from pagedllm.logger import init_logger
 from pagedllm.request import Request, RequestStatus
 from pagedllm.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from pagedllm.structured_output.manager import StructuredOutputManager
 
 logger = init_logger(__name__)
 
 
 class Scheduler:
     """`tracer` hears of every decision about a request (`core/request_trace.py`; the default
-    ignores them)."""
+    ignores them). `structured_output_manager` compiles the constraints of requests that have one,
+    and gives each step its grammar bitmask."""
 
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager,
-                 tracer: Optional[RequestTracer] = None) -> None:
+                 tracer: Optional[RequestTracer] = None,
+                 structured_output_manager: Optional[StructuredOutputManager] = None) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
         self.block_size = kv_cache_manager.block_size
@@ -41,11 +44,17 @@ class Scheduler:
         self.num_preemptions = 0
         self._finished_since_last_step: set[str] = set()
         self.tracer = tracer or RequestTracer()
+        self.structured_output_manager = structured_output_manager
+        self.grammar_failures: dict[str, str] = {}  # request id -> why its constraint did not compile
 
     # ----- queue management -------------------------------------------------------
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in the scheduler")
+        if request.sampling_params.structured_outputs is not None:
+            if self.structured_output_manager is None:
+                raise ValueError("this scheduler has no structured-output manager for a constrained request")
+            self.structured_output_manager.grammar_init(request)
         self.requests[request.request_id] = request
         self.waiting.append(request)
         self.tracer.added(request)
@@ -101,9 +110,14 @@ class Scheduler:
                 budget -= num_new
                 i += 1
 
-        # 2. Admit waiting requests, unless this step already had to preempt.
+        # 2. Admit waiting requests, unless this step already had to preempt. A request whose grammar
+        #    is still compiling keeps its place and lets the ones behind it in.
+        compiling: list[Request] = []
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if not self._grammar_ready(request):
+                compiling.append(self.waiting.popleft())
+                continue
             hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit_tokens
             if not self.config.enable_chunked_prefill and num_new > budget:
@@ -116,8 +130,21 @@ class Scheduler:
             self._admit(request, hits, num_hit_tokens, num_new, new_blocks)
             scheduled.append((request, num_new))
             budget -= num_new
+        self.waiting.extendleft(reversed(compiling))
 
         return self._output(scheduled, preempted)
+
+    def _grammar_ready(self, request: Request) -> bool:
+        """Whether a waiting request can start: no constraint, or its grammar compiled. A constraint that
+        fails to compile (the frontend checked it, so this is rare) is recorded in `grammar_failures`;
+        the engine core fails that request (`EngineCore.step`)."""
+        if request.structured_output_request is None:
+            return True
+        try:
+            return self.structured_output_manager.is_ready(request)
+        except Exception as e:
+            self.grammar_failures[request.request_id] = f"{type(e).__name__}: {e}"
+            return False
 
     def schedule_alone(self, request_id: str) -> SchedulerOutput:
         """A step for one request only, whichever queue it is in: how a step that failed finds which
@@ -131,7 +158,7 @@ class Scheduler:
             if new_blocks is not None:
                 self.tracer.scheduled(request, num_new, new_blocks)
                 scheduled.append((request, num_new))
-        elif request is not None and request in self.waiting:
+        elif request is not None and request in self.waiting and self._grammar_ready(request):
             hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             new_blocks = self.kv_cache_manager.allocate_slots(request, num_new, hits)
@@ -142,7 +169,8 @@ class Scheduler:
         return self._output(scheduled, set())
 
     def _output(self, scheduled: list[tuple[Request, int]], preempted: set[str]) -> SchedulerOutput:
-        """The step's decisions for the runner; the requests ended since the last step go with them once."""
+        """The step's decisions for the runner, with the grammar bitmask of its constrained requests; the
+        requests ended since the last step go with them once."""
         out = SchedulerOutput(
             scheduled=[self._make_scheduled(r, n) for r, n in scheduled],
             num_batched_tokens=sum(n for _, n in scheduled),
@@ -150,6 +178,11 @@ class Scheduler:
             preempted_req_ids=preempted,
         )
         self._finished_since_last_step = set()
+        if self.structured_output_manager is not None:
+            sampling = [r for r, n in scheduled if r.num_computed_tokens + n == r.num_tokens]
+            grammar = self.structured_output_manager.grammar_bitmask(sampling)
+            if grammar is not None:
+                out.grammar_bitmask, out.structured_output_request_ids = grammar
         return out
 
     def step_failed(self, scheduler_output: SchedulerOutput) -> None:
@@ -232,6 +265,8 @@ class Scheduler:
             if token_id is None:
                 continue
             request.append_output_token(token_id)
+            if request.structured_output_request is not None:
+                self.structured_output_manager.accept_token(request, token_id)
             self._check_stop(request, token_id)
             updated.append(request)
             if request.is_finished:

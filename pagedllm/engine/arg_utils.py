@@ -117,6 +117,9 @@ class EngineArgs:
     max_logprobs: int = arg(20, "most logprobs / prompt_logprobs a request may ask for (-1: no limit)")
     generation_config: str = arg("auto", "where sampling defaults come from: 'auto' (the model's "
                                          "generation_config.json), 'vllm' (none), or a folder holding one")
+    structured_outputs_backend: str = arg(
+        "auto", "grammar engine for structured outputs (JSON schemas, regexes, choices, grammars): 'auto' and "
+                "'xgrammar' both mean xgrammar, the only one pagedllm has", choices=["auto", "xgrammar"])
     disable_log_stats: bool = arg(False, "no periodic throughput and KV-cache log line")
     trace: bool = arg(
         help="log every scheduler decision about each request (admitted with N cached blocks, chunk of N tokens, "
@@ -262,6 +265,7 @@ class EngineArgs:
             ),
             device=device,
             parallel_config=parallel_config,
+            structured_outputs_backend=self.structured_outputs_backend,
         )
 
     def _generation_config_folder(self, model_path: str) -> Optional[str]:

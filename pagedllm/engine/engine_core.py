@@ -26,11 +26,13 @@ from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.core_messages import EngineCoreOutput
 from pagedllm.engine.engine_state import EngineState, PreemptionLog, StateHistory
 from pagedllm.engine.metrics import EngineStats
+from pagedllm.engine.tokenizer import load_tokenizer
 from pagedllm.executor import Executor, ExecutorDeadError, executor_class
 from pagedllm.logger import init_logger
 from pagedllm.request import EngineCoreRequest, Request, RequestStatus
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.scheduler_output import ScheduledRequest, SchedulerOutput
+from pagedllm.structured_output.manager import StructuredOutputManager
 
 logger = init_logger(__name__)
 
@@ -66,8 +68,11 @@ class EngineCore:
             raise
         cc = config.cache_config
         self.kv_cache_manager = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
+        mc = config.model_config
+        self.structured_output_manager = StructuredOutputManager(
+            lambda: load_tokenizer(mc.tokenizer), mc.vocab_size, config.structured_outputs_backend)
         self.scheduler = Scheduler(config.scheduler_config, self.kv_cache_manager,
-                                   make_tracer(config.scheduler_config.trace))
+                                   make_tracer(config.scheduler_config.trace), self.structured_output_manager)
         self.prompt_tokens = self.generation_tokens = self.requests_finished = self.num_steps = 0
         self.history = StateHistory()
         self.preemptions = PreemptionLog()
@@ -151,8 +156,15 @@ class EngineCore:
         fault and is raised as it is.
         """
         scheduler = self.scheduler
+        while scheduler.grammar_failures:
+            request_id, why = scheduler.grammar_failures.popitem()
+            if request_id in scheduler.requests:
+                raise StepFailedError(f"its structured-output constraint did not compile: {why}", request_id)
         suspect = self._next_suspect()
         sched_out = scheduler.schedule_alone(suspect) if suspect is not None else scheduler.schedule()
+        if sched_out.is_empty and scheduler.waiting:
+            # Nothing could run: wait a little for a grammar being compiled rather than spin.
+            self.structured_output_manager.wait_for_compilation(scheduler.waiting, timeout=0.05)
         for request_id in sched_out.preempted_req_ids:
             self.preemptions.record(request_id, scheduler.requests[request_id].num_tokens)
         try:
@@ -284,5 +296,7 @@ class EngineCore:
     def shutdown(self) -> None:
         """Stop the workers, drop the model, the KV cache and the CUDA graphs so their memory returns at once."""
         executor, self.model_executor = self.model_executor, None
+        if getattr(self, "structured_output_manager", None) is not None:
+            self.structured_output_manager.shutdown()
         if executor is not None:
             executor.shutdown()

@@ -20,6 +20,7 @@ from pagedllm.engine.tokenizer import eos_token_ids, sampling_defaults
 from pagedllm.logger import init_logger
 from pagedllm.request import EngineCoreRequest
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.structured_output.backend_xgrammar import validate as validate_structured_outputs
 
 logger = init_logger(__name__)
 
@@ -163,6 +164,11 @@ class InputProcessor:
         """What `SamplingParams` cannot check alone: token ids against this vocabulary, and logprobs
         against `max_logprobs`."""
         params.verify_vocab(self.model_config.vocab_size)
+        if params.structured_outputs is not None:
+            try:
+                validate_structured_outputs(params.structured_outputs)
+            except ValueError as e:
+                raise InvalidRequestError(str(e), param="structured_outputs") from None
         max_logprobs = self.model_config.max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from pagedllm.scheduler_output import ScheduledRequest
@@ -38,6 +39,9 @@ class SamplingMetadata:
     allowed_mask: Optional[torch.Tensor]  # [B, V] bool, True = allowed
     min_tokens_mask: Optional[tuple[torch.Tensor, torch.Tensor]]  # (rows, token ids) to forbid
     max_num_logprobs: Optional[int]
+    # Structured outputs: int32 [B, ceil(V / 32)], bit t of row i allowing token t (all bits set on
+    # unconstrained rows); applied before anything else, logprobs included, as vLLM does.
+    grammar_bitmask: Optional[torch.Tensor] = None
 
 
 def _pad(rows: list[list[int]], pad: int) -> torch.Tensor:
@@ -50,7 +54,10 @@ def build_sampling_metadata(
     generators: dict[str, torch.Generator],
     vocab_size: int,
     device: torch.device,
+    grammar: Optional[tuple[np.ndarray, dict[str, int]]] = None,
 ) -> SamplingMetadata:
+    """`grammar`: the step's grammar bitmask and each constrained request's row in it
+    (`SchedulerOutput.grammar_bitmask`, `structured_output_request_ids`)."""
     params = [r.sampling_params for r in requests]
     num = len(params)
     temps = [0.0 if p.sampling_type_greedy else p.temperature for p in params]
@@ -102,6 +109,17 @@ def build_sampling_metadata(
         rows, cols = zip(*forbid)
         min_tokens_mask = (column(list(rows), torch.long), column(list(cols), torch.long))
 
+    grammar_bitmask = None
+    if grammar is not None and grammar[0] is not None:
+        bitmask, rows_of = grammar
+        picked = [rows_of.get(r.request_id, -1) for r in requests]
+        if any(row >= 0 for row in picked):
+            full = np.full((num, bitmask.shape[1]), -1, dtype=np.int32)  # -1: every bit set
+            for i, row in enumerate(picked):
+                if row >= 0:
+                    full[i] = bitmask[row]
+            grammar_bitmask = async_tensor_h2d(torch.from_numpy(full), torch.int32, device)
+
     logprob_counts = [vocab_size if p.logprobs == -1 else p.logprobs for p in params if p.logprobs is not None]
     return SamplingMetadata(
         temperature=column(temps, torch.float32),
@@ -120,4 +138,5 @@ def build_sampling_metadata(
         allowed_mask=allowed_mask,
         min_tokens_mask=min_tokens_mask,
         max_num_logprobs=max(logprob_counts) if logprob_counts else None,
+        grammar_bitmask=grammar_bitmask,
     )

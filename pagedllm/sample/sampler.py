@@ -1,6 +1,7 @@
 """The sampler: from a batch of logits to one token per row, plus the logprobs asked for.
 
-Order, as in vLLM V1: logprobs are taken from the raw logits first; then allowed-token
+Order, as in vLLM V1: a structured-output request's grammar bitmask masks its logits before anything
+else (so its logprobs are those of the constrained distribution); logprobs are taken next; then allowed-token
 masks, logit bias and min_tokens masks; then penalties; greedy rows take the argmax here;
 the rest are divided by their temperature, filtered by min-p, top-k and top-p, and drawn
 with the exponential-race trick (argmax of probs / Exp(1) noise), which lets seeded rows
@@ -45,6 +46,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()
+        if meta.grammar_bitmask is not None:
+            logits = apply_token_bitmask(logits, meta.grammar_bitmask)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if meta.max_num_logprobs is not None else None
         logits = apply_processors(logits, meta)
         sampled = self._sample(logits, meta)
@@ -74,6 +77,14 @@ class Sampler:
         if meta.all_random:
             return random
         return torch.where(meta.temperature > 0, random, greedy)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """-inf where the grammar forbids a token. `bitmask` is int32 [B, ceil(V / 32)] in xgrammar's
+    layout: bit j of word w stands for token 32 * w + j."""
+    bits = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).flatten(1)[:, : logits.shape[-1]].bool()
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def apply_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

@@ -15,7 +15,7 @@ else; `initialize_kv_cache` then allocates the number of blocks the engine core 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -157,7 +157,7 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_metadata)
         out = ModelRunnerOutput()
         if inputs.sample_requests:
-            self._sample(hidden, inputs, out)
+            self._sample(hidden, inputs, out, (sched.grammar_bitmask, sched.structured_output_request_ids))
         for request_id, (rows, first_pos, targets, k) in inputs.prompt_logprob_rows.items():
             out.prompt_logprobs[request_id] = (first_pos, self._prompt_logprobs(hidden, rows, targets, k))
         return out
@@ -181,14 +181,15 @@ class ModelRunner:
         return ModelInputs(None, None, None, async_tensor_h2d(rows, torch.long, self.device),
                            [sched.scheduled[i] for i in rows], {})
 
-    def _sample(self, hidden: torch.Tensor, inputs: ModelInputs, out: ModelRunnerOutput) -> None:
+    def _sample(self, hidden: torch.Tensor, inputs: ModelInputs, out: ModelRunnerOutput,
+                grammar: tuple[Optional[np.ndarray], dict[str, int]] = (None, {})) -> None:
         requests = inputs.sample_requests
         for req in requests:
             seed = req.sampling_params.seed
             if seed is not None and req.request_id not in self.generators:
                 self.generators[req.request_id] = seeded_generator(seed, self.device)
         logits = self.model.compute_logits(hidden[inputs.sample_rows])
-        meta = build_sampling_metadata(requests, self.generators, self.vocab_size, self.device)
+        meta = build_sampling_metadata(requests, self.generators, self.vocab_size, self.device, grammar)
         result = self.sampler(logits, meta)
         sampled = result.sampled_token_ids.tolist()
         if result.logprobs is not None:
