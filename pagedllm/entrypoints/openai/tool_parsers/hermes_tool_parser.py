@@ -76,7 +76,7 @@ class Hermes2ProToolParser(ToolParser):
         if start == -1:
             return text[:len(text) - partial_marker_len(text, self.tool_call_start_token)], []
         calls = []
-        for index, (body, closed) in enumerate(self._call_bodies(text)):
+        for body, closed in self._call_bodies(text):
             if not closed:
                 body = body[:len(body) - partial_marker_len(body, self.tool_call_end_token)]
             try:
@@ -85,9 +85,9 @@ class Hermes2ProToolParser(ToolParser):
             except json.JSONDecodeError:
                 call, complete = None, closed
             if complete and call is None:
-                # A finished call that is not JSON: the non-streaming answer is all content, which
-                # the stream can still match if no call has been sent yet.
-                return (text, []) if index == 0 else (text[:start], calls)
+                # A finished call that is not a JSON call: the non-streaming answer is all content,
+                # which the stream can still match unless it has already sent a call.
+                return (text, []) if not self.streamer.tool_call_ids else (text[:start], calls)
             calls.append(ToolCallSnapshot(*call) if call else snapshot_partial_call_object(body.strip()))
         return text[:start], calls
 
