@@ -11,9 +11,11 @@ is ignored with a log line, as vLLM does.
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationInfo,
+                      field_validator, model_serializer, model_validator)
 from pydantic_core import PydanticCustomError
 
 # Seeds are passed to torch generators, which take 64-bit integers.
@@ -278,9 +280,73 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
+def _omit_empty(data: Any, fields: tuple[str, ...]) -> Any:
+    """Drop the named fields while they hold None or an empty list: the tool-call and reasoning fields
+    appear in a response only when a parser filled them, so a reply without tools stays exactly the
+    shape OpenAI sends (and the server's earlier output) whatever `exclude_*` options dump it."""
+    if isinstance(data, dict):
+        for name in fields:
+            if name in data and data[name] in (None, []):
+                del data[name]
+    return data
+
+
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str  # a JSON object, as text: what the model's call passes
+
+
+def make_tool_call_id() -> str:
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str = Field(default_factory=make_tool_call_id)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(OpenAIBaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+    @model_serializer(mode="wrap")
+    def _openai_shape(self, handler: SerializerFunctionWrapHandler):
+        return _omit_empty(handler(self), ("name", "arguments"))
+
+
+class DeltaToolCall(OpenAIBaseModel):
+    """One stream chunk of a tool call. The first for an `index` carries `id`, `type` and the name;
+    later ones carry only `index` and the next piece of `function.arguments`, as OpenAI streams."""
+
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    index: int
+    function: Optional[DeltaFunctionCall] = None
+
+    @model_serializer(mode="wrap")
+    def _openai_shape(self, handler: SerializerFunctionWrapHandler):
+        return _omit_empty(handler(self), ("id", "type", "function"))
+
+
+class ExtractedToolCallInformation(OpenAIBaseModel):
+    """What a tool parser found in a whole model output: the calls, and the text around them that is
+    the message's content (None when there is none)."""
+
+    tools_called: bool
+    tool_calls: list[ToolCall]
+    content: Optional[str] = None
+
+
 class ChatMessage(OpenAIBaseModel):
     role: str
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _openai_shape(self, handler: SerializerFunctionWrapHandler):
+        return _omit_empty(handler(self), ("reasoning_content", "tool_calls"))
 
 
 class ChatCompletionLogProb(OpenAIBaseModel):
@@ -319,6 +385,12 @@ class ChatCompletionResponse(OpenAIBaseModel):
 class DeltaMessage(OpenAIBaseModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    tool_calls: list[DeltaToolCall] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _openai_shape(self, handler: SerializerFunctionWrapHandler):
+        return _omit_empty(handler(self), ("reasoning_content", "tool_calls"))
 
 
 class ChatCompletionResponseStreamChoice(OpenAIBaseModel):

@@ -1,0 +1,86 @@
+"""The tool-parser interface the chat server calls, and the registry `--tool-call-parser` names.
+
+A model announces a tool call in its own text format (`<tool_call>` tags, `[TOOL_CALLS]`, bare JSON);
+a `ToolParser` turns that text into OpenAI's `tool_calls`, for a whole output (`extract_tool_calls`)
+or chunk by chunk as it streams (`extract_tool_calls_streaming`). One instance serves one request
+and one choice: the streaming method keeps state between calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Callable, Optional, TypeVar
+
+from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest, DeltaMessage,
+                                                  ExtractedToolCallInformation, make_tool_call_id)
+from pagedllm.entrypoints.openai.tool_parsers.utils import ToolCallSnapshot, ToolCallStreamer
+
+
+class ToolParser:
+    """Base class: subclasses implement the two `extract_*` methods for one model family's format.
+
+    Streaming parsers usually describe what they can see so far as a `ToolCallSnapshot` list and let
+    `self.streamer` turn the difference from the last call into a `DeltaMessage`, so that the OpenAI
+    chunk rules (ids, names once, argument fragments that concatenate to the final JSON) live in one place.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.model_tokenizer = tokenizer
+        self.streamer = ToolCallStreamer(self.make_tool_call_id)
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self.model_tokenizer.get_vocab()
+
+    def make_tool_call_id(self) -> str:
+        """A fresh id for a call; Mistral's format needs its own."""
+        return make_tool_call_id()
+
+    def adjust_request(self, request: ChatCompletionRequest) -> ChatCompletionRequest:
+        """Change the request before generation when the format needs it (e.g. keep special tokens
+        in the text when the markers are special tokens). The default leaves it alone."""
+        return request
+
+    def extract_tool_calls(self, model_output: str, request: ChatCompletionRequest) -> ExtractedToolCallInformation:
+        """Find the calls in a whole output. Never raises: an output that does not parse is content."""
+        raise NotImplementedError
+
+    def extract_tool_calls_streaming(self, previous_text: str, current_text: str, delta_text: str,
+                                     previous_token_ids: Sequence[int], current_token_ids: Sequence[int],
+                                     delta_token_ids: Sequence[int],
+                                     request: ChatCompletionRequest) -> Optional[DeltaMessage]:
+        """The next chunk to send for an output that grew from `previous_text` to `current_text`, or
+        None when nothing can be sent yet (e.g. a call's name is still incomplete). Never raises."""
+        raise NotImplementedError
+
+    def _stream_snapshot(self, content: str, calls: list[ToolCallSnapshot]) -> Optional[DeltaMessage]:
+        return self.streamer.delta(content, calls)
+
+
+_P = TypeVar("_P", bound=type[ToolParser])
+
+
+class ToolParserManager:
+    """Name → `ToolParser` class, filled by the `register` decorator when a parser module is imported."""
+
+    tool_parsers: dict[str, type[ToolParser]] = {}
+
+    @classmethod
+    def register(cls, name: str) -> Callable[[_P], _P]:
+        def decorator(parser: _P) -> _P:
+            if not (isinstance(parser, type) and issubclass(parser, ToolParser)):
+                raise TypeError(f"{parser!r} is not a ToolParser subclass")
+            cls.tool_parsers[name] = parser
+            return parser
+        return decorator
+
+    @classmethod
+    def get(cls, name: str) -> type[ToolParser]:
+        try:
+            return cls.tool_parsers[name]
+        except KeyError:
+            raise ValueError(f"unknown tool parser {name!r}; valid choices: {', '.join(cls.names())}") from None
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return sorted(cls.tool_parsers)
