@@ -21,6 +21,8 @@ LAYERS: list[tuple[list[str], bool]] = [
     (["pagedllm.entrypoints.cli"], False),
     (["pagedllm.benchmarks"], False),  # `pagedllm bench` runs them over the offline API
     (["pagedllm.entrypoints.llm", "pagedllm.entrypoints.openai", "pagedllm.entrypoints"], False),
+    (["pagedllm.reasoning"], False),  # reasoning parsers: the server's, speaking its protocol
+    (["pagedllm.entrypoints.openai.protocol"], False),
     (["pagedllm.engine"], False),
     (["pagedllm.core", "pagedllm.executor"], False),
     (["pagedllm.structured_output"], False),
