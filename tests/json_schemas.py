@@ -3,7 +3,7 @@
 Each schema is small enough that a model can finish a valid instance in about 100-150 tokens: arrays carry
 `maxItems`, free-text strings `maxLength`. Together they cover nested objects, arrays of objects, enums,
 required and optional fields, bounded integers and numbers (inclusive and exclusive), string formats and
-patterns that xgrammar enforces, `$ref` into `$defs` (recursive once), `anyOf`/`oneOf`, booleans, nulls,
+patterns that xgrammar enforces, `$ref` into `$defs` (chained), `anyOf`/`oneOf`, booleans, nulls,
 `additionalProperties: false` and `minItems`/`maxItems`. `EXAMPLES` holds one hand-written valid instance
 per schema; tests/test_json_schemas_corpus.py checks both against jsonschema and xgrammar.
 """
@@ -310,20 +310,24 @@ SCHEMAS: list[tuple[str, Schema]] = [
             },
         ],
     }),
-    # A tree through a recursive `$ref`: each node has at most two children, so shallow instances stay short.
+    # A tree three levels deep through a chain of `$ref`s (a recursive `$ref` compiles too, but lets a small
+    # greedy model nest without end): each node has at most two children.
     ("tree", {
         "$defs": {
-            "node": {
-                "type": "object",
-                "properties": {
-                    "label": {"type": "string", "maxLength": 12},
-                    "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2},
-                },
-                "required": ["label"],
-                "additionalProperties": False,
-            },
+            "leaf": {"type": "object", "properties": {"label": {"type": "string", "maxLength": 12}},
+                     "required": ["label"], "additionalProperties": False},
+            "child": {"type": "object", "properties": {
+                "label": {"type": "string", "maxLength": 12},
+                "children": {"type": "array", "items": {"$ref": "#/$defs/leaf"}, "maxItems": 2}},
+                "required": ["label"], "additionalProperties": False},
         },
-        "$ref": "#/$defs/node",
+        "type": "object",
+        "properties": {
+            "label": {"type": "string", "maxLength": 12},
+            "children": {"type": "array", "items": {"$ref": "#/$defs/child"}, "maxItems": 2},
+        },
+        "required": ["label"],
+        "additionalProperties": False,
     }),
     # User settings: booleans, a nested object, a nullable timezone, a language-tag pattern.
     ("user_settings", {

@@ -11,6 +11,7 @@ the tokenizer and is fast, which is what the frontend does before a request reac
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Iterable, Optional
 
 import xgrammar as xgr
@@ -70,8 +71,9 @@ _NAMES = {"json": "JSON schema", "json_object": "JSON object constraint", "regex
 
 
 def _first_line(error: Exception) -> str:
+    """xgrammar's message without its log prefix (`[15:00:30] /project/cpp/....cc:5082: `)."""
     text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
+    return re.sub(r"^\[[0-9:]+\] \S+:[0-9]+: ", "", text.splitlines()[0])[:300]
 
 
 class XgrammarBackend:

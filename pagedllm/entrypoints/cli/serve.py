@@ -7,6 +7,8 @@ import os
 
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.entrypoints.openai.limits import add_limit_args
+from pagedllm.entrypoints.openai.tool_parsers import ToolParserManager
+from pagedllm.reasoning import ReasoningParserManager
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -24,12 +26,17 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
     engine_args = EngineArgs.from_cli_args(args, usage_context="openai_api_server")
     settings_kwargs = dict(
         api_key=args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,
         allowed_origins=parse_allowed_origins(args.allowed_origins),
         chat_template=load_chat_template(args.chat_template),
         trust_request_chat_template=args.trust_request_chat_template,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
         limits=limits_from_args(args),
     )
     sock = bind_socket(args.host, args.port)
@@ -77,6 +84,14 @@ def add_serve_parser(subparsers) -> None:
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGINT/SIGTERM, seconds requests in flight may take to finish before they are "
                         "failed (default 30)")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="with tools and tool_choice 'auto', parse the model's own tool-call format into tool_calls "
+                        "(needs --tool-call-parser)")
+    g.add_argument("--tool-call-parser", default=None, choices=ToolParserManager.names(),
+                   help="the model's tool-call format: hermes (Qwen2.5/Qwen3, Hermes), llama3_json, mistral")
+    g.add_argument("--reasoning-parser", default=None, choices=ReasoningParserManager.names(),
+                   help="split the model's reasoning (<think>...</think>) into reasoning_content: qwen3, deepseek_r1; "
+                        "a structured-output constraint then applies after the reasoning")
     g.add_argument("--engine-core", choices=["process", "thread"], default="process",
                    help="where the engine loop runs: a process of its own (default, as in vLLM v1), or a "
                         "background thread of the server process (docs/serving.md has the measurements)")

@@ -67,6 +67,9 @@ class ServerSettings:
     chat_template: Optional[str] = None
     trust_request_chat_template: bool = False
     limits: ServerLimits = field(default_factory=ServerLimits)
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: Optional[str] = None
+    reasoning_parser: Optional[str] = None
 
 
 # ----- the app --------------------------------------------------------------------------------
@@ -83,7 +86,8 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
     common = dict(served_model_names=names, chat_template=settings.chat_template, limits=settings.limits,
                   trust_request_chat_template=settings.trust_request_chat_template)
     completions = OpenAIServingCompletion(engine, **common)
-    chat = OpenAIServingChat(engine, **common)
+    chat = OpenAIServingChat(engine, **common, enable_auto_tool_choice=settings.enable_auto_tool_choice,
+                             tool_call_parser=settings.tool_call_parser, reasoning_parser=settings.reasoning_parser)
     tokenization = OpenAIServing(engine, **common)
     metrics = ServerMetrics(engine, names[0])
 

@@ -68,7 +68,6 @@ _STRUCTURED = "structured outputs"
 _MM = "image, audio and video inputs"
 # vLLM server fields for features pagedllm does not have yet -> (values that ask for nothing, the feature).
 UNSUPPORTED_FIELDS: dict[str, tuple[tuple, str]] = {
-    "structured_outputs": ((None,), _STRUCTURED),
     "guided_json": ((None,), _STRUCTURED),
     "guided_regex": ((None,), _STRUCTURED),
     "guided_choice": ((None,), _STRUCTURED),
@@ -187,6 +186,8 @@ class SamplingRequest(OpenAIRequestModel):
     spaces_between_special_tokens: bool = True
     prompt_logprobs: Optional[int] = None
     allowed_token_ids: Optional[list[int]] = None
+    # vLLM's structured outputs: {"json": schema} / {"regex": ...} / {"choice": [...]} / {"grammar": ...}
+    structured_outputs: Optional[dict[str, Any]] = None
 
     @field_validator("stream_options")
     @classmethod

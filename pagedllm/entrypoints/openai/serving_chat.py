@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import AsyncGenerator, Optional, Union
+from typing import Any, AsyncGenerator, Optional, Union
 
 from fastapi.responses import StreamingResponse
 
 from pagedllm.engine.async_llm import EngineDeadError, RequestFailedError
+from pagedllm.entrypoints.openai.chat_output import ChoiceOutput
+from pagedllm.entrypoints.openai.constraints import check_tools, named_tool, structured_outputs_of
 from pagedllm.entrypoints.openai.errors import OpenAIError, from_engine_error
 from pagedllm.entrypoints.openai.limits import check_request_limits
 from pagedllm.entrypoints.openai.protocol import (
@@ -25,7 +27,6 @@ from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionResponseChoice,
     ChatCompletionResponseStreamChoice,
     ChatCompletionStreamResponse,
-    ChatMessage,
     DeltaMessage,
     UsageInfo,
 )
@@ -41,18 +42,35 @@ from pagedllm.entrypoints.openai.serving_engine import (
     top_entries,
 )
 from pagedllm.engine.input_processor import ProcessedRequest
+from pagedllm.entrypoints.openai.tool_parsers import ToolParserManager
+from pagedllm.reasoning import ReasoningParserManager
 
 _ROLE = "assistant"
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 
 
 class OpenAIServingChat(OpenAIServing):
+    """`tool_call_parser` (with `enable_auto_tool_choice`) and `reasoning_parser` name the parsers of the
+    model's own output formats (`tool_parsers/`, `pagedllm/reasoning/`)."""
+
+    def __init__(self, *args: Any, enable_auto_tool_choice: bool = False, tool_call_parser: Optional[str] = None,
+                 reasoning_parser: Optional[str] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tool_parser_cls = ToolParserManager.get(tool_call_parser) if enable_auto_tool_choice else None
+        self.reasoning_parser_cls = ReasoningParserManager.get(reasoning_parser) if reasoning_parser else None
+        # Checked now, so that a tokenizer without <think> fails the server's start, not each request.
+        self.reasoning_end_token_id = (self.reasoning_parser_cls(self.tokenizer).end_token_id
+                                       if self.reasoning_parser_cls is not None else None)
+
     async def create_chat_completion(
         self, request: ChatCompletionRequest,
     ) -> Union[ChatCompletionResponse, StreamingResponse]:
         self.check_model(request.model)
         self.check_engine()
-        self._check_unsupported(request)
+        self._check_request(request)
+        if self.tool_parser_cls is not None and request.tools and request.tool_choice in (None, "auto"):
+            request = self.tool_parser_cls(self.tokenizer).adjust_request(request)
+        constraint, constraint_field = structured_outputs_of(request)
         check_request_limits(self.limits, request, num_prompts=1)
         prompt = await self.off_the_event_loop(self._render_and_tokenize, request)
         if request.max_completion_tokens is not None:
@@ -63,9 +81,13 @@ class OpenAIServingChat(OpenAIServing):
         if request.logprobs:
             logprobs = request.top_logprobs or 0
         params = self.sampling_params(request, self.default_max_tokens(requested), logprobs, request.prompt_logprobs)
+        params.structured_outputs = constraint
         request_id = random_id("chatcmpl")
         processed = self.process(request_id, prompt, params, param if requested is not None else None,
-                                 rename={"prompt": "messages", "logprobs": "top_logprobs"})
+                                 rename={"prompt": "messages", "logprobs": "top_logprobs",
+                                         "structured_outputs": constraint_field})
+        if constraint is not None and self.reasoning_parser_cls is not None:
+            self._constrain_after_reasoning(processed, prompt.token_ids)
         echo = ""
         if request.echo and request.messages[-1].role == _ROLE:
             echo = self.render_content(request.messages[-1])
@@ -73,16 +95,28 @@ class OpenAIServingChat(OpenAIServing):
             return StreamingResponse(self._stream(request, prompt, processed, echo), media_type="text/event-stream")
         return await self._full(request, prompt, processed, echo)
 
-    def _check_unsupported(self, request: ChatCompletionRequest) -> None:
-        fmt = request.response_format
-        if fmt is not None and fmt.get("type", "text") != "text":
-            raise OpenAIError(f"response_format {fmt.get('type')!r} is not supported (only 'text')", 400,
-                              param="response_format")
-        if request.tool_choice not in (None, "none", "auto"):
-            raise OpenAIError("only tool_choice 'none' or 'auto' is supported (tools go to the chat template)", 400,
-                              param="tool_choice")
+    def _check_request(self, request: ChatCompletionRequest) -> None:
+        check_tools(request)
+        if request.tool_choice == "auto" and self.tool_parser_cls is None:
+            raise OpenAIError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+                              400, param="tool_choice")
         if request.top_logprobs is not None and not request.logprobs:
             raise OpenAIError("top_logprobs needs logprobs to be true", 400, param="top_logprobs")
+
+    def _constrain_after_reasoning(self, processed: ProcessedRequest, prompt_token_ids: list[int]) -> None:
+        """A reasoning model thinks freely; its constraint starts after the token that ends the thinking
+        (unless the prompt already ended it, as a template with thinking switched off does)."""
+        parser = self.reasoning_parser_cls(self.tokenizer)
+        if hasattr(parser, "adjust_initial_state_from_prompt"):
+            parser.adjust_initial_state_from_prompt(prompt_token_ids)
+        if parser.is_reasoning_end(prompt_token_ids):
+            return
+        for core_request in processed.core_requests:
+            core_request.reasoning_end_token_id = self.reasoning_end_token_id
+
+    def _choice_outputs(self, request: ChatCompletionRequest, prompt: EnginePrompt) -> list[ChoiceOutput]:
+        return [ChoiceOutput(request, self.tokenizer, prompt.token_ids, self.reasoning_parser_cls, self.tool_parser_cls,
+                             named_tool(request)) for _ in range(request.n)]
 
     def _render_and_tokenize(self, request: ChatCompletionRequest) -> EnginePrompt:
         text = self.render_chat(request.messages, request.add_generation_prompt, request.continue_final_message,
@@ -114,11 +148,13 @@ class OpenAIServingChat(OpenAIServing):
                     finish[o.index] = (o.finish_reason, o.stop_reason)
         except (RequestFailedError, EngineDeadError) as e:
             raise from_engine_error(e) from e
+        parsers = self._choice_outputs(request, prompt)
+        messages = [parsers[j].message(texts[j]) for j in range(n)]
         choices = [
             ChatCompletionResponseChoice(
-                index=j, message=ChatMessage(role=_ROLE, content=texts[j]),
+                index=j, message=messages[j],
                 logprobs=self._logprobs(token_ids[j], steps[j], params.logprobs),
-                finish_reason=finish[j][0], stop_reason=finish[j][1],
+                finish_reason=parsers[j].finish_reason(finish[j][0]), stop_reason=finish[j][1],
             )
             for j in range(n)
         ]
@@ -150,6 +186,7 @@ class OpenAIServingChat(OpenAIServing):
                 response.usage = _usage(num_prompt_tokens, completion_tokens)
             return sse(_chunk_json(response))
 
+        parsers = self._choice_outputs(request, prompt)
         for j in range(n):
             yield chunk(j, DeltaMessage(role=_ROLE, content=""))
             if echo:
@@ -167,9 +204,20 @@ class OpenAIServingChat(OpenAIServing):
                     want_logprobs = params.logprobs is not None and bool(o.token_ids)
                     if not o.text and o.finish_reason is None and not want_logprobs:
                         continue
-                    delta = DeltaMessage(content=o.text) if o.text else DeltaMessage()
+                    parser = parsers[o.index]
+                    delta = (parser.delta(o.text, list(o.token_ids)) if o.text else None) or DeltaMessage()
                     logprobs = self._logprobs(o.token_ids, o.logprobs or [], params.logprobs)
-                    yield chunk(o.index, delta, logprobs, o.finish_reason, o.stop_reason)
+                    if o.finish_reason is not None:
+                        rest = parser.finish()
+                        if rest is not None:
+                            yield chunk(o.index, delta, logprobs)
+                            delta, logprobs = rest, None
+                        finish_reason = parser.finish_reason(o.finish_reason)
+                    else:
+                        finish_reason = None
+                        if _is_empty(delta) and not want_logprobs:
+                            continue
+                    yield chunk(o.index, delta, logprobs, finish_reason, o.stop_reason)
             if include_usage:
                 final = ChatCompletionStreamResponse(id=request_id, created=created, model=self.model_name,
                                                      choices=[], usage=_usage(num_prompt_tokens, completion_tokens))
@@ -196,6 +244,10 @@ class OpenAIServingChat(OpenAIServing):
 def _logprob(token: str, logprob: float) -> ChatCompletionLogProb:
     return ChatCompletionLogProb(token=token, logprob=max(logprob, _MIN_LOGPROB),
                                  bytes=list(token.encode("utf-8", errors="replace")))
+
+
+def _is_empty(delta: DeltaMessage) -> bool:
+    return delta.content is None and delta.reasoning_content is None and not delta.tool_calls
 
 
 def _chunk_json(response: ChatCompletionStreamResponse) -> str:

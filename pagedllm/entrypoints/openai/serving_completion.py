@@ -14,6 +14,7 @@ from typing import AsyncGenerator, Optional, Union
 from fastapi.responses import StreamingResponse
 
 from pagedllm.engine.async_llm import EngineDeadError, RequestFailedError
+from pagedllm.entrypoints.openai.constraints import structured_outputs_of
 from pagedllm.entrypoints.openai.errors import OpenAIError, from_engine_error
 from pagedllm.entrypoints.openai.limits import check_request_limits
 from pagedllm.entrypoints.openai.protocol import (
@@ -61,6 +62,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.best_of is not None and request.best_of != request.n:
             raise OpenAIError("best_of is not supported unless it equals n", 400, param="best_of")
         echo_only = request.echo and request.max_tokens == 0
+        constraint, _ = structured_outputs_of(request)
         check_request_limits(self.limits, request, num_prompts=_num_prompts(request.prompt))
         prompts = await self.off_the_event_loop(self._prompts, request)
         want_prompt_logprobs = request.prompt_logprobs
@@ -69,6 +71,7 @@ class OpenAIServingCompletion(OpenAIServing):
         explicit = "max_tokens" if "max_tokens" in request.model_fields_set and not echo_only else None
         params = self.sampling_params(request, 1 if echo_only else self.default_max_tokens(request.max_tokens),
                                       request.logprobs, want_prompt_logprobs)
+        params.structured_outputs = constraint
         request_id = random_id("cmpl")
         processed = [self.process(f"{request_id}-{i}", prompt, params, explicit) for i, prompt in enumerate(prompts)]
         if request.echo:  # checked: token-id prompts can be decoded now
