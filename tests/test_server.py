@@ -285,7 +285,7 @@ _BAD_REQUESTS = [
      400, "messages.0.content", None),
     ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs", None),
     ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 50}, 400, "top_logprobs", None),
-    ("/v1/chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_object"}}, 400,
+    ("/v1/chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_schema"}}, 400,
      "response_format", None),
     ("/v1/chat/completions", {"messages": MESSAGES, "continue_final_message": True, "add_generation_prompt": False},
      400, "continue_final_message", None),
@@ -297,7 +297,7 @@ _BAD_REQUESTS = [
      "model_not_found"),
     # vLLM fields for features pagedllm does not have yet: never silently ignored
     ("/v1/completions", {"prompt": PROMPT, "guided_regex": "[a-z]+"}, 400, "guided_regex", None),
-    ("/v1/completions", {"prompt": PROMPT, "structured_outputs": {"choice": ["a", "b"]}}, 400, "structured_outputs",
+    ("/v1/completions", {"prompt": PROMPT, "structured_outputs": {"choice": []}}, 400, "structured_outputs",
      None),
     ("/v1/chat/completions", {"messages": MESSAGES, "priority": 5}, 400, "priority", None),
     ("/v1/chat/completions", {"messages": MESSAGES, "guided_json": {"type": "object"}}, 400, "guided_json", None),

@@ -273,3 +273,31 @@ def test_equal_constraints_compile_once(llama_dir):
                  use_tqdm=False)
     assert len(manager._compiled) == 2
     llm.shutdown()
+
+
+def test_constraint_starts_after_the_reasoning_ends(llama_dir):
+    """With a reasoning end token, the grammar masks nothing while the model reasons, and constrains
+    every token after that token (the engine core's side of `--reasoning-parser`)."""
+    from pagedllm.engine.tokenizer import load_tokenizer
+    from pagedllm.request import Request
+    from pagedllm.structured_output.manager import StructuredOutputManager
+
+    tok = load_tokenizer(llama_dir)
+    manager = StructuredOutputManager(lambda: tok, len(tok))
+    end = tok.convert_tokens_to_ids("<|im_end|>")  # stands for </think>
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
+    request = Request("r", [0, 5], params, 16, block_size=16, reasoning_end_token_id=end)
+    manager.grammar_init(request)
+    while not manager.is_ready(request):
+        manager.wait_for_compilation([request], timeout=1.0)
+    thinking = tok.encode("The capital of France", add_special_tokens=False)
+    for token_id in thinking:  # free text: the grammar would refuse it, but it is not consulted
+        assert manager.grammar_bitmask([request]) is None
+        request.append_output_token(token_id)
+        manager.accept_token(request, token_id)
+    request.append_output_token(end)
+    manager.accept_token(request, end)
+    bitmask, rows = manager.grammar_bitmask([request])
+    allowed = {t for t in range(len(tok)) if (bitmask[rows["r"], t // 32] >> (t % 32)) & 1}
+    assert allowed and all("yes".startswith(tok.decode([t])) or "no".startswith(tok.decode([t])) for t in allowed)
+    manager.shutdown()
