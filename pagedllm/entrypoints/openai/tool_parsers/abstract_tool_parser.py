@@ -14,6 +14,9 @@ from typing import Callable, Optional, TypeVar
 from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest, DeltaMessage,
                                                   ExtractedToolCallInformation, make_tool_call_id)
 from pagedllm.entrypoints.openai.tool_parsers.utils import ToolCallSnapshot, ToolCallStreamer
+from pagedllm.logger import init_logger
+
+logger = init_logger(__name__)
 
 
 class ToolParser:
@@ -50,7 +53,17 @@ class ToolParser:
                                      delta_token_ids: Sequence[int],
                                      request: ChatCompletionRequest) -> Optional[DeltaMessage]:
         """The next chunk to send for an output that grew from `previous_text` to `current_text`, or
-        None when nothing can be sent yet (e.g. a call's name is still incomplete). Never raises."""
+        None when nothing can be sent yet (e.g. a call's name is still incomplete). Never raises.
+
+        The default describes `current_text` with `_snapshot` and lets the streamer send the difference."""
+        try:
+            return self._stream_snapshot(*self._snapshot(current_text))
+        except Exception:
+            logger.exception("%s: error while streaming tool calls; skipping this chunk", type(self).__name__)
+            return None
+
+    def _snapshot(self, text: str) -> tuple[str, list[ToolCallSnapshot]]:
+        """(content so far, the calls seen so far) of a partial output."""
         raise NotImplementedError
 
     def _stream_snapshot(self, content: str, calls: list[ToolCallSnapshot]) -> Optional[DeltaMessage]:

@@ -14,10 +14,8 @@ stopped on the end-of-turn token right before `</tool_call>`).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Optional
 
-from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest, DeltaMessage,
+from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest,
                                                   ExtractedToolCallInformation, FunctionCall, ToolCall)
 from pagedllm.entrypoints.openai.tool_parsers.abstract_tool_parser import ToolParser, ToolParserManager
 from pagedllm.entrypoints.openai.tool_parsers.utils import (ToolCallSnapshot, call_from_json_object,
@@ -91,12 +89,3 @@ class Hermes2ProToolParser(ToolParser):
             calls.append(ToolCallSnapshot(*call) if call else snapshot_partial_call_object(body.strip()))
         return text[:start], calls
 
-    def extract_tool_calls_streaming(self, previous_text: str, current_text: str, delta_text: str,
-                                     previous_token_ids: Sequence[int], current_token_ids: Sequence[int],
-                                     delta_token_ids: Sequence[int],
-                                     request: ChatCompletionRequest) -> Optional[DeltaMessage]:
-        try:
-            return self._stream_snapshot(*self._snapshot(current_text))
-        except Exception:
-            logger.exception("hermes: error while streaming tool calls; skipping this chunk")
-            return None

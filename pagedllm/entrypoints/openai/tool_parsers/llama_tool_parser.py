@@ -10,10 +10,9 @@ that is not a call (a `{"answer": 42}` reply). Text after the last object is dro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Optional
 
-from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest, DeltaMessage,
+from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest,
                                                   ExtractedToolCallInformation, FunctionCall, ToolCall)
 from pagedllm.entrypoints.openai.tool_parsers.abstract_tool_parser import ToolParser, ToolParserManager
 from pagedllm.entrypoints.openai.tool_parsers.utils import (ToolCallSnapshot, call_from_json_object,
@@ -83,12 +82,3 @@ class Llama3JsonToolParser(ToolParser):
             return text, []
         return "", calls
 
-    def extract_tool_calls_streaming(self, previous_text: str, current_text: str, delta_text: str,
-                                     previous_token_ids: Sequence[int], current_token_ids: Sequence[int],
-                                     delta_token_ids: Sequence[int],
-                                     request: ChatCompletionRequest) -> Optional[DeltaMessage]:
-        try:
-            return self._stream_snapshot(*self._snapshot(current_text))
-        except Exception:
-            logger.exception("llama3_json: error while streaming tool calls; skipping this chunk")
-            return None

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import random
 import string
-from collections.abc import Sequence
 from typing import Any, Optional
 
-from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest, DeltaMessage,
+from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest,
                                                   ExtractedToolCallInformation, FunctionCall, ToolCall)
 from pagedllm.entrypoints.openai.tool_parsers.abstract_tool_parser import ToolParser, ToolParserManager
 from pagedllm.entrypoints.openai.tool_parsers.utils import (ToolCallSnapshot, arguments_json, call_from_json_object,
@@ -126,15 +125,6 @@ class MistralToolParser(ToolParser):
             return text, []  # will never parse: all content, as extract_tool_calls says
         return text[:start], calls
 
-    def extract_tool_calls_streaming(self, previous_text: str, current_text: str, delta_text: str,
-                                     previous_token_ids: Sequence[int], current_token_ids: Sequence[int],
-                                     delta_token_ids: Sequence[int],
-                                     request: ChatCompletionRequest) -> Optional[DeltaMessage]:
-        try:
-            return self._stream_snapshot(*self._snapshot(current_text))
-        except Exception:
-            logger.exception("mistral: error while streaming tool calls; skipping this chunk")
-            return None
 
 
 def _partial_value(text: str) -> Any:
