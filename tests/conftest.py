@@ -36,7 +36,9 @@ CORPUS = [
 ] * 20
 
 
-def build_tokenizer(path: str):
+def build_tokenizer(path: str, extra_tokens: tuple[str, ...] = ()):
+    """A byte-level BPE trained on CORPUS; `extra_tokens` are added whole and kept in decoded text, as
+    Qwen3's `<think>` and `</think>` are."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -48,6 +50,8 @@ def build_tokenizer(path: str):
         vocab_size=384, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(CORPUS, trainer)
+    if extra_tokens:
+        tok.add_tokens(list(extra_tokens))
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
     fast = PreTrainedTokenizerFast(
@@ -58,10 +62,11 @@ def build_tokenizer(path: str):
     return fast
 
 
-def build_checkpoint(path: str, family: str, seed: int = 0, **overrides) -> str:
+def build_checkpoint(path: str, family: str, seed: int = 0, extra_tokens: tuple[str, ...] = (),
+                     **overrides) -> str:
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
-    tokenizer = build_tokenizer(path)
+    tokenizer = build_tokenizer(path, extra_tokens)
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,

@@ -69,6 +69,25 @@ def test_twenty_schemas_through_response_format_all_validate(smol):
     assert not failures, failures
 
 
+@pytest.mark.real_model
+def test_schemas_streamed_with_n_2_validate(smol):
+    """A stream of two choices per request: each choice's concatenated content validates."""
+    client = smol.client()
+    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
+    for name, schema in SCHEMAS[::4]:
+        texts, finish = ["", ""], [None, None]
+        for chunk in client.chat.completions.create(
+                model="SmolLM2-135M-Instruct", n=2, temperature=0, max_tokens=400, stream=True,
+                messages=[{"role": "user", "content": f"Write one example of a {name.replace('_', ' ')} as JSON."}],
+                response_format={"type": "json_schema", "json_schema": {"name": name, "schema": schema}}):
+            for c in chunk.choices:
+                texts[c.index] += c.delta.content or ""
+                finish[c.index] = c.finish_reason or finish[c.index]
+        assert finish == ["stop", "stop"], (name, texts)
+        for text in texts:
+            jsonschema.validate(json.loads(text), schema, format_checker=checker)
+
+
 class City(BaseModel):
     name: str = Field(max_length=30)
     country: str = Field(max_length=30)
@@ -212,5 +231,34 @@ def test_auto_tool_choice_needs_the_flags(llama_dir):
         with pytest.raises(openai.BadRequestError, match="enable-auto-tool-choice"):
             server.client().chat.completions.create(model="tiny", messages=WEATHER, tools=TOOLS, tool_choice="auto",
                                                     max_tokens=2)
+    finally:
+        server.stop()
+
+
+def test_reasoning_parser_and_a_constraint_that_starts_after_the_reasoning(tmp_path):
+    """`--reasoning-parser deepseek_r1`: the text before `</think>` is reasoning_content, the rest content;
+    the constraint applies only after `</think>`. A logit bias makes `</think>` the first token; had the
+    constraint applied from the start, `</think>` (which the regex forbids) could never be written and the
+    whole output would be reasoning."""
+    from conftest import build_checkpoint
+
+    model = build_checkpoint(str(tmp_path), "qwen3", extra_tokens=("<think>", "</think>"), tie_word_embeddings=True)
+    server = RemoteServer(model, "--max-model-len", "256", "--served-model-name", "r1", "--reasoning-parser",
+                          "deepseek_r1")
+    try:
+        client = server.client()
+        end = server.post("/tokenize", {"model": "r1", "prompt": "</think>", "add_special_tokens": False}).json()["tokens"]
+        assert len(end) == 1
+        body = dict(model="r1", messages=WEATHER, temperature=0, max_tokens=30, logit_bias={str(end[0]): 100},
+                    extra_body={"structured_outputs": {"regex": "(yes|no), [a-z]{3}"}})
+        message = client.chat.completions.create(**body).choices[0].message
+        assert re.fullmatch("(yes|no), [a-z]{3}", message.content), message
+        assert getattr(message, "reasoning_content", None) in (None, "")
+        reasoning, content = "", ""
+        for chunk in client.chat.completions.create(**body, stream=True):
+            if chunk.choices:
+                reasoning += getattr(chunk.choices[0].delta, "reasoning_content", None) or ""
+                content += chunk.choices[0].delta.content or ""
+        assert reasoning == "" and content == message.content
     finally:
         server.stop()

@@ -301,3 +301,27 @@ def test_constraint_starts_after_the_reasoning_ends(llama_dir):
     allowed = {t for t in range(len(tok)) if (bitmask[rows["r"], t // 32] >> (t % 32)) & 1}
     assert allowed and all("yes".startswith(tok.decode([t])) or "no".startswith(tok.decode([t])) for t in allowed)
     manager.shutdown()
+
+
+@pytest.mark.real_model
+def test_twenty_schemas_on_the_default_model_with_n_preemption_and_prefix_cache():
+    """The 20 real-world schemas of tests/json_schemas.py on SmolLM2, two sequences each, in a KV cache
+    too small for them all (preemptions) with prefix caching on (the chat template's shared beginning):
+    every output validates with jsonschema, formats included."""
+    from json_schemas import SCHEMAS
+
+    llm = LLM(max_model_len=1024, num_gpu_blocks_override=96, disable_log_stats=True)
+    messages = [[{"role": "user", "content": f"Write one realistic example of a {name.replace('_', ' ')} as JSON."}]
+                for name, _ in SCHEMAS]
+    params = [SamplingParams(temperature=0.0, max_tokens=400, n=2,
+                             structured_outputs=StructuredOutputsParams(json=schema)) for _, schema in SCHEMAS]
+    outputs = llm.chat(messages, params, use_tqdm=False)
+    core = llm.llm_engine.engine_core.core
+    assert core.scheduler.num_preemptions > 0 and core.kv_cache_manager.prefix_cache_hits > 0
+    llm.shutdown()
+    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
+    for (name, schema), out in zip(SCHEMAS, outputs):
+        assert len(out.outputs) == 2
+        for completion in out.outputs:
+            assert completion.finish_reason == "stop", (name, completion.text[-200:])
+            jsonschema.validate(json.loads(completion.text), schema, format_checker=checker)

@@ -289,6 +289,10 @@ def _omit_empty(data: Any, fields: tuple[str, ...]) -> Any:
         for name in fields:
             if name in data and data[name] in (None, []):
                 del data[name]
+        if "reasoning_content" in data:
+            # vLLM 0.32 names it `reasoning` (and reads `reasoning_content` as its deprecated alias):
+            # both are sent, so clients written for either find it.
+            data["reasoning"] = data["reasoning_content"]
     return data
 
 
