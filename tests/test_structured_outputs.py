@@ -3,10 +3,7 @@ with `jsonschema`, regexes with `re`, choices by membership), whatever the sampl
 forced preemption and prefix-cache hits; bad constraints fail before any engine work; a grammar that
 is still compiling blocks nobody.
 
-Random weights emit any byte they may: strings are bounded with patterns, since xgrammar 0.2.9's
-`maxLength` strings admit raw control characters and stray UTF-8 bytes (its bounded-string rule lacks
-the exclusions of the unbounded one). Random weights also love whitespace, which JSON allows
-without end: the JSON constraints here set `disable_any_whitespace` (vLLM's option; compact separators)."""
+Random weights love whitespace, which JSON allows without end: the JSON constraints here set `disable_any_whitespace` (vLLM's option; compact separators)."""
 
 from __future__ import annotations
 
@@ -301,6 +298,48 @@ def test_constraint_starts_after_the_reasoning_ends(llama_dir):
     allowed = {t for t in range(len(tok)) if (bitmask[rows["r"], t // 32] >> (t % 32)) & 1}
     assert allowed and all("yes".startswith(tok.decode([t])) or "no".startswith(tok.decode([t])) for t in allowed)
     manager.shutdown()
+
+
+def test_twenty_schemas_on_the_tiny_model_with_n_preemption_and_prefix_cache(llama_dir):
+    """The 20 real-world schemas of tests/json_schemas.py on the random-weight model, which writes any
+    byte a grammar lets it (control characters in length-bounded strings included: see
+    `bounded_strings_as_patterns`): two sequences each (greedy and seeded), in a KV cache too small for
+    all of them. Greedy only: sampled, the random model also composes overlong UTF-8 sequences from
+    single-byte tokens, which xgrammar 0.2.9 decodes laxly (one character to it, three replacement
+    characters to Python), breaking `maxLength`; no trained model writes those."""
+    from json_schemas import SCHEMAS
+
+    llm = LLM(model=llama_dir, max_model_len=512, num_gpu_blocks_override=64, disable_log_stats=True)
+    params = [SamplingParams(temperature=0.0, max_tokens=500, n=2, structured_outputs=
+                             StructuredOutputsParams(json=schema, disable_any_whitespace=True)) for _, schema in SCHEMAS]
+    outputs = llm.generate([PROMPTS[0]] * len(SCHEMAS), params, use_tqdm=False)
+    core = llm.llm_engine.engine_core.core
+    assert core.scheduler.num_preemptions > 0 and core.kv_cache_manager.prefix_cache_hits > 0
+    llm.shutdown()
+    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
+    for (name, schema), out in zip(SCHEMAS, outputs):
+        for completion in out.outputs:
+            assert completion.finish_reason == "stop", (name, completion.text[-200:])
+            jsonschema.validate(json.loads(completion.text), schema, format_checker=checker)
+
+
+def test_length_bounded_strings_exclude_control_characters():
+    """xgrammar's own rule for a `maxLength` string admits raw control characters; the rewrite to a
+    pattern does not, and keeps the bounds."""
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from pagedllm.structured_output.backend_xgrammar import bounded_strings_as_patterns
+
+    schema = {"type": "object", "properties": {"a": {"type": "string", "minLength": 2, "maxLength": 4}},
+              "required": ["a"]}
+    raw = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+    fixed = xgr.Grammar.from_json_schema(json.dumps(bounded_strings_as_patterns(schema)), any_whitespace=False)
+    assert _is_grammar_accept_string(raw, '{"a": "x\x01y"}')  # the upstream rule this works around
+    for text, ok in [('{"a": "xy"}', True), ('{"a": "é🙂z"}', True), ('{"a": "x"}', False),
+                     ('{"a": "xyzab"}', False), ('{"a": "x\x01y"}', False), ('{"a": "x\ty"}', False),
+                     (b'{"a": "x\xed\xa0\x80"}', False)]:  # a UTF-16 surrogate's bytes: not UTF-8
+        assert _is_grammar_accept_string(fixed, text) == ok, text
 
 
 @pytest.mark.real_model

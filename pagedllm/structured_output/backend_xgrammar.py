@@ -26,7 +26,13 @@ def grammar_spec(params: StructuredOutputsParams) -> tuple[str, str]:
     """The constraint as (kind, text): the compile cache's key, and what crosses to the engine core."""
     kind = params.kind
     if kind == "json":
-        spec = params.json if isinstance(params.json, str) else json.dumps(params.json)  # key order is the output's
+        schema = params.json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError:
+                return kind, params.json  # `validate` reports it
+        spec = json.dumps(bounded_strings_as_patterns(schema))  # key order is the output's
     elif kind == "json_object":
         spec = '{"type": "object"}'
     elif kind == "choice":
@@ -36,6 +42,34 @@ def grammar_spec(params: StructuredOutputsParams) -> tuple[str, str]:
     if kind in ("json", "json_object") and params.disable_any_whitespace:
         kind += ":compact"
     return kind, spec
+
+
+# A JSON string character: anything but a quote, a backslash or a control character, as JSON requires,
+# and no UTF-16 surrogate (xgrammar would accept their 3-byte encodings, which are not valid UTF-8).
+_STRING_CHAR = r'[^"\\\x00-\x1f\ud800-\udfff]'
+
+
+def bounded_strings_as_patterns(schema: Any) -> Any:
+    """The schema with each length-bounded plain string (`minLength`/`maxLength`, no `pattern`, `format`,
+    `enum` or `const`) turned into the equivalent `pattern`.
+
+    xgrammar 0.2.9 compiles a length-bounded string with a character rule that lacks the exclusion of
+    control characters its unbounded strings have, so a model could write a raw tab or NUL and the JSON
+    would not parse. A pattern of JSON string characters repeated {min,max} times means the same bounds
+    and compiles correctly (escapes are not allowed inside it, as in xgrammar's own bounded rule).
+    """
+    if isinstance(schema, list):
+        return [bounded_strings_as_patterns(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: bounded_strings_as_patterns(value) for key, value in schema.items()}
+    types = out.get("type")
+    is_string = types == "string" or (isinstance(types, list) and "string" in types)
+    bounded = "minLength" in out or "maxLength" in out
+    if is_string and bounded and not {"pattern", "format", "enum", "const"} & out.keys():
+        lo, hi = out.pop("minLength", 0), out.pop("maxLength", "")
+        out["pattern"] = f"^{_STRING_CHAR}{{{lo},{hi}}}$"
+    return out
 
 
 def choice_as_ebnf(choices: Iterable[str]) -> str:
