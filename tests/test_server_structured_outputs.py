@@ -166,6 +166,33 @@ def test_completions_structured_outputs_field_with_n_and_stream(tiny):
     assert all(t in ("yes", "no") for t in texts), texts
 
 
+def test_twenty_schemas_on_the_tiny_model_server(tiny):
+    """The corpus through /v1/completions on the random model (compact JSON: see test_structured_outputs.py,
+    whose offline run this repeats), half of them streamed."""
+    client = tiny.async_client()
+
+    async def one(i: int, schema: dict) -> tuple[str, str]:
+        body = dict(model="tiny", prompt="The capital of France is", temperature=0, max_tokens=450,
+                    extra_body={"structured_outputs": {"json": schema, "disable_any_whitespace": True}})
+        if i % 2:
+            text, finish = "", None
+            async for chunk in await client.completions.create(**body, stream=True):
+                if chunk.choices:
+                    text += chunk.choices[0].text
+                    finish = chunk.choices[0].finish_reason or finish
+            return text, finish
+        out = await client.completions.create(**body)
+        return out.choices[0].text, out.choices[0].finish_reason
+
+    async def run() -> list[tuple[str, str]]:
+        return await asyncio.gather(*(one(i, schema) for i, (_, schema) in enumerate(SCHEMAS)))
+
+    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
+    for (name, schema), (text, finish) in zip(SCHEMAS, asyncio.run(run())):
+        assert finish == "stop", (name, text[-200:])
+        jsonschema.validate(json.loads(text), schema, format_checker=checker)
+
+
 def test_chat_json_schema_streamed_equals_whole(tiny):
     schema = {"type": "object", "properties": {"city": {"type": "string", "pattern": "^[a-z]{1,8}$"},
                                                "rank": {"type": "integer", "minimum": 1, "maximum": 9}},
