@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Callable, Generic, Sequence, TypeVar
 
 import torch
 
@@ -40,3 +40,33 @@ def async_tensor_h2d(data: Sequence | torch.Tensor, dtype: torch.dtype, device: 
     if device.type == "cpu":
         return cpu
     return cpu.pin_memory().to(device, non_blocking=True)
+
+
+_C = TypeVar("_C", bound=type)
+
+
+class Registry(Generic[_C]):
+    """Name -> class, filled by the `register` decorator when the class's module is imported: how a
+    command-line flag (`--tool-call-parser hermes`) names an implementation, as vLLM's parser managers do."""
+
+    def __init__(self, kind: str, base: type) -> None:
+        self.kind = kind
+        self.base = base
+        self._classes: dict[str, _C] = {}
+
+    def register(self, name: str) -> Callable[[_C], _C]:
+        def decorator(cls: _C) -> _C:
+            if not (isinstance(cls, type) and issubclass(cls, self.base)):
+                raise TypeError(f"{cls!r} is not a {self.base.__name__} subclass")
+            self._classes[name] = cls
+            return cls
+        return decorator
+
+    def get(self, name: str) -> _C:
+        try:
+            return self._classes[name]
+        except KeyError:
+            raise ValueError(f"unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)

@@ -10,9 +10,10 @@ request and one choice: the streaming method keeps state between calls.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Callable, Optional, TypeVar
+from typing import Optional
 
 from pagedllm.entrypoints.openai.protocol import ChatCompletionRequest, DeltaMessage
+from pagedllm.utils import Registry
 
 
 class ReasoningParser:
@@ -47,30 +48,5 @@ class ReasoningParser:
         raise NotImplementedError
 
 
-_P = TypeVar("_P", bound=type[ReasoningParser])
-
-
-class ReasoningParserManager:
-    """Name → `ReasoningParser` class, filled by the `register` decorator when a parser module is imported."""
-
-    reasoning_parsers: dict[str, type[ReasoningParser]] = {}
-
-    @classmethod
-    def register(cls, name: str) -> Callable[[_P], _P]:
-        def decorator(parser: _P) -> _P:
-            if not (isinstance(parser, type) and issubclass(parser, ReasoningParser)):
-                raise TypeError(f"{parser!r} is not a ReasoningParser subclass")
-            cls.reasoning_parsers[name] = parser
-            return parser
-        return decorator
-
-    @classmethod
-    def get(cls, name: str) -> type[ReasoningParser]:
-        try:
-            return cls.reasoning_parsers[name]
-        except KeyError:
-            raise ValueError(f"unknown reasoning parser {name!r}; valid choices: {', '.join(cls.names())}") from None
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return sorted(cls.reasoning_parsers)
+# Name -> ReasoningParser class, filled by `@ReasoningParserManager.register(name)` when a parser module is imported.
+ReasoningParserManager: Registry[type[ReasoningParser]] = Registry("reasoning parser", ReasoningParser)

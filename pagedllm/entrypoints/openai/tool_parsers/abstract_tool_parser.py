@@ -9,12 +9,13 @@ and one choice: the streaming method keeps state between calls.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Callable, Optional, TypeVar
+from typing import Optional
 
 from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest, DeltaMessage,
                                                   ExtractedToolCallInformation, make_tool_call_id)
 from pagedllm.entrypoints.openai.tool_parsers.utils import ToolCallSnapshot, ToolCallStreamer
 from pagedllm.logger import init_logger
+from pagedllm.utils import Registry
 
 logger = init_logger(__name__)
 
@@ -70,30 +71,5 @@ class ToolParser:
         return self.streamer.delta(content, calls)
 
 
-_P = TypeVar("_P", bound=type[ToolParser])
-
-
-class ToolParserManager:
-    """Name → `ToolParser` class, filled by the `register` decorator when a parser module is imported."""
-
-    tool_parsers: dict[str, type[ToolParser]] = {}
-
-    @classmethod
-    def register(cls, name: str) -> Callable[[_P], _P]:
-        def decorator(parser: _P) -> _P:
-            if not (isinstance(parser, type) and issubclass(parser, ToolParser)):
-                raise TypeError(f"{parser!r} is not a ToolParser subclass")
-            cls.tool_parsers[name] = parser
-            return parser
-        return decorator
-
-    @classmethod
-    def get(cls, name: str) -> type[ToolParser]:
-        try:
-            return cls.tool_parsers[name]
-        except KeyError:
-            raise ValueError(f"unknown tool parser {name!r}; valid choices: {', '.join(cls.names())}") from None
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return sorted(cls.tool_parsers)
+# Name -> ToolParser class, filled by `@ToolParserManager.register(name)` when a parser module is imported.
+ToolParserManager: Registry[type[ToolParser]] = Registry("tool parser", ToolParser)
