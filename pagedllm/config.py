@@ -57,6 +57,30 @@ def resolve_dtype(dtype: str | torch.dtype, config_dtype: Any, device: torch.dev
     return _DTYPES[dtype]
 
 
+# vLLM's runners: a model either generates tokens or pools its hidden states into one vector per prompt.
+RUNNER_TYPES = ("generate", "pooling")
+# The pooling methods a pooler can use (vLLM's `PoolingType` names).
+POOLING_TYPES = ("LAST", "CLS", "MEAN")
+
+
+@dataclass(frozen=True)
+class PoolerConfig:
+    """How a pooling model turns a prompt's hidden states into one vector, read from the checkpoint
+    (`model_executor/pooling_config.py`). `task`: what the model is for, "embed" (a vector) or "classify"
+    (label scores, of which a cross-encoder's single one is its relevance score). `normalize`: L2-normalise
+    embeddings unless a request says otherwise."""
+
+    pooling_type: str
+    task: str = "embed"
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pooling_type not in POOLING_TYPES:
+            raise ValueError(f"pooling_type must be one of {list(POOLING_TYPES)}, got {self.pooling_type!r}")
+        if self.task not in ("embed", "classify"):
+            raise ValueError(f"pooler task must be 'embed' or 'classify', got {self.task!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str
@@ -76,8 +100,15 @@ class ModelConfig:
     # the folder whose generation_config.json gives sampling defaults (None: none)
     generation_config: Optional[str] = None
     trust_remote_code: bool = False
+    # vLLM's `runner`: "generate", or "pooling" with the pooler it uses (`pooler_config`).
+    runner_type: str = "generate"
+    pooler_config: Optional[PoolerConfig] = None
 
     def __post_init__(self) -> None:
+        if self.runner_type not in RUNNER_TYPES:
+            raise ValueError(f"runner must be one of {list(RUNNER_TYPES)}, got {self.runner_type!r}")
+        if (self.runner_type == "pooling") != (self.pooler_config is not None):
+            raise ValueError("a pooling model needs a pooler config, and only a pooling model has one")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be -1 (no limit) or a non-negative integer, got {self.max_logprobs!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:

@@ -1,9 +1,13 @@
-"""What the engine returns: vLLM's `RequestOutput`, `CompletionOutput` and `Logprob`."""
+"""What the engine returns: vLLM's `RequestOutput`, `CompletionOutput` and `Logprob`; for pooling models
+`PoolingRequestOutput` and its typed views (embedding, classification, score)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -47,3 +51,84 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: Optional[dict] = field(default=None, repr=False)
+
+
+# ----- pooling models (vLLM's names) ----------------------------------------------------------
+@dataclass
+class PoolingOutput:
+    """The pooled vector of one prompt, as the pooler returned it (a float32 CPU tensor)."""
+
+    data: "torch.Tensor"
+
+
+@dataclass
+class PoolingRequestOutput:
+    """What `LLM.encode` returns for one prompt; the typed outputs below are views of it."""
+
+    request_id: str
+    outputs: PoolingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+    prompt: Optional[str] = None
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+    @classmethod
+    def from_base(cls, output: PoolingRequestOutput) -> "EmbeddingRequestOutput":
+        return cls(output.request_id, EmbeddingOutput(output.outputs.data.tolist()), output.prompt_token_ids,
+                   output.finished)
+
+
+@dataclass
+class ClassificationOutput:
+    """`probs`: one value per label (softmax over the labels, or the sigmoid of a single logit)."""
+
+    probs: list[float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+@dataclass
+class ClassificationRequestOutput:
+    request_id: str
+    outputs: ClassificationOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+    @classmethod
+    def from_base(cls, output: PoolingRequestOutput) -> "ClassificationRequestOutput":
+        return cls(output.request_id, ClassificationOutput(output.outputs.data.tolist()), output.prompt_token_ids,
+                   output.finished)
+
+
+@dataclass
+class ScoringOutput:
+    """The relevance of a document to a query: a cross-encoder's score, or the cosine similarity of
+    two embeddings for an embedding model."""
+
+    score: float
+
+
+@dataclass
+class ScoringRequestOutput:
+    request_id: str
+    outputs: ScoringOutput
+    prompt_token_ids: list[int]
+    finished: bool = True

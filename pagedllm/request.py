@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -54,6 +55,9 @@ class EngineCoreRequest:
     # With a reasoning parser and a structured-output constraint: the token that ends the reasoning,
     # after which the constraint applies (None: it applies from the first token).
     reasoning_end_token_id: Optional[int] = None
+    # A pooling request (embed, classify, score): its prompt runs once, whole, and it ends with the pooled
+    # vector instead of a token. `sampling_params` then only carries max_tokens=1 and is never sampled with.
+    pooling_params: Optional[PoolingParams] = None
 
 
 class Request:
@@ -73,6 +77,7 @@ class Request:
         block_size: int,
         arrival_time: Optional[float] = None,
         reasoning_end_token_id: Optional[int] = None,
+        pooling_params: Optional[PoolingParams] = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -90,13 +95,15 @@ class Request:
         self.block_hashes: list[tuple] = []
         self._update_block_hashes()
         self.reasoning_end_token_id = reasoning_end_token_id
+        self.pooling_params = pooling_params
+        self.pooler_output: Optional[Any] = None  # the pooled vector (a CPU tensor), once computed
         # Set by the engine core's StructuredOutputManager for a request with a constraint.
         self.structured_output_request: Optional[Any] = None
 
     @classmethod
     def from_engine_core_request(cls, request: EngineCoreRequest, block_size: int) -> "Request":
         return cls(request.request_id, request.prompt_token_ids, request.sampling_params, request.max_tokens,
-                   block_size, request.arrival_time, request.reasoning_end_token_id)
+                   block_size, request.arrival_time, request.reasoning_end_token_id, request.pooling_params)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -10,10 +10,11 @@ sees a tensor, the runner never decides.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -30,6 +31,8 @@ class ScheduledRequest:
     output_token_ids: list[int]  # generated so far: penalties and min_tokens need them
     sample: bool  # True when this chunk reaches the end of the known tokens
     compute_prompt_logprobs: bool = False
+    # A pooling request: this step runs its whole prompt, and the runner pools it instead of sampling.
+    pooling_params: Optional[PoolingParams] = None
 
 
 @dataclass
@@ -64,3 +67,5 @@ class ModelRunnerOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     # request id -> (first prompt position covered, logprobs for the following positions)
     prompt_logprobs: dict[str, tuple[int, TokenLogprobs]] = field(default_factory=dict)
+    # request id -> its pooled vector (a float32 CPU tensor), for the pooling requests of the step
+    pooler_output: dict[str, Any] = field(default_factory=dict)

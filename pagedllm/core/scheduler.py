@@ -6,6 +6,11 @@ requests (FCFS, their prompts chunked to fit). When the KV cache runs out of blo
 most recently admitted running request is preempted: its blocks are freed and it goes
 back to the front of the waiting queue, to be recomputed later. The scheduler touches no
 tensors; its decision leaves as one `SchedulerOutput`.
+
+A pooling request (embed, classify, score) has no decode phase: it is admitted only when its whole
+prompt fits the step's budget (never chunked: mean pooling and an encoder's bidirectional attention
+need every position at once), and it finishes after that one step with its pooled vector
+(`update_from_output`), freeing its blocks at once.
 """
 
 from __future__ import annotations
@@ -95,6 +100,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.pooling_params is not None and num_new < request.num_tokens - request.num_computed_tokens:
+                num_new = 0  # a pooling prompt is never chunked: it waits for a step with room
             if num_new <= 0:
                 i += 1
                 continue
@@ -120,7 +127,7 @@ class Scheduler:
                 continue
             hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit_tokens
-            if not self.config.enable_chunked_prefill and num_new > budget:
+            if (not self.config.enable_chunked_prefill or request.pooling_params is not None) and num_new > budget:
                 break
             num_new = min(num_new, budget)
             new_blocks = self.kv_cache_manager.allocate_slots(request, num_new, hits)
@@ -241,10 +248,11 @@ class Scheduler:
             sampling_params=params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
-            sample=start + num_new == request.num_tokens,
+            sample=start + num_new == request.num_tokens and request.pooling_params is None,
             compute_prompt_logprobs=params.prompt_logprobs is not None
             and start < request.num_prompt_tokens - 1
             and request.num_output_tokens == 0,
+            pooling_params=request.pooling_params,
         )
 
     # ----- after the model ran ----------------------------------------------------
@@ -261,6 +269,15 @@ class Scheduler:
             if request is None or request.status != RequestStatus.RUNNING:
                 continue
             request.num_computed_tokens += len(sched.token_ids)
+            if request.pooling_params is not None:
+                pooled = runner_output.pooler_output.get(sched.request_id)
+                if pooled is not None:  # the whole prompt ran: the request is done
+                    request.pooler_output = pooled
+                    request.status = RequestStatus.FINISHED_STOPPED
+                    updated.append(request)
+                    self.running.remove(request)
+                    self._free(request)
+                continue
             token_id = runner_output.sampled_token_ids.get(sched.request_id)
             if token_id is None:
                 continue

@@ -87,6 +87,13 @@ class EngineArgs:
               "id (default: the embedded SmolLM2-135M-Instruct)")
     tokenizer: Optional[str] = arg(None, "tokenizer path (default: the model's)")
     trust_remote_code: bool = arg(False, "let transformers run code the checkpoint ships for its config and tokenizer")
+    runner: str = arg("auto", "'generate' (text) or 'pooling' (embeddings, classification, scores); 'auto' picks "
+                              "from the checkpoint's architecture", choices=["auto", "generate", "pooling"])
+    convert: str = arg("auto", "adapt a checkpoint to the pooling runner: 'embed' pools a generator's last hidden "
+                               "state into an embedding ('auto': embed for a generator run with --runner pooling)",
+                       choices=["auto", "none", "embed", "classify"])
+    task: str = arg("auto", "vLLM's older spelling of runner/convert: 'embed', 'classify', 'score' or 'generate'",
+                    choices=["auto", "generate", "embed", "embedding", "classify", "score", "reward"])
     dtype: str = arg("auto", "weight dtype, and the KV cache's unless --kv-cache-dtype says otherwise ('auto': "
                              "float32 on CPU, the checkpoint's on GPU)",
                      choices=["auto", "float32", "bfloat16", "float16", "float", "half"])
@@ -195,11 +202,13 @@ class EngineArgs:
         configs, each validated once with a clear `ValueError`."""
         from pagedllm.model_executor.layers.quantization import verify_quantization
         from pagedllm.model_executor.model_source import resolve_model
+        from pagedllm.model_executor.pooling_config import resolve_runner
 
         resolved = resolve_model(self.model)
         logger.info("Model %s resolved to %s (%s)", resolved.name, resolved.path, resolved.kind)
         model_path = resolved.path
         hf_config = load_hf_config(model_path, self.trust_remote_code)
+        runner = resolve_runner(hf_config, model_path, self.runner, self.convert, self.task)
         device = resolve_device(self.device)
         parallel_config = ParallelConfig(
             tensor_parallel_size=self.tensor_parallel_size,
@@ -213,6 +222,8 @@ class EngineArgs:
             # Attention here is always full; capping the context at the window keeps results exact.
             logger.warning("Model uses a sliding window of %d tokens; max_model_len is capped to it", sliding)
             max_pos = sliding
+        if runner.max_seq_length and self.max_model_len is None:
+            max_pos = min(max_pos, runner.max_seq_length)  # what sentence-transformers truncates to, as vLLM
         max_model_len = self.max_model_len or max_pos
         if max_model_len > max_pos:
             raise ValueError(
@@ -222,8 +233,12 @@ class EngineArgs:
             raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
         default_batched = default_max_num_batched_tokens(self.usage_context, device)
         batched = self.max_num_batched_tokens or max(default_batched, self.max_num_seqs)
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens is None:
+        pooling = runner.runner_type == "pooling"
+        if (not self.enable_chunked_prefill or pooling) and self.max_num_batched_tokens is None:
             batched = max(batched, max_model_len)
+        if pooling and batched < max_model_len:
+            raise ValueError(f"max_num_batched_tokens ({batched}) is smaller than max_model_len ({max_model_len}): "
+                             "a pooling request runs its whole prompt in one step")
         # transformers >= 4.56 calls it `dtype` and warns on every read of the old `torch_dtype`.
         config_dtype = hf_config.dtype if hasattr(hf_config, "dtype") else getattr(hf_config, "torch_dtype", None)
         model_config = ModelConfig(
@@ -241,17 +256,26 @@ class EngineArgs:
             max_logprobs=self.max_logprobs,
             generation_config=self._generation_config_folder(model_path),
             trust_remote_code=self.trust_remote_code,
+            runner_type=runner.runner_type,
+            pooler_config=runner.pooler_config,
         )
         verify_quantization(model_config.quantization, device, model_config.dtype)
         kv_cache_memory_bytes = self.kv_cache_memory_bytes
-        if kv_cache_memory_bytes is None and device.type == "cpu" and self.num_gpu_blocks_override is None:
+        num_blocks_override = self.num_gpu_blocks_override
+        if runner.encoder_only and num_blocks_override is None:
+            # An encoder keeps no K/V between steps (its runner allocates no cache); the scheduler still
+            # counts blocks, enough for one full step of max_num_seqs prompts.
+            num_blocks_override = -(-max(batched, max_model_len) // self.block_size) + self.max_num_seqs
+        if kv_cache_memory_bytes is None and device.type == "cpu" and num_blocks_override is None:
             kv_cache_memory_bytes = cpu_kv_cache_space_bytes()
         return EngineConfig(
             model_config=model_config,
             cache_config=CacheConfig(
                 block_size=self.block_size,
-                enable_prefix_caching=self.enable_prefix_caching,
-                num_gpu_blocks_override=self.num_gpu_blocks_override,
+                # A pooling request needs every prompt position's hidden state (mean pooling, an encoder's
+                # bidirectional attention): no prefix is skipped, as in vLLM for these models.
+                enable_prefix_caching=self.enable_prefix_caching and not pooling,
+                num_gpu_blocks_override=num_blocks_override,
                 kv_cache_memory_bytes=kv_cache_memory_bytes,
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 cache_dtype=self.kv_cache_dtype,
@@ -337,9 +361,6 @@ VLLM_ONLY_ARGS: dict[str, VllmOnlyArg] = {
     "pipeline_parallel_size": VllmOnlyArg((1,), "pipeline parallelism"),
     "enable_expert_parallel": VllmOnlyArg((False,), "expert parallelism for mixture-of-experts models"),
     "cpu_offload_gb": VllmOnlyArg((0,), "offloading weights to CPU memory"),
-    "runner": VllmOnlyArg(("auto", "generate"), "pooling models (embeddings, classification, scoring)"),
-    "convert": VllmOnlyArg(("auto", "none"), "pooling models (embeddings, classification, scoring)"),
-    "task": VllmOnlyArg(("auto", "generate"), "pooling models (embeddings, classification, scoring)"),
     "structured_outputs_config": VllmOnlyArg((None, {}), "structured outputs"),
     "reasoning_parser": VllmOnlyArg((None, ""), "reasoning parsers"),
     "limit_mm_per_prompt": VllmOnlyArg((None, {}), _MM),

@@ -10,7 +10,7 @@ turns them into `RequestOutput`s.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from pagedllm.engine.engine_state import EngineState
 from pagedllm.engine.metrics import EngineStats
@@ -62,6 +62,8 @@ class EngineCoreOutput:
     new_prompt_logprobs: Optional[tuple[int, TokenLogprobs]] = None
     finish_reason: Optional[str] = None  # "stop" or "length" once the core ended it
     stop_reason: Union[int, str, None] = None  # a stop token id that ended it
+    # A pooling request's result (a float32 CPU tensor); it comes with finish_reason "stop".
+    pooling_output: Optional[Any] = None
 
 
 @dataclass

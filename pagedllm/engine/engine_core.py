@@ -184,6 +184,12 @@ class EngineCore:
         updated = scheduler.update_from_output(sched_out, runner_out)
         outputs: dict[str, EngineCoreOutput] = {}
         for request in updated:
+            if request.pooling_params is not None:
+                self.prompt_tokens += request.num_prompt_tokens
+                self.requests_finished += 1
+                outputs[request.request_id] = EngineCoreOutput(
+                    request.request_id, [], finish_reason="stop", pooling_output=request.pooler_output)
+                continue
             if request.num_output_tokens == 1:
                 self.prompt_tokens += request.num_prompt_tokens
             self.generation_tokens += 1

@@ -18,6 +18,7 @@ from pagedllm.config import ModelConfig
 from pagedllm.engine.parent_request import child_request_id, child_sampling_params
 from pagedllm.engine.tokenizer import eos_token_ids, sampling_defaults
 from pagedllm.logger import init_logger
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.request import EngineCoreRequest
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.structured_output.backend_xgrammar import validate as validate_structured_outputs
@@ -59,7 +60,7 @@ class ProcessedRequest:
     request_id: str
     prompt: Optional[str]
     prompt_token_ids: list[int]
-    params: SamplingParams  # a private copy, end-of-sequence ids attached
+    params: Union[SamplingParams, PoolingParams]  # a private copy (end-of-sequence ids attached)
     core_requests: list[EngineCoreRequest]
 
     @property
@@ -110,8 +111,53 @@ class InputProcessor:
         ]
         return ProcessedRequest(request_id, text, ids, params, core_requests)
 
+    def process_pooling(self, request_id: str, prompt: PromptType, params: PoolingParams,
+                        arrival_time: Optional[float] = None) -> ProcessedRequest:
+        """Check and prepare one pooling request: the prompt (which may fill the whole context: nothing
+        is generated after it), and the parameters against the model and its task."""
+        if not isinstance(params, PoolingParams):
+            raise ValueError(f"pooling params must be a PoolingParams, got {type(params).__name__}")
+        mc = self.model_config
+        if mc.runner_type != "pooling":
+            raise InvalidRequestError("this model generates text; pooling requests (embeddings, classification, "
+                                      "scores) need a pooling model (runner='pooling')", param="model")
+        params = params.clone()
+        task = params.task or mc.pooler_config.task
+        params.task = task
+        if task == "embed" and mc.pooler_config.task != "embed":
+            raise InvalidRequestError("this model is a classifier (or cross-encoder); it does not make embeddings",
+                                      param="model")
+        if task in ("classify", "score") and mc.pooler_config.task != "classify":
+            raise InvalidRequestError(f"this model makes embeddings; {task} needs a classification model",
+                                      param="model")
+        if params.dimensions is not None:
+            self.check_dimensions(params.dimensions)
+        text, ids = self.process_prompt(prompt, allow_full_context=True)
+        boundary = params.token_type_boundary
+        if boundary is not None and not 0 < boundary <= len(ids):
+            raise InvalidRequestError(f"the second segment must start inside the prompt, got {boundary}")
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        core = EngineCoreRequest(request_id, ids, SamplingParams(max_tokens=1, detokenize=False), 1, arrival_time,
+                                 pooling_params=params)
+        return ProcessedRequest(request_id, text, ids, params, [core])
+
+    def check_dimensions(self, dimensions: int) -> None:
+        """vLLM's rule: only a Matryoshka-trained model may be truncated, to a size it supports."""
+        config = self.model_config.hf_config
+        supported = getattr(config, "matryoshka_dimensions", None)
+        if not (getattr(config, "is_matryoshka", False) or supported):
+            raise InvalidRequestError(
+                f"this model does not support matryoshka representation; changing output dimensions will lead to "
+                f"poor results (dimensions={dimensions})", param="dimensions")
+        if supported and dimensions not in supported:
+            raise InvalidRequestError(f"dimensions must be one of {list(supported)}, got {dimensions}",
+                                      param="dimensions")
+        if dimensions > config.hidden_size:
+            raise InvalidRequestError(f"dimensions must be at most {config.hidden_size}, got {dimensions}",
+                                      param="dimensions")
+
     # ----- the parts -------------------------------------------------------------------
-    def process_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+    def process_prompt(self, prompt: PromptType, allow_full_context: bool = False) -> tuple[Optional[str], list[int]]:
         """Normalise any accepted prompt form to (text or None, token ids), checking it."""
         if isinstance(prompt, dict):
             for key in prompt:
@@ -139,16 +185,21 @@ class InputProcessor:
             if not isinstance(text, str):
                 raise ValueError(f"prompt must be a string, got {type(text).__name__}")
             ids = self.tokenizer.encode(text)  # with the tokenizer's default special tokens (BOS)
-        self.check_prompt_token_ids(ids)
+        self.check_prompt_token_ids(ids, allow_full_context=allow_full_context)
         return text, ids
 
-    def check_prompt_token_ids(self, ids: list[int], param: str = "prompt") -> None:
-        """Not empty, every id in the vocabulary, and room left for at least one generated token."""
+    def check_prompt_token_ids(self, ids: list[int], param: str = "prompt", allow_full_context: bool = False) -> None:
+        """Not empty, every id in the vocabulary, and room left for at least one generated token (a pooling
+        prompt, which generates nothing, may fill the context: `allow_full_context`)."""
         if not ids:
             raise InvalidRequestError("the prompt is empty (no tokens)", param=param)
         self.check_token_ids(ids, param)
         max_len = self.model_config.max_model_len
-        if len(ids) >= max_len:
+        if allow_full_context and len(ids) > max_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {max_len} tokens. However, your request has {len(ids)} "
+                "input tokens. Please reduce the length of the input.", param=param, code="context_length_exceeded")
+        if not allow_full_context and len(ids) >= max_len:
             raise InvalidRequestError(
                 f"This model's maximum context length is {max_len} tokens. However, your request has {len(ids)} "
                 "input tokens, which leaves no room for output. Please reduce the length of the input.",

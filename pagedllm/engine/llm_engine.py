@@ -21,7 +21,8 @@ from pagedllm.engine.input_processor import InputProcessor, PromptType
 from pagedllm.engine.metrics import Metric, StatLogger, collect_metrics
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.tokenizer import load_generation_config, load_tokenizer
-from pagedllm.outputs import RequestOutput
+from pagedllm.outputs import PoolingRequestOutput, RequestOutput
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.request import RequestStatus
 from pagedllm.sampling_params import SamplingParams
 
@@ -41,11 +42,19 @@ class LLMEngine:
         return cls(engine_args.create_engine_config(), log_stats=not engine_args.disable_log_stats)
 
     # ----- requests -----------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
+    def add_request(self, request_id: str, prompt: PromptType,
+                    params: Optional[Union[SamplingParams, PoolingParams]] = None,
                     arrival_time: Optional[float] = None) -> None:
+        """A generation request (`SamplingParams`), or a pooling one (`PoolingParams`) on a pooling model."""
         if self.output_processor.has_request(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = self.input_processor.process(request_id, prompt, params, arrival_time)
+        if isinstance(params, PoolingParams):
+            request = self.input_processor.process_pooling(request_id, prompt, params, arrival_time)
+        else:
+            if self.config.model_config.runner_type == "pooling":
+                raise ValueError("this is a pooling model (runner='pooling'): it cannot generate text; use "
+                                 "embed, classify, score or encode")
+            request = self.input_processor.process(request_id, prompt, params, arrival_time)
         self.output_processor.add_request(request)
         try:
             self.engine_core.add_requests(request.core_requests)
@@ -64,7 +73,7 @@ class LLMEngine:
         return self.output_processor.get_num_unfinished_requests()
 
     # ----- the step -----------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[Union[RequestOutput, PoolingRequestOutput]]:
         """Run one engine-core step; return the outputs of requests that advanced.
 
         A step that raises is raised (`StepFailedError`); when the core has found the request that

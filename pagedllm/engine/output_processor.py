@@ -15,7 +15,8 @@ from typing import Any, Optional
 from pagedllm.engine.core_messages import EngineCoreOutput
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.input_processor import ProcessedRequest
-from pagedllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
+from pagedllm.outputs import CompletionOutput, Logprob, PoolingOutput, PoolingRequestOutput, PromptLogprobs, RequestOutput
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 from pagedllm.scheduler_output import TokenLogprobs
 
@@ -42,6 +43,7 @@ class RequestState:
     child_ids: list[str]
     prompt_logprobs: Optional[PromptLogprobs] = None
     prompt_logprobs_sent: bool = False
+    pooling_output: Optional[Any] = None  # a pooling request's vector, once the core sent it
 
     @property
     def finished(self) -> bool:
@@ -68,6 +70,12 @@ class OutputProcessor:
         params = request.params
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        if isinstance(params, PoolingParams):  # one sequence, nothing to detokenize
+            self._parent_of[request.child_ids[0]] = (request.request_id, 0)
+            self.requests[request.request_id] = RequestState(request.request_id, request.prompt,
+                                                             request.prompt_token_ids, params,
+                                                             [SequenceState(0, None)], request.child_ids)
+            return
         sequences = []
         for i, child_id in enumerate(request.child_ids):
             detok = None
@@ -122,6 +130,11 @@ class OutputProcessor:
             if entry is None:  # aborted meanwhile (a client that left, a stop string): its tokens are dropped
                 continue
             state = self.requests[entry[0]]
+            if output.pooling_output is not None:
+                state.sequences[0].finish_reason = "stop"
+                state.pooling_output = output.pooling_output
+                touched[state.request_id] = None
+                continue
             if output.new_prompt_logprobs is not None:
                 self._add_prompt_logprobs(state, *output.new_prompt_logprobs)
             if not output.new_token_ids:
@@ -169,12 +182,15 @@ class OutputProcessor:
             if first_pos + j + 1 == len(state.prompt_logprobs):
                 state.prompt_logprobs.append(entry)
 
-    def _make_output(self, state: RequestState) -> Optional[RequestOutput]:
+    def _make_output(self, state: RequestState) -> Optional[RequestOutput | PoolingRequestOutput]:
         """The request's output after this step, in its `output_kind` (None: nothing to send yet).
 
         Text that could still turn out to be the start of a stop string is held back until
         the sequence finishes, so a streamed or cumulative text is never taken back later.
         """
+        if state.pooling_output is not None:
+            return PoolingRequestOutput(state.request_id, PoolingOutput(state.pooling_output), state.prompt_token_ids,
+                                        finished=True, prompt=state.prompt)
         kind = state.params.output_kind
         finished = state.finished
         if kind == RequestOutputKind.FINAL_ONLY and not finished:

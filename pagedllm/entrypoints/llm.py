@@ -14,7 +14,16 @@ from pagedllm.engine.input_processor import PromptType
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.metrics import Metric
 from pagedllm.logger import init_logger
-from pagedllm.outputs import RequestOutput
+from pagedllm.entrypoints.score_utils import ScoreInput, cross_encoder_prompt, score_pairs
+from pagedllm.outputs import (
+    ClassificationRequestOutput,
+    EmbeddingRequestOutput,
+    PoolingRequestOutput,
+    RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = init_logger(__name__)
@@ -111,15 +120,26 @@ class LLM:
                 raise ValueError(
                     f"got {len(params_list)} sampling params for {len(prompts)} prompts; the lengths must match"
                 )
+        checked = []
+        for params in params_list:
+            if not isinstance(params, SamplingParams):
+                raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+            params = params.clone()
+            params.output_kind = RequestOutputKind.FINAL_ONLY  # offline: only final outputs
+            checked.append(params)
+        return self._run_requests(prompts, checked, use_tqdm)
+
+    def _run_requests(self, prompts: list[PromptType], params_list: list[Union[SamplingParams, PoolingParams]],
+                      use_tqdm: bool) -> list[Any]:
+        if self.llm_engine.config.model_config.runner_type == "pooling" and any(
+                isinstance(p, SamplingParams) for p in params_list):
+            raise ValueError("LLM.generate() and LLM.chat() need a generative model; this one is a pooling model "
+                             "(runner='pooling'): use embed, classify, score or encode")
         engine = self.llm_engine
         request_ids: list[str] = []
         try:
             for prompt, params in zip(prompts, params_list):
                 request_id = str(next(self._counter))
-                if not isinstance(params, SamplingParams):
-                    raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-                params = params.clone()
-                params.output_kind = RequestOutputKind.FINAL_ONLY  # offline: only final outputs
                 engine.add_request(request_id, prompt, params)
                 request_ids.append(request_id)
         except Exception:
@@ -138,7 +158,8 @@ class LLM:
                     if output.finished:
                         finished[output.request_id] = output
                         prompt_tokens += len(output.prompt_token_ids)
-                        generated += sum(len(o.token_ids) for o in output.outputs)
+                        if isinstance(output, RequestOutput):
+                            generated += sum(len(o.token_ids) for o in output.outputs)
                         bar.update(1)
                         elapsed = bar.format_dict["elapsed"] or 1e-9
                         bar.set_postfix_str(
@@ -152,6 +173,92 @@ class LLM:
         finally:
             bar.close()
         return [finished[r] for r in request_ids]
+
+    # ----- pooling models ----------------------------------------------------------------
+    def encode(
+        self,
+        prompts: Union[PromptType, Sequence[PromptType]],
+        pooling_params: Optional[Union[PoolingParams, Sequence[PoolingParams]]] = None,
+        use_tqdm: bool = True,
+        *,
+        pooling_task: Optional[str] = None,
+        lora_request: Any = None,
+    ) -> list[PoolingRequestOutput]:
+        """Pool each prompt (a pooling model: `runner="pooling"`); the raw `PoolingRequestOutput`s, in order.
+        `pooling_task` ("embed", "classify", "score", "encode") says which head applies; default "encode":
+        the pooled hidden state, unnormalised (a classifier's raw logits)."""
+        _refuse_unsupported(lora_request=lora_request)
+        prompt_list = _as_prompt_list(prompts)
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            params_list = [pooling_params or PoolingParams()] * len(prompt_list)
+        else:
+            params_list = list(pooling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(f"got {len(params_list)} pooling params for {len(prompt_list)} prompts; the lengths "
+                                 "must match")
+        tasked = []
+        for params in params_list:
+            if not isinstance(params, PoolingParams):
+                raise ValueError(f"pooling_params must be PoolingParams, got {type(params).__name__}")
+            params = params.clone()
+            params.task = pooling_task or params.task or "encode"
+            tasked.append(params)
+        return self._run_requests(prompt_list, tasked, use_tqdm)
+
+    def embed(self, prompts: Union[PromptType, Sequence[PromptType]], *, use_tqdm: bool = True,
+              pooling_params: Optional[Union[PoolingParams, Sequence[PoolingParams]]] = None,
+              lora_request: Any = None) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (normalised unless `PoolingParams(normalize=False)`)."""
+        outputs = self.encode(prompts, pooling_params, use_tqdm, pooling_task="embed", lora_request=lora_request)
+        return [EmbeddingRequestOutput.from_base(o) for o in outputs]
+
+    def classify(self, prompts: Union[PromptType, Sequence[PromptType]], *, use_tqdm: bool = True,
+                 pooling_params: Optional[Union[PoolingParams, Sequence[PoolingParams]]] = None,
+                 lora_request: Any = None) -> list[ClassificationRequestOutput]:
+        """Each prompt's label probabilities (a classification model)."""
+        outputs = self.encode(prompts, pooling_params, use_tqdm, pooling_task="classify", lora_request=lora_request)
+        return [ClassificationRequestOutput.from_base(o) for o in outputs]
+
+    def score(self, data_1: ScoreInput, data_2: ScoreInput, *, use_tqdm: bool = True,
+              pooling_params: Optional[PoolingParams] = None, lora_request: Any = None) -> list[ScoringRequestOutput]:
+        """The relevance of each document to its query: one query and N documents, or N and N.
+
+        A cross-encoder (a classifier with one label) reads each pair as one two-segment prompt and
+        scores it (sigmoid of its logit); an embedding model embeds both texts and scores their cosine
+        similarity, as vLLM does."""
+        _refuse_unsupported(lora_request=lora_request)
+        pairs = score_pairs(data_1, data_2)
+        params = pooling_params or PoolingParams()
+        if not isinstance(params, PoolingParams):
+            raise ValueError(f"pooling_params must be PoolingParams, got {type(params).__name__}")
+        pooler = self.llm_engine.config.model_config.pooler_config
+        if pooler is not None and pooler.task == "embed":
+            texts = [t for pair in pairs for t in pair]
+            vectors = self.embed(texts, use_tqdm=use_tqdm, pooling_params=params)
+            out = []
+            for i in range(len(pairs)):
+                a, b = vectors[2 * i], vectors[2 * i + 1]
+                cosine = _cosine(a.outputs.embedding, b.outputs.embedding)
+                out.append(ScoringRequestOutput(f"score-{a.request_id}", ScoringOutput(cosine),
+                                                a.prompt_token_ids + b.prompt_token_ids))
+            return out
+        tokenizer = self.get_tokenizer()
+        prompts, params_list = [], []
+        for query, document in pairs:
+            prompt, boundary = cross_encoder_prompt(tokenizer, query, document)
+            pair_params = params.clone()
+            pair_params.task = "score"
+            pair_params.extra_kwargs = {**pair_params.extra_kwargs, "compressed_token_type_ids": boundary}
+            prompts.append(prompt)
+            params_list.append(pair_params)
+        outputs = self._run_requests(prompts, params_list, use_tqdm)
+        scores = []
+        for o in outputs:
+            values = o.outputs.data.tolist()
+            if len(values) != 1:
+                raise ValueError(f"score needs a cross-encoder with one label; this classifier has {len(values)}")
+            scores.append(ScoringRequestOutput(o.request_id, ScoringOutput(values[0]), o.prompt_token_ids))
+        return scores
 
     # ----- the rest of vLLM's surface ---------------------------------------------------
     def get_tokenizer(self) -> Any:
@@ -192,6 +299,12 @@ def _refuse_unsupported(**arguments: Any) -> None:
         if value is None or value == {} or (name == "priority" and not any(_as_list(value))):
             continue
         raise NotImplementedError(f"{name} is not supported by pagedllm yet ({features[name]})")
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    norm = (sum(x * x for x in a) * sum(y * y for y in b)) ** 0.5
+    return dot / norm if norm else 0.0
 
 
 def _as_list(value: Any) -> list:

@@ -18,6 +18,7 @@ from torch import nn
 from pagedllm.config import ModelConfig
 from pagedllm.logger import init_logger
 from pagedllm.model_executor.layers.build_context import BuildContext
+from pagedllm.model_executor.layers.pooler import Pooler
 from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedllm.model_executor.models import SUPPORTED_ARCHITECTURES, get_architecture
 from pagedllm.model_executor.weight_utils import iterate_safetensors_weights
@@ -46,6 +47,10 @@ def load_model(model_config: ModelConfig, device: torch.device, ctx: BuildContex
     model.eval().requires_grad_(False)
     num_params = sum(p.numel() for p in model.parameters())
     processed = process_weights_after_loading(model)
+    if model_config.runner_type == "pooling":
+        # vLLM's `as_embedding_model` adapter in one line: any model's final hidden states can be pooled;
+        # a classifier brings its own head.
+        model.pooler = Pooler(model_config.pooler_config, getattr(model, "classify", None))
     logger.info(
         "Loaded %s weights (%s, %.1fM parameters%s) in %.2f s",
         arch, str(model_config.dtype).removeprefix("torch."), num_params / 1e6,

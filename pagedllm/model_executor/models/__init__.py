@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pagedllm.model_executor.models.bert import BertForSequenceClassification, BertModel
 from pagedllm.model_executor.models.decoder import DecoderForCausalLM
 
 SUPPORTED_ARCHITECTURES = {
@@ -9,6 +10,9 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": DecoderForCausalLM,
     "Qwen2ForCausalLM": DecoderForCausalLM,
     "Qwen3ForCausalLM": DecoderForCausalLM,
+    # encoder-only pooling models (runner="pooling")
+    "BertModel": BertModel,
+    "BertForSequenceClassification": BertForSequenceClassification,
 }
 
 
