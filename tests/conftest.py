@@ -101,6 +101,41 @@ def build_checkpoint(path: str, family: str, seed: int = 0, extra_tokens: tuple[
     return path
 
 
+def build_bert_tokenizer(path: str):
+    """A small WordPiece tokenizer with BERT's special tokens and its pair template (token type 1 for
+    the second segment), trained on the corpus."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_bert_checkpoint(path: str, architecture: str = "BertModel", seed: int = 0, **overrides) -> str:
+    """A tiny random BERT (`BertModel`, or `BertForSequenceClassification` with `num_labels`)."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    tokenizer = build_bert_tokenizer(path)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+                        initializer_range=0.3, **overrides)
+    torch.manual_seed(seed)
+    cls = BertModel if architecture == "BertModel" else BertForSequenceClassification
+    model = cls(config).to(torch.float32)
+    model.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory) -> str:
     return build_checkpoint(str(tmp_path_factory.mktemp("llama")), "llama")
