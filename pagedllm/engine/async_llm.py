@@ -46,7 +46,8 @@ from pagedllm.engine.metrics import EngineStats, StatLogger
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.tokenizer import load_generation_config, load_tokenizer
 from pagedllm.logger import init_logger
-from pagedllm.outputs import RequestOutput
+from pagedllm.outputs import PoolingRequestOutput, RequestOutput
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.request import RequestStatus
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -92,9 +93,13 @@ class RequestStream:
         self._ready = asyncio.Event()
         self.stats = RequestStats(arrival_time)
 
-    def put(self, item: Union[RequestOutput, Exception]) -> None:
+    def put(self, item: Union[RequestOutput, PoolingRequestOutput, Exception]) -> None:
         if isinstance(item, RequestOutput):
             self._record(item)
+        elif isinstance(item, PoolingRequestOutput):  # one output, whole: its prompt ran once
+            self.stats.num_prompt_tokens = len(item.prompt_token_ids)
+            self.stats.last_token_time = time.monotonic()
+            self.stats.finish_reason = "stop"
         if self._item is None or isinstance(item, Exception):
             self._item = item
         elif isinstance(self._item, RequestOutput):
@@ -218,6 +223,22 @@ class AsyncLLM:
         params = params.clone()
         params.output_kind = RequestOutputKind.DELTA
         return self.input_processor.process(request_id, prompt, params, max_tokens_param=max_tokens_param)
+
+    def process_pooling_request(self, request_id: str, prompt: PromptType,
+                                params: PoolingParams) -> ProcessedRequest:
+        """Check and prepare a pooling request (`InputProcessor.process_pooling`), raising `ValueError` for
+        bad input; nothing reaches the engine until `encode` runs it."""
+        if request_id in self._streams:
+            raise RequestFailedError(f"request id {request_id!r} is already in use", 400)
+        return self.input_processor.process_pooling(request_id, prompt, params)
+
+    async def encode(self, request: ProcessedRequest) -> PoolingRequestOutput:
+        """Run a processed pooling request to its one output; cancelling the caller aborts it."""
+        async with contextlib.aclosing(self.stream(request)) as outputs:
+            async for output in outputs:
+                if output.finished:
+                    return output
+        raise RequestFailedError("the pooling request ended without an output", 500)
 
     async def generate(self, prompt: PromptType, params: SamplingParams,
                        request_id: str) -> AsyncGenerator[RequestOutput, None]:

@@ -2,7 +2,8 @@
 
 Routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize, /health,
 /metrics, /version, and the view inside the engine, /v1/engine/state and /dashboard
-(`openai/dashboard.py`). A request whose client disconnects is cancelled, which aborts it in the
+(`openai/dashboard.py`). A pooling model (`--runner pooling`) serves /v1/embeddings, /pooling,
+/classify, /score and /rerank (`openai/serving_pooling.py`) instead of the generation routes. A request whose client disconnects is cancelled, which aborts it in the
 engine. On SIGINT/SIGTERM the server stops accepting connections, lets requests in flight finish
 for `--shutdown-timeout` seconds, then fails the rest with a clean 503 (or an error event on a
 stream) before the engine stops.
@@ -48,7 +49,15 @@ from pagedllm.entrypoints.openai.protocol import (
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedllm.entrypoints.openai.limits import RequestSizeLimitMiddleware, ServerLimits, http_protocol
+from pagedllm.entrypoints.openai.pooling_protocol import (
+    ClassificationRequest,
+    EmbeddingRequest,
+    PoolingRequest,
+    RerankRequest,
+    ScoreRequest,
+)
 from pagedllm.entrypoints.openai.serving_engine import EnginePrompt, OpenAIServing
+from pagedllm.entrypoints.openai.serving_pooling import OpenAIServingPooling, not_supported
 from pagedllm.logger import init_logger
 
 logger = init_logger(__name__)
@@ -89,6 +98,8 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
     chat = OpenAIServingChat(engine, **common, enable_auto_tool_choice=settings.enable_auto_tool_choice,
                              tool_call_parser=settings.tool_call_parser, reasoning_parser=settings.reasoning_parser)
     tokenization = OpenAIServing(engine, **common)
+    pooling = OpenAIServingPooling(engine, **common)
+    generates = "generate" in pooling.tasks
     metrics = ServerMetrics(engine, names[0])
 
     @app.get("/health")
@@ -112,13 +123,40 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
+        if not generates:
+            raise not_supported("Completions API")
         _check_extra_fields(request)
         return await _until_disconnected(raw_request, completions.create_completion(request))
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
+        if not generates:
+            raise not_supported("Chat Completions API")
         _check_extra_fields(request)
         return await _until_disconnected(raw_request, chat.create_chat_completion(request))
+
+    @app.post("/v1/embeddings")
+    async def create_embedding(request: EmbeddingRequest, raw_request: Request) -> Response:
+        return await _until_disconnected(raw_request, _as_json(pooling.create_embedding(request)))
+
+    @app.post("/pooling")
+    async def create_pooling(request: PoolingRequest, raw_request: Request) -> Response:
+        return await _until_disconnected(raw_request, _as_json(pooling.create_pooling(request)))
+
+    @app.post("/classify")
+    async def create_classify(request: ClassificationRequest, raw_request: Request) -> Response:
+        return await _until_disconnected(raw_request, _as_json(pooling.create_classify(request)))
+
+    @app.post("/score")
+    @app.post("/v1/score")
+    async def create_score(request: ScoreRequest, raw_request: Request) -> Response:
+        return await _until_disconnected(raw_request, _as_json(pooling.create_score(request)))
+
+    @app.post("/rerank")
+    @app.post("/v1/rerank")
+    @app.post("/v2/rerank")
+    async def create_rerank(request: RerankRequest, raw_request: Request) -> Response:
+        return await _until_disconnected(raw_request, _as_json(pooling.create_rerank(request)))
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> Response:
@@ -196,6 +234,10 @@ async def _until_disconnected(raw_request: Request, handler: Awaitable[Response]
     with suppress(asyncio.CancelledError, Exception):
         await task
     return Response(status_code=499)  # nobody is listening; nothing is sent
+
+
+async def _as_json(body: Awaitable[BaseModel]) -> Response:
+    return _json(await body)
 
 
 async def _wait_for_disconnect(request: Request) -> None:
