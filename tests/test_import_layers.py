@@ -21,6 +21,7 @@ LAYERS: list[tuple[list[str], bool]] = [
     (["pagedllm.entrypoints.cli"], False),
     (["pagedllm.benchmarks"], False),  # `pagedllm bench` runs them over the offline API
     (["pagedllm.entrypoints.llm", "pagedllm.entrypoints.openai", "pagedllm.entrypoints"], False),
+    (["pagedllm.entrypoints.score_utils"], False),  # scoring's pairs: LLM.score's and the server's /score
     (["pagedllm.reasoning"], False),  # reasoning parsers: the server's, speaking its protocol
     (["pagedllm.entrypoints.openai.protocol"], False),
     (["pagedllm.engine"], False),
@@ -30,7 +31,7 @@ LAYERS: list[tuple[list[str], bool]] = [
     (["pagedllm.model_executor"], False),
     (["pagedllm.attention", "pagedllm.sample"], False),
     (["pagedllm.distributed", "pagedllm.cpu_ops"], False),
-    (["pagedllm.config", "pagedllm.request", "pagedllm.scheduler_output", "pagedllm.sampling_params",
+    (["pagedllm.config", "pagedllm.request", "pagedllm.scheduler_output", "pagedllm.sampling_params", "pagedllm.pooling_params",
       "pagedllm.outputs"], True),
     (["pagedllm.utils", "pagedllm.logger", "pagedllm.version"], True),
 ]

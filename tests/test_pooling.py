@@ -5,7 +5,6 @@ embedding (`convert="embed"`), a BERT cross-encoder and classifier; then what is
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch

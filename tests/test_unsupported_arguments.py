@@ -21,8 +21,8 @@ MISSING_MODEL = "/nonexistent/model"  # loading it would be a ValueError: the ch
     ("speculative_config", {"method": "ngram", "num_speculative_tokens": 3}),
     ("pipeline_parallel_size", 2),
     ("cpu_offload_gb", 4),
-    ("task", "embed"),
-    ("runner", "pooling"),
+    ("hf_token", "hf_secret"),
+    ("scheduling_policy", "priority"),
     ("max_lora_rank", 64),
     ("enable_expert_parallel", True),
     ("revision", "main"),
@@ -43,6 +43,16 @@ def test_vllm_defaults_ask_for_nothing_and_are_accepted():
     args = EngineArgs.from_kwargs(model=MISSING_MODEL, enable_lora=False, pipeline_parallel_size=1, task="generate",
                                   speculative_config=None, cpu_offload_gb=0, max_model_len=64)
     assert args.max_model_len == 64
+
+
+def test_pooling_runner_arguments_are_engine_arguments_now(llama_dir):
+    """runner/convert/task left VLLM_ONLY_ARGS when pooling models landed (tests/test_pooling.py)."""
+    for name in ("runner", "convert", "task"):
+        assert name not in VLLM_ONLY_ARGS
+    args = EngineArgs.from_kwargs(model=llama_dir, runner="pooling", convert="embed")
+    assert args.create_engine_config().model_config.runner_type == "pooling"
+    with pytest.raises(ValueError, match="runner must be one of"):
+        EngineArgs.from_kwargs(model=llama_dir, runner="poolng").create_engine_config()
 
 
 def test_per_call_and_per_prompt_features_are_refused(llm):
