@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--st-batch-size", type=int, default=32, help="sentence-transformers' encode batch size")
+    parser.add_argument("--output-json", default=None, help="where to write the JSON (default: benchmarks/results/)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -112,7 +113,7 @@ def main() -> None:
         "ratio": ratio, "min_cosine": cosine, "torch": torch.__version__, "machine": platform.machine(),
         "cpu_flags": cpu_flags, "time": stamp,
     }
-    out = RESULTS / f"embeddings-{stamp}-{platform.node() or 'host'}.json"
+    out = Path(args.output_json) if args.output_json else RESULTS / f"embeddings-{stamp}-{platform.node() or 'host'}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     llm.shutdown()

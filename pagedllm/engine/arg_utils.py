@@ -93,7 +93,7 @@ class EngineArgs:
                                "state into an embedding ('auto': embed for a generator run with --runner pooling)",
                        choices=["auto", "none", "embed", "classify"])
     task: str = arg("auto", "vLLM's older spelling of runner/convert: 'embed', 'classify', 'score' or 'generate'",
-                    choices=["auto", "generate", "embed", "embedding", "classify", "score", "reward"])
+                    choices=["auto", "generate", "embed", "embedding", "classify", "score"])
     dtype: str = arg("auto", "weight dtype, and the KV cache's unless --kv-cache-dtype says otherwise ('auto': "
                              "float32 on CPU, the checkpoint's on GPU)",
                      choices=["auto", "float32", "bfloat16", "float16", "float", "half"])

@@ -25,8 +25,7 @@ RUNNERS = ("auto", "generate", "pooling")
 CONVERTS = ("auto", "none", "embed", "classify")
 # vLLM's deprecated `task`, as a (runner, convert) pair.
 TASKS = {"auto": ("auto", "auto"), "generate": ("generate", "auto"), "embed": ("pooling", "embed"),
-         "embedding": ("pooling", "embed"), "classify": ("pooling", "classify"), "score": ("pooling", "classify"),
-         "reward": ("pooling", "auto")}
+         "embedding": ("pooling", "embed"), "classify": ("pooling", "classify"), "score": ("pooling", "classify")}
 
 # Architectures that are pooling models as they stand: (task, default pooling).
 POOLING_ARCHITECTURES = {
