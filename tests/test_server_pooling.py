@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -120,6 +121,8 @@ def test_generation_model_refuses_the_pooling_routes(llama_dir):
             assert server.post(path, {"input": "x", "text_1": "a", "text_2": "b", "query": "q",
                                       "documents": ["d"]}).status_code == 501
         assert server.post("/v1/completions", {"prompt": "Hello", "max_tokens": 2}).status_code == 200
+        paths = set(httpx.get(server.url("/openapi.json"), headers=server.headers).json()["paths"])
+        assert "/v1/completions" in paths and not paths & {"/v1/embeddings", "/pooling", "/score", "/rerank"}
     finally:
         server.stop()
 
@@ -142,5 +145,8 @@ def test_cross_encoder_score_rerank_and_classify(tmp_path):
         body = server.post("/classify", {"input": TEXTS[0]}).json()
         np.testing.assert_allclose(body["data"][0]["probs"], classified, atol=ATOL)
         assert server.post("/v1/embeddings", {"input": "x"}).status_code == 501
+        paths = set(httpx.get(server.url("/openapi.json"), headers=server.headers).json()["paths"])
+        assert {"/score", "/rerank", "/v1/rerank", "/classify"} <= paths
+        assert not paths & {"/v1/embeddings", "/v1/completions", "/v1/chat/completions"}
     finally:
         server.stop()

@@ -99,7 +99,9 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
                              tool_call_parser=settings.tool_call_parser, reasoning_parser=settings.reasoning_parser)
     tokenization = OpenAIServing(engine, **common)
     pooling = OpenAIServingPooling(engine, **common)
-    generates = "generate" in pooling.tasks
+    # Every route answers, but only those this model serves are in /openapi.json: the others are vLLM's 501.
+    tasks = pooling.tasks
+    generates = "generate" in tasks
     metrics = ServerMetrics(engine, names[0])
 
     @app.get("/health")
@@ -121,40 +123,40 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
         cards = [ModelCard(id=name, root=settings.model_root, max_model_len=engine.max_model_len) for name in names]
         return _json(ModelList(data=cards))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", include_in_schema=generates)
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
         if not generates:
             raise not_supported("Completions API")
         _check_extra_fields(request)
         return await _until_disconnected(raw_request, completions.create_completion(request))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", include_in_schema=generates)
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
         if not generates:
             raise not_supported("Chat Completions API")
         _check_extra_fields(request)
         return await _until_disconnected(raw_request, chat.create_chat_completion(request))
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", include_in_schema="embed" in tasks)
     async def create_embedding(request: EmbeddingRequest, raw_request: Request) -> Response:
         return await _until_disconnected(raw_request, _as_json(pooling.create_embedding(request)))
 
-    @app.post("/pooling")
+    @app.post("/pooling", include_in_schema="encode" in tasks)
     async def create_pooling(request: PoolingRequest, raw_request: Request) -> Response:
         return await _until_disconnected(raw_request, _as_json(pooling.create_pooling(request)))
 
-    @app.post("/classify")
+    @app.post("/classify", include_in_schema="classify" in tasks)
     async def create_classify(request: ClassificationRequest, raw_request: Request) -> Response:
         return await _until_disconnected(raw_request, _as_json(pooling.create_classify(request)))
 
-    @app.post("/score")
-    @app.post("/v1/score")
+    @app.post("/score", include_in_schema="score" in tasks)
+    @app.post("/v1/score", include_in_schema="score" in tasks)
     async def create_score(request: ScoreRequest, raw_request: Request) -> Response:
         return await _until_disconnected(raw_request, _as_json(pooling.create_score(request)))
 
-    @app.post("/rerank")
-    @app.post("/v1/rerank")
-    @app.post("/v2/rerank")
+    @app.post("/rerank", include_in_schema="score" in tasks)
+    @app.post("/v1/rerank", include_in_schema="score" in tasks)
+    @app.post("/v2/rerank", include_in_schema="score" in tasks)
     async def create_rerank(request: RerankRequest, raw_request: Request) -> Response:
         return await _until_disconnected(raw_request, _as_json(pooling.create_rerank(request)))
 
