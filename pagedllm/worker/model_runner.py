@@ -119,7 +119,7 @@ class ModelRunner:
         prompt_rows: dict[str, tuple[torch.Tensor, int, torch.Tensor, int]] = {}
         pooling_ids: list[str] = []
         pooling = PoolingMetadata([], [], [])
-        token_types: list[tuple[int, int, int]] = []  # (first row, rows, first row of segment 1)
+        token_types: list[tuple[int, int, int]] = []  # (first row, rows, where segment 1 starts in the prompt)
 
         # Decodes first, shortest first, so they form contiguous rows that split into
         # groups of similar length; then prefills and chunks. Per-request arithmetic stays in
@@ -137,7 +137,7 @@ class ModelRunner:
             if req.sample:
                 sample_rows.append(row + n - 1)
                 sample_requests.append(req)
-            if req.pooling_params is not None and start + n == len(req.prompt_token_ids):
+            if req.pooling_params is not None and start == 0 and n == len(req.prompt_token_ids):  # the whole prompt
                 pooling_ids.append(req.request_id)
                 pooling.starts.append(row)
                 pooling.lens.append(n)
