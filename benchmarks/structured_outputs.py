@@ -1,0 +1,254 @@
+"""What JSON-schema structured outputs cost in pagedllm's decode throughput: W1 with and without a grammar, one LLM.
+
+W1 is compare_cpu.py's workload: random-token prompts of 32-256 ids, greedy, 64 output tokens. Both
+runs of each pair happen in this one process on the same `LLM`, alternating, fastest of `--repeats`:
+
+- `corpus`: every request carries one of the 20 schemas of tests/json_schemas.py (cycled), `max_tokens=64`,
+  EOS not ignored. A constrained request ends when its JSON is complete (the grammar then allows only EOS),
+  so its length is the model's, not 64: throughput of a constrained run that ends early against 64-token
+  unconstrained requests would compare different batch shapes (fewer sequences per step, more steps at
+  small batch), not the grammar. So its unconstrained twin gives request i exactly the n_i tokens the
+  constrained request i produced (`max_tokens=n_i, ignore_eos=True`): the same prompts, the same number of
+  sequences at every step, the same tokens counted; only the grammar differs.
+- `tags`: W1's own shape under a grammar: every request carries `TAGS_SCHEMA`, an array of at least 40 short
+  strings, which cannot be complete in 64 tokens, so every request runs the full 64 tokens like W1
+  (EOS is masked until the array is long enough); its twin is then plain W1. The twin is matched the same
+  way as `corpus`, so the comparison stays fair if some request does end early.
+
+The constrained runs are timed with their grammars already compiled: first every schema is sent once on
+its own (`max_tokens=1`), cold and again warm; the difference is the compile time the engine adds to a
+first request, reported per schema with median and max, beside xgrammar's own compile time for the same
+schema and tokenizer (`GrammarCompiler`, cache off). Every constrained output that ends with EOS must be
+valid against its schema (jsonschema, structure; string formats are checked and reported apart, since
+xgrammar's format regexes accept e.g. 2025-02-30). PASS: both ratios (constrained / unconstrained output
+tok/s) >= 0.85 and no invalid output. Writes JSON under benchmarks/results/.
+
+    python benchmarks/structured_outputs.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE.parent / "tests"))
+from json_schemas import SCHEMAS  # noqa: E402
+
+# At least 40 items of at least one character each: more than 64 tokens, so a W1-length request never ends it.
+TAGS_SCHEMA = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 12}, "minItems": 40}
+PASS_RATIO = 0.85
+
+
+def log(message: str) -> None:
+    print(f"[so-bench] {message}", flush=True)
+
+
+def w1_prompts(llm: Any, args: argparse.Namespace) -> list[list[int]]:
+    from pagedllm.benchmarks.datasets import random_requests
+
+    vocab = llm.llm_engine.config.model_config.vocab_size
+    reqs = random_requests(args.num_prompts, (args.input_min, args.input_max), (args.output_len, args.output_len),
+                           vocab, seed=args.seed, avoid_ids=frozenset(llm.get_tokenizer().all_special_ids))
+    return [r.prompt_token_ids for r in reqs]
+
+
+def constrained(schema: dict, max_tokens: int) -> Any:
+    from pagedllm import SamplingParams
+    from pagedllm.sampling_params import StructuredOutputsParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, structured_outputs=StructuredOutputsParams(json=schema))
+
+
+def time_compiles(llm: Any, schemas: list[tuple[str, dict]], prompt: list[int]) -> list[dict]:
+    """Per schema: xgrammar's compile time for this tokenizer, and the time the engine's first request with the
+    schema takes over the fastest of three identical ones (the compile, since those hit the engine's cache). On a
+    shared machine the single cold sample is the noisy one; xgrammar's figure is the steadier."""
+    import xgrammar as xgr
+    from tqdm.auto import tqdm
+
+    tokenizer = llm.get_tokenizer()
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=llm.llm_engine.config.model_config.vocab_size)
+    compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+    compiler.compile_json_schema('{"type": "boolean"}')  # the compiler's own start-up, outside the figures
+    rows = []
+    for name, schema in tqdm(schemas, desc="compiling schemas", dynamic_ncols=True):
+        start = time.perf_counter()
+        compiler.compile_json_schema(json.dumps(schema))
+        xgrammar_ms = (time.perf_counter() - start) * 1e3
+        request = [{"prompt_token_ids": prompt}]
+        seconds = []
+        for _ in range(4):  # cold (compiles), then warm (cached) three times: the fastest is the least disturbed
+            llm.reset_prefix_cache()
+            start = time.perf_counter()
+            llm.generate(request, constrained(schema, 1), use_tqdm=False)
+            seconds.append(time.perf_counter() - start)
+        cold, warm = seconds[0], min(seconds[1:])
+        rows.append({"schema": name, "xgrammar_compile_ms": xgrammar_ms, "engine_cold_ms": cold * 1e3,
+                     "engine_warm_ms": warm * 1e3, "engine_compile_ms": (cold - warm) * 1e3})
+    return rows
+
+
+def generate(llm: Any, prompts: list[list[int]], params: list[Any]) -> tuple[float, list[Any]]:
+    llm.reset_prefix_cache()
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return time.perf_counter() - start, outs
+
+
+def check_outputs(outs: list[Any], schemas: list[dict]) -> dict:
+    """Every output that ended with EOS must be a valid instance of its schema."""
+    import jsonschema
+
+    counts = {"ended_by_eos": 0, "truncated": 0, "valid": 0, "invalid": 0, "format_failures": 0}
+    examples = []
+    for out, schema in zip(outs, schemas):
+        completion = out.outputs[0]
+        if completion.finish_reason != "stop":
+            counts["truncated"] += 1
+            continue
+        counts["ended_by_eos"] += 1
+        try:
+            instance = json.loads(completion.text)
+            jsonschema.Draft202012Validator(schema).validate(instance)
+        except (ValueError, jsonschema.ValidationError) as exc:
+            counts["invalid"] += 1
+            if len(examples) < 3:
+                examples.append({"text": completion.text, "error": str(exc).splitlines()[0]})
+            continue
+        counts["valid"] += 1
+        checker = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+        counts["format_failures"] += not checker.is_valid(instance)
+    counts["invalid_examples"] = examples
+    return counts
+
+
+def compare(llm: Any, prompts: list[list[int]], name: str, schemas: list[dict], args: argparse.Namespace) -> dict:
+    """The constrained run and its length-matched unconstrained twin, in alternating order (constrained first on
+    even repeats, since the twin needs the constrained lengths), fastest of `--repeats` each."""
+    from pagedllm import SamplingParams
+
+    tok_s: dict[str, list[float]] = {"constrained": [], "unconstrained": []}
+    lengths: list[int] | None = None
+    changed_lengths = 0  # greedy decoding should make the same tokens every repeat
+    for repeat in range(args.repeats):
+        for kind in ("constrained", "unconstrained") if repeat % 2 == 0 else ("unconstrained", "constrained"):
+            if kind == "constrained":
+                seconds, outs = generate(llm, prompts, [constrained(s, args.output_len) for s in schemas])
+                tokens = [len(o.outputs[0].token_ids) for o in outs]
+                changed_lengths += lengths is not None and tokens != lengths
+                lengths = lengths or tokens
+                constrained_outs = outs
+            else:
+                twin = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
+                seconds, outs = generate(llm, prompts, twin)
+                tokens = [len(o.outputs[0].token_ids) for o in outs]
+                if tokens != lengths:
+                    raise RuntimeError(f"{name}: the unconstrained twin's lengths differ from the constrained run's")
+            tok_s[kind].append(sum(tokens) / seconds)
+        log(f"{name} {repeat + 1}/{args.repeats}: constrained {tok_s['constrained'][-1]:.1f} tok/s, "
+            f"unconstrained {tok_s['unconstrained'][-1]:.1f} tok/s ({sum(lengths)} tokens)")
+    row = {
+        "workload": name, "output_tokens": sum(lengths), "mean_output_len": sum(lengths) / len(lengths),
+        "requests_at_max_tokens": sum(n == args.output_len for n in lengths), "changed_lengths": changed_lengths,
+        "unconstrained_tok_s_all": tok_s["unconstrained"], "constrained_tok_s_all": tok_s["constrained"],
+        "unconstrained_tok_s": max(tok_s["unconstrained"]), "constrained_tok_s": max(tok_s["constrained"]),
+        "outputs": check_outputs(constrained_outs, schemas),
+        "sample_output": constrained_outs[0].outputs[0].text,
+    }
+    row["ratio"] = row["constrained_tok_s"] / row["unconstrained_tok_s"]
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (W1 uses all)")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--input-min", type=int, default=32)
+    p.add_argument("--input-max", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=3, help="time each run this many times, alternating, keep the fastest")
+    p.add_argument("--backend", default="xgrammar", help="the engine's structured_outputs_backend")
+    p.add_argument("--output-json", default=None)
+    args = p.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.model_executor.model_source import resolve_model
+
+    model = resolve_model(args.model)
+    log(f"loading {model.name} ({args.dtype}, {args.threads} threads)")
+    llm = LLM(model=model.path, dtype=args.dtype, max_model_len=1024, structured_outputs_backend=args.backend)
+    prompts = w1_prompts(llm, args)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], SamplingParams(max_tokens=4), use_tqdm=False)
+
+    log(f"compiling {len(SCHEMAS)} corpus schemas and the tags schema (cold, then cached)")
+    compiles = time_compiles(llm, [*SCHEMAS, ("tags", TAGS_SCHEMA)], prompts[0][:32])
+    corpus_compiles = compiles[:len(SCHEMAS)]
+
+    corpus = [schema for _, schema in SCHEMAS]
+    rows = [compare(llm, prompts, "corpus", [corpus[i % len(corpus)] for i in range(len(prompts))], args),
+            compare(llm, prompts, "tags", [TAGS_SCHEMA] * len(prompts), args)]
+
+    print()
+    print(f"W1 with structured outputs: {args.num_prompts} prompts, {args.input_min}-{args.input_max} prompt tokens, "
+          f"up to {args.output_len} output tokens, greedy, {args.dtype}, {args.threads} threads, "
+          f"backend {args.backend}, {platform.node()}")
+    print(f"{'workload':<10}{'mean len':>9}{'unconstrained tok/s':>21}{'constrained tok/s':>19}{'ratio':>7}"
+          f"{'valid/EOS':>11}  verdict")
+    passed = True
+    for r in rows:
+        o = r["outputs"]
+        ok = r["ratio"] >= PASS_RATIO and o["invalid"] == 0
+        passed &= ok
+        print(f"{r['workload']:<10}{r['mean_output_len']:>9.1f}{r['unconstrained_tok_s']:>21.1f}"
+              f"{r['constrained_tok_s']:>19.1f}{r['ratio']:>7.2f}{o['valid']:>6}/{o['ended_by_eos']:<4}  "
+              f"{'PASS' if ok else 'FAIL'}")
+    for r in rows:
+        for bad in r["outputs"]["invalid_examples"]:
+            print(f"  invalid {r['workload']} output: {bad['text'][:100]!r}: {bad['error']}")
+    print()
+    engine_ms = [c["engine_compile_ms"] for c in corpus_compiles]
+    xgr_ms = [c["xgrammar_compile_ms"] for c in corpus_compiles]
+    print(f"grammar compile of the {len(corpus_compiles)} corpus schemas, excluded from the timings above "
+          f"(engine: a first request minus the fastest cached one):")
+    print(f"  engine   median {statistics.median(engine_ms):6.1f} ms, max {max(engine_ms):6.1f} ms")
+    print(f"  xgrammar median {statistics.median(xgr_ms):6.1f} ms, max {max(xgr_ms):6.1f} ms")
+    print("  " + ", ".join(f"{c['schema']} {c['engine_compile_ms']:.0f}/{c['xgrammar_compile_ms']:.0f}"
+                           for c in compiles) + " (ms, engine/xgrammar)")
+    print(f"\n{'PASS' if passed else 'FAIL'}: constrained/unconstrained >= {PASS_RATIO} and every EOS-ended output valid")
+
+    stamp = datetime.now(timezone.utc)
+    record = {
+        "date": stamp.isoformat(), "machine": platform.node(), "cpu_count": os.cpu_count(), "threads": args.threads,
+        "model": model.name, "backend": args.backend,
+        "workload": {k: getattr(args, k) for k in ("num_prompts", "input_min", "input_max", "output_len", "seed",
+                                                   "dtype", "repeats")},
+        "pass_ratio": PASS_RATIO, "passed": passed, "results": rows, "compile": compiles,
+        "compile_summary_ms": {"engine_median": statistics.median(engine_ms), "engine_max": max(engine_ms),
+                               "xgrammar_median": statistics.median(xgr_ms), "xgrammar_max": max(xgr_ms)},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = Path(args.output_json) if args.output_json else (
+        RESULTS / f"structured_outputs-{args.dtype}-{stamp:%Y%m%d-%H%M}-{platform.node()}.json")
+    out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
