@@ -16,8 +16,8 @@ runs of each pair happen in this one process on the same `LLM`, alternating, fas
   way as `corpus`, so the comparison stays fair if some request does end early.
 
 The constrained runs are timed with their grammars already compiled: first every schema is sent once on
-its own (`max_tokens=1`), cold and again warm; the difference is the compile time the engine adds to a
-first request, reported per schema with median and max, beside xgrammar's own compile time for the same
+its own (`max_tokens=1`), cold and then three times cached; cold minus the fastest cached is the compile
+time the engine adds to a first request, reported per schema with median and max, beside xgrammar's own compile time for the same
 schema and tokenizer (`GrammarCompiler`, cache off). Every constrained output that ends with EOS must be
 valid against its schema (jsonschema, structure; string formats are checked and reported apart, since
 xgrammar's format regexes accept e.g. 2025-02-30). PASS: both ratios (constrained / unconstrained output
