@@ -15,6 +15,11 @@ runs of each pair happen in this one process on the same `LLM`, alternating, fas
   (EOS is masked until the array is long enough); its twin is then plain W1. The twin is matched the same
   way as `corpus`, so the comparison stays fair if some request does end early.
 
+The JSON is compact (`disable_any_whitespace=True`) unless `--any-whitespace`: on W1's random prompts, SmolLM2 left
+free to add whitespace spends most of its 64 tokens on newlines between keys (`{ \n"name" \n:\n\n\n...`),
+grammar states whose masks are trivial, which would flatter the ratio; compact JSON makes every token a step
+through the schema's structure (keys, enums, patterns, bounded strings and numbers).
+
 The constrained runs are timed with their grammars already compiled: first every schema is sent once on
 its own (`max_tokens=1`), cold and then three times cached; cold minus the fastest cached is the compile
 time the engine adds to a first request, reported per schema with median and max, beside xgrammar's own compile time for the same
@@ -62,14 +67,15 @@ def w1_prompts(llm: Any, args: argparse.Namespace) -> list[list[int]]:
     return [r.prompt_token_ids for r in reqs]
 
 
-def constrained(schema: dict, max_tokens: int) -> Any:
+def constrained(schema: dict, max_tokens: int, any_whitespace: bool) -> Any:
     from pagedllm import SamplingParams
     from pagedllm.sampling_params import StructuredOutputsParams
 
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, structured_outputs=StructuredOutputsParams(json=schema))
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, structured_outputs=StructuredOutputsParams(
+        json=schema, disable_any_whitespace=not any_whitespace))
 
 
-def time_compiles(llm: Any, schemas: list[tuple[str, dict]], prompt: list[int]) -> list[dict]:
+def time_compiles(llm: Any, schemas: list[tuple[str, dict]], prompt: list[int], any_whitespace: bool) -> list[dict]:
     """Per schema: xgrammar's compile time for this tokenizer, and the time the engine's first request with the
     schema takes over the fastest of three identical ones (the compile, since those hit the engine's cache). On a
     shared machine the single cold sample is the noisy one; xgrammar's figure is the steadier."""
@@ -83,14 +89,15 @@ def time_compiles(llm: Any, schemas: list[tuple[str, dict]], prompt: list[int]) 
     rows = []
     for name, schema in tqdm(schemas, desc="compiling schemas", dynamic_ncols=True):
         start = time.perf_counter()
-        compiler.compile_json_schema(json.dumps(schema))
+        compiler.compile_json_schema(json.dumps(schema), any_whitespace=any_whitespace,
+                                     separators=None if any_whitespace else (",", ":"))
         xgrammar_ms = (time.perf_counter() - start) * 1e3
         request = [{"prompt_token_ids": prompt}]
         seconds = []
         for _ in range(4):  # cold (compiles), then warm (cached) three times: the fastest is the least disturbed
             llm.reset_prefix_cache()
             start = time.perf_counter()
-            llm.generate(request, constrained(schema, 1), use_tqdm=False)
+            llm.generate(request, constrained(schema, 1, any_whitespace), use_tqdm=False)
             seconds.append(time.perf_counter() - start)
         cold, warm = seconds[0], min(seconds[1:])
         rows.append({"schema": name, "xgrammar_compile_ms": xgrammar_ms, "engine_cold_ms": cold * 1e3,
@@ -143,7 +150,7 @@ def compare(llm: Any, prompts: list[list[int]], name: str, schemas: list[dict], 
     for repeat in range(args.repeats):
         for kind in ("constrained", "unconstrained") if repeat % 2 == 0 else ("unconstrained", "constrained"):
             if kind == "constrained":
-                seconds, outs = generate(llm, prompts, [constrained(s, args.output_len) for s in schemas])
+                seconds, outs = generate(llm, prompts, [constrained(s, args.output_len, args.any_whitespace) for s in schemas])
                 tokens = [len(o.outputs[0].token_ids) for o in outs]
                 changed_lengths += lengths is not None and tokens != lengths
                 lengths = lengths or tokens
@@ -181,6 +188,8 @@ def main() -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=3, help="time each run this many times, alternating, keep the fastest")
     p.add_argument("--backend", default="xgrammar", help="the engine's structured_outputs_backend")
+    p.add_argument("--any-whitespace", action="store_true",
+                   help="JSON with any whitespace (xgrammar's default) instead of compact JSON; see the docstring")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
 
@@ -197,7 +206,7 @@ def main() -> int:
     llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], SamplingParams(max_tokens=4), use_tqdm=False)
 
     log(f"compiling {len(SCHEMAS)} corpus schemas and the tags schema (cold, then cached)")
-    compiles = time_compiles(llm, [*SCHEMAS, ("tags", TAGS_SCHEMA)], prompts[0][:32])
+    compiles = time_compiles(llm, [*SCHEMAS, ("tags", TAGS_SCHEMA)], prompts[0][:32], args.any_whitespace)
     corpus_compiles = compiles[:len(SCHEMAS)]
 
     corpus = [schema for _, schema in SCHEMAS]
@@ -207,7 +216,7 @@ def main() -> int:
     print()
     print(f"W1 with structured outputs: {args.num_prompts} prompts, {args.input_min}-{args.input_max} prompt tokens, "
           f"up to {args.output_len} output tokens, greedy, {args.dtype}, {args.threads} threads, "
-          f"backend {args.backend}, {platform.node()}")
+          f"backend {args.backend}, {'any-whitespace' if args.any_whitespace else 'compact'} JSON, {platform.node()}")
     print(f"{'workload':<10}{'mean len':>9}{'unconstrained tok/s':>21}{'constrained tok/s':>19}{'ratio':>7}"
           f"{'valid/EOS':>11}  verdict")
     passed = True
@@ -237,7 +246,7 @@ def main() -> int:
         "date": stamp.isoformat(), "machine": platform.node(), "cpu_count": os.cpu_count(), "threads": args.threads,
         "model": model.name, "backend": args.backend,
         "workload": {k: getattr(args, k) for k in ("num_prompts", "input_min", "input_max", "output_len", "seed",
-                                                   "dtype", "repeats")},
+                                                   "dtype", "repeats", "any_whitespace")},
         "pass_ratio": PASS_RATIO, "passed": passed, "results": rows, "compile": compiles,
         "compile_summary_ms": {"engine_median": statistics.median(engine_ms), "engine_max": max(engine_ms),
                                "xgrammar_median": statistics.median(xgr_ms), "xgrammar_max": max(xgr_ms)},
