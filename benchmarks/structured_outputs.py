@@ -204,6 +204,7 @@ def main() -> int:
     from pagedllm.model_executor.model_source import resolve_model
 
     model = resolve_model(args.model)
+    load_before = os.getloadavg()  # a shared machine's other work, recorded beside the figures
     log(f"loading {model.name} ({args.dtype}, {args.threads} threads)")
     llm = LLM(model=model.path, dtype=args.dtype, max_model_len=1024, structured_outputs_backend=args.backend)
     prompts = w1_prompts(llm, args)
@@ -246,6 +247,7 @@ def main() -> int:
     stamp = datetime.now(timezone.utc)
     record = {
         "date": stamp.isoformat(), "machine": platform.node(), "cpu_count": os.cpu_count(), "threads": args.threads,
+        "load_average_before_after": [load_before, os.getloadavg()],
         "model": model.name, "backend": args.backend,
         "workload": {k: getattr(args, k) for k in ("num_prompts", "input_min", "input_max", "output_len", "seed",
                                                    "dtype", "repeats", "any_whitespace")},
