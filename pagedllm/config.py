@@ -183,6 +183,27 @@ class SchedulerConfig:
             )
 
 
+@dataclass(frozen=True)
+class LoRAConfig:
+    """vLLM's LoRA knobs: `max_loras` adapters may run in one step (the slots every LoRA layer keeps),
+    each of rank at most `max_lora_rank`; up to `max_cpu_loras` loaded adapters stay in host memory."""
+
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: Optional[int] = None  # None: max_loras
+
+    def __post_init__(self) -> None:
+        for name in ("max_loras", "max_lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_cpu_loras is None:
+            object.__setattr__(self, "max_cpu_loras", self.max_loras)
+        if not isinstance(self.max_cpu_loras, int) or self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras!r}) must be an integer >= max_loras "
+                             f"({self.max_loras})")
+
+
 DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray", "uni")
 
 
@@ -247,6 +268,7 @@ class EngineConfig:
     device: torch.device
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
     structured_outputs_backend: str = "auto"  # the grammar engine of structured outputs ("auto": xgrammar)
+    lora_config: Optional[LoRAConfig] = None  # None: LoRA off (`enable_lora=False`)
 
     @property
     def kv_cache_dtype(self) -> torch.dtype:

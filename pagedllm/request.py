@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from pagedllm.pooling_params import PoolingParams
+from pagedllm.lora.request import LoRARequest
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -58,6 +59,7 @@ class EngineCoreRequest:
     # A pooling request (embed, classify, score): its prompt runs once, whole, and it ends with the pooled
     # vector instead of a token. `sampling_params` then only carries max_tokens=1 and is never sampled with.
     pooling_params: Optional[PoolingParams] = None
+    lora_request: Optional[LoRARequest] = None  # None: the base model
 
 
 class Request:
@@ -78,6 +80,7 @@ class Request:
         arrival_time: Optional[float] = None,
         reasoning_end_token_id: Optional[int] = None,
         pooling_params: Optional[PoolingParams] = None,
+        lora_request: Optional[LoRARequest] = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -92,6 +95,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.block_size = block_size
+        self.lora_request = lora_request
         self.block_hashes: list[tuple] = []
         self._update_block_hashes()
         self.reasoning_end_token_id = reasoning_end_token_id
@@ -103,7 +107,13 @@ class Request:
     @classmethod
     def from_engine_core_request(cls, request: EngineCoreRequest, block_size: int) -> "Request":
         return cls(request.request_id, request.prompt_token_ids, request.sampling_params, request.max_tokens,
-                   block_size, request.arrival_time, request.reasoning_end_token_id, request.pooling_params)
+                   block_size, request.arrival_time, request.reasoning_end_token_id, request.pooling_params,
+                   request.lora_request)
+
+    @property
+    def lora_int_id(self) -> int:
+        """The adapter this request runs with (0: the base model)."""
+        return 0 if self.lora_request is None else self.lora_request.lora_int_id
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -127,11 +137,13 @@ class Request:
         """Hash every newly full block, chained on its parent so a hash names a whole prefix.
 
         The key keeps the block's tokens next to the parent's hash, so two different
-        prefixes can only collide if their parents' 64-bit hashes do.
+        prefixes can only collide if their parents' 64-bit hashes do. The first block's parent is
+        the LoRA adapter's id (None for the base model): the same tokens give different K/V under
+        different adapters, so their blocks must never be shared.
         """
         bs = self.block_size
         for i in range(len(self.block_hashes), self.num_tokens // bs):
-            parent = hash(self.block_hashes[i - 1]) if i else None
+            parent = hash(self.block_hashes[i - 1]) if i else (self.lora_int_id or None)
             self.block_hashes.append((parent, tuple(self.all_token_ids[i * bs : (i + 1) * bs])))
 
     @property

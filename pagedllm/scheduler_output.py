@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from pagedllm.lora.request import LoRARequest
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 
@@ -33,6 +34,7 @@ class ScheduledRequest:
     compute_prompt_logprobs: bool = False
     # A pooling request: this step runs its whole prompt, and the runner pools it instead of sampling.
     pooling_params: Optional[PoolingParams] = None
+    lora_request: Optional[LoRARequest] = None  # the adapter its rows run through (None: the base model)
 
 
 @dataclass

@@ -28,11 +28,12 @@ LAYERS: list[tuple[list[str], bool]] = [
     (["pagedllm.core", "pagedllm.executor"], False),
     (["pagedllm.structured_output"], False),
     (["pagedllm.worker"], False),
+    (["pagedllm.lora"], False),  # LoRA: adapter loading, the slots, the LoRA linear method over model_executor's
     (["pagedllm.model_executor"], False),
     (["pagedllm.attention", "pagedllm.sample"], False),
     (["pagedllm.distributed", "pagedllm.cpu_ops"], False),
     (["pagedllm.config", "pagedllm.request", "pagedllm.scheduler_output", "pagedllm.sampling_params", "pagedllm.pooling_params",
-      "pagedllm.outputs"], True),
+      "pagedllm.outputs", "pagedllm.lora.request"], True),
     (["pagedllm.utils", "pagedllm.logger", "pagedllm.version"], True),
 ]
 

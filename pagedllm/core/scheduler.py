@@ -35,11 +35,13 @@ logger = init_logger(__name__)
 class Scheduler:
     """`tracer` hears of every decision about a request (`core/request_trace.py`; the default
     ignores them). `structured_output_manager` compiles the constraints of requests that have one,
-    and gives each step its grammar bitmask."""
+    and gives each step its grammar bitmask. `max_loras` (with LoRA on) caps the distinct adapters
+    of the running requests, so that every step's adapters fit the workers' slots."""
 
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager,
                  tracer: Optional[RequestTracer] = None,
-                 structured_output_manager: Optional[StructuredOutputManager] = None) -> None:
+                 structured_output_manager: Optional[StructuredOutputManager] = None,
+                 max_loras: Optional[int] = None) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
         self.block_size = kv_cache_manager.block_size
@@ -51,6 +53,7 @@ class Scheduler:
         self.tracer = tracer or RequestTracer()
         self.structured_output_manager = structured_output_manager
         self.grammar_failures: dict[str, str] = {}  # request id -> why its constraint did not compile
+        self.max_loras = max_loras
 
     # ----- queue management -------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -118,12 +121,16 @@ class Scheduler:
                 i += 1
 
         # 2. Admit waiting requests, unless this step already had to preempt. A request whose grammar
-        #    is still compiling keeps its place and lets the ones behind it in.
-        compiling: list[Request] = []
+        #    is still compiling, or whose LoRA adapter finds every slot taken by other running
+        #    adapters, keeps its place and lets the ones behind it in.
+        skipped: list[Request] = []
+        running_loras = self.running_lora_ids()
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            if not self._grammar_ready(request):
-                compiling.append(self.waiting.popleft())
+            lora_id = request.lora_int_id
+            if not self._grammar_ready(request) or (
+                    lora_id and lora_id not in running_loras and len(running_loras) >= (self.max_loras or 0)):
+                skipped.append(self.waiting.popleft())
                 continue
             hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit_tokens
@@ -137,9 +144,15 @@ class Scheduler:
             self._admit(request, hits, num_hit_tokens, num_new, new_blocks)
             scheduled.append((request, num_new))
             budget -= num_new
-        self.waiting.extendleft(reversed(compiling))
+            if lora_id:
+                running_loras.add(lora_id)
+        self.waiting.extendleft(reversed(skipped))
 
         return self._output(scheduled, preempted)
+
+    def running_lora_ids(self) -> set[int]:
+        """The adapters of the running requests: never more than `max_loras`."""
+        return {r.lora_int_id for r in self.running if r.lora_int_id}
 
     def _grammar_ready(self, request: Request) -> bool:
         """Whether a waiting request can start: no constraint, or its grammar compiled. A constraint that
@@ -253,6 +266,7 @@ class Scheduler:
             and start < request.num_prompt_tokens - 1
             and request.num_output_tokens == 0,
             pooling_params=request.pooling_params,
+            lora_request=request.lora_request,
         )
 
     # ----- after the model ran ----------------------------------------------------

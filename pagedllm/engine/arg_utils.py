@@ -28,6 +28,7 @@ from pagedllm.config import (
     QUANTIZATION_METHODS,
     CacheConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -143,6 +144,12 @@ class EngineArgs:
         None, "who starts the workers (and, for serve, the replicas): 'mp' (processes on this machine, the default "
               "for -tp > 1), 'ray' (actors on the Ray cluster this machine is part of, or a local one), 'uni' (this "
               "process; -tp 1 only)", choices=["mp", "ray", "uni"], group="parallelism")
+    enable_lora: bool = arg(False, "serve LoRA adapters of the base model (PEFT format), many in one batch",
+                            group="lora")
+    max_loras: int = arg(1, "most distinct LoRA adapters in one step (the adapter slots of every layer)", group="lora")
+    max_lora_rank: int = arg(16, "highest LoRA rank an adapter may have", group="lora")
+    max_cpu_loras: Optional[int] = arg(None, "loaded adapters kept in host memory, least recently used evicted "
+                                             "first (default: max_loras)", group="lora")
     # Who drives the engine, as vLLM's UsageContext: it picks the default step budget when
     # max_num_batched_tokens is not given (offline throughput wants big steps; a server wants
     # small ones, so a burst of prompts is chunked and the first ones start decoding sooner).
@@ -290,6 +297,7 @@ class EngineArgs:
             device=device,
             parallel_config=parallel_config,
             structured_outputs_backend=self.structured_outputs_backend,
+            lora_config=LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras) if self.enable_lora else None,
         )
 
     def _generation_config_folder(self, model_path: str) -> Optional[str]:
@@ -348,10 +356,6 @@ _SPEC = "speculative decoding"
 _HUB = "options of the Hugging Face hub download"
 _MM = "image, audio and video inputs"
 VLLM_ONLY_ARGS: dict[str, VllmOnlyArg] = {
-    "enable_lora": VllmOnlyArg((False,), _LORA),
-    "max_loras": VllmOnlyArg((1,), _LORA),
-    "max_lora_rank": VllmOnlyArg((16,), _LORA),
-    "max_cpu_loras": VllmOnlyArg((None,), _LORA),
     "fully_sharded_loras": VllmOnlyArg((False,), _LORA),
     "lora_dtype": VllmOnlyArg(("auto",), _LORA),
     "speculative_config": VllmOnlyArg((None, {}), _SPEC),

@@ -72,7 +72,8 @@ class EngineCore:
         self.structured_output_manager = StructuredOutputManager(
             lambda: load_tokenizer(mc.tokenizer), mc.vocab_size, config.structured_outputs_backend)
         self.scheduler = Scheduler(config.scheduler_config, self.kv_cache_manager,
-                                   make_tracer(config.scheduler_config.trace), self.structured_output_manager)
+                                   make_tracer(config.scheduler_config.trace), self.structured_output_manager,
+                                   max_loras=config.lora_config.max_loras if config.lora_config else None)
         self.prompt_tokens = self.generation_tokens = self.requests_finished = self.num_steps = 0
         self.history = StateHistory()
         self.preemptions = PreemptionLog()

@@ -14,10 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from pagedllm.config import ModelConfig
+from pagedllm.config import LoRAConfig, ModelConfig
 from pagedllm.engine.parent_request import child_request_id, child_sampling_params
 from pagedllm.engine.tokenizer import eos_token_ids, sampling_defaults
 from pagedllm.logger import init_logger
+from pagedllm.lora.peft_loader import load_peft_adapter
+from pagedllm.lora.request import LoRARequest
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.request import EngineCoreRequest
 from pagedllm.sampling_params import SamplingParams
@@ -69,8 +71,12 @@ class ProcessedRequest:
 
 
 class InputProcessor:
-    def __init__(self, model_config: ModelConfig, tokenizer: Any, generation_config: dict) -> None:
+    def __init__(self, model_config: ModelConfig, tokenizer: Any, generation_config: dict,
+                 lora_config: Optional[LoRAConfig] = None) -> None:
         self.model_config = model_config
+        self.lora_config = lora_config
+        # Adapters already checked (read and matched against the model), by id: each is read once here.
+        self.checked_loras: dict[int, LoRARequest] = {}
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids(tokenizer, model_config.hf_config, generation_config)
         # The SamplingParams defaults the checkpoint's generation_config.json sets, as vLLM applies them
@@ -82,7 +88,8 @@ class InputProcessor:
 
     # ----- the whole request ---------------------------------------------------------
     def process(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
-                arrival_time: Optional[float] = None, max_tokens_param: Optional[str] = None) -> ProcessedRequest:
+                arrival_time: Optional[float] = None, max_tokens_param: Optional[str] = None,
+                lora_request: Optional[LoRARequest] = None) -> ProcessedRequest:
         """Check and prepare one request. `max_tokens_param` names the field a caller set `max_tokens`
         through when asking for more than the context leaves is an error (the server's rule); without
         it such a request is capped at the context (the offline API's)."""
@@ -91,6 +98,7 @@ class InputProcessor:
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         text, ids = self.process_prompt(prompt)
         self.check_sampling_params(params)
+        self.check_lora_request(lora_request)
         params = params.clone()
         params.all_stop_token_ids |= self.eos_token_ids  # masked under min_tokens even with ignore_eos
         max_model_len = self.model_config.max_model_len
@@ -106,7 +114,7 @@ class InputProcessor:
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         core_requests = [
             EngineCoreRequest(child_request_id(request_id, i, params.n), ids, child_sampling_params(params, i),
-                              max_tokens, arrival_time)
+                              max_tokens, arrival_time, lora_request=lora_request)
             for i in range(params.n)
         ]
         return ProcessedRequest(request_id, text, ids, params, core_requests)
@@ -187,6 +195,29 @@ class InputProcessor:
             ids = self.tokenizer.encode(text)  # with the tokenizer's default special tokens (BOS)
         self.check_prompt_token_ids(ids, allow_full_context=allow_full_context)
         return text, ids
+
+    def check_lora_request(self, lora_request: Optional[LoRARequest]) -> None:
+        """LoRA on, and the adapter readable and made for this model (read once per adapter id); an id
+        already seen must keep its name and folder."""
+        if lora_request is None:
+            return
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        if self.lora_config is None:
+            raise InvalidRequestError("a LoRA adapter was requested but LoRA is off; start the engine with "
+                                      "enable_lora=True (--enable-lora)", param="lora_request")
+        known = self.checked_loras.get(lora_request.lora_int_id)
+        if known == lora_request:
+            return
+        if known is not None:
+            raise InvalidRequestError(f"lora_int_id {lora_request.lora_int_id} is already adapter "
+                                      f"{known.lora_name!r} ({known.lora_path}); give each adapter its own id",
+                                      param="lora_request")
+        try:
+            load_peft_adapter(lora_request.lora_path, self.model_config.hf_config, self.lora_config.max_lora_rank)
+        except ValueError as e:
+            raise InvalidRequestError(str(e), param="lora_request") from None
+        self.checked_loras[lora_request.lora_int_id] = lora_request
 
     def check_prompt_token_ids(self, ids: list[int], param: str = "prompt", allow_full_context: bool = False) -> None:
         """Not empty, every id in the vocabulary, and room left for at least one generated token (a pooling

@@ -21,6 +21,7 @@ from pagedllm.engine.input_processor import InputProcessor, PromptType
 from pagedllm.engine.metrics import Metric, StatLogger, collect_metrics
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.tokenizer import load_generation_config, load_tokenizer
+from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import PoolingRequestOutput, RequestOutput
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.request import RequestStatus
@@ -32,7 +33,8 @@ class LLMEngine:
         self.config = config
         mc = config.model_config
         self.tokenizer = load_tokenizer(mc.tokenizer)
-        self.input_processor = InputProcessor(mc, self.tokenizer, load_generation_config(mc.generation_config))
+        self.input_processor = InputProcessor(mc, self.tokenizer, load_generation_config(mc.generation_config),
+                                              config.lora_config)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.engine_core = InprocClient(config)
         self.stat_logger = StatLogger() if log_stats else None
@@ -44,7 +46,7 @@ class LLMEngine:
     # ----- requests -----------------------------------------------------------------
     def add_request(self, request_id: str, prompt: PromptType,
                     params: Optional[Union[SamplingParams, PoolingParams]] = None,
-                    arrival_time: Optional[float] = None) -> None:
+                    arrival_time: Optional[float] = None, lora_request: Optional[LoRARequest] = None) -> None:
         """A generation request (`SamplingParams`), or a pooling one (`PoolingParams`) on a pooling model."""
         if self.output_processor.has_request(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -54,7 +56,8 @@ class LLMEngine:
             if self.config.model_config.runner_type == "pooling":
                 raise ValueError("this is a pooling model (runner='pooling'): it cannot generate text; use "
                                  "embed, classify, score or encode")
-            request = self.input_processor.process(request_id, prompt, params, arrival_time)
+            request = self.input_processor.process(request_id, prompt, params, arrival_time,
+                                                   lora_request=lora_request)
         self.output_processor.add_request(request)
         try:
             self.engine_core.add_requests(request.core_requests)

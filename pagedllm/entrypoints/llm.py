@@ -15,6 +15,7 @@ from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.metrics import Metric
 from pagedllm.logger import init_logger
 from pagedllm.entrypoints.score_utils import ScoreInput, cross_encoder_prompt, score_pairs
+from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import (
     ClassificationRequestOutput,
     EmbeddingRequestOutput,
@@ -62,15 +63,15 @@ class LLM:
         sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
         use_tqdm: bool = True,
         *,
-        lora_request: Any = None,
+        lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
         priority: Any = None,
         tokenization_kwargs: Optional[dict[str, Any]] = None,
         mm_processor_kwargs: Optional[dict[str, Any]] = None,
     ) -> list[RequestOutput]:
-        _refuse_unsupported(lora_request=lora_request, priority=priority, tokenization_kwargs=tokenization_kwargs,
+        _refuse_unsupported(priority=priority, tokenization_kwargs=tokenization_kwargs,
                             mm_processor_kwargs=mm_processor_kwargs)
         prompt_list = _as_prompt_list(prompts)
-        return self._run(prompt_list, sampling_params, use_tqdm)
+        return self._run(prompt_list, sampling_params, use_tqdm, lora_request)
 
     def chat(
         self,
@@ -81,7 +82,7 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         *,
-        lora_request: Any = None,
+        lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
         tools: Optional[list[dict[str, Any]]] = None,
         chat_template_kwargs: Optional[dict[str, Any]] = None,
         mm_processor_kwargs: Optional[dict[str, Any]] = None,
@@ -90,7 +91,7 @@ class LLM:
 
         `tools` and `chat_template_kwargs` go to the template, as in vLLM; no tool calls are parsed
         from the output yet."""
-        _refuse_unsupported(lora_request=lora_request, mm_processor_kwargs=mm_processor_kwargs)
+        _refuse_unsupported(mm_processor_kwargs=mm_processor_kwargs)
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self.get_tokenizer()
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
@@ -107,9 +108,10 @@ class LLM:
                 raise ValueError(f"could not render the chat template: {e}") from e
             ids = tokenizer.encode(text, add_special_tokens=False)
             prompts.append({"prompt": text, "prompt_token_ids": ids})
-        return self._run(prompts, sampling_params, use_tqdm)
+        return self._run(prompts, sampling_params, use_tqdm, lora_request)
 
-    def _run(self, prompts: list[PromptType], sampling_params: Any, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts: list[PromptType], sampling_params: Any, use_tqdm: bool,
+             lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None) -> list[RequestOutput]:
         if sampling_params is None:
             params_list = [self.get_default_sampling_params()] * len(prompts)
         elif isinstance(sampling_params, SamplingParams):
@@ -127,20 +129,27 @@ class LLM:
             params = params.clone()
             params.output_kind = RequestOutputKind.FINAL_ONLY  # offline: only final outputs
             checked.append(params)
-        return self._run_requests(prompts, checked, use_tqdm)
+        return self._run_requests(prompts, checked, use_tqdm, lora_request)
 
     def _run_requests(self, prompts: list[PromptType], params_list: list[Union[SamplingParams, PoolingParams]],
-                      use_tqdm: bool) -> list[Any]:
+                      use_tqdm: bool,
+                      lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None) -> list[Any]:
         if self.llm_engine.config.model_config.runner_type == "pooling" and any(
                 isinstance(p, SamplingParams) for p in params_list):
             raise ValueError("LLM.generate() and LLM.chat() need a generative model; this one is a pooling model "
                              "(runner='pooling'): use embed, classify, score or encode")
+        if isinstance(lora_request, (list, tuple)):
+            lora_list = list(lora_request)
+            if len(lora_list) != len(prompts):
+                raise ValueError(f"got {len(lora_list)} lora requests for {len(prompts)} prompts; the lengths must match")
+        else:
+            lora_list = [lora_request] * len(prompts)
         engine = self.llm_engine
         request_ids: list[str] = []
         try:
-            for prompt, params in zip(prompts, params_list):
+            for prompt, params, lora in zip(prompts, params_list, lora_list):
                 request_id = str(next(self._counter))
-                engine.add_request(request_id, prompt, params)
+                engine.add_request(request_id, prompt, params, lora_request=lora)
                 request_ids.append(request_id)
         except Exception:
             engine.abort_request(request_ids)  # one bad prompt fails the call, leaves the engine clean
@@ -292,7 +301,7 @@ class LLM:
 
 def _refuse_unsupported(**arguments: Any) -> None:
     """vLLM's per-call arguments for features pagedllm does not have yet: an error, never ignored."""
-    features = {"lora_request": "LoRA adapters", "priority": "priority scheduling",
+    features = {"priority": "priority scheduling",
                 "tokenization_kwargs": "tokenization options (truncation, ...)",
                 "mm_processor_kwargs": "image, audio and video inputs"}
     for name, value in arguments.items():

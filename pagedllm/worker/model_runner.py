@@ -20,6 +20,7 @@ else; `initialize_kv_cache` then allocates the number of blocks the engine core 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -31,6 +32,9 @@ from pagedllm.attention.encoder_attention import EncoderAttentionMetadata
 from pagedllm.attention.selector import get_attention_backend
 from pagedllm.config import EngineConfig
 from pagedllm.distributed.parallel_state import TensorParallelGroup
+from pagedllm.lora.layers import LoRALinearMethod
+from pagedllm.lora.model_manager import LoRAModelManager
+from pagedllm.lora.punica import PunicaWrapper
 from pagedllm.model_executor.layers.build_context import BuildContext
 from pagedllm.model_executor.layers.pooler import PoolingMetadata
 from pagedllm.model_executor.model_loader import load_model
@@ -78,7 +82,16 @@ class ModelRunner:
         self.attn_metadata_builder = self.attn_backend.get_builder_cls()(self.device, mc.dtype, config.kv_cache_dtype)
         ctx = BuildContext.for_engine(mc.dtype, mc.max_model_len, self.device, mc.quantization, mc.compile_fused_ops,
                                       self.attn_backend, self.tp_group)
+        lora_config = config.lora_config
+        self.punica: PunicaWrapper | None = None
+        if lora_config is not None:  # the decoder layers' projections add their adapters' terms
+            self.punica = PunicaWrapper(lora_config.max_loras, self.device)
+            methods = ctx.linear_methods
+            ctx = dataclasses.replace(ctx, linear_methods=dataclasses.replace(
+                methods, linear=LoRALinearMethod(methods.linear, self.punica)))
         self.model = load_model(mc, self.device, ctx)
+        self.lora_manager = (LoRAModelManager(self.model, lora_config, mc.hf_config, self.device, mc.dtype)
+                             if lora_config is not None else None)
         if self.device.type == "cpu":
             release_free_heap()  # loading's peak (checkpoint tensors, replaced plain weights) is not needed again
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(mc.seed))
@@ -87,6 +100,7 @@ class ModelRunner:
         self.is_encoder_only = bool(getattr(self.model, "is_encoder_only", False))
         # Graphs replay decode steps, which a pooling model never has.
         use_graphs = cuda_graphs_wanted(self.device, mc.enforce_eager, self.attn_backend) and not self.is_pooling_model
+        use_graphs = use_graphs and lora_config is None  # graphs would replay without the step's LoRA mapping
         self.graph_sizes = capture_sizes(config.scheduler_config.max_num_seqs) if use_graphs else []
         self.num_blocks = 0  # until initialize_kv_cache
         self.kv_caches: KVCaches = []
@@ -152,6 +166,8 @@ class ModelRunner:
                 k = self._num_logprobs(req.sampling_params.prompt_logprobs)
                 prompt_rows[req.request_id] = (torch.arange(row, row + last - start), start, targets, k)
 
+        if self.punica is not None:
+            self.punica.update(self._lora_indices(ordered))
         common = CommonAttentionMetadata(
             query_lens=[len(r.token_ids) for r in ordered],
             context_lens=[r.num_computed_tokens for r in ordered],
@@ -179,6 +195,20 @@ class ModelRunner:
             pooling_metadata=pooling if pooling_ids else None,
             token_type_ids=token_type_ids,
         )
+
+    def _lora_indices(self, ordered: list[ScheduledRequest]) -> Optional[torch.Tensor]:
+        """Each row's adapter slot (-1: the base model), the adapters put into their slots first;
+        None when no request of the step has an adapter."""
+        loras = [r.lora_request for r in ordered if r.lora_request is not None]
+        if not loras:
+            return None
+        slot_of = self.lora_manager.activate(loras)
+        slots = [-1 if r.lora_request is None else slot_of[r.lora_request.lora_int_id] for r in ordered]
+        rows = np.repeat(np.asarray(slots, dtype=np.int64), [len(r.token_ids) for r in ordered])
+        return async_tensor_h2d(torch.from_numpy(rows), torch.long, self.device)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.lora_manager is not None and self.lora_manager.remove_adapter(lora_id)
 
     # ----- one step ---------------------------------------------------------------
     @torch.inference_mode()

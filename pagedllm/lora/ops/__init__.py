@@ -1,0 +1,1 @@
+"""LoRA kernels: the batched shrink and expand for GPUs (Triton)."""
