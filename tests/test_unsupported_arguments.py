@@ -12,18 +12,19 @@ import pytest
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.engine.arg_utils import VLLM_ONLY_ARGS, EngineArgs
+from pagedllm.lora.request import LoRARequest
 
 MISSING_MODEL = "/nonexistent/model"  # loading it would be a ValueError: the checks come first
 
 
 @pytest.mark.parametrize(("name", "value"), [
-    ("enable_lora", True),
+    ("fully_sharded_loras", True),
     ("speculative_config", {"method": "ngram", "num_speculative_tokens": 3}),
     ("pipeline_parallel_size", 2),
     ("cpu_offload_gb", 4),
     ("hf_token", "hf_secret"),
     ("scheduling_policy", "priority"),
-    ("max_lora_rank", 64),
+    ("lora_dtype", "float16"),
     ("enable_expert_parallel", True),
     ("revision", "main"),
 ])
@@ -40,7 +41,7 @@ def test_an_argument_nobody_has_is_a_type_error_as_in_vllm():
 def test_vllm_defaults_ask_for_nothing_and_are_accepted():
     for name, arg in VLLM_ONLY_ARGS.items():
         arg.check(name, arg.accepted[0])  # no error
-    args = EngineArgs.from_kwargs(model=MISSING_MODEL, enable_lora=False, pipeline_parallel_size=1, task="generate",
+    args = EngineArgs.from_kwargs(model=MISSING_MODEL, fully_sharded_loras=False, pipeline_parallel_size=1, task="generate",
                                   speculative_config=None, cpu_offload_gb=0, max_model_len=64)
     assert args.max_model_len == 64
 
@@ -56,10 +57,12 @@ def test_pooling_runner_arguments_are_engine_arguments_now(llama_dir):
 
 
 def test_per_call_and_per_prompt_features_are_refused(llm):
-    for kwargs in ({"lora_request": object()}, {"priority": [1]}, {"tokenization_kwargs": {"truncate_prompt_tokens": 4}},
+    for kwargs in ({"priority": [1]}, {"tokenization_kwargs": {"truncate_prompt_tokens": 4}},
                    {"mm_processor_kwargs": {"size": 2}}):
         with pytest.raises(NotImplementedError, match=f"{next(iter(kwargs))} is not supported"):
             llm.generate("Hello", SamplingParams(max_tokens=2), use_tqdm=False, **kwargs)
+    with pytest.raises(ValueError, match="LoRA is off; start the engine with enable_lora=True"):
+        llm.generate("Hello", use_tqdm=False, lora_request=LoRARequest("sql", 1, "/nonexistent/adapter"))
     with pytest.raises(NotImplementedError, match="'multi_modal_data'"):
         llm.generate({"prompt": "Describe the image", "multi_modal_data": {"image": b"..."}}, use_tqdm=False)
     with pytest.raises(ValueError, match="unknown prompt key 'propmt'"):

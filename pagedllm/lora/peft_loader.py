@@ -79,6 +79,12 @@ def read_adapter_config(path: str) -> dict:
             raise ValueError(f"LoRA adapter {path!r}: {what} is not supported")
     if config.get("bias", "none") != "none":
         raise ValueError(f"LoRA adapter {path!r}: bias={config['bias']!r} is not supported (only 'none')")
+    targets = config.get("target_modules")
+    if isinstance(targets, list):  # (a string is a regular expression: the tensors are checked instead)
+        unsupported = [t for t in targets if t.rpartition(".")[2] not in SUPPORTED_TARGETS]
+        if unsupported:
+            raise ValueError(f"LoRA adapter {path!r}: target module {unsupported[0]!r} is not supported "
+                             f"(supported: {', '.join(SUPPORTED_TARGETS)})")
     r, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
         raise ValueError(f"LoRA adapter {path!r}: r ({r!r}) and lora_alpha ({alpha!r}) must be numbers, r >= 1")
