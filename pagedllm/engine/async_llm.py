@@ -46,6 +46,7 @@ from pagedllm.engine.metrics import EngineStats, StatLogger
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.tokenizer import load_generation_config, load_tokenizer
 from pagedllm.logger import init_logger
+from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import PoolingRequestOutput, RequestOutput
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.request import RequestStatus
@@ -158,7 +159,8 @@ class AsyncLLM:
         mc = config.model_config
         self.max_model_len, self.vocab_size = mc.max_model_len, mc.vocab_size
         self.tokenizer = load_tokenizer(mc.tokenizer)
-        self.input_processor = InputProcessor(mc, self.tokenizer, load_generation_config(mc.generation_config))
+        self.input_processor = InputProcessor(mc, self.tokenizer, load_generation_config(mc.generation_config),
+                                              config.lora_config)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stat_loggers: list[Callable[[RequestStats], None]] = []
         self._streams: dict[str, RequestStream] = {}
@@ -215,14 +217,16 @@ class AsyncLLM:
 
     # ----- requests -------------------------------------------------------------------
     def process_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                        max_tokens_param: Optional[str] = None) -> ProcessedRequest:
+                        max_tokens_param: Optional[str] = None,
+                        lora_request: Optional[LoRARequest] = None) -> ProcessedRequest:
         """Check and prepare a request (`InputProcessor.process`), raising `ValueError` for bad
         input; nothing reaches the engine until `stream` runs it."""
         if request_id in self._streams:
             raise RequestFailedError(f"request id {request_id!r} is already in use", 400)
         params = params.clone()
         params.output_kind = RequestOutputKind.DELTA
-        return self.input_processor.process(request_id, prompt, params, max_tokens_param=max_tokens_param)
+        return self.input_processor.process(request_id, prompt, params, max_tokens_param=max_tokens_param,
+                                            lora_request=lora_request)
 
     def process_pooling_request(self, request_id: str, prompt: PromptType,
                                 params: PoolingParams) -> ProcessedRequest:

@@ -9,6 +9,11 @@ from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.entrypoints.openai.limits import add_limit_args
 from pagedllm.entrypoints.openai.tool_parsers import ToolParserManager
 from pagedllm.reasoning import ReasoningParserManager
+from pagedllm.utils import env_flag
+
+# POST /v1/load_lora_adapter and /v1/unload_lora_adapter are served only when one of these is true.
+RUNTIME_LORA_ENV = "PAGEDLLM_ALLOW_RUNTIME_LORA_UPDATING"
+VLLM_RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -22,6 +27,7 @@ def run_serve(args: argparse.Namespace) -> int:
         serve,
     )
     from pagedllm.entrypoints.openai.limits import limits_from_args
+    from pagedllm.entrypoints.openai.serving_models import parse_lora_modules
     from pagedllm.model_executor.model_source import resolve_model
 
     if args.shutdown_timeout < 0:
@@ -38,7 +44,12 @@ def run_serve(args: argparse.Namespace) -> int:
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
         limits=limits_from_args(args),
+        lora_modules=parse_lora_modules(args.lora_modules),
+        allow_runtime_lora_updating=env_flag(RUNTIME_LORA_ENV, default=False) or env_flag(VLLM_RUNTIME_LORA_ENV,
+                                                                                           default=False),
     )
+    if (settings_kwargs["lora_modules"] or settings_kwargs["allow_runtime_lora_updating"]) and not engine_args.enable_lora:
+        raise ValueError("--lora-modules and runtime LoRA updating need --enable-lora")
     sock = bind_socket(args.host, args.port)
     resolved = resolve_model(engine_args.model)  # its name is what the server answers to
     engine_args.model = resolved.path
@@ -92,6 +103,11 @@ def add_serve_parser(subparsers) -> None:
     g.add_argument("--reasoning-parser", default=None, choices=ReasoningParserManager.names(),
                    help="split the model's reasoning (<think>...</think>) into reasoning_content: qwen3, deepseek_r1; "
                         "a structured-output constraint then applies after the reasoning")
+    g.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT folders) to serve, each a model named NAME in /v1/models and the "
+                        "requests' model field (needs --enable-lora); with PAGEDLLM_ALLOW_RUNTIME_LORA_UPDATING=1 "
+                        "(or vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING) POST /v1/load_lora_adapter and "
+                        "/v1/unload_lora_adapter add and remove them while serving")
     g.add_argument("--engine-core", choices=["process", "thread"], default="process",
                    help="where the engine loop runs: a process of its own (default, as in vLLM v1), or a "
                         "background thread of the server process (docs/serving.md has the measurements)")

@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Optional
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.datastructures import Headers
@@ -32,17 +32,19 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pagedllm.version import __version__
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.entrypoints.openai.dashboard import DASHBOARD_PATH, add_dashboard_routes
-from pagedllm.entrypoints.openai.errors import OpenAIError, install_error_handlers
+from pagedllm.engine.input_processor import InvalidRequestError
+from pagedllm.entrypoints.openai.errors import OpenAIError, bad_request, install_error_handlers
 from pagedllm.entrypoints.openai.metrics import ServerMetrics
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
-    ModelCard,
+    LoadLoRAAdapterRequest,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoRAAdapterRequest,
     ignored_fields,
     unsupported_field,
 )
@@ -57,6 +59,7 @@ from pagedllm.entrypoints.openai.pooling_protocol import (
     ScoreRequest,
 )
 from pagedllm.entrypoints.openai.serving_engine import EnginePrompt, OpenAIServing
+from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
 from pagedllm.entrypoints.openai.serving_pooling import OpenAIServingPooling, not_supported
 from pagedllm.logger import init_logger
 
@@ -79,6 +82,10 @@ class ServerSettings:
     enable_auto_tool_choice: bool = False
     tool_call_parser: Optional[str] = None
     reasoning_parser: Optional[str] = None
+    # LoRA adapters served from the start, as (name, PEFT folder) (`--lora-modules name=path`)
+    lora_modules: list[tuple[str, str]] = field(default_factory=list)
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING)
+    allow_runtime_lora_updating: bool = False
 
 
 # ----- the app --------------------------------------------------------------------------------
@@ -92,8 +99,9 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="pagedllm", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     names = settings.served_model_names
+    serving_models = OpenAIServingModels(engine, names, settings.model_root, settings.lora_modules)
     common = dict(served_model_names=names, chat_template=settings.chat_template, limits=settings.limits,
-                  trust_request_chat_template=settings.trust_request_chat_template)
+                  trust_request_chat_template=settings.trust_request_chat_template, models=serving_models)
     completions = OpenAIServingCompletion(engine, **common)
     chat = OpenAIServingChat(engine, **common, enable_auto_tool_choice=settings.enable_auto_tool_choice,
                              tool_call_parser=settings.tool_call_parser, reasoning_parser=settings.reasoning_parser)
@@ -120,8 +128,23 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> Response:
-        cards = [ModelCard(id=name, root=settings.model_root, max_model_len=engine.max_model_len) for name in names]
-        return _json(ModelList(data=cards))
+        return _json(ModelList(data=serving_models.model_cards()))
+
+    if settings.allow_runtime_lora_updating:
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(request: LoadLoRAAdapterRequest) -> Response:
+            try:  # reading the adapter is disk and CPU work: off the event loop
+                await OpenAIServing.off_the_event_loop(serving_models.add_lora, request.lora_name, request.lora_path)
+            except InvalidRequestError as e:
+                raise OpenAIError(str(e), 400, param=e.param) from e
+            except ValueError as e:
+                raise bad_request(e) from e
+            return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(request: UnloadLoRAAdapterRequest) -> Response:
+            serving_models.remove_lora(request.lora_name)
+            return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' removed successfully.")
 
     @app.post("/v1/completions", include_in_schema=generates)
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:

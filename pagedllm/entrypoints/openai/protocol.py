@@ -415,6 +415,17 @@ class ChatCompletionStreamResponse(OpenAIBaseModel):
     usage: Optional[UsageInfo] = None
 
 
+# ----- LoRA adapters at runtime (vLLM's, with VLLM_ALLOW_RUNTIME_LORA_UPDATING) ---------------------
+class LoadLoRAAdapterRequest(OpenAIRequestModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(OpenAIRequestModel):
+    lora_name: str
+    lora_int_id: Optional[int] = None
+
+
 # ----- /tokenize and /detokenize (vLLM's) -------------------------------------------------
 class TokenizeRequest(OpenAIRequestModel):
     """Either `prompt` (completion-style) or `messages` (rendered with the chat template first)."""

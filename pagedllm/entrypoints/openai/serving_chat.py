@@ -65,7 +65,7 @@ class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(
         self, request: ChatCompletionRequest,
     ) -> Union[ChatCompletionResponse, StreamingResponse]:
-        self.check_model(request.model)
+        lora_request = self.check_model(request.model)
         self.check_engine()
         self._check_request(request)
         if self.tool_parser_cls is not None and request.tools and request.tool_choice in (None, "auto"):
@@ -85,7 +85,7 @@ class OpenAIServingChat(OpenAIServing):
         request_id = random_id("chatcmpl")
         processed = self.process(request_id, prompt, params, param if requested is not None else None,
                                  rename={"prompt": "messages", "logprobs": "top_logprobs",
-                                         "structured_outputs": constraint_field})
+                                         "structured_outputs": constraint_field}, lora_request=lora_request)
         if constraint is not None and self.reasoning_parser_cls is not None:
             self._constrain_after_reasoning(processed, prompt.token_ids)
         echo = ""
@@ -160,7 +160,7 @@ class OpenAIServingChat(OpenAIServing):
         ]
         completion_tokens = sum(len(t) for t in token_ids)
         return ChatCompletionResponse(
-            id=request_id, model=self.model_name, choices=choices,
+            id=request_id, model=self.response_model(request.model), choices=choices,
             usage=_usage(len(prompt.token_ids), completion_tokens),
             prompt_logprobs=serialize_prompt_logprobs(prompt_logprobs) if request.prompt_logprobs is not None else None,
         )
@@ -178,7 +178,7 @@ class OpenAIServingChat(OpenAIServing):
 
         def chunk(index: int, delta: DeltaMessage, logprobs=None, finish_reason=None, stop_reason=None) -> str:
             response = ChatCompletionStreamResponse(
-                id=request_id, created=created, model=self.model_name,
+                id=request_id, created=created, model=self.response_model(request.model),
                 choices=[ChatCompletionResponseStreamChoice(index=index, delta=delta, logprobs=logprobs,
                                                             finish_reason=finish_reason, stop_reason=stop_reason)],
             )
@@ -219,7 +219,7 @@ class OpenAIServingChat(OpenAIServing):
                             continue
                     yield chunk(o.index, delta, logprobs, finish_reason, o.stop_reason)
             if include_usage:
-                final = ChatCompletionStreamResponse(id=request_id, created=created, model=self.model_name,
+                final = ChatCompletionStreamResponse(id=request_id, created=created, model=self.response_model(request.model),
                                                      choices=[], usage=_usage(num_prompt_tokens, completion_tokens))
                 yield sse(final.model_dump_json())
         except (RequestFailedError, EngineDeadError) as e:

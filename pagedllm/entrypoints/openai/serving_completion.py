@@ -55,7 +55,7 @@ class _Choice:
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest) -> Union[CompletionResponse, StreamingResponse]:
-        self.check_model(request.model)
+        lora_request = self.check_model(request.model)
         self.check_engine()
         if request.suffix is not None:
             raise OpenAIError("suffix is not supported", 400, param="suffix")
@@ -73,7 +73,8 @@ class OpenAIServingCompletion(OpenAIServing):
                                       request.logprobs, want_prompt_logprobs)
         params.structured_outputs = constraint
         request_id = random_id("cmpl")
-        processed = [self.process(f"{request_id}-{i}", prompt, params, explicit) for i, prompt in enumerate(prompts)]
+        processed = [self.process(f"{request_id}-{i}", prompt, params, explicit, lora_request=lora_request)
+                     for i, prompt in enumerate(prompts)]
         if request.echo:  # checked: token-id prompts can be decoded now
             for prompt in prompts:
                 if prompt.text is None:
@@ -141,7 +142,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 ))
         num_prompt_tokens = sum(len(p.token_ids) for p in prompts)
         return CompletionResponse(
-            id=request_id, model=self.model_name, choices=out_choices,
+            id=request_id, model=self.response_model(request.model), choices=out_choices,
             usage=UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
                             total_tokens=num_prompt_tokens + completion_tokens),
         )
@@ -183,7 +184,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     if logprobs is not None and logprobs.tokens:
                         offsets[index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
                     chunk = CompletionStreamResponse(
-                        id=request_id, created=created, model=self.model_name,
+                        id=request_id, created=created, model=self.response_model(request.model),
                         choices=[CompletionResponseStreamChoice(
                             index=index, text=text, logprobs=logprobs, finish_reason=finish_reason,
                             stop_reason=None if echo_only else o.stop_reason,
@@ -193,7 +194,7 @@ class OpenAIServingCompletion(OpenAIServing):
                         chunk.usage = _usage(num_prompt_tokens, completion_tokens)
                     yield sse(chunk.model_dump_json())
             if include_usage:
-                final = CompletionStreamResponse(id=request_id, created=created, model=self.model_name, choices=[],
+                final = CompletionStreamResponse(id=request_id, created=created, model=self.response_model(request.model), choices=[],
                                                  usage=_usage(num_prompt_tokens, completion_tokens))
                 yield sse(final.model_dump_json())
         except (RequestFailedError, EngineDeadError) as e:

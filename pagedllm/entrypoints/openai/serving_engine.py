@@ -22,6 +22,8 @@ from pagedllm.engine.input_processor import InvalidRequestError, ProcessedReques
 from pagedllm.entrypoints.openai.errors import OpenAIError, bad_request
 from pagedllm.entrypoints.openai.limits import ServerLimits
 from pagedllm.entrypoints.openai.protocol import ChatMessageParam, SamplingRequest
+from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
+from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import Logprob
 from pagedllm.sampling_params import SamplingParams
 
@@ -49,9 +51,11 @@ class OpenAIServing:
     server runs."""
 
     def __init__(self, engine: AsyncLLM, served_model_names: list[str], chat_template: Optional[str] = None,
-                 limits: ServerLimits = ServerLimits(), trust_request_chat_template: bool = False) -> None:
+                 limits: ServerLimits = ServerLimits(), trust_request_chat_template: bool = False,
+                 models: Optional[OpenAIServingModels] = None) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
+        self.models = models or OpenAIServingModels(engine, served_model_names, "")
         self.chat_template = chat_template
         self.limits = limits
         self.trust_request_chat_template = trust_request_chat_template
@@ -63,9 +67,13 @@ class OpenAIServing:
         return self.served_model_names[0]
 
     # ----- checks -------------------------------------------------------------------
-    def check_model(self, model: Optional[str]) -> None:
-        if model is not None and model not in self.served_model_names:
-            raise OpenAIError(f"The model `{model}` does not exist.", 404, param="model", code="model_not_found")
+    def check_model(self, model: Optional[str]) -> Optional[LoRARequest]:
+        """The LoRA adapter `model` names (None: the base model); a model the server lacks is a 404."""
+        return self.models.resolve(model)
+
+    def response_model(self, model: Optional[str]) -> str:
+        """The `model` a response names: the adapter asked for, else the base model's first name."""
+        return model if self.models.is_lora(model) else self.model_name
 
     def check_engine(self) -> None:
         if self.engine.is_dead:
@@ -86,14 +94,14 @@ class OpenAIServing:
         return EnginePrompt(None, list(token_ids))
 
     def process(self, request_id: str, prompt: EnginePrompt, params: SamplingParams, explicit_max_tokens: Optional[str],
-                rename: Optional[dict[str, str]] = None) -> ProcessedRequest:
+                rename: Optional[dict[str, str]] = None, lora_request: Optional[LoRARequest] = None) -> ProcessedRequest:
         """The engine's checks of one prompt (`InputProcessor.process`), as 400s naming the parameter
         (`rename`: the engine's name for it -> this route's, e.g. chat's `messages` for `prompt`).
         `explicit_max_tokens` names the field the client set `max_tokens` through, if it did: asking
         for more than the context leaves is then an error, as OpenAI's server makes it."""
         def process() -> ProcessedRequest:
             return self.engine.process_request(request_id, prompt.as_engine_input(), params,
-                                               max_tokens_param=explicit_max_tokens)
+                                               max_tokens_param=explicit_max_tokens, lora_request=lora_request)
 
         return self._check(process, rename)
 

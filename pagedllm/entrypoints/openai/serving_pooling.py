@@ -132,7 +132,8 @@ class OpenAIServingPooling(OpenAIServing):
 
     # ----- the parts -----------------------------------------------------------------
     def _check_request(self, request: Any) -> None:
-        self.check_model(request.model)
+        if self.check_model(request.model) is not None:
+            raise OpenAIError("LoRA adapters serve generation only, not pooling", 400, param="model")
         self.check_engine()
         if request.truncate_prompt_tokens is not None:
             raise OpenAIError("truncate_prompt_tokens is not supported by pagedllm yet (prompt truncation)", 400,
