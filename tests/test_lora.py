@@ -102,6 +102,15 @@ def test_slot_swaps_host_evictions_preemption_and_prefix_caching_match_peft(llam
     llm.shutdown()
 
 
+def test_tp2_shards_the_adapters_like_the_base_layers_and_matches_peft(llama_dir, lora_requests, references):
+    """Two worker processes, each with its share of every A and B (column layers: B's rows; row layers:
+    A's columns, the partial terms summed by the layer's all-reduce)."""
+    llm = LLM(model=llama_dir, max_model_len=256, enable_lora=True, max_loras=2, max_lora_rank=16,
+              tensor_parallel_size=2)
+    run(llm, [(name, p) for p in PROMPTS for name in lora_requests], lora_requests, references)
+    llm.shutdown()
+
+
 def test_prefix_cache_keys_include_the_adapter():
     tokens, params = list(range(40)), SamplingParams()
     base = Request("a", tokens, params, 8, block_size=16)
