@@ -156,6 +156,21 @@ def test_dense_shrink_expand_equals_the_per_token_definition(dtype):
     torch.testing.assert_close(add_lora_dense(y, x, a, b, indices).float(), expected, atol=tol, rtol=tol / 10)
 
 
+def test_triton_shrink_expand_equals_the_reference_under_the_interpreter():
+    """The GPU kernels (run by Triton's interpreter on CPU, TRITON_INTERPRET=1 from conftest): odd sizes
+    that straddle the tiles, base-model rows, and a slot no row uses."""
+    pytest.importorskip("triton")
+    from pagedllm.lora.ops.triton_punica import add_lora_triton
+
+    torch.manual_seed(1)
+    slots, rank, n_in, n_out, tokens = 4, 24, 72, 100, 9
+    a, b = torch.randn(slots, rank, n_in), torch.randn(n_out, slots, rank)
+    x, y = torch.randn(tokens, n_in), torch.randn(tokens, n_out)
+    indices = torch.tensor([3, -1, 0, 0, 2, -1, 3, 0, 2])
+    torch.testing.assert_close(add_lora_triton(y, x, a, b, indices), add_lora_reference(y, x, a, b, indices),
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_bad_adapters_are_clear_value_errors(llama_dir, adapters, tmp_path, lora_requests, references):
     from conftest import build_checkpoint
 
