@@ -209,3 +209,18 @@ def test_bad_adapters_are_clear_value_errors(llama_dir, adapters, tmp_path, lora
 def test_lora_config_is_checked(llama_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
         LLM(model=llama_dir, enable_lora=True, **kwargs)
+
+
+def test_engine_stats_count_running_and_waiting_adapters(llama_dir, lora_requests):
+    """What vLLM's lora_requests_info gauge reports: the adapters of the running and the waiting requests."""
+    llm = LLM(model=llama_dir, max_model_len=64, enable_lora=True, max_loras=1, max_lora_rank=16)
+    engine = llm.llm_engine
+    for i, name in enumerate(["all8", "all8", "qv4", None]):
+        engine.add_request(str(i), "Hello", SamplingParams(max_tokens=4), lora_request=lora_requests[name])
+    engine.step()  # one adapter slot: the qv4 request waits
+    stats = engine.engine_core.core.stats()
+    assert stats.max_lora == 1
+    assert stats.running_lora_adapters == {"all8": 2} and stats.waiting_lora_adapters == {"qv4": 1}
+    while engine.has_unfinished_requests():
+        engine.step()
+    llm.shutdown()

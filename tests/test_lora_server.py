@@ -70,6 +70,8 @@ def test_adapters_are_models_and_run_like_peft(server, llama_dir, adapters):
         check_against_peft(client, llama_dir, model, adapter)
     chat = client.chat.completions.create(model="qv4", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
     assert chat.model == "qv4" and chat.choices[0].message.content is not None
+    metrics = httpx.get(server.base_url + "/metrics").text
+    assert 'pagedllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapters=""}' in metrics
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="no-such-adapter", prompt="Hi", max_tokens=2)
     assert e.value.body["message"] == "The model `no-such-adapter` does not exist." and e.value.body["param"] == "model"

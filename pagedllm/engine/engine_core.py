@@ -272,6 +272,9 @@ class EngineCore:
             generation_tokens=self.generation_tokens,
             requests_finished=self.requests_finished,
             num_steps=self.num_steps,
+            running_lora_adapters=_count_adapters(scheduler.running),
+            waiting_lora_adapters=_count_adapters(scheduler.waiting),
+            max_lora=self.config.lora_config.max_loras if self.config.lora_config else 0,
         )
 
     def get_engine_state(self) -> EngineState:
@@ -307,3 +310,12 @@ class EngineCore:
             self.structured_output_manager.shutdown()
         if executor is not None:
             executor.shutdown()
+
+
+def _count_adapters(requests: Iterable[Request]) -> dict[str, int]:
+    """Adapter name -> how many of `requests` run with it."""
+    counts: dict[str, int] = {}
+    for request in requests:
+        if request.lora_request is not None:
+            counts[request.lora_request.lora_name] = counts.get(request.lora_request.lora_name, 0) + 1
+    return counts

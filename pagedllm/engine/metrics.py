@@ -36,6 +36,10 @@ class EngineStats:
     generation_tokens: int = 0
     requests_finished: int = 0  # sequences that ended with a stop or at their length
     num_steps: int = 0  # engine steps run (each one model forward pass)
+    # LoRA (vLLM's lora_requests_info): adapter name -> its running / waiting requests; max_lora 0: LoRA off
+    running_lora_adapters: dict[str, int] = field(default_factory=dict)
+    waiting_lora_adapters: dict[str, int] = field(default_factory=dict)
+    max_lora: int = 0
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,15 @@ class _EngineCollector(Collector):
             for index, stats in per_engine:
                 family.add_metric([self.model_name, str(index)], getattr(stats, spec.stat))
             yield family
+        lora_stats = [stats for _, stats in per_engine if stats.max_lora]
+        if lora_stats:  # vLLM's: the adapters with running and waiting requests, as labels; the value a time
+            info = GaugeMetricFamily(PREFIX + "lora_requests_info", "Running stats on lora requests.",
+                                     labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
+            running = sorted({name for stats in lora_stats for name in stats.running_lora_adapters})
+            waiting = sorted({name for stats in lora_stats for name in stats.waiting_lora_adapters})
+            info.add_metric([str(lora_stats[0].max_lora), ",".join(waiting), ",".join(running)],
+                            max(stats.time for stats in lora_stats))
+            yield info
         healthy = GaugeMetricFamily(PREFIX + "engine_healthy", "1 while the engine loop is running.",
                                     labels=["model_name"])
         healthy.add_metric([self.model_name], 0.0 if self.engine.is_dead else 1.0)
