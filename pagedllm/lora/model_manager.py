@@ -67,20 +67,6 @@ class LoRAModelManager:
             self.slot_lru.append(slot)
         return mapping
 
-    def remove_adapter(self, lora_id: int) -> bool:
-        """Forget an adapter (the server unloaded it): its slot and its host copy."""
-        found = self.cpu_cache.pop(lora_id, None) is not None
-        if lora_id in self.slots:
-            slot = self.slots.index(lora_id)
-            self.slots[slot] = None
-            self.slot_lru.remove(slot)
-            self.slot_lru.insert(0, slot)
-            found = True
-        return found
-
-    def list_adapters(self) -> list[int]:
-        return list(self.cpu_cache)
-
     # ----- loading ----------------------------------------------------------------------
     def _get_adapter(self, request: LoRARequest) -> LoRAAdapter:
         adapter = self.cpu_cache.get(request.lora_int_id)

@@ -207,9 +207,6 @@ class ModelRunner:
         rows = np.repeat(np.asarray(slots, dtype=np.int64), [len(r.token_ids) for r in ordered])
         return async_tensor_h2d(torch.from_numpy(rows), torch.long, self.device)
 
-    def remove_lora(self, lora_id: int) -> bool:
-        return self.lora_manager is not None and self.lora_manager.remove_adapter(lora_id)
-
     # ----- one step ---------------------------------------------------------------
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:

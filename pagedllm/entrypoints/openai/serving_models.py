@@ -7,7 +7,8 @@ and, where runtime updating is allowed (vLLM's `VLLM_ALLOW_RUNTIME_LORA_UPDATING
 `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter`. A new adapter is read and checked
 against the model once, here (`InputProcessor.check_lora_request`), so a corrupt or mismatched
 one is a 400 and never reaches a worker. Each gets a fresh `lora_int_id`: an adapter unloaded and
-loaded again under the same name is a new adapter to the engine's caches.
+loaded again under the same name is a new adapter to the engine's caches, and an unloaded one's
+copies in the workers' slots and host caches are never used again; they age out of the LRU.
 """
 
 from __future__ import annotations
