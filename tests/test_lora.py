@@ -139,35 +139,54 @@ def test_scheduler_never_runs_more_adapters_than_slots():
     assert [r.request_id for r in scheduler.waiting] == ["2", "6"]  # their place kept
 
 
+def by_hand(y, x, a, b, indices, slices):
+    """y_t + B_i (A_i x_t) for row t with slot i, slice by slice: each slice's R rows of A, its rows of B."""
+    rank = b.shape[2]
+    expected = y.float().clone()
+    for t, i in enumerate(indices.tolist()):
+        if i < 0:
+            continue
+        for j, (offset, size) in enumerate(slices):
+            h = a[i, j * rank : (j + 1) * rank].float() @ x[t].float()
+            expected[t, offset : offset + size] += b[offset : offset + size, i].float() @ h
+    return expected
+
+
+# A fused QKV-like layer (three slices of unequal size) and a plain one, 3 slots of rank 8.
+SHAPES = [((0, 16), (16, 8), (24, 8)), ((0, 40),)]
+
+
+@pytest.mark.parametrize("slices", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dense_shrink_expand_equals_the_per_token_definition(dtype):
+def test_dense_shrink_expand_equals_the_per_token_definition(dtype, slices):
     torch.manual_seed(0)
-    slots, rank, n_in, n_out, tokens = 3, 8, 48, 40, 11
-    a = torch.randn(slots, rank, n_in, dtype=dtype)
-    b = torch.randn(n_out, slots, rank, dtype=dtype)
+    num_slots, rank, n_in, tokens = 3, 8, 48, 11
+    n_out = sum(size for _, size in slices)
+    a = torch.randn(num_slots, len(slices) * rank, n_in, dtype=dtype)
+    b = torch.randn(n_out, num_slots, rank, dtype=dtype)
     x, y = torch.randn(tokens, n_in, dtype=dtype), torch.randn(tokens, n_out, dtype=dtype)
     indices = torch.tensor([0, 2, -1, 1, 1, 0, -1, 2, 2, 0, 1])
-    expected = y.float().clone()
-    for t, i in enumerate(indices.tolist()):  # by hand: y_t + B_i (A_i x_t)
-        if i >= 0:
-            expected[t] += b[:, i].float() @ (a[i].float() @ x[t].float())
+    expected = by_hand(y, x, a, b, indices, slices)
     tol = 1e-4 if dtype == torch.float32 else 0.3
-    torch.testing.assert_close(add_lora_reference(y, x, a, b, indices).float(), expected, atol=tol, rtol=tol / 10)
-    torch.testing.assert_close(add_lora_dense(y, x, a, b, indices).float(), expected, atol=tol, rtol=tol / 10)
+    torch.testing.assert_close(add_lora_reference(y, x, a, b, indices, slices).float(), expected, atol=tol,
+                               rtol=tol / 10)
+    torch.testing.assert_close(add_lora_dense(y.clone(), x, a, b, indices, slices).float(), expected, atol=tol,
+                               rtol=tol / 10)
 
 
-def test_triton_shrink_expand_equals_the_reference_under_the_interpreter():
+@pytest.mark.parametrize("slices", [((0, 40), (40, 24), (64, 36)), ((0, 100),)])
+def test_triton_shrink_expand_equals_the_reference_under_the_interpreter(slices):
     """The GPU kernels (run by Triton's interpreter on CPU, TRITON_INTERPRET=1 from conftest): odd sizes
     that straddle the tiles, base-model rows, and a slot no row uses."""
     pytest.importorskip("triton")
     from pagedllm.lora.ops.triton_punica import add_lora_triton
 
     torch.manual_seed(1)
-    slots, rank, n_in, n_out, tokens = 4, 24, 72, 100, 9
-    a, b = torch.randn(slots, rank, n_in), torch.randn(n_out, slots, rank)
+    num_slots, rank, n_in, n_out, tokens = 4, 12, 72, 100, 9
+    a, b = torch.randn(num_slots, len(slices) * rank, n_in), torch.randn(n_out, num_slots, rank)
     x, y = torch.randn(tokens, n_in), torch.randn(tokens, n_out)
     indices = torch.tensor([3, -1, 0, 0, 2, -1, 3, 0, 2])
-    torch.testing.assert_close(add_lora_triton(y, x, a, b, indices), add_lora_reference(y, x, a, b, indices),
+    torch.testing.assert_close(add_lora_triton(y, x, a, b, indices, slices), by_hand(y, x, a, b, indices, slices),
                                atol=1e-4, rtol=1e-4)
 
 

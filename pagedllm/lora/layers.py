@@ -79,7 +79,7 @@ class LoRALinearMethod(LinearMethodBase):
         lora_a = getattr(layer, "lora_a", None)
         if lora_a is None:
             return out
-        return self.punica.add_lora(out, x, lora_a, layer.lora_b)
+        return self.punica.add_lora(out, x, lora_a, layer.lora_b, layer.lora_slices)
 
     def weight_bytes(self, layer: nn.Module) -> int:
         return self.base.weight_bytes(layer)

@@ -42,7 +42,8 @@ class LoRAModelManager:
                 continue
             out_features, in_features = module.weight_shape
             module.lora_a = torch.zeros(self.max_loras, len(slices) * rank, in_features, dtype=dtype, device=device)
-            module.lora_b = torch.zeros(out_features, self.max_loras, len(slices) * rank, dtype=dtype, device=device)
+            module.lora_b = torch.zeros(out_features, self.max_loras, rank, dtype=dtype, device=device)
+            module.lora_slices = tuple((s.out_offset, s.out_size) for s in slices)
             self.layers.append((int(name.split(".")[1]), module, slices))
         self.slots: list[Optional[int]] = [None] * self.max_loras  # the adapter id in each slot
         self.slot_lru: list[int] = list(range(self.max_loras))  # least recently used first
@@ -83,7 +84,8 @@ class LoRAModelManager:
 
     @torch.no_grad()
     def _write_slot(self, slot: int, adapter: LoRAAdapter) -> None:
-        """Copy this rank's share of every A and B into `slot` (B scaled), zeros where the adapter has none."""
+        """Copy this rank's share of every A and B into `slot` (B scaled), zeros where the adapter has none.
+        A slice's A goes to its own R rows of `lora_a`; its B to its own output rows of `lora_b`."""
         rank = self.config.max_lora_rank
         for layer_index, module, slices in self.layers:
             a_slot, b_slot = module.lora_a[slot], module.lora_b[:, slot]
@@ -96,5 +98,5 @@ class LoRAModelManager:
                 a, b = weights
                 r = a.shape[0]
                 a_slot[i * rank : i * rank + r].copy_(a[:, s.in_start : s.in_start + s.in_size])
-                b_slot[s.out_offset : s.out_offset + s.out_size, i * rank : i * rank + r].copy_(
+                b_slot[s.out_offset : s.out_offset + s.out_size, :r].copy_(
                     b[s.out_start : s.out_start + s.out_size] * adapter.scaling)

@@ -2,17 +2,18 @@
 expand per layer (Punica's idea, as vLLM's `PunicaWrapper`).
 
 Each LoRA layer holds its adapters stacked in `max_loras` slots:
-- `lora_a` [slots, R', in]: each slot's A of every slice (q, k, v; or gate, up) one under the other,
-  R' = slices * max_lora_rank, zero past an adapter's own rank;
-- `lora_b` [out, slots, R']: each slot's B (the scaling folded in), block-diagonal over the slices,
-  so one matmul writes every slice's share of the output.
-`token_lora_indices` [tokens] says which slot each row of the step uses (-1: the base model).
+- `lora_a` [slots, S*R, in]: each slot's A of each of the layer's S slices (q, k, v; or gate, up)
+  one under the other, R = max_lora_rank, zero past an adapter's own rank;
+- `lora_b` [out, slots, R]: each slot's B (the scaling folded in); output row n belongs to one slice
+  (`slices`: each slice's (offset, size) in the output) and reads that slice's R ranks of the shrink.
+The step's `indices` [tokens] say which slot each row uses (-1: the base model).
 
 Three implementations of `y += B[i] A[i] x` for row x with slot i:
-- `add_lora_reference`: gathers each row's A and B and multiplies (`bmm`); the definition, for tests;
+- `add_lora_reference`: gathers each row's A and B and multiplies; the definition, for tests;
 - `add_lora_dense` (CPU): every row against every slot's A in one matmul, the other slots' results
-  zeroed by a one-hot mask, then one matmul by all slots' B. Slots cost `max_loras` times the small
-  rank-R work, but it is two large dense matmuls (oneDNN), with no Python loop and no gather of weights;
+  zeroed by a one-hot mask, then one matmul per slice by all slots' B. The slots cost `max_loras`
+  times the small rank-R work, but they are a few large dense matmuls (oneDNN), with no Python loop
+  over requests and no gather of weights;
 - `add_lora_triton` (GPU, `lora/ops/triton_punica.py`): a shrink and an expand kernel that read
   each row's slot and only that slot's weights.
 """
@@ -24,34 +25,40 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from pagedllm.lora.ops.layout import Slices, row_slices
+
 
 def add_lora_reference(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                       indices: torch.Tensor) -> torch.Tensor:
+                       indices: torch.Tensor, slices: Slices) -> torch.Tensor:
     """y + B[i] A[i] x per row, by gathering each row's weights (rows with i = -1 unchanged)."""
+    rank = lora_b.shape[2]
     active = indices >= 0
     slot = indices.clamp(min=0)
-    a = lora_a[slot]  # [T, R', in]
-    b = lora_b.permute(1, 0, 2)[slot]  # [T, out, R']
-    h = torch.bmm(a, x.unsqueeze(-1).to(a.dtype))  # [T, R', 1]
-    delta = torch.bmm(b, h).squeeze(-1) * active.unsqueeze(-1)
+    h = torch.bmm(lora_a[slot], x.unsqueeze(-1).to(lora_a.dtype)).view(len(x), len(slices), rank)  # shrink
+    b = lora_b.permute(1, 0, 2)[slot]  # [T, out, R]
+    delta = (b * h[:, row_slices(slices, x.device)]).sum(-1) * active.unsqueeze(-1)  # expand
     return y + delta.to(y.dtype)
 
 
 def add_lora_dense(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                   indices: torch.Tensor, one_hot: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The same sum as two dense matmuls over all slots; `one_hot` [T, slots, 1] may be precomputed
-    once per step (`PunicaWrapper`)."""
-    slots, rank, in_features = lora_a.shape
+                   indices: torch.Tensor, slices: Slices, one_hot: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The same sum as dense matmuls over all slots, added into `y` in place (returned). `one_hot`
+    [T, slots, 1, 1] may be precomputed once per step (`PunicaWrapper`)."""
+    num_slots, _, in_features = lora_a.shape
+    rank = lora_b.shape[2]
     if one_hot is None:
-        one_hot = slot_mask(indices, slots, lora_a.dtype)
-    h = F.linear(x.to(lora_a.dtype), lora_a.view(slots * rank, in_features))  # shrink: [T, slots * R']
-    h = (h.view(-1, slots, rank) * one_hot).view(-1, slots * rank)
-    return y + F.linear(h, lora_b.view(lora_b.shape[0], slots * rank)).to(y.dtype)  # expand
+        one_hot = slot_mask(indices, num_slots, lora_a.dtype)
+    h = F.linear(x.to(lora_a.dtype), lora_a.view(-1, in_features))  # shrink: [T, slots * S * R]
+    h = h.view(len(x), num_slots, len(slices), rank) * one_hot
+    for i, (offset, size) in enumerate(slices):  # expand, one slice's rows at a time
+        h_i = h[:, :, i].reshape(len(x), num_slots * rank)
+        y[:, offset : offset + size].addmm_(h_i.to(y.dtype), lora_b[offset : offset + size].view(size, -1).t())
+    return y
 
 
-def slot_mask(indices: torch.Tensor, slots: int, dtype: torch.dtype) -> torch.Tensor:
-    """[T, slots, 1]: 1 at each row's slot, all zero for base-model rows (-1)."""
-    return (indices.unsqueeze(-1) == torch.arange(slots, device=indices.device)).to(dtype).unsqueeze(-1)
+def slot_mask(indices: torch.Tensor, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
+    """[T, slots, 1, 1]: 1 at each row's slot, all zero for base-model rows (-1)."""
+    return (indices.unsqueeze(-1) == torch.arange(num_slots, device=indices.device)).to(dtype)[:, :, None, None]
 
 
 class PunicaWrapper:
@@ -74,14 +81,16 @@ class PunicaWrapper:
         self.indices = indices
         self._one_hot = None
 
-    def add_lora(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    def add_lora(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                 slices: Slices) -> torch.Tensor:
+        """y plus each row's adapter term (`y` may be updated in place)."""
         indices = self.indices
         if indices is None:
             return y
         if self.use_triton:
             from pagedllm.lora.ops.triton_punica import add_lora_triton
 
-            return add_lora_triton(y, x, lora_a, lora_b, indices)
+            return add_lora_triton(y, x, lora_a, lora_b, indices, slices)
         if self._one_hot is None or self._one_hot.dtype != lora_a.dtype:
             self._one_hot = slot_mask(indices, lora_a.shape[0], lora_a.dtype)
-        return add_lora_dense(y, x, lora_a, lora_b, indices, self._one_hot)
+        return add_lora_dense(y, x, lora_a, lora_b, indices, slices, self._one_hot)
