@@ -224,6 +224,7 @@ def test_bad_adapters_are_clear_value_errors(llama_dir, adapters, tmp_path, lora
     ({"max_loras": 0}, "max_loras must be a positive integer"),
     ({"max_lora_rank": -1}, "max_lora_rank must be a positive integer"),
     ({"max_loras": 4, "max_cpu_loras": 2}, "max_cpu_loras .* must be an integer >= max_loras"),
+    ({"runner": "pooling", "convert": "embed"}, "enable_lora .* cannot be used with runner='pooling'"),
 ])
 def test_lora_config_is_checked(llama_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -243,6 +243,9 @@ class EngineArgs:
         pooling = runner.runner_type == "pooling"
         if (not self.enable_chunked_prefill or pooling) and self.max_num_batched_tokens is None:
             batched = max(batched, max_model_len)
+        if pooling and self.enable_lora:
+            raise ValueError("enable_lora serves adapters of generative models; it cannot be used with "
+                             "runner='pooling'")
         if pooling and batched < max_model_len:
             raise ValueError(f"max_num_batched_tokens ({batched}) is smaller than max_model_len ({max_model_len}): "
                              "a pooling request runs its whole prompt in one step")
