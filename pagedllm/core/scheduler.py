@@ -199,7 +199,7 @@ class Scheduler:
         )
         self._finished_since_last_step = set()
         if self.structured_output_manager is not None:
-            sampling = [r for r, n in scheduled if r.num_computed_tokens + n == r.num_tokens]
+            sampling = [r for (r, _), s in zip(scheduled, out.scheduled) if s.sample]
             grammar = self.structured_output_manager.grammar_bitmask(sampling)
             if grammar is not None:
                 out.grammar_bitmask, out.structured_output_request_ids = grammar

@@ -17,6 +17,7 @@ never sees one never pays for them.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterable, Optional
@@ -56,8 +57,6 @@ class StructuredOutputManager:
         kind, spec = grammar_spec(params)
         so_request = StructuredOutputRequest(kind, spec, sorted(request.sampling_params.all_stop_token_ids),
                                              request.reasoning_end_token_id)
-        if so_request.reasoning_end_token_id is not None:
-            so_request.reasoning_ended = so_request.reasoning_end_token_id in request.output_token_ids
         key = (kind, spec)
         if key in self._compiled:
             self._compiled.move_to_end(key)
@@ -76,18 +75,15 @@ class StructuredOutputManager:
             return True
         if not so_request.compiled.done():
             return False
-        compiled = so_request.compiled.result()
-        so_request.grammar = self._backend.matcher(compiled, so_request.stop_token_ids)
-        for token_id in request.output_token_ids:  # a request that resumes after a restart of its grammar
-            self._advance(request, token_id)
+        # Made before the request is first admitted, so no token has been generated that it must replay.
+        so_request.grammar = self._backend.matcher(so_request.compiled.result(), so_request.stop_token_ids)
         return True
 
     def wait_for_compilation(self, requests: Iterable[Request], timeout: float) -> None:
         """Block up to `timeout` seconds until one of these requests' grammars is compiled: what a step
         with nothing else to run does instead of spinning."""
         pending = [r.structured_output_request.compiled for r in requests
-                   if r.structured_output_request is not None and r.structured_output_request.is_compiling
-                   and r.structured_output_request.compiled is not None]
+                   if r.structured_output_request is not None and r.structured_output_request.is_compiling]
         if pending:
             wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
 
@@ -132,8 +128,6 @@ class StructuredOutputManager:
         return self._executor
 
     def _compile(self, key: tuple[str, str]) -> Any:
-        import time
-
         start = time.perf_counter()
         try:
             return self._backend.compile(*key)

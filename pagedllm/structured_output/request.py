@@ -17,14 +17,14 @@ class StructuredOutputRequest:
         self.kind = kind
         self.spec = spec
         self.stop_token_ids = stop_token_ids
-        self.compiled: Optional[Future] = None
+        self.compiled: Optional[Future] = None  # set by StructuredOutputManager.grammar_init
         self.grammar: Optional[Any] = None
         self.reasoning_end_token_id = reasoning_end_token_id
         self.reasoning_ended = reasoning_end_token_id is None
 
     @property
     def is_compiling(self) -> bool:
-        return self.grammar is None and (self.compiled is None or not self.compiled.done())
+        return self.grammar is None and not self.compiled.done()
 
     @property
     def constrains_next_token(self) -> bool:

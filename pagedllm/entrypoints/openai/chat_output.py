@@ -35,8 +35,8 @@ class ChoiceOutput:
             self.reasoning.adjust_initial_state_from_prompt(prompt_token_ids)
         self.required = request.tool_choice == "required" and bool(request.tools)
         self.named_tool = named_tool
-        auto = request.tools and request.tool_choice in (None, "auto")
-        self.tool_parser = tool_parser_cls(tokenizer) if auto and tool_parser_cls is not None else None
+        # Given only when the request's tools are parsed from the model's own format (tool_choice auto).
+        self.tool_parser = tool_parser_cls(tokenizer) if tool_parser_cls is not None else None
         self.tools_called = False
         # streaming state
         self._text = ""

@@ -68,8 +68,9 @@ class OpenAIServingChat(OpenAIServing):
         lora_request = self.check_model(request.model)
         self.check_engine()
         self._check_request(request)
-        if self.tool_parser_cls is not None and request.tools and request.tool_choice in (None, "auto"):
-            request = self.tool_parser_cls(self.tokenizer).adjust_request(request)
+        tool_parser_cls = self._auto_tool_parser(request)
+        if tool_parser_cls is not None:
+            request = tool_parser_cls(self.tokenizer).adjust_request(request)
         constraint, constraint_field = structured_outputs_of(request)
         check_request_limits(self.limits, request, num_prompts=1)
         prompt = await self.off_the_event_loop(self._render_and_tokenize, request)
@@ -114,9 +115,16 @@ class OpenAIServingChat(OpenAIServing):
         for core_request in processed.core_requests:
             core_request.reasoning_end_token_id = self.reasoning_end_token_id
 
+    def _auto_tool_parser(self, request: ChatCompletionRequest) -> Optional[type]:
+        """The --tool-call-parser, when this request's tool calls are to be read from the model's own
+        format (tools given, tool_choice auto or absent); None otherwise."""
+        if request.tools and request.tool_choice in (None, "auto"):
+            return self.tool_parser_cls
+        return None
+
     def _choice_outputs(self, request: ChatCompletionRequest, prompt: EnginePrompt) -> list[ChoiceOutput]:
-        return [ChoiceOutput(request, self.tokenizer, prompt.token_ids, self.reasoning_parser_cls, self.tool_parser_cls,
-                             named_tool(request)) for _ in range(request.n)]
+        return [ChoiceOutput(request, self.tokenizer, prompt.token_ids, self.reasoning_parser_cls,
+                             self._auto_tool_parser(request), named_tool(request)) for _ in range(request.n)]
 
     def _render_and_tokenize(self, request: ChatCompletionRequest) -> EnginePrompt:
         text = self.render_chat(request.messages, request.add_generation_prompt, request.continue_final_message,
