@@ -148,3 +148,23 @@ def test_a_pp2_server_answers_as_one_process_does(llama_dir, llm):
         code = server.stop()
     assert code in (0, -15), server.read_log()
     assert "pipeline stages" in server.read_log()
+
+
+@pytest.mark.slow
+def test_pp2_on_ray_actors_matches_one_process(llama_dir, monkeypatch):
+    pytest.importorskip("ray")
+    from pagedllm.executor.ray_utils import shutdown_ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # a fresh one-machine cluster, whatever else runs here
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1)
+    reference = LLM(model=llama_dir, max_model_len=128)
+    expected = reference.generate(PROMPTS, params, use_tqdm=False)
+    reference.shutdown()
+    llm = LLM(model=llama_dir, max_model_len=128, pipeline_parallel_size=2, distributed_executor_backend="ray")
+    try:
+        assert type(llm.llm_engine.engine_core.core.model_executor).__name__ == "RayDistributedExecutor"
+        got = llm.generate(PROMPTS, params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+        shutdown_ray()
+    assert_same([expected], [got])
