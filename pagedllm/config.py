@@ -207,57 +207,109 @@ class LoRAConfig:
 DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray", "uni")
 
 
+# vLLM's VLLM_PP_LAYER_PARTITION under our prefix: layers per stage, e.g. "5,3" for 8 layers on 2 stages.
+PP_LAYER_PARTITION_ENV = "PAGEDLLM_PP_LAYER_PARTITION"
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
-    """vLLM's names: `tensor_parallel_size` workers split each layer; `data_parallel_size` engine
+    """vLLM's names: `tensor_parallel_size` workers split each layer; `pipeline_parallel_size` stages
+    each hold a contiguous run of the layers (tp x pp workers in all); `data_parallel_size` engine
     replicas (the server's) each hold the whole model. The backend says who starts the workers and
     replicas: `mp` (torch.multiprocessing on this machine), `ray` (actors on a Ray cluster) or `uni`
-    (in this process; tp=1 only). None picks `uni` for tp=1, else `mp`."""
+    (in this process; one worker only). None picks `uni` for one worker, else `mp`.
+    `pp_layer_partition`: layers per stage instead of the even split (`$PAGEDLLM_PP_LAYER_PARTITION`)."""
 
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     distributed_executor_backend: Optional[str] = None
+    pipeline_parallel_size: int = 1
+    pp_layer_partition: Optional[tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
-        if not isinstance(self.data_parallel_size, int) or self.data_parallel_size < 1:
-            raise ValueError(f"data_parallel_size must be a positive integer, got {self.data_parallel_size!r}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         backend = self.distributed_executor_backend
         if backend is not None and backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
             raise ValueError(
                 f"distributed_executor_backend must be one of {DISTRIBUTED_EXECUTOR_BACKENDS} or None, got {backend!r}"
             )
-        if backend == "uni" and self.tensor_parallel_size > 1:
-            raise ValueError("distributed_executor_backend='uni' runs in one process: it needs tensor_parallel_size=1")
+        if backend == "uni" and self.world_size > 1:
+            raise ValueError("distributed_executor_backend='uni' runs in one process: it needs tensor_parallel_size=1 "
+                             "and pipeline_parallel_size=1")
+        partition = self.pp_layer_partition
+        if partition is not None and (len(partition) != self.pipeline_parallel_size
+                                      or any(not isinstance(n, int) or n < 1 for n in partition)):
+            raise ValueError(f"the layer partition {list(partition)} must give each of the "
+                             f"{self.pipeline_parallel_size} pipeline stages at least one layer")
+
+    @property
+    def world_size(self) -> int:
+        """Workers of one engine: tp x pp."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def output_rank(self) -> int:
+        """The worker whose step output the engine reads: tensor-parallel rank 0 of the last stage,
+        the only stage that samples."""
+        return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
 
     @property
     def executor_backend(self) -> str:
         if self.distributed_executor_backend is not None:
             return self.distributed_executor_backend
-        return "uni" if self.tensor_parallel_size == 1 else "mp"
+        return "uni" if self.world_size == 1 else "mp"
 
-    def verify_with_model(self, hf_config: Any, device: torch.device) -> None:
-        """The layouts tensor parallelism cannot split, refused before any worker starts."""
+    def verify_with_model(self, hf_config: Any, device: torch.device, runner_type: str = "generate") -> None:
+        """The layouts tensor and pipeline parallelism cannot split, refused before any worker starts."""
+        self._verify_pipeline(hf_config, runner_type)
         tp = self.tensor_parallel_size
-        if tp == 1:
-            return
-        num_heads = hf_config.num_attention_heads
-        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
-        for name, value in (("num_attention_heads", num_heads), ("num_key_value_heads", num_kv_heads),
-                            ("intermediate_size", hf_config.intermediate_size)):
-            if value % tp:
-                raise ValueError(
-                    f"tensor_parallel_size ({tp}) must divide the model's {name} ({value}): each worker "
-                    "holds an equal share"
-                )
-        if device.type == "cuda":
+        if tp > 1:
+            num_heads = hf_config.num_attention_heads
+            num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+            for name, value in (("num_attention_heads", num_heads), ("num_key_value_heads", num_kv_heads),
+                                ("intermediate_size", hf_config.intermediate_size)):
+                if value % tp:
+                    raise ValueError(
+                        f"tensor_parallel_size ({tp}) must divide the model's {name} ({value}): each worker "
+                        "holds an equal share"
+                    )
+        if device.type == "cuda" and self.world_size > 1:
             count = torch.cuda.device_count()
-            if tp > count and self.executor_backend != "ray":
+            if self.world_size > count and self.executor_backend != "ray":
                 raise ValueError(
-                    f"tensor_parallel_size ({tp}) is larger than the number of CUDA devices on this machine "
-                    f"({count}); use distributed_executor_backend='ray' to span machines"
+                    f"tensor_parallel_size x pipeline_parallel_size ({self.world_size}) is larger than the number "
+                    f"of CUDA devices on this machine ({count}); use distributed_executor_backend='ray' to span machines"
                 )
+
+    def _verify_pipeline(self, hf_config: Any, runner_type: str) -> None:
+        pp = self.pipeline_parallel_size
+        if pp == 1:
+            return
+        if runner_type != "generate":
+            raise ValueError(f"pipeline_parallel_size={pp} runs generative decoder models; a {runner_type} model "
+                             "runs in one stage")
+        num_layers = hf_config.num_hidden_layers
+        if pp > num_layers:
+            raise ValueError(f"pipeline_parallel_size ({pp}) is larger than the model's {num_layers} layers: "
+                             "every stage needs at least one")
+        partition = self.pp_layer_partition
+        if partition is not None and sum(partition) != num_layers:
+            raise ValueError(f"the layer partition {list(partition)} ({PP_LAYER_PARTITION_ENV}) covers "
+                             f"{sum(partition)} layers; the model has {num_layers}")
+
+
+def parse_pp_layer_partition(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    """'5,3' -> (5, 3); None or '' -> None (the even split)."""
+    if not text:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"{PP_LAYER_PARTITION_ENV} must be comma-separated layer counts such as '5,3', "
+                         f"got {text!r}") from None
 
 
 @dataclass(frozen=True)

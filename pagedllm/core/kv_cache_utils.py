@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from pagedllm.config import EngineConfig, ModelConfig
+from pagedllm.config import EngineConfig, ModelConfig, ParallelConfig
+from pagedllm.distributed.parallel_state import get_pp_indices
 from pagedllm.logger import init_logger
 from pagedllm.utils import cdiv
 
@@ -19,11 +20,20 @@ logger = init_logger(__name__)
 
 
 def bytes_per_block(model_config: ModelConfig, block_size: int, tp_size: int = 1,
-                    dtype: torch.dtype | None = None) -> int:
-    """One block's K and V over every layer, on one worker; `dtype`: the cache's (default: the model's)."""
+                    dtype: torch.dtype | None = None, num_layers: int | None = None) -> int:
+    """One block's K and V over `num_layers` layers (default: all), on one worker; `dtype`: the cache's
+    (default: the model's)."""
     elem = torch.empty((), dtype=dtype or model_config.dtype).element_size()
     num_kv_heads = model_config.num_kv_heads // tp_size
-    return 2 * model_config.num_layers * block_size * num_kv_heads * model_config.head_dim * elem
+    num_layers = model_config.num_layers if num_layers is None else num_layers
+    return 2 * num_layers * block_size * num_kv_heads * model_config.head_dim * elem
+
+
+def max_stage_layers(num_layers: int, parallel_config: ParallelConfig) -> int:
+    """The most layers any pipeline stage holds (all of them without pipeline parallelism)."""
+    pp = parallel_config.pipeline_parallel_size
+    return max(end - start for start, end in
+               (get_pp_indices(num_layers, rank, pp, parallel_config.pp_layer_partition) for rank in range(pp)))
 
 
 def num_blocks_for_budget(config: EngineConfig, available_bytes: int) -> int:
@@ -33,7 +43,10 @@ def num_blocks_for_budget(config: EngineConfig, available_bytes: int) -> int:
     cc, mc, sc = config.cache_config, config.model_config, config.scheduler_config
     if cc.num_gpu_blocks_override is not None:
         return cc.num_gpu_blocks_override
-    per_block = bytes_per_block(mc, cc.block_size, config.parallel_config.tensor_parallel_size, config.kv_cache_dtype)
+    pc = config.parallel_config
+    # Under pipeline parallelism a worker holds its stage's layers; the largest stage bounds the count.
+    per_block = bytes_per_block(mc, cc.block_size, pc.tensor_parallel_size, config.kv_cache_dtype,
+                                max_stage_layers(mc.num_layers, pc))
     num_blocks = max(0, available_bytes) // per_block - 1  # the model runner adds the padding block
     useful = sc.max_num_seqs * cdiv(mc.max_model_len, cc.block_size)
     if num_blocks > useful:

@@ -11,6 +11,10 @@ A pooling request (embed, classify, score) has no decode phase: it is admitted o
 prompt fits the step's budget (never chunked: mean pooling and an encoder's bidirectional attention
 need every position at once), and it finishes after that one step with its pooled vector
 (`update_from_output`), freeing its blocks at once.
+
+Under pipeline parallelism the engine core keeps several steps in flight (`in_flight`: the requests
+of steps not yet returned). Such a request is neither scheduled again nor preempted until its step
+is back: its next tokens depend on the one being sampled, and its blocks are still being written.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class Scheduler:
         self.structured_output_manager = structured_output_manager
         self.grammar_failures: dict[str, str] = {}  # request id -> why its constraint did not compile
         self.max_loras = max_loras
+        self.in_flight: set[str] = set()  # requests of steps still running (pipeline parallelism)
 
     # ----- queue management -------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -93,15 +98,21 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     # ----- the decision -----------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_requests: Optional[int] = None) -> SchedulerOutput:
+        """`max_requests`: at most this many requests in the step (pipeline parallelism splits the
+        requests over the batches in flight); None: as many as the budget and `max_num_seqs` allow."""
         budget = self.config.max_num_batched_tokens
+        room = max_requests if max_requests is not None else len(self.requests)
         scheduled: list[tuple[Request, int]] = []
         preempted: set[str] = set()
 
         # 1. Running requests first, oldest first; preempt the newest when blocks run out.
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(scheduled) < room:
             request = self.running[i]
+            if request.request_id in self.in_flight:
+                i += 1
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if request.pooling_params is not None and num_new < request.num_tokens - request.num_computed_tokens:
                 num_new = 0  # a pooling prompt is never chunked: it waits for a step with room
@@ -109,7 +120,8 @@ class Scheduler:
                 i += 1
                 continue
             while (new_blocks := self.kv_cache_manager.allocate_slots(request, num_new)) is None:
-                victim = self.running.pop()
+                victim = self._newest_preemptible()
+                self.running.remove(victim)
                 self._preempt(victim)
                 preempted.add(victim.request_id)
                 if victim is request:
@@ -125,7 +137,8 @@ class Scheduler:
         #    adapters, keeps its place and lets the ones behind it in.
         skipped: list[Request] = []
         running_loras = self.running_lora_ids()
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs
+               and len(scheduled) < room):
             request = self.waiting[0]
             lora_id = request.lora_int_id
             if not self._grammar_ready(request) or (
@@ -149,6 +162,16 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
 
         return self._output(scheduled, preempted)
+
+    def _newest_preemptible(self) -> Request:
+        """The most recently admitted running request whose step is not in flight (the one being
+        scheduled is such a request, so there always is one)."""
+        return next(r for r in reversed(self.running) if r.request_id not in self.in_flight)
+
+    def keep_finished_for_next_step(self, scheduler_output: SchedulerOutput) -> None:
+        """A step that will not run (nothing was scheduled while others are in flight) hands the
+        requests ended since the last step on to the next one, so the workers still hear of them."""
+        self._finished_since_last_step |= scheduler_output.finished_req_ids
 
     def running_lora_ids(self) -> set[int]:
         """The adapters of the running requests: never more than `max_loras`."""

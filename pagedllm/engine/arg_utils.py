@@ -25,6 +25,7 @@ import torch
 
 from pagedllm.config import (
     KV_CACHE_DTYPES,
+    PP_LAYER_PARTITION_ENV,
     QUANTIZATION_METHODS,
     CacheConfig,
     EngineConfig,
@@ -32,6 +33,7 @@ from pagedllm.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    parse_pp_layer_partition,
     resolve_device,
     resolve_dtype,
 )
@@ -136,6 +138,10 @@ class EngineArgs:
         default_factory=lambda: env_flag(TRACE_ENV, default=False))
     tensor_parallel_size: int = arg(1, "split every layer over this many workers (processes, one device each)",
                                     flags=("-tp", "--tensor-parallel-size"), group="parallelism")
+    pipeline_parallel_size: int = arg(
+        1, "split the layers into this many stages, one worker process each (x -tp), that work on successive "
+           "batches at once; stage sizes from $PAGEDLLM_PP_LAYER_PARTITION (e.g. '5,3'), else even",
+        flags=("-pp", "--pipeline-parallel-size"), group="parallelism")
     data_parallel_size: int = arg(
         1, "engine replicas, each with its own engine core and KV cache (and its own -tp workers); the server sends "
            "each request to the replica with the fewest in flight (serve only)",
@@ -221,8 +227,14 @@ class EngineArgs:
             tensor_parallel_size=self.tensor_parallel_size,
             data_parallel_size=self.data_parallel_size,
             distributed_executor_backend=self.distributed_executor_backend,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            pp_layer_partition=(parse_pp_layer_partition(os.environ.get(PP_LAYER_PARTITION_ENV))
+                                if self.pipeline_parallel_size > 1 else None),
         )
-        parallel_config.verify_with_model(hf_config, device)
+        parallel_config.verify_with_model(hf_config, device, runner.runner_type)
+        if self.pipeline_parallel_size > 1 and self.enable_lora:
+            raise ValueError("enable_lora with pipeline_parallel_size > 1 is not supported yet: the adapters are "
+                             "loaded for every layer, a stage holds only its own")
         max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
         sliding = getattr(hf_config, "sliding_window", None)
         if sliding and getattr(hf_config, "use_sliding_window", True) and sliding < max_pos:
@@ -365,7 +377,6 @@ VLLM_ONLY_ARGS: dict[str, VllmOnlyArg] = {
     "spec_method": VllmOnlyArg((None,), _SPEC),
     "spec_model": VllmOnlyArg((None,), _SPEC),
     "spec_tokens": VllmOnlyArg((None,), _SPEC),
-    "pipeline_parallel_size": VllmOnlyArg((1,), "pipeline parallelism"),
     "enable_expert_parallel": VllmOnlyArg((False,), "expert parallelism for mixture-of-experts models"),
     "cpu_offload_gb": VllmOnlyArg((0,), "offloading weights to CPU memory"),
     "structured_outputs_config": VllmOnlyArg((None, {}), "structured outputs"),

@@ -253,7 +253,7 @@ def make_async_clients(config: EngineConfig, engine_process: bool) -> list[Async
             if backend == "ray":
                 clients.append(RayClient(_replica_config(config), index))
             elif engine_process:
-                devices = None if gpus is None else replica_devices(index, pc.tensor_parallel_size, gpus)
+                devices = None if gpus is None else replica_devices(index, pc.world_size, gpus)
                 clients.append(MPClient(_replica_config(config), index, devices))
             elif dp > 1:
                 raise ValueError("data_parallel_size > 1 needs the engine core in its own process "
@@ -268,15 +268,15 @@ def make_async_clients(config: EngineConfig, engine_process: bool) -> list[Async
     return clients
 
 
-def replica_devices(index: int, tensor_parallel_size: int, visible: list[str]) -> str:
-    """CUDA_VISIBLE_DEVICES of replica `index`: its own run of `tensor_parallel_size` GPUs."""
-    start = index * tensor_parallel_size
-    if start + tensor_parallel_size > len(visible):
+def replica_devices(index: int, world_size: int, visible: list[str]) -> str:
+    """CUDA_VISIBLE_DEVICES of replica `index`: its own run of `world_size` (tp x pp) GPUs."""
+    start = index * world_size
+    if start + world_size > len(visible):
         raise ValueError(
-            f"data-parallel replica {index} with tensor_parallel_size={tensor_parallel_size} needs GPUs "
-            f"{start}..{start + tensor_parallel_size - 1}, but only {len(visible)} are visible"
+            f"data-parallel replica {index} with {world_size} workers (tensor x pipeline parallel) needs GPUs "
+            f"{start}..{start + world_size - 1}, but only {len(visible)} are visible"
         )
-    return ",".join(visible[start : start + tensor_parallel_size])
+    return ",".join(visible[start : start + world_size])
 
 
 def _visible_gpus(config: EngineConfig) -> Optional[list[str]]:
@@ -294,6 +294,6 @@ def _visible_gpus(config: EngineConfig) -> Optional[list[str]]:
 def _replica_config(config: EngineConfig) -> EngineConfig:
     """One replica's engine: the data-parallel size is the frontend's business, not the engine's."""
     pc = dataclasses.replace(config.parallel_config, data_parallel_size=1)
-    if pc.distributed_executor_backend == "ray" and pc.tensor_parallel_size == 1:
+    if pc.distributed_executor_backend == "ray" and pc.world_size == 1:
         pc = dataclasses.replace(pc, distributed_executor_backend="uni")  # the replica actor runs the model itself
     return dataclasses.replace(config, parallel_config=pc)

@@ -11,11 +11,16 @@ Start-up sizes the KV cache in its own phase, as vLLM's does: build the executor
 model), ask it how many bytes each worker can give the cache, turn the smallest answer into a
 block count (`core/kv_cache_utils.py`), have every worker allocate that many, then build the block
 pool and the scheduler over the same count.
+
+With pipeline parallelism (`pipeline_parallel_size` = P) a step is one batch moving through P stages;
+the core keeps up to P batches in flight (vLLM's batch queue), each of requests the others do not
+have, so that every stage has work: `_step_pipelined`.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Iterable
 
 from pagedllm.config import EngineConfig
@@ -31,7 +36,7 @@ from pagedllm.executor import Executor, ExecutorDeadError, executor_class
 from pagedllm.logger import init_logger
 from pagedllm.request import EngineCoreRequest, Request, RequestStatus
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.scheduler_output import ScheduledRequest, SchedulerOutput
+from pagedllm.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from pagedllm.structured_output.manager import StructuredOutputManager
 
 logger = init_logger(__name__)
@@ -82,6 +87,9 @@ class EngineCore:
         self._round_found_culprit = False
         self._last_round_unexplained = False
         self._unexplained_rounds = 0
+        # Pipeline parallelism: batches submitted to the stages and not yet returned, oldest first.
+        self.max_batches_in_flight = config.parallel_config.pipeline_parallel_size
+        self.batch_queue: deque[SchedulerOutput] = deque()
         logger.info("Engine core ready in %.2f s", time.perf_counter() - start)
 
     def _initialize_kv_cache(self) -> int:
@@ -100,12 +108,13 @@ class EngineCore:
                 "PAGEDLLM_CPU_KVCACHE_SPACE)"
             )
         executor.initialize_kv_cache(num_blocks)
-        tp = config.parallel_config.tensor_parallel_size
+        tp, pp = config.parallel_config.tensor_parallel_size, config.parallel_config.pipeline_parallel_size
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens of %s K/V on %s%s; maximum concurrency for %d-token "
             "requests: %.2fx",
             num_blocks, cc.block_size, capacity, str(config.kv_cache_dtype).removeprefix("torch."),
-            config.device, f" (x{tp} workers, each 1/{tp} of the heads)" if tp > 1 else "",
+            config.device, (f" (x{tp} workers, each 1/{tp} of the heads)" if tp > 1 else "")
+            + (f" (each of {pp} pipeline stages for its layers)" if pp > 1 else ""),
             mc.max_model_len, capacity / mc.max_model_len,
         )
         return num_blocks
@@ -135,7 +144,8 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, status)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """Requests to run, or a pipelined step still to collect (its requests may all be aborted)."""
+        return self.scheduler.has_unfinished_requests() or bool(self.batch_queue)
 
     def unfinished_request_ids(self) -> list[str]:
         return list(self.scheduler.requests)
@@ -161,6 +171,8 @@ class EngineCore:
             request_id, why = scheduler.grammar_failures.popitem()
             if request_id in scheduler.requests:
                 raise StepFailedError(f"its structured-output constraint did not compile: {why}", request_id)
+        if self.max_batches_in_flight > 1:
+            return self._step_pipelined()
         suspect = self._next_suspect()
         sched_out = scheduler.schedule_alone(suspect) if suspect is not None else scheduler.schedule()
         if sched_out.is_empty and scheduler.waiting:
@@ -183,6 +195,47 @@ class EngineCore:
                 self._last_round_unexplained = not self._round_found_culprit
         self.num_steps += 1
         updated = scheduler.update_from_output(sched_out, runner_out)
+        return self._step_outputs(updated, runner_out)
+
+    def _step_pipelined(self) -> list[EngineCoreOutput]:
+        """One call either puts a new batch into the pipeline (and returns nothing yet, while there is
+        room for another) or waits for the oldest batch and returns what its sequences got.
+
+        A batch holds only requests not already in flight (`Scheduler.in_flight`), so each stage
+        works on a different batch at once. The workers run batches in the order sent, so KV blocks
+        freed and reused while a batch is in flight are written in that order on every stage. A step
+        that raises here is not isolated request by request: the workers are separate processes, and
+        an error in one is fatal to the executor (`ExecutorDeadError`).
+        """
+        scheduler, queue = self.scheduler, self.batch_queue
+        if len(queue) < self.max_batches_in_flight:
+            # The requests not in flight, shared over the batches there is room for, so that the
+            # stages get batches of similar size (micro-batches) rather than all and then nothing.
+            ready = len(scheduler.running) + len(scheduler.waiting) - len(scheduler.in_flight)
+            sched_out = scheduler.schedule(max_requests=max(1, -(-ready // (self.max_batches_in_flight - len(queue)))))
+            if not sched_out.is_empty:
+                for request_id in sched_out.preempted_req_ids:
+                    self.preemptions.record(request_id, scheduler.requests[request_id].num_tokens)
+                self.model_executor.submit_step(sched_out)
+                queue.append(sched_out)
+                scheduler.in_flight.update(s.request_id for s in sched_out.scheduled)
+                if len(queue) < self.max_batches_in_flight:
+                    return []
+            else:
+                scheduler.keep_finished_for_next_step(sched_out)
+                if not queue:
+                    if scheduler.waiting:  # waiting on a grammar being compiled: do not spin
+                        self.structured_output_manager.wait_for_compilation(scheduler.waiting, timeout=0.05)
+                    return []
+        sched_out = queue.popleft()
+        runner_out = self.model_executor.wait_step()
+        scheduler.in_flight.difference_update(s.request_id for s in sched_out.scheduled)
+        self.num_steps += 1
+        updated = scheduler.update_from_output(sched_out, runner_out)
+        return self._step_outputs(updated, runner_out)
+
+    def _step_outputs(self, updated: list[Request], runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """What each updated sequence got in a step (tokens, logprobs, finish), and the counters."""
         outputs: dict[str, EngineCoreOutput] = {}
         for request in updated:
             if request.pooling_params is not None:
@@ -204,6 +257,8 @@ class EngineCore:
                 stop_reason=request.stop_reason,
             )
         for request_id, prompt_logprobs in runner_out.prompt_logprobs.items():
+            if request_id not in outputs and request_id not in self.scheduler.requests:
+                continue  # aborted while its pipelined step was in flight
             output = outputs.setdefault(request_id, EngineCoreOutput(request_id, []))
             output.new_prompt_logprobs = prompt_logprobs
         self.history.maybe_record(self.stats)

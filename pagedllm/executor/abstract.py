@@ -14,6 +14,7 @@ block manager stay with the engine core whatever the executor.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from typing import Any
 
 from pagedllm.config import EngineConfig
@@ -27,6 +28,7 @@ class ExecutorDeadError(RuntimeError):
 class Executor(ABC):
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        self._pending: deque[Any] = deque()  # steps submitted and not yet waited for, oldest first
 
     @abstractmethod
     def collective_rpc(self, method: str, *args: Any) -> list[Any]:
@@ -41,8 +43,23 @@ class Executor(ABC):
         self.collective_rpc("initialize_kv_cache", num_blocks)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step on every worker; rank 0's output (the others are the same)."""
-        return self.collective_rpc("execute_model", scheduler_output)[0]
+        """Run one step on every worker; the output rank's output (tensor-parallel rank 0 of the last
+        pipeline stage; the other ranks answer None)."""
+        return self.collective_rpc("execute_model", scheduler_output)[self.config.parallel_config.output_rank]
+
+    def submit_step(self, scheduler_output: SchedulerOutput) -> None:
+        """Start a step without waiting for it (pipeline parallelism keeps one batch per stage in
+        flight). Steps complete in the order they were submitted; `wait_step` returns the oldest.
+        By default the step runs now; executors with worker processes only send it."""
+        self._pending.append(self.execute_model(scheduler_output))
+
+    def wait_step(self) -> ModelRunnerOutput:
+        """The output of the oldest submitted step, once it is done."""
+        return self._pending.popleft()
+
+    @property
+    def num_pending_steps(self) -> int:
+        return len(self._pending)
 
     def check_health(self) -> None:
         """Raise `ExecutorDeadError` if a worker is known to be dead."""

@@ -1,11 +1,13 @@
-"""`MultiprocExecutor`: N tensor-parallel workers, one process each, on this machine.
+"""`MultiprocExecutor`: tp x pp workers (tensor-parallel ranks of each pipeline stage), one process
+each, on this machine.
 
 The workers are started with `torch.multiprocessing` (spawn) and join one `torch.distributed`
 group (gloo on CPU, NCCL on CUDA) at a free port of 127.0.0.1, so several engines can share a
 host. Every call on the workers (`collective_rpc`: the start-up phases, then one `execute_model`
-per step) is pickled once and sent down one pipe per worker; every rank runs it and answers, rank
-0 with the sampled tokens, the others with an empty acknowledgement (so that a failure on any rank
-is seen).
+per step) is pickled once and sent down one pipe per worker; every rank runs it and answers, the
+output rank (rank 0 of the last stage) with the sampled tokens, the others with an empty
+acknowledgement (so that a failure on any rank is seen). With pipeline stages, steps are sent
+ahead (`submit_step`) and their replies read later (`wait_step`): each pipe keeps them in order.
 
 A worker that dies is noticed at once: while waiting for replies the executor also waits on every
 worker's process sentinel. Then the remaining workers are killed (they may be stuck in a
@@ -30,6 +32,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.distributed.parallel_state import get_distributed_init_method, get_open_port
 from pagedllm.executor.abstract import Executor, ExecutorDeadError
 from pagedllm.logger import init_logger
+from pagedllm.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 logger = init_logger(__name__)
 
@@ -74,7 +77,7 @@ def run_worker_process(config: EngineConfig, rank: int, world_size: int, distrib
 class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
-        self.world_size = config.parallel_config.tensor_parallel_size
+        self.world_size = config.parallel_config.world_size
         self._dead: Optional[str] = None
         init_method = get_distributed_init_method("127.0.0.1", get_open_port())
         threads = worker_threads(config, self.world_size)
@@ -104,6 +107,23 @@ class MultiprocExecutor(Executor):
                     "nccl" if config.device.type == "cuda" else "gloo", init_method)
 
     def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        if self._pending:
+            raise RuntimeError(f"collective_rpc({method!r}) while {len(self._pending)} steps are in flight")
+        self._send(method, args)
+        return [reply[1] for reply in self._collect("step" if method == "execute_model" else method)]
+
+    def submit_step(self, scheduler_output: SchedulerOutput) -> None:
+        """Send the step to every worker and return: a worker's pipe queues it behind the steps it is
+        still running, so each stage starts it as soon as it is done with the previous one."""
+        self._send("execute_model", (scheduler_output,))
+        self._pending.append(None)
+
+    def wait_step(self) -> ModelRunnerOutput:
+        """Every worker answers its steps in order: the next reply of each is the oldest step's."""
+        self._pending.popleft()
+        return self._collect("step")[self.config.parallel_config.output_rank][1]
+
+    def _send(self, method: str, args: tuple) -> None:
         self.check_health()
         payload = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
         for rank, conn in enumerate(self.conns):
@@ -111,7 +131,6 @@ class MultiprocExecutor(Executor):
                 conn.send_bytes(payload)
             except (BrokenPipeError, OSError):
                 self._die(f"tensor-parallel worker {rank} is gone (exit code {self.processes[rank].exitcode})")
-        return [reply[1] for reply in self._collect("step" if method == "execute_model" else method)]
 
     def _collect(self, what: str) -> list[tuple]:
         """One reply from every worker, or `ExecutorDeadError` as soon as one of them dies or fails."""

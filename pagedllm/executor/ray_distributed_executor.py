@@ -1,4 +1,5 @@
-"""`RayDistributedExecutor`: the tensor-parallel workers as Ray actors, on any node of a cluster.
+"""`RayDistributedExecutor`: the workers (tensor-parallel ranks of each pipeline stage) as Ray actors,
+on any node of a cluster.
 
 The same protocol as `MultiprocExecutor`: every rank runs each call (`collective_rpc`; a step's
 `SchedulerOutput` is put in Ray's object store once), and every rank's result comes back. The workers live in one placement group
@@ -15,6 +16,7 @@ from pagedllm.distributed.parallel_state import get_distributed_init_method
 from pagedllm.executor.abstract import Executor, ExecutorDeadError
 from pagedllm.executor.ray_utils import RayWorkerWrapper, initialize_ray_cluster
 from pagedllm.logger import init_logger
+from pagedllm.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 logger = init_logger(__name__)
 
@@ -30,7 +32,7 @@ class RayDistributedExecutor(Executor):
         ray = self._ray = initialize_ray_cluster()
         self._remove_placement_group = remove_placement_group
         self._dead: Optional[str] = None
-        self.world_size = config.parallel_config.tensor_parallel_size
+        self.world_size = config.parallel_config.world_size
         gpu = config.device.type == "cuda"
         bundle = {"GPU": 1} if gpu else {"CPU": 1}
         self.placement_group = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="STRICT_PACK")
@@ -62,10 +64,20 @@ class RayDistributedExecutor(Executor):
         logger.info("Started %d tensor-parallel Ray workers at %s", self.world_size, init_method)
 
     def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        what = "step" if method == "execute_model" else method
+        return self._gather(self._call(method, args), what)
+
+    def submit_step(self, scheduler_output: SchedulerOutput) -> None:
+        """Queue the step on every actor and return (an actor runs its calls in order)."""
+        self._pending.append(self._call("execute_model", (scheduler_output,)))
+
+    def wait_step(self) -> ModelRunnerOutput:
+        return self._gather(self._pending.popleft(), "step")[self.config.parallel_config.output_rank]
+
+    def _call(self, method: str, args: tuple) -> list[Any]:
         self.check_health()
         refs = [self._ray.put(arg) for arg in args]  # once, not once per worker
-        what = "step" if method == "execute_model" else method
-        return self._gather([w.execute_method.remote(method, *refs) for w in self.workers], what)
+        return [w.execute_method.remote(method, *refs) for w in self.workers]
 
     def _gather(self, refs: list[Any], what: str) -> list[Any]:
         """Every result, failing at the first worker that is seen to fail (not after the others)."""

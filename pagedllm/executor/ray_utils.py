@@ -61,12 +61,12 @@ def shutdown_ray() -> None:
 
 def engine_core_actor_options(config: EngineConfig) -> dict[str, Any]:
     """Resources and placement of one replica's engine-core actor."""
-    tp = config.parallel_config.tensor_parallel_size
+    workers = config.parallel_config.world_size
     ray = import_ray()
     resource = "GPU" if config.device.type == "cuda" else "CPU"
-    _check_cluster_has(ray, resource, tp)
+    _check_cluster_has(ray, resource, workers)
     options: dict[str, Any] = {"scheduling_strategy": "SPREAD", "num_cpus": 0, "num_gpus": 0}
-    if tp == 1:  # the actor runs the model itself
+    if workers == 1:  # the actor runs the model itself
         options["num_gpus" if resource == "GPU" else "num_cpus"] = 1
     return options
 

@@ -19,7 +19,7 @@ KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 def allocate_kv_cache(
     model_config: ModelConfig, num_blocks: int, block_size: int, device: torch.device, tp_size: int = 1,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None, num_layers: int | None = None,
 ) -> KVCaches:
     """Zero-filled, so that slots a masked attention row still reads hold finite values.
 
@@ -31,9 +31,10 @@ def allocate_kv_cache(
     its 3 s in `index_copy_` in bfloat16).
     """
     dtype = dtype or model_config.dtype
+    num_layers = model_config.num_layers if num_layers is None else num_layers  # a pipeline stage's: its own
     num_kv_heads = model_config.num_kv_heads // tp_size
     shape = (num_blocks, block_size, num_kv_heads, model_config.head_dim)
-    num_tensors = 2 * model_config.num_layers
+    num_tensors = 2 * num_layers
     if device.type == "cpu":
         elem = torch.empty((), dtype=dtype).element_size()
         numel = num_tensors * num_blocks * block_size * num_kv_heads * model_config.head_dim
@@ -41,4 +42,4 @@ def allocate_kv_cache(
         tensors = list(flat.view(num_tensors, *shape).unbind(0))
     else:
         tensors = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_tensors)]
-    return [(tensors[2 * i], tensors[2 * i + 1]) for i in range(model_config.num_layers)]
+    return [(tensors[2 * i], tensors[2 * i + 1]) for i in range(num_layers)]

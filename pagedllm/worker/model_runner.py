@@ -31,7 +31,7 @@ from pagedllm.attention.backend import CommonAttentionMetadata
 from pagedllm.attention.encoder_attention import EncoderAttentionMetadata
 from pagedllm.attention.selector import get_attention_backend
 from pagedllm.config import EngineConfig
-from pagedllm.distributed.parallel_state import TensorParallelGroup
+from pagedllm.distributed.parallel_state import PipelineParallelGroup, TensorParallelGroup
 from pagedllm.lora.layers import LoRALinearMethod
 from pagedllm.lora.model_manager import LoRAModelManager
 from pagedllm.lora.punica import PunicaWrapper
@@ -66,14 +66,20 @@ class ModelInputs:
 class ModelRunner:
     """One rank's runner. Under tensor parallelism every rank runs the same `execute_model` on the
     same `SchedulerOutput`, sampler included (its logits are the same on every rank); only rank 0's
-    output is used, so the other ranks' samples never matter."""
+    output is used, so the other ranks' samples never matter. Under pipeline parallelism every stage
+    prepares the same batch; the model passes hidden states from stage to stage, and only the last
+    stage samples (the others return an empty output once their layers have run)."""
 
-    def __init__(self, config: EngineConfig, tp_group: TensorParallelGroup | None = None) -> None:
+    def __init__(self, config: EngineConfig, tp_group: TensorParallelGroup | None = None,
+                 pp_group: PipelineParallelGroup | None = None) -> None:
         self.config = config
         self.device = config.device
         self.block_size = config.cache_config.block_size
         self.vocab_size = config.model_config.vocab_size
         self.tp_group = tp_group or TensorParallelGroup()
+        self.pp_group = pp_group or PipelineParallelGroup()
+        first_layer, end_layer = self.pp_group.layer_range(config.model_config.num_layers)
+        self.num_stage_layers = end_layer - first_layer  # the layers whose KV cache this worker holds
         if self.device.type == "cpu":
             keep_freed_memory_in_heap()  # large activations stop page-faulting in every step
         mc = config.model_config
@@ -81,7 +87,7 @@ class ModelRunner:
         self.attn_backend.prepare(self.device)  # e.g. build the CPU kernel now, not in step 1
         self.attn_metadata_builder = self.attn_backend.get_builder_cls()(self.device, mc.dtype, config.kv_cache_dtype)
         ctx = BuildContext.for_engine(mc.dtype, mc.max_model_len, self.device, mc.quantization, mc.compile_fused_ops,
-                                      self.attn_backend, self.tp_group)
+                                      self.attn_backend, self.tp_group, self.pp_group)
         lora_config = config.lora_config
         self.punica: PunicaWrapper | None = None
         if lora_config is not None:  # the decoder layers' projections add their adapters' terms
@@ -101,6 +107,7 @@ class ModelRunner:
         # Graphs replay decode steps, which a pooling model never has.
         use_graphs = cuda_graphs_wanted(self.device, mc.enforce_eager, self.attn_backend) and not self.is_pooling_model
         use_graphs = use_graphs and lora_config is None  # graphs would replay without the step's LoRA mapping
+        use_graphs = use_graphs and self.pp_group.world_size == 1  # a stage's forward sends and receives
         self.graph_sizes = capture_sizes(config.scheduler_config.max_num_seqs) if use_graphs else []
         self.num_blocks = 0  # until initialize_kv_cache
         self.kv_caches: KVCaches = []
@@ -114,7 +121,7 @@ class ModelRunner:
         # One block more than the scheduler hands out: the padding block, which padded rows
         # of a CUDA-graph replay write to (never a live sequence's block).
         self.kv_caches = allocate_kv_cache(self.config.model_config, num_blocks + 1, self.block_size, self.device,
-                                           self.tp_group.world_size, self.config.kv_cache_dtype)
+                                           self.tp_group.world_size, self.config.kv_cache_dtype, self.num_stage_layers)
         if self.graph_sizes:
             self.cuda_graphs = DecodeGraphRunner(
                 self.model, self.kv_caches, self.block_size, self.config.model_config.max_model_len, self.graph_sizes,
@@ -221,6 +228,8 @@ class ModelRunner:
             inputs = self.prepare_inputs(sched)
             hidden = self._forward(inputs, self.kv_caches)
         out = ModelRunnerOutput()
+        if not self.pp_group.is_last:
+            return out  # this stage's hidden states went on to the next one
         if inputs.pooling_metadata is not None:
             pooled = self.model.pooler(hidden, inputs.pooling_metadata)
             out.pooler_output = dict(zip(inputs.pooling_request_ids, pooled))
@@ -237,7 +246,7 @@ class ModelRunner:
         """One eager step over made-up `requests` into throw-away `kv_caches` (the memory profile's)."""
         inputs = self.prepare_inputs(SchedulerOutput(requests, sum(len(r.token_ids) for r in requests)))
         hidden = self._forward(inputs, kv_caches)
-        if sample and not self.is_pooling_model:
+        if sample and not self.is_pooling_model and self.pp_group.is_last:
             logits = self.model.compute_logits(hidden[inputs.sample_rows])
             self.sampler(logits, build_sampling_metadata(requests, {}, self.vocab_size, self.device))
 
@@ -248,7 +257,7 @@ class ModelRunner:
 
     def allocate_dummy_kv_caches(self, num_blocks: int) -> KVCaches:
         return allocate_kv_cache(self.config.model_config, num_blocks, self.block_size, self.device,
-                                 self.tp_group.world_size, self.config.kv_cache_dtype)
+                                 self.tp_group.world_size, self.config.kv_cache_dtype, self.num_stage_layers)
 
     def _replayed_inputs(self, sched: SchedulerOutput) -> ModelInputs:
         """What sampling needs from a graph-replayed decode batch (one row per request, in order)."""

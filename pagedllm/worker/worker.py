@@ -1,11 +1,11 @@
-"""`Worker`: one rank of the model — its device, its place in the tensor-parallel group, and its
-`ModelRunner` (its share of the model and of the KV cache).
+"""`Worker`: one rank of the model — its device, its place in the tensor-parallel group and the
+pipeline, and its `ModelRunner` (its share of the model and of the KV cache).
 
 Every executor drives its workers through the same three phases as vLLM's: built (device, process
 group, model loaded), `determine_available_memory` (the bytes this rank can give the KV cache:
 the configured budget, or on GPU what a profiling pass leaves), `initialize_kv_cache` (allocate
 the count the engine core settled on, capture CUDA graphs); then `execute_model` once per step,
-on every rank with the same `SchedulerOutput`. In this process (`UniProcExecutor`), in worker
+on every rank with the same `SchedulerOutput` (each pipeline stage runs its layers of it). In this process (`UniProcExecutor`), in worker
 processes (`MultiprocExecutor`) or in Ray actors (`RayDistributedExecutor`).
 """
 
@@ -18,6 +18,7 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.distributed.parallel_state import (
+    PipelineParallelGroup,
     TensorParallelGroup,
     destroy_distributed_environment,
     init_distributed_environment,
@@ -40,11 +41,16 @@ class Worker:
             config = dataclasses.replace(config, device=device)
         self.config = config
         self.rank = rank
+        pc = config.parallel_config
         if world_size > 1:
-            self.tp_group = init_distributed_environment(rank, world_size, distributed_init_method, device)
+            self.tp_group, self.pp_group = init_distributed_environment(
+                rank, world_size, distributed_init_method, device,
+                tensor_parallel_size=world_size // pc.pipeline_parallel_size, layer_partition=pc.pp_layer_partition)
         else:
-            self.tp_group = TensorParallelGroup()
-        self.model_runner: Optional[ModelRunner] = ModelRunner(config, self.tp_group)
+            self.tp_group, self.pp_group = TensorParallelGroup(), PipelineParallelGroup()
+        # The one rank whose output the engine reads (rank 0 of the last stage); the others' are dropped.
+        self.is_output_rank = rank == (pc.output_rank if world_size > 1 else 0)
+        self.model_runner: Optional[ModelRunner] = ModelRunner(config, self.tp_group, self.pp_group)
         self.memory_profile: Optional[MemoryProfile] = None  # taken on GPU when the budget is not given
 
     def determine_available_memory(self) -> int:
@@ -61,9 +67,24 @@ class Worker:
         self.model_runner.initialize_kv_cache(num_blocks)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> Optional[ModelRunnerOutput]:
-        """Every rank runs the step; only rank 0 answers (the others' outputs are the same)."""
+        """Every rank runs the step; only the output rank answers (the other ranks of the last stage
+        sampled the same tokens; earlier stages sampled nothing)."""
         output = self.model_runner.execute_model(scheduler_output)
-        return output if self.rank == 0 else None
+        return output if self.is_output_rank else None
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights this rank holds (its share of its stage's layers): each linear layer's
+        as its method keeps them (a packed or quantized form may not be a parameter), the rest as
+        parameters and buffers."""
+        total = 0
+        for module in self.model_runner.model.modules():
+            method = getattr(module, "linear_method", None)
+            tensors = [t for name, t in module.named_parameters(recurse=False) if method is None or name != "weight"]
+            tensors += list(module.buffers(recurse=False))
+            total += sum(t.numel() * t.element_size() for t in tensors)
+            if method is not None:
+                total += method.weight_bytes(module)
+        return total
 
     def shutdown(self) -> None:
         """Drop the model, the KV cache and the CUDA graphs so their memory returns at once."""

@@ -1,7 +1,7 @@
 """`BuildContext`: what every layer of one model is built with, chosen once from the engine config.
 
 A layer takes its behaviour when it is constructed and keeps it: the tensor-parallel group it
-splits over, the `LinearMethod` that holds and multiplies its weight (plain, oneDNN-packed, int8),
+splits over (and, for a model, the pipeline stage whose layers it holds), the `LinearMethod` that holds and multiplies its weight (plain, oneDNN-packed, int8),
 the elementwise ops between the matmuls (eager, compiled, or the CPU kernels) and the attention
 backend. Reading a model's constructor therefore tells what runs; nothing is patched in after.
 """
@@ -14,7 +14,7 @@ import torch
 
 from pagedllm.attention.backend import AttentionBackend
 from pagedllm.attention.torch_paged_attention import TorchPagedAttentionBackend
-from pagedllm.distributed.parallel_state import TensorParallelGroup
+from pagedllm.distributed.parallel_state import PipelineParallelGroup, TensorParallelGroup
 from pagedllm.model_executor.layers.fused_ops import EAGER_OPS, FusedOps, fused_ops_for
 from pagedllm.model_executor.layers.linear_method import UNQUANTIZED
 from pagedllm.model_executor.layers.quantization import LinearMethods, get_linear_methods
@@ -28,11 +28,13 @@ class BuildContext:
     linear_methods: LinearMethods = LinearMethods(UNQUANTIZED, UNQUANTIZED, UNQUANTIZED)
     fused_ops: FusedOps = EAGER_OPS
     attn_backend: type[AttentionBackend] = TorchPagedAttentionBackend
+    pp_group: PipelineParallelGroup = field(default_factory=PipelineParallelGroup)
 
     @classmethod
     def for_engine(cls, dtype: torch.dtype, max_position: int, device: torch.device, quantization: str | None,
                    compile_fused_ops: bool, attn_backend: type[AttentionBackend],
-                   tp_group: TensorParallelGroup | None = None) -> "BuildContext":
+                   tp_group: TensorParallelGroup | None = None,
+                   pp_group: PipelineParallelGroup | None = None) -> "BuildContext":
         return cls(
             dtype=dtype,
             max_position=max_position,
@@ -40,4 +42,5 @@ class BuildContext:
             linear_methods=get_linear_methods(quantization, dtype, device),
             fused_ops=fused_ops_for(device, compile_fused_ops),
             attn_backend=attn_backend,
+            pp_group=pp_group or PipelineParallelGroup(),
         )

@@ -6,6 +6,8 @@ Weights arrive with Hugging Face names and are packed into fused QKV and gate/up
 so each layer runs three large matmuls instead of seven small ones. Under tensor parallelism
 (`tp_group` of N ranks) each rank holds 1/N of the heads, of the MLP and of the vocabulary; the
 parallel layers slice the full tensors as they load them and add the two all-reduces per layer.
+Under pipeline parallelism (`pp_group`) a stage holds only its run of the layers and passes its
+hidden states on (`models/pipeline.py`).
 
 Every layer is built with what `BuildContext` carries (`layers/build_context.py`): its linear
 method, the fused elementwise ops, the attention backend. What a constructor says is what runs.
@@ -31,6 +33,7 @@ from pagedllm.model_executor.layers.linear import (
 )
 from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from pagedllm.model_executor.models.pipeline import MissingLayer, is_stage_param, receive_hidden, send_hidden
 
 
 @dataclass(frozen=True)
@@ -142,23 +145,39 @@ class DecoderForCausalLM(nn.Module):
         flags = arch_flags(architecture, config)
         methods = ctx.linear_methods
         self.config = config
+        self.dtype = ctx.dtype
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.pp_group = pp = ctx.pp_group
+        self.start_layer, self.end_layer = pp.layer_range(config.num_hidden_layers)
         # A tied embedding doubles as the LM head: its logits method keeps the plain matrix for the lookup.
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp_group,
-                                                   logits_method=methods.tied_lm_head if self.tie_word_embeddings
-                                                   else None)
-        self.layers = nn.ModuleList(DecoderLayer(config, flags, ctx) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.fused_ops)
-        if not self.tie_word_embeddings:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx.tp_group,
-                                          logits_method=methods.lm_head)
+        self.holds_embedding = pp.is_first or (pp.is_last and self.tie_word_embeddings)
+        if self.holds_embedding:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp_group,
+                                                       logits_method=methods.tied_lm_head if self.tie_word_embeddings
+                                                       else None)
+        self.layers = nn.ModuleList(DecoderLayer(config, flags, ctx) if self.start_layer <= i < self.end_layer
+                                    else MissingLayer() for i in range(config.num_hidden_layers))
+        if pp.is_last:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.fused_ops)
+            if not self.tie_word_embeddings:
+                self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx.tp_group,
+                                              logits_method=methods.lm_head)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: Any) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        """`kv_caches`: one per layer of this stage. A stage before the last returns its hidden states
+        after sending them on (nothing reads them here)."""
+        pp = self.pp_group
+        if pp.is_first:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            hidden, residual = receive_hidden(pp, positions.shape[0], self.config.hidden_size, self.dtype,
+                                              positions.device)
+        for layer, kv_cache in zip(self.layers[self.start_layer : self.end_layer], kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+        if not pp.is_last:
+            send_hidden(pp, hidden, residual)
+            return hidden
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -181,6 +200,8 @@ class DecoderForCausalLM(nn.Module):
                 continue
             if target == "lm_head.weight" and self.tie_word_embeddings:
                 continue
+            if not is_stage_param(target, self.pp_group, (self.start_layer, self.end_layer), self.holds_embedding):
+                continue  # another pipeline stage's
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in this model")
             param = params[target]
