@@ -212,11 +212,14 @@ class ParallelConfig:
     """vLLM's names: `tensor_parallel_size` workers split each layer; `data_parallel_size` engine
     replicas (the server's) each hold the whole model. The backend says who starts the workers and
     replicas: `mp` (torch.multiprocessing on this machine), `ray` (actors on a Ray cluster) or `uni`
-    (in this process; tp=1 only). None picks `uni` for tp=1, else `mp`."""
+    (in this process; tp=1 only). None picks `uni` for tp=1, else `mp`. `enable_expert_parallel`: a
+    mixture-of-experts layer places whole experts on the tensor-parallel ranks instead of splitting
+    every expert (`layers/fused_moe/layer.py`)."""
 
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     distributed_executor_backend: Optional[str] = None
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
@@ -251,6 +254,14 @@ class ParallelConfig:
                     f"tensor_parallel_size ({tp}) must divide the model's {name} ({value}): each worker "
                     "holds an equal share"
                 )
+        num_experts = getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None)
+        if num_experts:  # a mixture of experts: split whole experts, or each expert's intermediate size
+            name, value = (("number of experts", num_experts) if self.enable_expert_parallel else
+                           ("moe_intermediate_size", getattr(hf_config, "moe_intermediate_size", None)
+                            or hf_config.intermediate_size))
+            if value % tp:
+                raise ValueError(f"tensor_parallel_size ({tp}) must divide the model's {name} ({value}): each "
+                                 "worker holds an equal share")
         if device.type == "cuda":
             count = torch.cuda.device_count()
             if tp > count and self.executor_backend != "ray":

@@ -144,6 +144,10 @@ class EngineArgs:
         None, "who starts the workers (and, for serve, the replicas): 'mp' (processes on this machine, the default "
               "for -tp > 1), 'ray' (actors on the Ray cluster this machine is part of, or a local one), 'uni' (this "
               "process; -tp 1 only)", choices=["mp", "ray", "uni"], group="parallelism")
+    enable_expert_parallel: bool = arg(
+        False, "mixture-of-experts models: place whole experts on the -tp workers instead of splitting every "
+               "expert's intermediate dimension over them", flags=("-ep", "--enable-expert-parallel"),
+        group="parallelism")
     enable_lora: bool = arg(False, "serve LoRA adapters of the base model (PEFT format), many in one batch",
                             group="lora")
     max_loras: int = arg(1, "most distinct LoRA adapters in one step (the adapter slots of every layer)", group="lora")
@@ -221,6 +225,7 @@ class EngineArgs:
             tensor_parallel_size=self.tensor_parallel_size,
             data_parallel_size=self.data_parallel_size,
             distributed_executor_backend=self.distributed_executor_backend,
+            enable_expert_parallel=self.enable_expert_parallel,
         )
         parallel_config.verify_with_model(hf_config, device)
         max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
@@ -366,7 +371,6 @@ VLLM_ONLY_ARGS: dict[str, VllmOnlyArg] = {
     "spec_model": VllmOnlyArg((None,), _SPEC),
     "spec_tokens": VllmOnlyArg((None,), _SPEC),
     "pipeline_parallel_size": VllmOnlyArg((1,), "pipeline parallelism"),
-    "enable_expert_parallel": VllmOnlyArg((False,), "expert parallelism for mixture-of-experts models"),
     "cpu_offload_gb": VllmOnlyArg((0,), "offloading weights to CPU memory"),
     "structured_outputs_config": VllmOnlyArg((None, {}), "structured outputs"),
     "reasoning_parser": VllmOnlyArg((None, ""), "reasoning parsers"),

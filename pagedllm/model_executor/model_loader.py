@@ -67,7 +67,8 @@ def process_weights_after_loading(model: nn.Module) -> dict[str, tuple[int, int]
     counts: Counter[str] = Counter()
     sizes: Counter[str] = Counter()
     for module in model.modules():
-        method = getattr(module, "linear_method", None)
+        # a linear layer's method, or a fused-MoE layer's (vLLM's `quant_method`)
+        method = getattr(module, "linear_method", None) or getattr(module, "quant_method", None)
         if method is None:
             continue
         method.process_weights_after_loading(module)

@@ -10,6 +10,10 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": DecoderForCausalLM,
     "Qwen2ForCausalLM": DecoderForCausalLM,
     "Qwen3ForCausalLM": DecoderForCausalLM,
+    # mixture of experts (models/moe.py)
+    "MixtralForCausalLM": DecoderForCausalLM,
+    "Qwen2MoeForCausalLM": DecoderForCausalLM,
+    "Qwen3MoeForCausalLM": DecoderForCausalLM,
     # encoder-only pooling models (runner="pooling")
     "BertModel": BertModel,
     "BertForSequenceClassification": BertForSequenceClassification,
@@ -21,7 +25,9 @@ def get_architecture(hf_config) -> str:
     archs = list(getattr(hf_config, "architectures", None) or [])
     if not archs:
         model_type = getattr(hf_config, "model_type", "")
-        archs = {"llama": ["LlamaForCausalLM"], "mistral": ["MistralForCausalLM"], "qwen2": ["Qwen2ForCausalLM"], "qwen3": ["Qwen3ForCausalLM"]}.get(model_type, [])
+        archs = {"llama": ["LlamaForCausalLM"], "mistral": ["MistralForCausalLM"], "qwen2": ["Qwen2ForCausalLM"], "qwen3": ["Qwen3ForCausalLM"],
+                 "mixtral": ["MixtralForCausalLM"], "qwen2_moe": ["Qwen2MoeForCausalLM"],
+                 "qwen3_moe": ["Qwen3MoeForCausalLM"]}.get(model_type, [])
     for arch in archs:
         if arch in SUPPORTED_ARCHITECTURES:
             return arch
