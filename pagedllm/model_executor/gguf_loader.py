@@ -174,6 +174,13 @@ def _architecture(reader: gguf.GGUFReader, path: str) -> str:
             f"{path}: GGUF architecture {architecture!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})"
         )
+    experts = reader.get_field(f"{architecture}.expert_count")
+    if experts is not None and int(experts.contents()) > 0:
+        # llama.cpp files Mixtral under "llama"; transformers reads such a file as a dense Llama.
+        raise ValueError(
+            f"{path}: mixture-of-experts GGUF files ({architecture} with {int(experts.contents())} experts, e.g. "
+            "Mixtral) are not supported: transformers cannot read their experts; load the safetensors checkpoint"
+        )
     return architecture
 
 
