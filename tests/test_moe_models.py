@@ -102,3 +102,8 @@ def test_tensor_and_expert_parallel_equal_one_process(moe_dir, enable_expert_par
             for token, lp_one, lp_two in zip(one.token_ids, one.logprobs, two.logprobs):
                 assert math.isclose(lp_two[token].logprob, lp_one[token].logprob, abs_tol=1e-4)
     assert_matches_transformers(moe_dir, split)
+
+
+def test_lora_on_a_mixture_of_experts_model_is_refused(moe_dir):
+    with pytest.raises(ValueError, match="enable_lora is not implemented for mixture-of-experts models"):
+        LLM(model=moe_dir, enable_lora=True)

@@ -251,6 +251,10 @@ class EngineArgs:
         if pooling and self.enable_lora:
             raise ValueError("enable_lora serves adapters of generative models; it cannot be used with "
                              "runner='pooling'")
+        num_experts = getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None)
+        if self.enable_lora and num_experts:
+            raise ValueError("enable_lora is not implemented for mixture-of-experts models (adapters of the experts "
+                             "have no LoRA path yet)")
         if pooling and batched < max_model_len:
             raise ValueError(f"max_num_batched_tokens ({batched}) is smaller than max_model_len ({max_model_len}): "
                              "a pooling request runs its whole prompt in one step")

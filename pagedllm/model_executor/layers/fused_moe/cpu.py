@@ -59,7 +59,7 @@ def fused_experts_cpu(x: torch.Tensor, w13_packed: list[torch.Tensor], w2_packed
 class CpuFusedMoEMethod(FusedMoEMethodBase):
     """Loads the plain [experts, ...] tensors, then keeps one oneDNN-packed matrix per expert."""
 
-    description = "experts packed for oneDNN"
+    description = "MoE layers with their experts packed for oneDNN"
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         layer.w13_packed = [reorder_for_onednn(w) for w in layer.w13_weight]

@@ -25,7 +25,7 @@ from torch import nn
 class FusedMoEMethodBase(ABC):
     """One way of holding and applying the experts of a MoE layer; one instance serves every layer."""
 
-    # Shown in the start-up log line (None: nothing to report).
+    # Shown in the start-up log line after the layer count, starting "MoE" (None: nothing to report).
     description: str | None = None
 
     def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int, intermediate_size: int) -> None:

@@ -72,7 +72,9 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int)
     num_pairs = flat.numel()
     order = flat.argsort(stable=True)
     sorted_experts = flat[order]
-    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
+    # (not torch.bincount, which reads its input's maximum back to the host on CUDA)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    counts = counts.scatter_add_(0, flat, torch.ones_like(flat))[:num_experts]
     padded = (counts + block_m - 1) // block_m * block_m
     run_start = counts.cumsum(0) - counts
     padded_end = padded.cumsum(0)
