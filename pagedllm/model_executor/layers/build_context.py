@@ -15,8 +15,9 @@ import torch
 from pagedllm.attention.backend import AttentionBackend
 from pagedllm.attention.torch_paged_attention import TorchPagedAttentionBackend
 from pagedllm.distributed.parallel_state import TensorParallelGroup
-from pagedllm.model_executor.layers.fused_moe.method import FusedMoEMethodBase, get_fused_moe_method
+from pagedllm.model_executor.layers.fused_moe.method import FusedMoEMethodBase
 from pagedllm.model_executor.layers.fused_moe.reference import UnquantizedFusedMoEMethod
+from pagedllm.model_executor.layers.fused_moe.selector import get_fused_moe_method
 from pagedllm.model_executor.layers.fused_ops import EAGER_OPS, FusedOps, fused_ops_for
 from pagedllm.model_executor.layers.linear_method import UNQUANTIZED
 from pagedllm.model_executor.layers.quantization import LinearMethods, get_linear_methods

@@ -27,9 +27,6 @@ from pagedllm.model_executor.layers.fused_moe.method import FusedMoEMethodBase
 from pagedllm.model_executor.layers.fused_moe.reference import UnquantizedFusedMoEMethod, silu_and_mul
 from pagedllm.model_executor.layers.fused_moe.routing import fused_topk
 
-# A checkpoint's per-expert tensors: Mixtral's w1/w3/w2, Qwen's gate_proj/up_proj/down_proj.
-EXPERT_SHARDS = ("w1", "w3", "w2")
-
 
 class FusedMoE(nn.Module):
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, renormalize: bool,

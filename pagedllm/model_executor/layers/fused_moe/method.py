@@ -9,7 +9,8 @@ method decides in what form the weights are kept and which kernel multiplies:
 - `CpuFusedMoEMethod` (`cpu.py`): each expert's matrices packed for oneDNN, one GEMM per expert;
 - `TritonFusedMoEMethod` (`triton_moe.py`): one Triton kernel launch per GEMM, all experts at once.
 
-The weights every method loads into are vLLM's: `w13_weight` [experts, 2 * intermediate, hidden]
+`selector.py` picks one for the whole model from the device and dtype. The weights every method
+loads into are vLLM's: `w13_weight` [experts, 2 * intermediate, hidden]
 (gate rows, then up rows) and `w2_weight` [experts, hidden, intermediate] (down). The model loader
 calls `process_weights_after_loading` once every tensor is in, as it does for linear methods.
 """
@@ -49,19 +50,3 @@ class FusedMoEMethodBase(ABC):
     def weight_bytes(self, layer: nn.Module) -> int:
         return sum(p.numel() * p.element_size() for p in (layer.w13_weight, layer.w2_weight) if p is not None)
 
-
-def get_fused_moe_method(device: torch.device, dtype: torch.dtype) -> FusedMoEMethodBase:
-    """oneDNN-packed experts on CPU (where packing is available), Triton on CUDA, else the reference."""
-    from pagedllm.model_executor.layers.cpu_packed_linear import cpu_packing_available
-
-    if cpu_packing_available(device, dtype):
-        from pagedllm.model_executor.layers.fused_moe.cpu import CpuFusedMoEMethod
-
-        return CpuFusedMoEMethod()
-    if device.type == "cuda":
-        from pagedllm.model_executor.layers.fused_moe.triton_moe import TritonFusedMoEMethod
-
-        return TritonFusedMoEMethod()
-    from pagedllm.model_executor.layers.fused_moe.reference import UnquantizedFusedMoEMethod
-
-    return UnquantizedFusedMoEMethod()
