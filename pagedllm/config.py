@@ -256,12 +256,14 @@ class ParallelConfig:
                 )
         num_experts = getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None)
         if num_experts:  # a mixture of experts: split whole experts, or each expert's intermediate size
-            name, value = (("number of experts", num_experts) if self.enable_expert_parallel else
-                           ("moe_intermediate_size", getattr(hf_config, "moe_intermediate_size", None)
-                            or hf_config.intermediate_size))
-            if value % tp:
-                raise ValueError(f"tensor_parallel_size ({tp}) must divide the model's {name} ({value}): each "
-                                 "worker holds an equal share")
+            experts = (("number of experts", num_experts) if self.enable_expert_parallel else
+                       ("moe_intermediate_size", getattr(hf_config, "moe_intermediate_size", None)
+                        or hf_config.intermediate_size))
+            shared = ("shared_expert_intermediate_size", getattr(hf_config, "shared_expert_intermediate_size", 0) or 0)
+            for name, value in (experts, shared):
+                if value % tp:
+                    raise ValueError(f"tensor_parallel_size ({tp}) must divide the model's {name} ({value}): each "
+                                     "worker holds an equal share")
         if device.type == "cuda":
             count = torch.cuda.device_count()
             if tp > count and self.executor_backend != "ray":

@@ -165,3 +165,6 @@ def test_tensor_parallel_must_divide_the_expert_size_or_the_experts():
     with pytest.raises(ValueError, match=r"must divide the model's number of experts \(6\)"):
         ParallelConfig(tensor_parallel_size=4, enable_expert_parallel=True).verify_with_model(
             SimpleNamespace(**{**vars(moe), "moe_intermediate_size": 64}), cpu)
+    with pytest.raises(ValueError, match=r"must divide the model's shared_expert_intermediate_size \(6\)"):
+        ParallelConfig(tensor_parallel_size=4).verify_with_model(
+            SimpleNamespace(**{**vars(moe), "moe_intermediate_size": 64, "shared_expert_intermediate_size": 6}), cpu)

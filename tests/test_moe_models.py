@@ -90,6 +90,21 @@ def test_greedy_tokens_and_logprobs_match_transformers(moe_dir):
     assert_matches_transformers(moe_dir, run_engine(moe_dir))
 
 
+def test_the_pytorch_reference_path_matches_transformers_too(moe_dir, monkeypatch):
+    """With the CPU fast paths off the experts run in `fused_experts_reference`."""
+    monkeypatch.setenv("PAGEDLLM_CPU_KERNELS", "0")
+    llm = LLM(model=moe_dir, max_model_len=192)
+    try:
+        model = llm.llm_engine.engine_core.core.model_executor.worker.model_runner.model
+        methods = {type(m.quant_method).__name__ for m in model.modules() if hasattr(m, "quant_method")}
+        assert methods == {"UnquantizedFusedMoEMethod"}
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=TOP_K)
+        outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert_matches_transformers(moe_dir, [outputs])
+
+
 @pytest.mark.slow  # two worker processes per engine, two engines per family: ~75 s for the six
 @pytest.mark.parametrize("enable_expert_parallel", [False, True], ids=["tp2", "tp2-ep"])
 def test_tensor_and_expert_parallel_equal_one_process(moe_dir, enable_expert_parallel):
