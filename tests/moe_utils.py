@@ -41,3 +41,77 @@ def build_moe_checkpoint(path: str, family: str, seed: int = 0, **overrides) -> 
                     proj.bias.normal_(0, 0.3)
     model.save_pretrained(path)
     return path
+
+
+def write_tiny_qwen3_moe_gguf(path: str) -> dict[str, torch.Tensor]:
+    """A random tiny Qwen3-MoE written as llama.cpp's converter writes one ("qwen3moe": stacked
+    `ffn_{gate,up,down}_exps` expert tensors, Q8_0 blocks for some); returns its HF state_dict.
+
+    transformers reads no expert size from a GGUF and takes Qwen3MoeConfig's default (768, that of
+    Qwen3-30B-A3B), so the experts here are that wide; llama.cpp's routing renormalises the top-k.
+    """
+    import gguf
+    import numpy as np
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from test_gguf_loader import CHAT_TEMPLATE, MERGED_TOKENS, SPECIAL_TOKENS, TOKENS
+
+    config = Qwen3MoeConfig(
+        vocab_size=len(TOKENS), hidden_size=64, intermediate_size=128, moe_intermediate_size=768,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4,
+        num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=256, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, bos_token_id=TOKENS.index("<|im_start|>"), eos_token_id=TOKENS.index("<|im_end|>"),
+        initializer_range=0.3,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    writer = gguf.GGUFWriter(path, "qwen3moe")
+    writer.add_name("tiny-qwen3moe")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    writer.add_expert_count(config.num_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(TOKENS)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in SPECIAL_TOKENS else gguf.TokenType.NORMAL for t in TOKENS])
+    writer.add_token_merges(list(MERGED_TOKENS))
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == "qwen3moe")
+    name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tensors = {}
+    for hf_name, tensor in state_dict.items():
+        if hf_name.endswith("experts.gate_up_proj"):  # llama.cpp keeps gate and up apart
+            gate, up = tensor.chunk(2, dim=1)
+            for part, value in (("gate_proj", gate), ("up_proj", up)):
+                tensors[name_map.get_name(hf_name.replace("gate_up_proj", part)) + ".weight"] = value
+        elif hf_name.endswith("experts.down_proj"):
+            tensors[name_map.get_name(hf_name) + ".weight"] = tensor
+        else:
+            tensors[name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))] = tensor
+    for gguf_name, tensor in tensors.items():
+        data = np.ascontiguousarray(tensor.numpy())
+        if gguf_name in ("token_embd.weight", "blk.0.ffn_down_exps.weight", "blk.1.attn_q.weight"):
+            writer.add_tensor(gguf_name, gguf.quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(gguf_name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return state_dict

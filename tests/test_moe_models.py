@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moe_utils import MOE_FAMILIES, build_moe_checkpoint
+from moe_utils import MOE_FAMILIES, build_moe_checkpoint, write_tiny_qwen3_moe_gguf
 from pagedllm import LLM, SamplingParams
 
 SHARED = "Continuous batching lets new requests join while others are still decoding. " * 2
@@ -122,3 +122,30 @@ def test_tensor_and_expert_parallel_equal_one_process(moe_dir, enable_expert_par
 def test_lora_on_a_mixture_of_experts_model_is_refused(moe_dir):
     with pytest.raises(ValueError, match="enable_lora is not implemented for mixture-of-experts models"):
         LLM(model=moe_dir, enable_lora=True)
+
+
+def test_a_qwen3_moe_gguf_matches_transformers_reading_it(tmp_path):
+    """llama.cpp's stacked expert tensors (two of them Q8_0) load into the fused-MoE layer; greedy tokens
+    and logprobs equal transformers' on the weights its own GGUF loading reads from the same file."""
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = tmp_path / "tiny-qwen3moe.gguf"
+    write_tiny_qwen3_moe_gguf(str(path))
+    config = AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    model.load_state_dict({name: tensor.float() for name, tensor in tensors.items()}, strict=True)
+    prompts = [[5, 17, 42, 99, 7, 250, 13], [60, 61, 62] * 8]
+    llm = LLM(model=str(path), max_model_len=128)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=TOP_K)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+    llm.shutdown()
+    for ids, output in zip(prompts, outputs):
+        tokens, completion = list(ids), output.outputs[0]
+        with torch.no_grad():
+            for ours in completion.logprobs:
+                ref = torch.log_softmax(model(torch.tensor([tokens])).logits[0, -1].float(), dim=-1)
+                tokens.append(int(ref.argmax()))
+                assert math.isclose(ours[tokens[-1]].logprob, ref[tokens[-1]].item(), abs_tol=1e-4)
+        assert completion.token_ids == tokens[len(ids):]

@@ -95,14 +95,18 @@ def _act_and_mul(hidden_act: str):
 
 
 _EXPERT_SHARD = {"w1": "w1", "gate_proj": "w1", "w3": "w3", "up_proj": "w3", "w2": "w2", "down_proj": "w2"}
-_EXPERT_NAME = re.compile(r"(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight")
+# One expert's matrix ('experts.5.up_proj.weight'), or every expert's stacked ('experts.up_proj', from GGUF).
+_EXPERT_NAME = re.compile(r"(?P<prefix>.*\.experts)\.(?:(?P<expert>\d+)\.(?P<proj>\w+)\.weight|(?P<stacked>\w+))")
 
 
-def map_expert_name(name: str) -> tuple[str, tuple[str, int]] | None:
-    """'layers.3.mlp.experts.5.up_proj.weight' -> ('layers.3.mlp.experts.w13_weight', ('w3', 5));
-    None for a name that is not a routed expert's weight."""
+def map_expert_name(name: str) -> tuple[str, tuple[str, int | None]] | None:
+    """'layers.3.mlp.experts.5.up_proj.weight' -> ('layers.3.mlp.experts.w13_weight', ('w3', 5)), and
+    'layers.3.mlp.experts.up_proj' (all experts stacked) -> (..., ('w3', None)); None for a name
+    that is not a routed expert's weight."""
     m = _EXPERT_NAME.fullmatch(name)
-    if m is None or m["proj"] not in _EXPERT_SHARD:
+    proj = m and (m["proj"] or m["stacked"])
+    if proj not in _EXPERT_SHARD:
         return None
-    shard = _EXPERT_SHARD[m["proj"]]
-    return f"{m['prefix']}.{'w2' if shard == 'w2' else 'w13'}_weight", (shard, int(m["expert"]))
+    shard = _EXPERT_SHARD[proj]
+    expert = None if m["expert"] is None else int(m["expert"])
+    return f"{m['prefix']}.{'w2' if shard == 'w2' else 'w13'}_weight", (shard, expert)

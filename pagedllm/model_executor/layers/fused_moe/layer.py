@@ -52,9 +52,16 @@ class FusedMoE(nn.Module):
         self.quant_method = quant_method or UnquantizedFusedMoEMethod()
         self.quant_method.create_weights(self, self.local_num_experts, hidden_size, self.local_intermediate_size)
 
-    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: tuple[str, int]) -> None:
-        """Load one expert's full gate (w1), up (w3) or down (w2) matrix, keeping this rank's share."""
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: tuple[str, int | None]) -> None:
+        """Load one expert's full gate (w1), up (w3) or down (w2) matrix, keeping this rank's share;
+        expert None: every expert's, stacked along the first dimension (as GGUF files hold them)."""
         shard, expert = shard_id
+        if expert is None:
+            if loaded.dim() != 3 or loaded.shape[0] != self.num_experts:
+                raise ValueError(f"has shape {tuple(loaded.shape)}, expected {self.num_experts} stacked experts")
+            for e in range(self.num_experts):
+                self.weight_loader(param, loaded[e], (shard, e))
+            return
         local = expert - self.expert_start
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"is for expert {expert}, but the model has {self.num_experts} experts")
