@@ -43,30 +43,37 @@ def build_moe_checkpoint(path: str, family: str, seed: int = 0, **overrides) -> 
     return path
 
 
-def write_tiny_qwen3_moe_gguf(path: str) -> dict[str, torch.Tensor]:
-    """A random tiny Qwen3-MoE written as llama.cpp's converter writes one ("qwen3moe": stacked
-    `ffn_{gate,up,down}_exps` expert tensors, Q8_0 blocks for some); returns its HF state_dict.
+def write_tiny_moe_gguf(path: str, arch: str) -> dict[str, torch.Tensor]:
+    """A random tiny Qwen3-MoE ("qwen3moe") or Qwen2-MoE ("qwen2moe") written as llama.cpp's converter
+    writes one (stacked `ffn_{gate,up,down}_exps` expert tensors, Q8_0 blocks for some); returns its
+    HF state_dict.
 
-    transformers reads no expert size from a GGUF and takes Qwen3MoeConfig's default (768, that of
-    Qwen3-30B-A3B), so the experts here are that wide; llama.cpp's routing renormalises the top-k.
+    transformers reads no expert size from a GGUF and takes the config class's defaults (Qwen3-MoE's
+    768, Qwen2-MoE's 1408 and shared 5632: the released models'), so the experts here are that wide;
+    llama.cpp's Qwen3-MoE routing renormalises the top-k, its Qwen2-MoE routing does not.
     """
     import gguf
     import numpy as np
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig, Qwen3MoeConfig
 
     from test_gguf_loader import CHAT_TEMPLATE, MERGED_TOKENS, SPECIAL_TOKENS, TOKENS
 
-    config = Qwen3MoeConfig(
-        vocab_size=len(TOKENS), hidden_size=64, intermediate_size=128, moe_intermediate_size=768,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4,
-        num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=256, rms_norm_eps=1e-6,
+    common = dict(
+        vocab_size=len(TOKENS), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=256, rms_norm_eps=1e-6,
         tie_word_embeddings=False, bos_token_id=TOKENS.index("<|im_start|>"), eos_token_id=TOKENS.index("<|im_end|>"),
         initializer_range=0.3,
     )
+    if arch == "qwen3moe":
+        config = Qwen3MoeConfig(moe_intermediate_size=768, head_dim=32, norm_topk_prob=True, **common)
+    else:
+        config = Qwen2MoeConfig(moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+                                norm_topk_prob=False, **common)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    writer = gguf.GGUFWriter(path, "qwen3moe")
-    writer.add_name("tiny-qwen3moe")
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name(f"tiny-{arch}")
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -76,8 +83,8 @@ def write_tiny_qwen3_moe_gguf(path: str) -> dict[str, torch.Tensor]:
     writer.add_expert_used_count(config.num_experts_per_tok)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
@@ -90,8 +97,8 @@ def write_tiny_qwen3_moe_gguf(path: str) -> dict[str, torch.Tensor]:
     writer.add_eos_token_id(config.eos_token_id)
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
-    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == "qwen3moe")
-    name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    name_map = gguf.get_tensor_name_map(model_arch, config.num_hidden_layers)
     state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tensors = {}
     for hf_name, tensor in state_dict.items():
@@ -101,6 +108,8 @@ def write_tiny_qwen3_moe_gguf(path: str) -> dict[str, torch.Tensor]:
                 tensors[name_map.get_name(hf_name.replace("gate_up_proj", part)) + ".weight"] = value
         elif hf_name.endswith("experts.down_proj"):
             tensors[name_map.get_name(hf_name) + ".weight"] = tensor
+        elif hf_name.endswith("shared_expert_gate.weight"):  # llama.cpp stores this [1, hidden] as [hidden]
+            tensors[name_map.get_name(hf_name, try_suffixes=(".weight",))] = tensor[0]
         else:
             tensors[name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))] = tensor
     for gguf_name, tensor in tensors.items():

@@ -305,7 +305,7 @@ def test_unsupported_architecture(load, arch: str, tmp_path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    expected = rf"other\.gguf: GGUF architecture '{arch}' is not supported \(supported: llama, qwen2, qwen3, qwen3moe\)"
+    expected = rf"other\.gguf: GGUF architecture '{arch}' is not supported \(supported: llama, qwen2, qwen3, qwen2moe, qwen3moe\)"
     with pytest.raises(ValueError, match=expected):
         load(path)
 

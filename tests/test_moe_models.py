@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moe_utils import MOE_FAMILIES, build_moe_checkpoint, write_tiny_qwen3_moe_gguf
+from moe_utils import MOE_FAMILIES, build_moe_checkpoint, write_tiny_moe_gguf
 from pagedllm import LLM, SamplingParams
 
 SHARED = "Continuous batching lets new requests join while others are still decoding. " * 2
@@ -124,14 +124,15 @@ def test_lora_on_a_mixture_of_experts_model_is_refused(moe_dir):
         LLM(model=moe_dir, enable_lora=True)
 
 
-def test_a_qwen3_moe_gguf_matches_transformers_reading_it(tmp_path):
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe"])
+def test_a_moe_gguf_matches_transformers_reading_it(arch, tmp_path):
     """llama.cpp's stacked expert tensors (two of them Q8_0) load into the fused-MoE layer; greedy tokens
     and logprobs equal transformers' on the weights its own GGUF loading reads from the same file."""
     from transformers import AutoConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    path = tmp_path / "tiny-qwen3moe.gguf"
-    write_tiny_qwen3_moe_gguf(str(path))
+    path = tmp_path / f"tiny-{arch}.gguf"
+    write_tiny_moe_gguf(str(path), arch)
     config = AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]

@@ -43,10 +43,11 @@ SUPPORTED_GGUF_ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "llama": ("llama", "mistral"),
     "qwen2": ("qwen2",),
     "qwen3": ("qwen3",),
+    "qwen2moe": ("qwen2_moe",),
     "qwen3moe": ("qwen3_moe",),
 }
 # Of those, the mixture-of-experts ones (whose experts transformers reads; it reads a "llama" file's as nothing).
-MOE_GGUF_ARCHITECTURES = ("qwen3moe",)
+MOE_GGUF_ARCHITECTURES = ("qwen2moe", "qwen3moe")
 
 
 def is_gguf_file(path: str | os.PathLike[str]) -> bool:
