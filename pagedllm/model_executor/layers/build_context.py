@@ -3,7 +3,8 @@
 A layer takes its behaviour when it is constructed and keeps it: the tensor-parallel group it
 splits over, the `LinearMethod` that holds and multiplies its weight (plain, oneDNN-packed, int8),
 the elementwise ops between the matmuls (eager, compiled, or the CPU kernels), the attention
-backend, and how mixture-of-experts layers run their experts. Reading a model's constructor therefore tells what runs; nothing is patched in after.
+backend, and how mixture-of-experts layers run their experts. Reading a model's constructor
+therefore tells what runs; nothing is patched in after.
 """
 
 from __future__ import annotations

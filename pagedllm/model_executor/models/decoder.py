@@ -219,8 +219,9 @@ _FUSED = {
 }
 
 
-def _map_hf_name(name: str) -> tuple[str | None, str | int | None]:
-    """'model.layers.3.self_attn.k_proj.bias' -> ('layers.3.self_attn.qkv_proj.bias', 'k')."""
+def _map_hf_name(name: str) -> tuple[str | None, str | int | tuple[str, int | None] | None]:
+    """'model.layers.3.self_attn.k_proj.bias' -> ('layers.3.self_attn.qkv_proj.bias', 'k'); an expert's
+    weight -> (its fused-MoE parameter, (shard, expert)) (`models/moe.py::map_expert_name`)."""
     if "rotary_emb" in name:
         return None, None
     if name.startswith("model."):
