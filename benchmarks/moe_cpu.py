@@ -6,7 +6,7 @@ here (hidden 1024, expert intermediate 3584; Mixtral-8x7B: 4096 and 14336). The 
 are held twice: plain, run by the reference (`reference.py`: tokens sorted by expert, `F.linear` per
 expert, `index_add_`), and packed per expert for oneDNN, run by the CPU path (`cpu.py`). Each batch
 size is timed for both, interleaved, best of `--repeats` (the layer's forward: routing, experts and
-the weighted sum), and the outputs are compared. Decode batches are 1-64 tokens; prefill chunks are
+the weighted sum; both with the eager SiLU-and-mul), and the outputs are compared. Decode batches are 1-64 tokens; prefill chunks are
 the larger ones.
 """
 
