@@ -218,13 +218,16 @@ class ParallelConfig:
     replicas (the server's) each hold the whole model. The backend says who starts the workers and
     replicas: `mp` (torch.multiprocessing on this machine), `ray` (actors on a Ray cluster) or `uni`
     (in this process; one worker only). None picks `uni` for one worker, else `mp`.
-    `pp_layer_partition`: layers per stage instead of the even split (`$PAGEDLLM_PP_LAYER_PARTITION`)."""
+    `pp_layer_partition`: layers per stage instead of the even split (`$PAGEDLLM_PP_LAYER_PARTITION`).
+    `enable_expert_parallel`: a mixture-of-experts layer places whole experts on the tensor-parallel
+    ranks instead of splitting every expert (`layers/fused_moe/layer.py`)."""
 
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     distributed_executor_backend: Optional[str] = None
     pipeline_parallel_size: int = 1
     pp_layer_partition: Optional[tuple[int, ...]] = None
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
@@ -276,6 +279,17 @@ class ParallelConfig:
                         f"tensor_parallel_size ({tp}) must divide the model's {name} ({value}): each worker "
                         "holds an equal share"
                     )
+            num_experts = getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None)
+            if num_experts:  # a mixture of experts: split whole experts, or each expert's intermediate size
+                experts = (("number of experts", num_experts) if self.enable_expert_parallel else
+                           ("moe_intermediate_size", getattr(hf_config, "moe_intermediate_size", None)
+                            or hf_config.intermediate_size))
+                shared = ("shared_expert_intermediate_size",
+                          getattr(hf_config, "shared_expert_intermediate_size", 0) or 0)
+                for name, value in (experts, shared):
+                    if value % tp:
+                        raise ValueError(f"tensor_parallel_size ({tp}) must divide the model's {name} ({value}): "
+                                         "each worker holds an equal share")
         if device.type == "cuda" and self.world_size > 1:
             count = torch.cuda.device_count()
             if self.world_size > count and self.executor_backend != "ray":

@@ -305,7 +305,7 @@ def test_unsupported_architecture(load, arch: str, tmp_path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    expected = rf"other\.gguf: GGUF architecture '{arch}' is not supported \(supported: llama, qwen2, qwen3\)"
+    expected = rf"other\.gguf: GGUF architecture '{arch}' is not supported \(supported: llama, qwen2, qwen3, qwen2moe, qwen3moe\)"
     with pytest.raises(ValueError, match=expected):
         load(path)
 
@@ -359,3 +359,18 @@ def test_smollm2_config_and_tokenizer(smollm2_gguf: Path) -> None:
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert tokenizer("Hello world").input_ids == [19556, 905]
     assert os.path.getsize(smollm2_gguf) == 98362432
+
+
+def test_a_mixture_of_experts_gguf_is_refused_clearly(tmp_path: Path) -> None:
+    """llama.cpp writes Mixtral as "llama" with experts, which transformers would read as a dense Llama."""
+    path = tmp_path / "mixtral.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_expert_count(8)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"mixtral\.gguf: mixture-of-experts GGUF files \(llama with 8 experts"):
+        iterate_gguf_weights(path, torch.float32)

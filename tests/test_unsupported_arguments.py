@@ -24,7 +24,6 @@ MISSING_MODEL = "/nonexistent/model"  # loading it would be a ValueError: the ch
     ("hf_token", "hf_secret"),
     ("scheduling_policy", "priority"),
     ("lora_dtype", "float16"),
-    ("enable_expert_parallel", True),
     ("revision", "main"),
 ])
 def test_a_vllm_argument_pagedllm_lacks_is_refused_by_name(name, value):

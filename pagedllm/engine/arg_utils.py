@@ -150,6 +150,10 @@ class EngineArgs:
         None, "who starts the workers (and, for serve, the replicas): 'mp' (processes on this machine, the default "
               "for -tp > 1), 'ray' (actors on the Ray cluster this machine is part of, or a local one), 'uni' (this "
               "process; -tp 1 only)", choices=["mp", "ray", "uni"], group="parallelism")
+    enable_expert_parallel: bool = arg(
+        False, "mixture-of-experts models: place whole experts on the -tp workers instead of splitting every "
+               "expert's intermediate dimension over them", flags=("-ep", "--enable-expert-parallel"),
+        group="parallelism")
     enable_lora: bool = arg(False, "serve LoRA adapters of the base model (PEFT format), many in one batch",
                             group="lora")
     max_loras: int = arg(1, "most distinct LoRA adapters in one step (the adapter slots of every layer)", group="lora")
@@ -230,6 +234,7 @@ class EngineArgs:
             pipeline_parallel_size=self.pipeline_parallel_size,
             pp_layer_partition=(parse_pp_layer_partition(os.environ.get(PP_LAYER_PARTITION_ENV))
                                 if self.pipeline_parallel_size > 1 else None),
+            enable_expert_parallel=self.enable_expert_parallel,
         )
         parallel_config.verify_with_model(hf_config, device, runner.runner_type)
         if self.pipeline_parallel_size > 1 and self.enable_lora:
@@ -258,6 +263,10 @@ class EngineArgs:
         if pooling and self.enable_lora:
             raise ValueError("enable_lora serves adapters of generative models; it cannot be used with "
                              "runner='pooling'")
+        num_experts = getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None)
+        if self.enable_lora and num_experts:
+            raise ValueError("enable_lora is not implemented for mixture-of-experts models (adapters of the experts "
+                             "have no LoRA path yet)")
         if pooling and batched < max_model_len:
             raise ValueError(f"max_num_batched_tokens ({batched}) is smaller than max_model_len ({max_model_len}): "
                              "a pooling request runs its whole prompt in one step")
@@ -377,7 +386,6 @@ VLLM_ONLY_ARGS: dict[str, VllmOnlyArg] = {
     "spec_method": VllmOnlyArg((None,), _SPEC),
     "spec_model": VllmOnlyArg((None,), _SPEC),
     "spec_tokens": VllmOnlyArg((None,), _SPEC),
-    "enable_expert_parallel": VllmOnlyArg((False,), "expert parallelism for mixture-of-experts models"),
     "cpu_offload_gb": VllmOnlyArg((0,), "offloading weights to CPU memory"),
     "structured_outputs_config": VllmOnlyArg((None, {}), "structured outputs"),
     "reasoning_parser": VllmOnlyArg((None, ""), "reasoning parsers"),

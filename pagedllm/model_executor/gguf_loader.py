@@ -43,7 +43,11 @@ SUPPORTED_GGUF_ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "llama": ("llama", "mistral"),
     "qwen2": ("qwen2",),
     "qwen3": ("qwen3",),
+    "qwen2moe": ("qwen2_moe",),
+    "qwen3moe": ("qwen3_moe",),
 }
+# Of those, the mixture-of-experts ones (whose experts transformers reads; it reads a "llama" file's as nothing).
+MOE_GGUF_ARCHITECTURES = ("qwen2moe", "qwen3moe")
 
 
 def is_gguf_file(path: str | os.PathLike[str]) -> bool:
@@ -174,6 +178,13 @@ def _architecture(reader: gguf.GGUFReader, path: str) -> str:
             f"{path}: GGUF architecture {architecture!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})"
         )
+    experts = reader.get_field(f"{architecture}.expert_count")
+    if experts is not None and int(experts.contents()) > 0 and architecture not in MOE_GGUF_ARCHITECTURES:
+        # llama.cpp files Mixtral under "llama"; transformers reads such a file as a dense Llama.
+        raise ValueError(
+            f"{path}: mixture-of-experts GGUF files ({architecture} with {int(experts.contents())} experts, e.g. "
+            "Mixtral) are not supported: transformers cannot read their experts; load the safetensors checkpoint"
+        )
     return architecture
 
 
@@ -221,9 +232,21 @@ def _gguf_to_hf_names(architecture: str, config: PretrainedConfig) -> dict[str, 
     name_map = _gguf().get_tensor_name_map(model_arch, config.num_hidden_layers)
     targets = {}
     for hf_name, param in model.state_dict().items():
-        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is not None:
-            targets[gguf_name] = (hf_name, tuple(param.shape))
+        if hf_name.endswith(".experts.gate_up_proj"):
+            # transformers stacks every expert's gate and up in one tensor; llama.cpp keeps
+            # `ffn_gate_exps` and `ffn_up_exps` apart: each becomes a stacked [experts, ...] tensor
+            # named as transformers' per-projection ones, which the decoder's loader takes.
+            num_experts, rows, hidden = param.shape
+            parts = [(hf_name.replace("gate_up_proj", part), (num_experts, rows // 2, hidden))
+                     for part in ("gate_proj", "up_proj")]
+        else:
+            parts = [(hf_name, tuple(param.shape))]
+        for name, shape in parts:
+            gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is not None:
+                # a stacked expert tensor's HF name has no suffix; its GGUF name has ".weight"
+                suffixed = gguf_name.endswith((".weight", ".bias"))
+                targets[gguf_name if suffixed else gguf_name + ".weight"] = (name, shape)
     return targets
 
 

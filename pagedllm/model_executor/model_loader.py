@@ -54,7 +54,7 @@ def load_model(model_config: ModelConfig, device: torch.device, ctx: BuildContex
     logger.info(
         "Loaded %s weights (%s, %.1fM parameters%s) in %.2f s",
         arch, str(model_config.dtype).removeprefix("torch."), num_params / 1e6,
-        "".join(f", {count} linear weights {what} ({nbytes / 2**20:.0f} MiB)"
+        "".join(f", {count} {'' if what.startswith('MoE') else 'linear weights '}{what} ({nbytes / 2**20:.0f} MiB)"
                 for what, (count, nbytes) in processed.items()),
         time.perf_counter() - start,
     )
@@ -67,7 +67,8 @@ def process_weights_after_loading(model: nn.Module) -> dict[str, tuple[int, int]
     counts: Counter[str] = Counter()
     sizes: Counter[str] = Counter()
     for module in model.modules():
-        method = getattr(module, "linear_method", None)
+        # a linear layer's method, or a fused-MoE layer's (vLLM's `quant_method`)
+        method = getattr(module, "linear_method", None) or getattr(module, "quant_method", None)
         if method is None:
             continue
         method.process_weights_after_loading(module)

@@ -133,3 +133,11 @@ class RowParallelLinear(LinearBase):
             return self.linear_method.apply(self, x, self.bias)
         out = self.tp_group.all_reduce(self.linear_method.apply(self, x, None))
         return out if self.bias is None else out + self.bias
+
+
+class ReplicatedLinear(LinearBase):
+    """The whole matrix on every rank, no communication: a MoE router, whose logits every rank needs."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 linear_method: LinearMethodBase | None = None) -> None:
+        super().__init__(input_size, output_size, bias, None, linear_method)

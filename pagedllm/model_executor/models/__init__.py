@@ -10,6 +10,10 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": DecoderForCausalLM,
     "Qwen2ForCausalLM": DecoderForCausalLM,
     "Qwen3ForCausalLM": DecoderForCausalLM,
+    # mixture of experts (models/moe.py)
+    "MixtralForCausalLM": DecoderForCausalLM,
+    "Qwen2MoeForCausalLM": DecoderForCausalLM,
+    "Qwen3MoeForCausalLM": DecoderForCausalLM,
     # encoder-only pooling models (runner="pooling")
     "BertModel": BertModel,
     "BertForSequenceClassification": BertForSequenceClassification,

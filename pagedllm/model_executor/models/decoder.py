@@ -1,7 +1,8 @@
-"""One decoder-only transformer for the Llama family, Qwen2 and Qwen3.
+"""One decoder-only transformer for the Llama family, Qwen2 and Qwen3, and their mixture-of-experts kin.
 
 The families differ by flags, not by copied files: Qwen2 adds a bias to Q/K/V, Qwen3 adds
-RMSNorm on each head of Q and K, some checkpoints tie the LM head to the embedding.
+RMSNorm on each head of Q and K, some checkpoints tie the LM head to the embedding; Mixtral,
+Qwen2-MoE and Qwen3-MoE replace the MLP of (some) layers by a mixture of experts (`models/moe.py`).
 Weights arrive with Hugging Face names and are packed into fused QKV and gate/up matrices
 so each layer runs three large matmuls instead of seven small ones. Under tensor parallelism
 (`tp_group` of N ranks) each rank holds 1/N of the heads, of the MLP and of the vocabulary; the
@@ -15,7 +16,7 @@ method, the fused elementwise ops, the attention backend. What a constructor say
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 import torch
@@ -33,6 +34,7 @@ from pagedllm.model_executor.layers.linear import (
 )
 from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from pagedllm.model_executor.models.moe import MOE_ARCHITECTURES, MoEFlags, SparseMoeBlock, map_expert_name
 from pagedllm.model_executor.models.pipeline import MissingLayer, is_stage_param, receive_hidden, send_hidden
 
 
@@ -42,9 +44,13 @@ class ArchFlags:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool
+    moe: MoEFlags | None = None  # mixture of experts in place of the dense MLP (models/moe.py)
 
 
 def arch_flags(architecture: str, config) -> ArchFlags:
+    if architecture in MOE_ARCHITECTURES:  # the dense family's attention, with experts
+        return replace(arch_flags(MOE_ARCHITECTURES[architecture], config),
+                       moe=MoEFlags.from_config(architecture, config))
     attention_bias = bool(getattr(config, "attention_bias", False))
     mlp_bias = bool(getattr(config, "mlp_bias", False))
     if architecture == "Qwen2ForCausalLM":
@@ -92,9 +98,9 @@ class Attention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, config, bias: bool, ctx: BuildContext) -> None:
+    def __init__(self, config, bias: bool, ctx: BuildContext, intermediate_size: int | None = None) -> None:
         super().__init__()
-        size, method = config.intermediate_size, ctx.linear_methods.linear
+        size, method = intermediate_size or config.intermediate_size, ctx.linear_methods.linear
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=bias,
                                                        tp_group=ctx.tp_group, linear_method=method)
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias, tp_group=ctx.tp_group,
@@ -112,10 +118,15 @@ class GatedMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, flags: ArchFlags, ctx: BuildContext) -> None:
+    def __init__(self, config, flags: ArchFlags, ctx: BuildContext, layer_idx: int = 0) -> None:
         super().__init__()
         self.self_attn = Attention(config, flags, ctx)
-        self.mlp = GatedMLP(config, flags.mlp_bias, ctx)
+        moe = flags.moe
+        if moe is not None and moe.is_sparse(layer_idx):
+            shared = moe.shared_expert_intermediate_size
+            self.mlp = SparseMoeBlock(config, moe, ctx, GatedMLP(config, False, ctx, shared) if shared else None)
+        else:
+            self.mlp = GatedMLP(config, flags.mlp_bias, ctx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.fused_ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.fused_ops)
 
@@ -155,7 +166,7 @@ class DecoderForCausalLM(nn.Module):
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp_group,
                                                        logits_method=methods.tied_lm_head if self.tie_word_embeddings
                                                        else None)
-        self.layers = nn.ModuleList(DecoderLayer(config, flags, ctx) if self.start_layer <= i < self.end_layer
+        self.layers = nn.ModuleList(DecoderLayer(config, flags, ctx, i) if self.start_layer <= i < self.end_layer
                                     else MissingLayer() for i in range(config.num_hidden_layers))
         if pp.is_last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.fused_ops)
@@ -229,12 +240,17 @@ _FUSED = {
 }
 
 
-def _map_hf_name(name: str) -> tuple[str | None, str | int | None]:
-    """'model.layers.3.self_attn.k_proj.bias' -> ('layers.3.self_attn.qkv_proj.bias', 'k')."""
+def _map_hf_name(name: str) -> tuple[str | None, str | int | tuple[str, int | None] | None]:
+    """'model.layers.3.self_attn.k_proj.bias' -> ('layers.3.self_attn.qkv_proj.bias', 'k'); an expert's
+    weight -> (its fused-MoE parameter, (shard, expert)) (`models/moe.py::map_expert_name`)."""
     if "rotary_emb" in name:
         return None, None
     if name.startswith("model."):
         name = name[len("model.") :]
+    name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's name for its MoE block
+    expert = map_expert_name(name)
+    if expert is not None:
+        return expert
     parts = name.split(".")
     if len(parts) >= 2 and parts[-2] in _FUSED:
         fused, shard = _FUSED[parts[-2]]
