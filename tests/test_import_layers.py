@@ -25,7 +25,7 @@ LAYERS: list[tuple[list[str], bool]] = [
     (["pagedllm.reasoning"], False),  # reasoning parsers: the server's, speaking its protocol
     (["pagedllm.entrypoints.openai.protocol"], False),
     (["pagedllm.engine"], False),
-    (["pagedllm.core", "pagedllm.executor"], False),
+    (["pagedllm.core", "pagedllm.executor", "pagedllm.multimodal"], False),
     (["pagedllm.structured_output"], False),
     (["pagedllm.worker"], False),
     (["pagedllm.lora"], False),  # LoRA: adapter loading, the slots, the LoRA linear method over model_executor's
@@ -33,7 +33,7 @@ LAYERS: list[tuple[list[str], bool]] = [
     (["pagedllm.attention", "pagedllm.sample"], False),
     (["pagedllm.distributed", "pagedllm.cpu_ops"], False),
     (["pagedllm.config", "pagedllm.request", "pagedllm.scheduler_output", "pagedllm.sampling_params", "pagedllm.pooling_params",
-      "pagedllm.outputs", "pagedllm.lora.request"], True),
+      "pagedllm.outputs", "pagedllm.lora.request", "pagedllm.multimodal.inputs"], True),
     (["pagedllm.utils", "pagedllm.logger", "pagedllm.version"], True),
 ]
 

@@ -127,9 +127,12 @@ class OpenAIServingChat(OpenAIServing):
                              self._auto_tool_parser(request), named_tool(request)) for _ in range(request.n)]
 
     def _render_and_tokenize(self, request: ChatCompletionRequest) -> EnginePrompt:
-        text = self.render_chat(request.messages, request.add_generation_prompt, request.continue_final_message,
-                                request.chat_template, request.chat_template_kwargs, request.tools)
-        return self.tokenize(text, request.add_special_tokens)
+        text, images = self.render_chat(request.messages, request.add_generation_prompt,
+                                        request.continue_final_message, request.chat_template,
+                                        request.chat_template_kwargs, request.tools)
+        prompt = self.tokenize(text, request.add_special_tokens)
+        prompt.images = images or None
+        return prompt
 
     def render_content(self, message) -> str:
         content = message.content

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pagedllm.model_executor.models.bert import BertForSequenceClassification, BertModel
 from pagedllm.model_executor.models.decoder import DecoderForCausalLM
+from pagedllm.model_executor.models.llava import LlavaForConditionalGeneration
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": DecoderForCausalLM,
     "MistralForCausalLM": DecoderForCausalLM,
     "Qwen2ForCausalLM": DecoderForCausalLM,
     "Qwen3ForCausalLM": DecoderForCausalLM,
+    # vision-language models (images in prompts: pagedllm/multimodal/)
+    "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
     # encoder-only pooling models (runner="pooling")
     "BertModel": BertModel,
     "BertForSequenceClassification": BertForSequenceClassification,
