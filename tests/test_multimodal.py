@@ -253,7 +253,7 @@ def test_server_chat_with_images(llava_dir):
             error = response.json()["error"]
             assert message in error["message"]
             if status == 400:
-                assert error["type"] == "invalid_request_error"
+                assert error["type"] == "invalid_request_error" and error["param"] == "messages"
         assert chat_with([image_part(data_url(image))]).status_code == 200
     finally:
         code = server.stop()

@@ -45,6 +45,10 @@ class MultiModalProcessor:
 
     def __init__(self, model_path: str, hf_config: Any, limit_per_prompt: Optional[dict[str, int]] = None,
                  allowed_media_domains: Optional[frozenset[str]] = None) -> None:
+        try:
+            import PIL  # noqa: F401
+        except ImportError:
+            raise ValueError("images need Pillow: pip install 'pagedllm[vision]' (or pillow)") from None
         self.image_token_id: int = hf_config.image_token_index
         self.tokens_per_image = tokens_per_image(hf_config)
         self.image_processor = load_image_processor(model_path)
