@@ -21,7 +21,9 @@ LAYERS: list[tuple[list[str], bool]] = [
     (["pagedllm.entrypoints.cli"], False),
     (["pagedllm.benchmarks"], False),  # `pagedllm bench` runs them over the offline API
     (["pagedllm.entrypoints.llm", "pagedllm.entrypoints.openai", "pagedllm.entrypoints"], False),
-    (["pagedllm.entrypoints.score_utils"], False),  # scoring's pairs: LLM.score's and the server's /score
+    # scoring's pairs (LLM.score's and the server's /score); chat content parts with images (LLM.chat's and
+    # the server's chat)
+    (["pagedllm.entrypoints.score_utils", "pagedllm.entrypoints.chat_utils"], False),
     (["pagedllm.reasoning"], False),  # reasoning parsers: the server's, speaking its protocol
     (["pagedllm.entrypoints.openai.protocol"], False),
     (["pagedllm.engine"], False),

@@ -84,6 +84,18 @@ class LlavaMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
+# The decoder families a LLaVA checkpoint's language model may be, by its config's model_type.
+LANGUAGE_MODELS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def language_model_architecture(text_config: Any) -> str:
+    architecture = LANGUAGE_MODELS.get(getattr(text_config, "model_type", None))
+    if architecture is None:
+        raise ValueError(f"LLaVA with a {text_config.model_type!r} language model is not supported "
+                         f"({sorted(LANGUAGE_MODELS)} are)")
+    return architecture
+
+
 def vision_layers_needed(config: Any) -> int:
     """How many encoder layers produce `vision_feature_layer` (hidden state 0 is the embeddings)."""
     layer = config.vision_feature_layer
@@ -101,8 +113,6 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def __init__(self, config: Any, architecture: str, ctx: BuildContext) -> None:
         super().__init__()
-        from pagedllm.model_executor.models import get_architecture
-
         if config.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy {config.vision_feature_select_strategy!r} is not "
                              "supported ('default' or 'full')")
@@ -111,7 +121,7 @@ class LlavaForConditionalGeneration(nn.Module):
         self.vision_tower = CLIPVisionTower(config.vision_config, vision_layers_needed(config))
         self.multi_modal_projector = LlavaMultiModalProjector(config)
         text_config = config.text_config
-        self.language_model = DecoderForCausalLM(text_config, get_architecture(text_config), ctx)
+        self.language_model = DecoderForCausalLM(text_config, language_model_architecture(text_config), ctx)
 
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[images, 3, H, W] -> [images, tokens per image, text hidden size]."""
