@@ -103,12 +103,19 @@ class ModelConfig:
     # vLLM's `runner`: "generate", or "pooling" with the pooler it uses (`pooler_config`).
     runner_type: str = "generate"
     pooler_config: Optional[PoolerConfig] = None
+    # A vision-language model's input limits: images per prompt (vLLM's `limit_mm_per_prompt`, 999 by
+    # default) and the hosts whose http(s) image URLs may be fetched (none by default: data URLs only).
+    limit_mm_per_prompt: Optional[dict[str, int]] = None
+    allowed_media_domains: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.runner_type not in RUNNER_TYPES:
             raise ValueError(f"runner must be one of {list(RUNNER_TYPES)}, got {self.runner_type!r}")
         if (self.runner_type == "pooling") != (self.pooler_config is not None):
             raise ValueError("a pooling model needs a pooler config, and only a pooling model has one")
+        for modality, limit in (self.limit_mm_per_prompt or {}).items():
+            if modality != "image" or not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+                raise ValueError(f"limit_mm_per_prompt takes {{'image': count >= 0}}, got {{{modality!r}: {limit!r}}}")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be -1 (no limit) or a non-negative integer, got {self.max_logprobs!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
@@ -118,17 +125,34 @@ class ModelConfig:
                 "weights are dequantised to the model dtype when loaded)")
 
     @property
+    def text_config(self) -> Any:
+        """The language model's config: the checkpoint's own, or a vision-language model's `text_config`."""
+        return text_config_of(self.hf_config)
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.text_config is not self.hf_config
+
+    @property
     def num_layers(self) -> int:
-        return self.hf_config.num_hidden_layers
+        return self.text_config.num_hidden_layers
 
     @property
     def num_kv_heads(self) -> int:
-        return getattr(self.hf_config, "num_key_value_heads", None) or self.hf_config.num_attention_heads
+        c = self.text_config
+        return getattr(c, "num_key_value_heads", None) or c.num_attention_heads
 
     @property
     def head_dim(self) -> int:
-        c = self.hf_config
+        c = self.text_config
         return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+def text_config_of(hf_config: Any) -> Any:
+    """A vision-language checkpoint's language-model config (its KV cache, vocabulary and context are
+    the text model's); any other checkpoint's own config."""
+    get = getattr(hf_config, "get_text_config", None)
+    return get() if get is not None else hf_config
 
 
 @dataclass(frozen=True)
@@ -267,6 +291,10 @@ class ParallelConfig:
 
     def verify_with_model(self, hf_config: Any, device: torch.device, runner_type: str = "generate") -> None:
         """The layouts tensor and pipeline parallelism cannot split, refused before any worker starts."""
+        if text_config_of(hf_config) is not hf_config and self.world_size > 1:
+            raise ValueError("vision-language models run in one process (tensor_parallel_size=1, "
+                             "pipeline_parallel_size=1) for now")
+        hf_config = text_config_of(hf_config)
         self._verify_pipeline(hf_config, runner_type)
         tp = self.tensor_parallel_size
         if tp > 1:

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.lora.request import LoRARequest
+from pagedllm.multimodal.inputs import MultiModalFeature
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -60,6 +61,8 @@ class EngineCoreRequest:
     # vector instead of a token. `sampling_params` then only carries max_tokens=1 and is never sampled with.
     pooling_params: Optional[PoolingParams] = None
     lora_request: Optional[LoRARequest] = None  # None: the base model
+    # A vision-language model's images, in prompt order, each with its placeholder run in prompt_token_ids.
+    mm_features: Optional[list[MultiModalFeature]] = None
 
 
 class Request:
@@ -81,6 +84,7 @@ class Request:
         reasoning_end_token_id: Optional[int] = None,
         pooling_params: Optional[PoolingParams] = None,
         lora_request: Optional[LoRARequest] = None,
+        mm_features: Optional[list[MultiModalFeature]] = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -96,6 +100,7 @@ class Request:
         self.stop_reason: int | str | None = None
         self.block_size = block_size
         self.lora_request = lora_request
+        self.mm_features: list[MultiModalFeature] = mm_features or []
         self.block_hashes: list[tuple] = []
         self._update_block_hashes()
         self.reasoning_end_token_id = reasoning_end_token_id
@@ -108,7 +113,7 @@ class Request:
     def from_engine_core_request(cls, request: EngineCoreRequest, block_size: int) -> "Request":
         return cls(request.request_id, request.prompt_token_ids, request.sampling_params, request.max_tokens,
                    block_size, request.arrival_time, request.reasoning_end_token_id, request.pooling_params,
-                   request.lora_request)
+                   request.lora_request, request.mm_features)
 
     @property
     def lora_int_id(self) -> int:
@@ -139,12 +144,15 @@ class Request:
         The key keeps the block's tokens next to the parent's hash, so two different
         prefixes can only collide if their parents' 64-bit hashes do. The first block's parent is
         the LoRA adapter's id (None for the base model): the same tokens give different K/V under
-        different adapters, so their blocks must never be shared.
+        different adapters, so their blocks must never be shared. A block holding image placeholders
+        also keys on those images' hashes: the placeholder tokens are the same for every image.
         """
         bs = self.block_size
         for i in range(len(self.block_hashes), self.num_tokens // bs):
             parent = hash(self.block_hashes[i - 1]) if i else (self.lora_int_id or None)
-            self.block_hashes.append((parent, tuple(self.all_token_ids[i * bs : (i + 1) * bs])))
+            key = (parent, tuple(self.all_token_ids[i * bs : (i + 1) * bs]))
+            images = tuple(f.identifier for f in self.mm_features if f.overlaps(i * bs, (i + 1) * bs))
+            self.block_hashes.append(key + (images,) if images else key)
 
     @property
     def is_finished(self) -> bool:

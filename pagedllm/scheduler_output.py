@@ -15,6 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from pagedllm.lora.request import LoRARequest
+from pagedllm.multimodal.inputs import MultiModalFeature
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 
@@ -35,6 +36,8 @@ class ScheduledRequest:
     # A pooling request: this step runs its whole prompt, and the runner pools it instead of sampling.
     pooling_params: Optional[PoolingParams] = None
     lora_request: Optional[LoRARequest] = None  # the adapter its rows run through (None: the base model)
+    # The images whose placeholder rows this step's tokens include (only those: pixels travel once per chunk).
+    mm_features: list[MultiModalFeature] = field(default_factory=list)
 
 
 @dataclass

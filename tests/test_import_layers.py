@@ -21,11 +21,13 @@ LAYERS: list[tuple[list[str], bool]] = [
     (["pagedllm.entrypoints.cli"], False),
     (["pagedllm.benchmarks"], False),  # `pagedllm bench` runs them over the offline API
     (["pagedllm.entrypoints.llm", "pagedllm.entrypoints.openai", "pagedllm.entrypoints"], False),
-    (["pagedllm.entrypoints.score_utils"], False),  # scoring's pairs: LLM.score's and the server's /score
+    # scoring's pairs (LLM.score's and the server's /score); chat content parts with images (LLM.chat's and
+    # the server's chat)
+    (["pagedllm.entrypoints.score_utils", "pagedllm.entrypoints.chat_utils"], False),
     (["pagedllm.reasoning"], False),  # reasoning parsers: the server's, speaking its protocol
     (["pagedllm.entrypoints.openai.protocol"], False),
     (["pagedllm.engine"], False),
-    (["pagedllm.core", "pagedllm.executor"], False),
+    (["pagedllm.core", "pagedllm.executor", "pagedllm.multimodal"], False),
     (["pagedllm.structured_output"], False),
     (["pagedllm.worker"], False),
     (["pagedllm.lora"], False),  # LoRA: adapter loading, the slots, the LoRA linear method over model_executor's
@@ -33,7 +35,7 @@ LAYERS: list[tuple[list[str], bool]] = [
     (["pagedllm.attention", "pagedllm.sample"], False),
     (["pagedllm.distributed", "pagedllm.cpu_ops"], False),
     (["pagedllm.config", "pagedllm.request", "pagedllm.scheduler_output", "pagedllm.sampling_params", "pagedllm.pooling_params",
-      "pagedllm.outputs", "pagedllm.lora.request"], True),
+      "pagedllm.outputs", "pagedllm.lora.request", "pagedllm.multimodal.inputs"], True),
     (["pagedllm.utils", "pagedllm.logger", "pagedllm.version"], True),
 ]
 

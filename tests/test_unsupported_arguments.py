@@ -61,7 +61,8 @@ def test_per_call_and_per_prompt_features_are_refused(llm):
             llm.generate("Hello", SamplingParams(max_tokens=2), use_tqdm=False, **kwargs)
     with pytest.raises(ValueError, match="LoRA is off; start the engine with enable_lora=True"):
         llm.generate("Hello", use_tqdm=False, lora_request=LoRARequest("sql", 1, "/nonexistent/adapter"))
-    with pytest.raises(NotImplementedError, match="'multi_modal_data'"):
+    # images are supported by vision-language models only (tests/test_multimodal.py): a text model refuses them
+    with pytest.raises(ValueError, match="takes text only"):
         llm.generate({"prompt": "Describe the image", "multi_modal_data": {"image": b"..."}}, use_tqdm=False)
     with pytest.raises(ValueError, match="unknown prompt key 'propmt'"):
         llm.generate({"propmt": "Hello"}, use_tqdm=False)

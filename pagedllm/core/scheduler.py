@@ -290,6 +290,7 @@ class Scheduler:
             and request.num_output_tokens == 0,
             pooling_params=request.pooling_params,
             lora_request=request.lora_request,
+            mm_features=[f for f in request.mm_features if f.overlaps(start, start + num_new)],
         )
 
     # ----- after the model ran ----------------------------------------------------

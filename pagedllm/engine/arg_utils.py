@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -36,6 +37,7 @@ from pagedllm.config import (
     parse_pp_layer_partition,
     resolve_device,
     resolve_dtype,
+    text_config_of,
 )
 from pagedllm.logger import init_logger
 from pagedllm.utils import env_flag
@@ -154,6 +156,12 @@ class EngineArgs:
         False, "mixture-of-experts models: place whole experts on the -tp workers instead of splitting every "
                "expert's intermediate dimension over them", flags=("-ep", "--enable-expert-parallel"),
         group="parallelism")
+    limit_mm_per_prompt: Optional[Any] = arg(
+        None, 'most images per prompt of a vision-language model, as JSON: \'{"image": 2}\' (default: 999)',
+        group="multimodal")
+    allowed_media_domains: Optional[Any] = arg(
+        None, "hosts whose http(s) image URLs may be fetched, comma-separated (default: none; data URLs only)",
+        group="multimodal")
     enable_lora: bool = arg(False, "serve LoRA adapters of the base model (PEFT format), many in one batch",
                             group="lora")
     max_loras: int = arg(1, "most distinct LoRA adapters in one step (the adapter slots of every layer)", group="lora")
@@ -240,9 +248,10 @@ class EngineArgs:
         if self.pipeline_parallel_size > 1 and self.enable_lora:
             raise ValueError("enable_lora with pipeline_parallel_size > 1 is not supported yet: the adapters are "
                              "loaded for every layer, a stage holds only its own")
-        max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
-        sliding = getattr(hf_config, "sliding_window", None)
-        if sliding and getattr(hf_config, "use_sliding_window", True) and sliding < max_pos:
+        text_config = text_config_of(hf_config)  # a vision-language model's language model
+        max_pos = getattr(text_config, "max_position_embeddings", None) or 2048
+        sliding = getattr(text_config, "sliding_window", None)
+        if sliding and getattr(text_config, "use_sliding_window", True) and sliding < max_pos:
             # Attention here is always full; capping the context at the window keeps results exact.
             logger.warning("Model uses a sliding window of %d tokens; max_model_len is capped to it", sliding)
             max_pos = sliding
@@ -278,7 +287,7 @@ class EngineArgs:
             hf_config=hf_config,
             dtype=resolve_dtype(self.dtype, config_dtype, device),
             max_model_len=max_model_len,
-            vocab_size=hf_config.vocab_size,
+            vocab_size=text_config.vocab_size,
             seed=self.seed,
             enforce_eager=self.enforce_eager,
             compile_fused_ops=(self.compile_fused_ops if self.compile_fused_ops is not None
@@ -289,6 +298,8 @@ class EngineArgs:
             trust_remote_code=self.trust_remote_code,
             runner_type=runner.runner_type,
             pooler_config=runner.pooler_config,
+            limit_mm_per_prompt=_parse_json_dict(self.limit_mm_per_prompt, "limit_mm_per_prompt"),
+            allowed_media_domains=_parse_domains(self.allowed_media_domains),
         )
         verify_quantization(model_config.quantization, device, model_config.dtype)
         kv_cache_memory_bytes = self.kv_cache_memory_bytes
@@ -351,6 +362,29 @@ def _is_bool(f: dataclasses.Field) -> bool:
     return f.type in ("bool", "Optional[bool]", bool)
 
 
+def _parse_json_dict(value: Any, name: str) -> Optional[dict]:
+    """A dict given as such (offline) or as JSON (the command line)."""
+    if value is None or isinstance(value, dict):
+        return value or None
+    try:
+        parsed = json.loads(value)
+    except (TypeError, json.JSONDecodeError):
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{name} must be a JSON object such as '{{\"image\": 2}}', got {value!r}")
+    return parsed
+
+
+def _parse_domains(value: Any) -> tuple[str, ...]:
+    """Host names from a list (offline) or a comma- or space-separated string (the command line)."""
+    if not value:
+        return ()
+    items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+    if not all(isinstance(d, str) and d for d in items):
+        raise ValueError(f"allowed_media_domains must be host names, got {value!r}")
+    return tuple(items)
+
+
 def _value_type(f: dataclasses.Field) -> type:
     for name, kind in (("int", int), ("float", float)):
         if f.type in (name, f"Optional[{name}]"):
@@ -389,7 +423,6 @@ VLLM_ONLY_ARGS: dict[str, VllmOnlyArg] = {
     "cpu_offload_gb": VllmOnlyArg((0,), "offloading weights to CPU memory"),
     "structured_outputs_config": VllmOnlyArg((None, {}), "structured outputs"),
     "reasoning_parser": VllmOnlyArg((None, ""), "reasoning parsers"),
-    "limit_mm_per_prompt": VllmOnlyArg((None, {}), _MM),
     "mm_processor_kwargs": VllmOnlyArg((None, {}), _MM),
     "enable_prompt_embeds": VllmOnlyArg((False,), "prompt embeddings"),
     "revision": VllmOnlyArg((None,), _HUB),

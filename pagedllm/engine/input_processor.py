@@ -20,6 +20,8 @@ from pagedllm.engine.tokenizer import eos_token_ids, sampling_defaults
 from pagedllm.logger import init_logger
 from pagedllm.lora.peft_loader import load_peft_adapter
 from pagedllm.lora.request import LoRARequest
+from pagedllm.multimodal.inputs import MultiModalFeature
+from pagedllm.multimodal.processing import MultiModalProcessor
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.request import EngineCoreRequest
 from pagedllm.sampling_params import SamplingParams
@@ -32,7 +34,6 @@ PromptType = Union[str, list[int], dict]
 # vLLM's prompt-dict keys for features this engine does not have yet: asking for one is an error,
 # never a prompt run without it.
 UNSUPPORTED_PROMPT_KEYS = {
-    "multi_modal_data": "image, audio and video inputs",
     "mm_processor_kwargs": "image, audio and video inputs",
     "multi_modal_uuids": "image, audio and video inputs",
     "media_io_kwargs": "image, audio and video inputs",
@@ -41,7 +42,7 @@ UNSUPPORTED_PROMPT_KEYS = {
     "encoder_prompt": "encoder-decoder models",
     "decoder_prompt": "encoder-decoder models",
 }
-PROMPT_KEYS = ("prompt", "prompt_token_ids")
+PROMPT_KEYS = ("prompt", "prompt_token_ids", "multi_modal_data")
 
 
 class InvalidRequestError(ValueError):
@@ -78,6 +79,7 @@ class InputProcessor:
         # Adapters already checked (read and matched against the model), by id: each is read once here.
         self.checked_loras: dict[int, LoRARequest] = {}
         self.tokenizer = tokenizer
+        self._mm_processor: Optional[MultiModalProcessor] = None  # made on the first image
         self.eos_token_ids = eos_token_ids(tokenizer, model_config.hf_config, generation_config)
         # The SamplingParams defaults the checkpoint's generation_config.json sets, as vLLM applies them
         # (`LLM.get_default_sampling_params`, the server's fields left unset).
@@ -97,6 +99,9 @@ class InputProcessor:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         text, ids = self.process_prompt(prompt)
+        mm_features = None
+        if isinstance(prompt, dict) and prompt.get("multi_modal_data") is not None:
+            ids, mm_features = self.process_multimodal(ids, prompt["multi_modal_data"])
         self.check_sampling_params(params)
         self.check_lora_request(lora_request)
         params = params.clone()
@@ -114,7 +119,7 @@ class InputProcessor:
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         core_requests = [
             EngineCoreRequest(child_request_id(request_id, i, params.n), ids, child_sampling_params(params, i),
-                              max_tokens, arrival_time, lora_request=lora_request)
+                              max_tokens, arrival_time, lora_request=lora_request, mm_features=mm_features)
             for i in range(params.n)
         ]
         return ProcessedRequest(request_id, text, ids, params, core_requests)
@@ -140,6 +145,8 @@ class InputProcessor:
                                       param="model")
         if params.dimensions is not None:
             self.check_dimensions(params.dimensions)
+        if isinstance(prompt, dict) and prompt.get("multi_modal_data") is not None:
+            raise InvalidRequestError("pooling requests take text only, not multi_modal_data", param="input")
         text, ids = self.process_prompt(prompt, allow_full_context=True)
         boundary = params.token_type_boundary
         if boundary is not None and not 0 < boundary <= len(ids):
@@ -195,6 +202,29 @@ class InputProcessor:
             ids = self.tokenizer.encode(text)  # with the tokenizer's default special tokens (BOS)
         self.check_prompt_token_ids(ids, allow_full_context=allow_full_context)
         return text, ids
+
+    def process_multimodal(self, ids: list[int], data: Any) -> tuple[list[int], list[MultiModalFeature]]:
+        """A prompt's images (`multi_modal_data={"image": image or [images]}`): each image token of the
+        prompt expanded into its placeholder run, each image read and preprocessed. Checked like the
+        prompt: a model without a vision encoder, an unknown modality, a bad image, too many images."""
+        if not self.model_config.is_multimodal:
+            raise InvalidRequestError("this model takes text only: multi_modal_data needs a vision-language model",
+                                      param="multi_modal_data")
+        if not isinstance(data, dict) or set(data) - {"image"}:
+            raise InvalidRequestError("multi_modal_data takes {'image': an image or a list of images}; other "
+                                      "modalities are not supported", param="multi_modal_data")
+        images = data.get("image")
+        images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+        if self._mm_processor is None:
+            mc = self.model_config
+            self._mm_processor = MultiModalProcessor(mc.model, mc.hf_config, mc.limit_mm_per_prompt,
+                                                     frozenset(mc.allowed_media_domains))
+        try:
+            ids, features = self._mm_processor.process(ids, images)
+        except ValueError as e:
+            raise InvalidRequestError(str(e), param="multi_modal_data") from None
+        self.check_prompt_token_ids(ids)
+        return ids, features
 
     def check_lora_request(self, lora_request: Optional[LoRARequest]) -> None:
         """LoRA on, and the adapter readable and made for this model (read once per adapter id); an id

@@ -14,6 +14,7 @@ from pagedllm.engine.input_processor import PromptType
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.metrics import Metric
 from pagedllm.logger import init_logger
+from pagedllm.entrypoints.chat_utils import ChatContentError, flatten_content, image_placeholder
 from pagedllm.entrypoints.score_utils import ScoreInput, cross_encoder_prompt, score_pairs
 from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import (
@@ -96,8 +97,10 @@ class LLM:
         tokenizer = self.get_tokenizer()
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; pass chat_template=...")
+        placeholder = image_placeholder(tokenizer, self.llm_engine.config.model_config.hf_config)
         prompts = []
         for conversation in conversations:
+            conversation, images = _flatten_conversation(conversation, placeholder)
             try:
                 text = tokenizer.apply_chat_template(
                     conversation, chat_template=chat_template, tokenize=False, tools=tools,
@@ -107,7 +110,10 @@ class LLM:
             except Exception as e:  # template errors come in many types (jinja, KeyError, ...)
                 raise ValueError(f"could not render the chat template: {e}") from e
             ids = tokenizer.encode(text, add_special_tokens=False)
-            prompts.append({"prompt": text, "prompt_token_ids": ids})
+            prompt = {"prompt": text, "prompt_token_ids": ids}
+            if images:
+                prompt["multi_modal_data"] = {"image": images}
+            prompts.append(prompt)
         return self._run(prompts, sampling_params, use_tqdm, lora_request)
 
     def _run(self, prompts: list[PromptType], sampling_params: Any, use_tqdm: bool,
@@ -297,6 +303,19 @@ class LLM:
             self.shutdown()
         except Exception:
             pass
+
+
+def _flatten_conversation(conversation: list[dict], placeholder: Optional[str]) -> tuple[list[dict], list[Any]]:
+    """The messages with string contents (image parts left as the image token), and their images."""
+    messages, images = [], []
+    for index, message in enumerate(conversation):
+        try:
+            text, found = flatten_content(message.get("content"), index, placeholder)
+        except ChatContentError as e:
+            raise ValueError(f"messages[{index}]: {e}") from None
+        messages.append({**message, "content": text})
+        images.extend(found)
+    return messages, images
 
 
 def _refuse_unsupported(**arguments: Any) -> None:

@@ -43,7 +43,9 @@ from pagedllm.sample.sampler import Sampler, gather_logprobs, seeded_generator
 from pagedllm.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
 from pagedllm.utils import async_tensor_h2d, cdiv
 from pagedllm.worker.cpu_malloc import keep_freed_memory_in_heap, release_free_heap
+from pagedllm.multimodal.inputs import MultiModalFeature
 from pagedllm.worker.cuda_graph_runner import DecodeGraphRunner, capture_sizes, cuda_graphs_wanted
+from pagedllm.worker.encoder_cache import EncoderCache, scatter_image_rows
 from pagedllm.worker.kv_cache import KVCaches, allocate_kv_cache
 
 
@@ -61,6 +63,8 @@ class ModelInputs:
     pooling_request_ids: Optional[list[str]] = None
     pooling_metadata: Optional[PoolingMetadata] = None
     token_type_ids: Optional[torch.Tensor] = None  # an encoder's segment ids, when a request has two
+    # images of the step: (first row of the request, its first position, its tokens, the image)
+    mm_placements: list[tuple[int, int, int, MultiModalFeature]] = dataclasses.field(default_factory=list)
 
 
 class ModelRunner:
@@ -105,6 +109,9 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}  # per-request, for seeded requests
         self.is_pooling_model = mc.runner_type == "pooling"
         self.is_encoder_only = bool(getattr(self.model, "is_encoder_only", False))
+        # A vision-language model's encoder outputs, per image (budget: a few steps' worth of rows).
+        self.encoder_cache = (EncoderCache(max(4 * config.scheduler_config.max_num_batched_tokens, 8192))
+                              if hasattr(self.model, "embed_images") else None)
         # Graphs replay decode steps, which a pooling model never has.
         use_graphs = cuda_graphs_wanted(self.device, mc.enforce_eager, self.attn_backend) and not self.is_pooling_model
         use_graphs = use_graphs and lora_config is None  # graphs would replay without the step's LoRA mapping
@@ -141,6 +148,7 @@ class ModelRunner:
         prompt_rows: dict[str, tuple[torch.Tensor, int, torch.Tensor, int]] = {}
         pooling_ids: list[str] = []
         pooling = PoolingMetadata([], [], [])
+        mm_placements: list[tuple[int, int, int, MultiModalFeature]] = []
         token_types: list[tuple[int, int, int]] = []  # (first row, rows, where segment 1 starts in the prompt)
 
         # Decodes first, shortest first, so they form contiguous rows that split into
@@ -156,6 +164,7 @@ class ModelRunner:
             positions.append(pos)
             block_ids = np.asarray(req.block_ids[: cdiv(start + n, bs)], dtype=np.int64)
             slots.append(block_ids[pos // bs] * bs + pos % bs)
+            mm_placements.extend((row, start, n, feature) for feature in req.mm_features)
             if req.sample:
                 sample_rows.append(row + n - 1)
                 sample_requests.append(req)
@@ -202,6 +211,7 @@ class ModelRunner:
             pooling_request_ids=pooling_ids,
             pooling_metadata=pooling if pooling_ids else None,
             token_type_ids=token_type_ids,
+            mm_placements=mm_placements,
         )
 
     def _lora_indices(self, ordered: list[ScheduledRequest]) -> Optional[torch.Tensor]:
@@ -254,6 +264,13 @@ class ModelRunner:
     def _forward(self, inputs: ModelInputs, kv_caches: KVCaches) -> torch.Tensor:
         if self.is_encoder_only:
             return self.model(inputs.input_ids, inputs.positions, [], inputs.attn_metadata, inputs.token_type_ids)
+        if inputs.mm_placements:  # images' encoder rows replace their placeholders' embeddings
+            rows_of = self.encoder_cache.get_many([f for *_, f in inputs.mm_placements], self.model.embed_images,
+                                                  self.device)
+            inputs_embeds = self.model.embed_input_ids(inputs.input_ids)
+            scatter_image_rows(inputs_embeds, inputs.mm_placements, rows_of)
+            return self.model(inputs.input_ids, inputs.positions, kv_caches, inputs.attn_metadata,
+                              inputs_embeds=inputs_embeds)
         return self.model(inputs.input_ids, inputs.positions, kv_caches, inputs.attn_metadata)
 
     def allocate_dummy_kv_caches(self, num_blocks: int) -> KVCaches:

@@ -216,9 +216,9 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
 def _tokenize(tokenization: OpenAIServing, request: TokenizeRequest) -> EnginePrompt:
     """/tokenize's work, run off the event loop: the chat template or the prompt, then the tokenizer."""
     if request.messages is not None:
-        text = tokenization.render_chat(request.messages, request.add_generation_prompt,
-                                        request.continue_final_message, request.chat_template,
-                                        request.chat_template_kwargs)
+        text, _ = tokenization.render_chat(request.messages, request.add_generation_prompt,
+                                           request.continue_final_message, request.chat_template,
+                                           request.chat_template_kwargs)
         return tokenization.tokenize(text, bool(request.add_special_tokens))
     return tokenization.tokenize(request.prompt, request.add_special_tokens is not False)
 

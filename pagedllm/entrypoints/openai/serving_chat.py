@@ -7,6 +7,8 @@ content deltas, the finish reason on the last one, the usage chunk when
 
 from __future__ import annotations
 
+import functools
+
 import json
 import time
 from typing import Any, AsyncGenerator, Optional, Union
@@ -84,9 +86,12 @@ class OpenAIServingChat(OpenAIServing):
         params = self.sampling_params(request, self.default_max_tokens(requested), logprobs, request.prompt_logprobs)
         params.structured_outputs = constraint
         request_id = random_id("chatcmpl")
-        processed = self.process(request_id, prompt, params, param if requested is not None else None,
-                                 rename={"prompt": "messages", "logprobs": "top_logprobs",
-                                         "structured_outputs": constraint_field}, lora_request=lora_request)
+        rename = {"prompt": "messages", "multi_modal_data": "messages", "logprobs": "top_logprobs",
+                  "structured_outputs": constraint_field}
+        process = functools.partial(self.process, request_id, prompt, params,
+                                    param if requested is not None else None, rename=rename, lora_request=lora_request)
+        # Images are decoded, preprocessed (and fetched, from an allowed domain) in a worker thread.
+        processed = await self.off_the_event_loop(process) if prompt.images else process()
         if constraint is not None and self.reasoning_parser_cls is not None:
             self._constrain_after_reasoning(processed, prompt.token_ids)
         echo = ""
@@ -127,9 +132,12 @@ class OpenAIServingChat(OpenAIServing):
                              self._auto_tool_parser(request), named_tool(request)) for _ in range(request.n)]
 
     def _render_and_tokenize(self, request: ChatCompletionRequest) -> EnginePrompt:
-        text = self.render_chat(request.messages, request.add_generation_prompt, request.continue_final_message,
-                                request.chat_template, request.chat_template_kwargs, request.tools)
-        return self.tokenize(text, request.add_special_tokens)
+        text, images = self.render_chat(request.messages, request.add_generation_prompt,
+                                        request.continue_final_message, request.chat_template,
+                                        request.chat_template_kwargs, request.tools)
+        prompt = self.tokenize(text, request.add_special_tokens)
+        prompt.images = images or None
+        return prompt
 
     def render_content(self, message) -> str:
         content = message.content

@@ -19,6 +19,7 @@ from typing import Any, AsyncGenerator, AsyncIterator, Callable, Optional, TypeV
 
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.engine.input_processor import InvalidRequestError, ProcessedRequest
+from pagedllm.entrypoints.chat_utils import ChatContentError, flatten_content, image_placeholder
 from pagedllm.entrypoints.openai.errors import OpenAIError, bad_request
 from pagedllm.entrypoints.openai.limits import ServerLimits
 from pagedllm.entrypoints.openai.protocol import ChatMessageParam, SamplingRequest
@@ -36,9 +37,13 @@ class EnginePrompt:
 
     text: Optional[str]
     token_ids: list[int]
+    images: Optional[list] = None  # a chat's images (data or allowed URLs), in prompt order
 
     def as_engine_input(self) -> dict:
-        return {"prompt": self.text, "prompt_token_ids": self.token_ids}
+        prompt = {"prompt": self.text, "prompt_token_ids": self.token_ids}
+        if self.images:
+            prompt["multi_modal_data"] = {"image": self.images}
+        return prompt
 
 
 def random_id(prefix: str) -> str:
@@ -60,6 +65,7 @@ class OpenAIServing:
         self.limits = limits
         self.trust_request_chat_template = trust_request_chat_template
         self.tokenizer = engine.get_tokenizer()
+        self.image_placeholder = image_placeholder(self.tokenizer, engine.config.model_config.hf_config)
         self.max_model_len = engine.max_model_len
 
     @property
@@ -122,7 +128,8 @@ class OpenAIServing:
 
     def render_chat(self, messages: list[ChatMessageParam], add_generation_prompt: bool,
                     continue_final_message: bool, chat_template: Optional[str],
-                    chat_template_kwargs: Optional[dict[str, Any]], tools: Optional[list] = None) -> str:
+                    chat_template_kwargs: Optional[dict[str, Any]], tools: Optional[list] = None) -> tuple[str, list]:
+        """The rendered prompt text, and the images of the messages' image parts, in order."""
         if not messages:
             raise OpenAIError("messages must contain at least one message", 400, param="messages")
         if add_generation_prompt and continue_final_message:
@@ -139,7 +146,11 @@ class OpenAIServing:
         if template is None and not getattr(self.tokenizer, "chat_template", None):
             raise OpenAIError("this model has no chat template; start the server with --chat-template", 400,
                               param="messages")
-        conversation = [_message_dict(m, i) for i, m in enumerate(messages)]
+        conversation, images = [], []
+        for i, m in enumerate(messages):
+            message, found = _message_dict(m, i, self.image_placeholder)
+            conversation.append(message)
+            images.extend(found)
         for reserved in ("conversation", "tokenize", "chat_template", "add_generation_prompt"):
             kwargs.pop(reserved, None)
         try:
@@ -154,7 +165,7 @@ class OpenAIServing:
             raise OpenAIError(f"the rendered chat template is {len(text)} characters long, more than {limit} could "
                               f"ever fit in {self.max_model_len} tokens", 400, param="messages",
                               code="context_length_exceeded")
-        return text
+        return text, images
 
     # ----- sampling parameters --------------------------------------------------------
     def sampling_params(self, request: SamplingRequest, max_tokens: int, logprobs: Optional[int],
@@ -208,22 +219,18 @@ def max_rendered_chars(max_model_len: int) -> int:
     return 64 * max_model_len + 65536
 
 
-def _message_dict(message: ChatMessageParam, i: int) -> dict[str, Any]:
-    """One message as the chat template expects it; content parts other than text are refused."""
-    content = message.content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise OpenAIError(f"only text content parts are supported, got type {part.get('type')!r}", 400,
-                                  param=f"messages.{i}.content")
-            texts.append(part["text"])
-        content = "\n".join(texts)
-    out: dict[str, Any] = {"role": message.role, "content": content if content is not None else ""}
+def _message_dict(message: ChatMessageParam, i: int, placeholder: Optional[str]) -> tuple[dict[str, Any], list]:
+    """One message as the chat template expects it (string content, image parts left as the image
+    token), and its images."""
+    try:
+        content, images = flatten_content(message.content, i, placeholder)
+    except ChatContentError as e:
+        raise OpenAIError(str(e), 400, param=f"messages.{i}.content") from None
+    out: dict[str, Any] = {"role": message.role, "content": content}
     for key in ("name", "tool_calls", "tool_call_id"):
         if getattr(message, key) is not None:
             out[key] = getattr(message, key)
-    return out
+    return out, images
 
 
 # ----- logprobs -------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pagedllm.model_executor.models.bert import BertForSequenceClassification, BertModel
 from pagedllm.model_executor.models.decoder import DecoderForCausalLM
+from pagedllm.model_executor.models.llava import LlavaForConditionalGeneration
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": DecoderForCausalLM,
@@ -14,6 +15,8 @@ SUPPORTED_ARCHITECTURES = {
     "MixtralForCausalLM": DecoderForCausalLM,
     "Qwen2MoeForCausalLM": DecoderForCausalLM,
     "Qwen3MoeForCausalLM": DecoderForCausalLM,
+    # vision-language models (images in prompts: pagedllm/multimodal/)
+    "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
     # encoder-only pooling models (runner="pooling")
     "BertModel": BertModel,
     "BertForSequenceClassification": BertForSequenceClassification,

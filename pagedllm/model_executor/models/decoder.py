@@ -174,13 +174,19 @@ class DecoderForCausalLM(nn.Module):
                 self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx.tp_group,
                                               logits_method=methods.lm_head)
 
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embeddings (a vision-language model replaces its image placeholders' rows)."""
+        return self.embed_tokens(input_ids)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
-                meta: Any) -> torch.Tensor:
-        """`kv_caches`: one per layer of this stage. A stage before the last returns its hidden states
-        after sending them on (nothing reads them here)."""
+                meta: Any, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`kv_caches`: one per layer of this stage. `inputs_embeds`: the first layer's input when the
+        caller built it (images' rows in it), else the embeddings of `input_ids`. A stage before the
+        last returns its hidden states after sending them on (nothing reads them here)."""
         pp = self.pp_group
         if pp.is_first:
-            hidden, residual = self.embed_tokens(input_ids), None
+            hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            residual = None
         else:
             hidden, residual = receive_hidden(pp, positions.shape[0], self.config.hidden_size, self.dtype,
                                               positions.device)
