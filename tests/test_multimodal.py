@@ -51,6 +51,35 @@ def build_llava_checkpoint(path: str) -> str:
     return path
 
 
+class ImageHost:
+    """A local HTTP server of fixed files, recording the paths asked for."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[str] = []
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                host.requests.append(self.path)
+                body = files.get(self.path)
+                self.send_response(200 if body is not None else 404)
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+
+
 def random_image(seed: int, size: tuple[int, int] = (70, 60)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
@@ -211,9 +240,10 @@ def test_bad_image_inputs_are_clear_errors(llava_dir, llama_dir, monkeypatch):
 
 
 def test_server_chat_with_images(llava_dir):
-    """`pagedllm serve` through the openai client: a data-URL image answers as offline; a corrupt image,
-    too many images, a URL of a host not allowed and an oversized image are 400s (a body over the
-    server's 16 MiB limit a 413), and the server keeps serving."""
+    """`pagedllm serve` through the openai client: a data-URL image answers as offline, and so does the
+    same image fetched from an allowed host (a local HTTP server); a corrupt image, too many images, a
+    URL of a host not allowed and a 20 MB image are 400s (a body over the server's 32 MiB limit a 413),
+    and the server keeps serving."""
     import httpx
     from test_server_harness import RemoteServer
 
@@ -224,13 +254,21 @@ def test_server_chat_with_images(llava_dir):
     expected = offline.chat(messages, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
                             use_tqdm=False)[0].outputs[0].text
     offline.shutdown()
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    files = ImageHost({"/cat.png": png.getvalue()})
     server = RemoteServer(llava_dir, "--max-model-len", "256", "--served-model-name", "tiny-llava",
-                          "--limit-mm-per-prompt", '{"image": 2}')
+                          "--limit-mm-per-prompt", '{"image": 2}', "--allowed-media-domains", "localhost")
     try:
         client = server.client()
         reply = client.chat.completions.create(model="tiny-llava", messages=messages, max_tokens=12, temperature=0.0,
                                                extra_body={"ignore_eos": True})
         assert reply.choices[0].message.content == expected
+        fetched = [{"type": "text", "text": "What is this?"},
+                   {"type": "image_url", "image_url": {"url": f"http://localhost:{files.port}/cat.png"}}]
+        reply = client.chat.completions.create(model="tiny-llava", messages=[{"role": "user", "content": fetched}],
+                                               max_tokens=12, temperature=0.0, extra_body={"ignore_eos": True})
+        assert reply.choices[0].message.content == expected and files.requests == ["/cat.png"]
 
         def chat_with(parts: list) -> httpx.Response:
             body = {"model": "tiny-llava", "max_tokens": 2, "messages": [{"role": "user", "content": parts}]}
@@ -239,13 +277,13 @@ def test_server_chat_with_images(llava_dir):
         def image_part(url: str) -> dict:
             return {"type": "image_url", "image_url": {"url": url}}
 
-        big = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + bytes(11 << 20)).decode()
+        big = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + bytes(20_000_000)).decode()  # a 20 MB image
         cases = [
             ([image_part("data:image/png;base64,bm90IGFuIGltYWdl")], 400, "could not be decoded"),
             ([image_part(data_url(image))] * 3, 400, "At most 2 image"),
-            ([image_part("http://127.0.0.1:1/cat.png")], 400, "not allowed"),
+            ([image_part(f"http://127.0.0.1:{files.port}/cat.png")], 400, "not allowed"),  # only localhost is
             ([image_part(big)], 400, "larger than"),
-            ([image_part("data:image/png;base64," + "A" * (20 << 20))], 413, ""),
+            ([image_part("data:image/png;base64," + "A" * (33 << 20))], 413, ""),
         ]
         for parts, status, message in cases:
             response = chat_with(parts)
@@ -257,4 +295,6 @@ def test_server_chat_with_images(llava_dir):
         assert chat_with([image_part(data_url(image))]).status_code == 200
     finally:
         code = server.stop()
+        files.stop()
     assert code in (0, -15), server.read_log()
+    assert files.requests == ["/cat.png"]  # the disallowed URL was never fetched
