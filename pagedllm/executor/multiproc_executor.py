@@ -103,7 +103,10 @@ class MultiprocExecutor(Executor):
             if reply[0] == "failed":
                 self.shutdown()
                 raise (ValueError if reply[2] else RuntimeError)(f"tensor-parallel worker {rank} failed to start: {reply[1]}")
-        logger.info("Started %d tensor-parallel workers (%s) at %s", self.world_size,
+        pc = config.parallel_config
+        kind = ("tensor-parallel workers" if pc.pipeline_parallel_size == 1 else
+                f"workers ({pc.pipeline_parallel_size} pipeline stages x {pc.tensor_parallel_size} tensor-parallel)")
+        logger.info("Started %d %s (%s) at %s", self.world_size, kind,
                     "nccl" if config.device.type == "cuda" else "gloo", init_method)
 
     def collective_rpc(self, method: str, *args: Any) -> list[Any]:
