@@ -74,8 +74,12 @@ class TritonAttentionMetadataBuilder(AttentionMetadataBuilder):
 class TritonPagedAttention(AttentionImpl):
     """Attention over a paged KV cache with Triton kernels (GQA, any head_dim, fp32/fp16/bf16)."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
-        super().__init__(num_heads, num_kv_heads, head_dim, scale)
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, logits_soft_cap: float | None = None) -> None:
+        super().__init__(num_heads, num_kv_heads, head_dim, scale, sliding_window, logits_soft_cap)
+        if sliding_window is not None or logits_soft_cap is not None:
+            raise ValueError("the Triton backend has no sliding-window or soft-capped attention yet; "
+                             "run this model on the CPU (torch) backend")
         if not torch.cuda.is_available() and not interpreting():
             raise ValueError("the Triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 to run its kernels on CPU")
 

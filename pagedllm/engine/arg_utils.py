@@ -224,11 +224,6 @@ class EngineArgs:
         )
         parallel_config.verify_with_model(hf_config, device)
         max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
-        sliding = getattr(hf_config, "sliding_window", None)
-        if sliding and getattr(hf_config, "use_sliding_window", True) and sliding < max_pos:
-            # Attention here is always full; capping the context at the window keeps results exact.
-            logger.warning("Model uses a sliding window of %d tokens; max_model_len is capped to it", sliding)
-            max_pos = sliding
         if runner.max_seq_length and self.max_model_len is None:
             max_pos = min(max_pos, runner.max_seq_length)  # what sentence-transformers truncates to, as vLLM
         max_model_len = self.max_model_len or max_pos

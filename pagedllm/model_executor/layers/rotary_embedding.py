@@ -14,8 +14,19 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from pagedllm.model_executor.layers.fused_ops import EAGER_OPS, FusedOps
 
 
-def _rope_type_and_theta(config) -> tuple[str, float]:
+def _per_layer_type(config, layer_type: str | None) -> bool:
+    """Whether the config keeps one set of rope parameters per layer type (Gemma 3's local and global bases)."""
     params = getattr(config, "rope_parameters", None)
+    return bool(params) and layer_type is not None and isinstance(params.get(layer_type), dict)
+
+
+def _rope_parameters(config, layer_type: str | None) -> dict | None:
+    params = getattr(config, "rope_parameters", None)
+    return params[layer_type] if _per_layer_type(config, layer_type) else params
+
+
+def _rope_type_and_theta(config, layer_type: str | None = None) -> tuple[str, float]:
+    params = _rope_parameters(config, layer_type)
     if not params:  # transformers 4.x spelling
         params = dict(getattr(config, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -23,23 +34,33 @@ def _rope_type_and_theta(config) -> tuple[str, float]:
     return rope_type, float(params.get("rope_theta", 10000.0))
 
 
-def compute_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
-    rope_type, theta = _rope_type_and_theta(config)
+def compute_inv_freq(config, head_dim: int, max_position: int | None = None,
+                     layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin scale. LongRoPE (Phi-3) picks its long factors when the engine's
+    context (`max_position`) exceeds the original one, as vLLM does: transformers switches per forward call
+    by that call's length, which agrees whenever every sequence stays on one side of the original length."""
+    rope_type, theta = _rope_type_and_theta(config, layer_type)
+    params = _rope_parameters(config, layer_type) or {}
+    if float(params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+        raise ValueError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
     if rope_type == "default":
         return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unsupported rope type {rope_type!r}")
     if rope_type == "dynamic":
         raise ValueError("dynamic NTK rope scaling depends on sequence length and is not supported")
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), seq_len=max_position,
+                                                        layer_type=layer_type if _per_layer_type(config, layer_type)
+                                                        else None)
     return inv_freq.float(), float(scaling)
 
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, config, head_dim: int, max_position: int, dtype: torch.dtype,
-                 fused_ops: FusedOps = EAGER_OPS) -> None:
+                 fused_ops: FusedOps = EAGER_OPS, layer_type: str | None = None) -> None:
         super().__init__()
         self._args = (config, head_dim, max_position, dtype)
+        self.layer_type = layer_type  # Gemma 3: "sliding_attention" layers use the local base
         self.fused_ops = fused_ops
         self.register_buffer("cos", torch.empty(max_position, head_dim // 2, dtype=dtype), persistent=False)
         self.register_buffer("sin", torch.empty(max_position, head_dim // 2, dtype=dtype), persistent=False)
@@ -49,7 +70,7 @@ class RotaryEmbedding(nn.Module):
     def init_cache(self) -> None:
         """Fill the cos/sin table (again after the model was built on the meta device)."""
         config, head_dim, max_position, dtype = self._args
-        inv_freq, scaling = compute_inv_freq(config, head_dim)
+        inv_freq, scaling = compute_inv_freq(config, head_dim, max_position, self.layer_type)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq).to(self.cos.device)
         self.cos.copy_((freqs.cos() * scaling).to(dtype))
         self.sin.copy_((freqs.sin() * scaling).to(dtype))

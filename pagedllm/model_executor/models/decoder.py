@@ -1,7 +1,11 @@
-"""One decoder-only transformer for the Llama family, Qwen2 and Qwen3.
+"""One decoder-only transformer for the Llama family, Qwen2, Qwen3, Phi-3 and Gemma 2/3.
 
 The families differ by flags, not by copied files: Qwen2 adds a bias to Q/K/V, Qwen3 adds
-RMSNorm on each head of Q and K, some checkpoints tie the LM head to the embedding.
+RMSNorm on each head of Q and K, some checkpoints tie the LM head to the embedding. Phi-3 ships
+its Q/K/V and gate/up already fused. Gemma scales the embedding by sqrt(hidden_size), its norms
+by (1 + weight), and wraps attention and the MLP each in a pre- and a post-norm; Gemma 2 soft-caps
+the attention scores and the final logits. Which layers are local (sliding-window) and which rope
+base each uses comes from the config (`layer_types.py`).
 Weights arrive with Hugging Face names and are packed into fused QKV and gate/up matrices
 so each layer runs three large matmuls instead of seven small ones. Under tensor parallelism
 (`tp_group` of N ranks) each rank holds 1/N of the heads, of the MLP and of the vocabulary; the
@@ -31,6 +35,7 @@ from pagedllm.model_executor.layers.linear import (
 )
 from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from pagedllm.model_executor.models.layer_types import layer_sliding_windows, layer_types
 
 
 @dataclass(frozen=True)
@@ -39,21 +44,30 @@ class ArchFlags:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool
+    # Gemma: RMSNorm scales by (1 + weight) (folded into the weight as it loads), norms before and
+    # after both attention and the MLP, and the embedding scaled by sqrt(hidden_size).
+    gemma_norms: bool = False
 
 
 def arch_flags(architecture: str, config) -> ArchFlags:
     attention_bias = bool(getattr(config, "attention_bias", False))
     mlp_bias = bool(getattr(config, "mlp_bias", False))
+    if architecture == "Gemma2ForCausalLM":
+        return ArchFlags(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=False, qk_norm=False,
+                         gemma_norms=True)
+    if architecture == "Gemma3ForCausalLM":
+        return ArchFlags(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=False, qk_norm=True,
+                         gemma_norms=True)
     if architecture == "Qwen2ForCausalLM":
         return ArchFlags(qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False)
     if architecture == "Qwen3ForCausalLM":
         return ArchFlags(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=False, qk_norm=True)
-    # LlamaForCausalLM, MistralForCausalLM
+    # LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM
     return ArchFlags(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=mlp_bias, qk_norm=False)
 
 
 class Attention(nn.Module):
-    def __init__(self, config, flags: ArchFlags, ctx: BuildContext) -> None:
+    def __init__(self, config, flags: ArchFlags, ctx: BuildContext, layer_idx: int) -> None:
         super().__init__()
         tp_group, method = ctx.tp_group, ctx.linear_methods.linear
         total_heads = config.num_attention_heads
@@ -71,9 +85,14 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ctx.fused_ops)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ctx.fused_ops)
         self.qk_norm = flags.qk_norm
-        self.rotary_emb = RotaryEmbedding(config, self.head_dim, ctx.max_position, ctx.dtype, ctx.fused_ops)
+        self.rotary_emb = RotaryEmbedding(config, self.head_dim, ctx.max_position, ctx.dtype, ctx.fused_ops,
+                                          layer_type=layer_types(config)[layer_idx])
+        # Gemma scales queries by query_pre_attn_scalar, which need not be head_dim.
+        scale = (getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
         impl = ctx.attn_backend.get_impl_cls()
-        self.attn = impl(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        self.attn = impl(self.num_heads, self.num_kv_heads, self.head_dim, scale,
+                         sliding_window=layer_sliding_windows(config)[layer_idx],
+                         logits_soft_cap=getattr(config, "attn_logit_softcapping", None))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache, meta: Any) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
@@ -97,8 +116,9 @@ class GatedMLP(nn.Module):
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias, tp_group=ctx.tp_group,
                                            linear_method=method)
         self.fused_ops = ctx.fused_ops
-        self.act = ACT2FN[config.hidden_act]
-        self.is_silu = config.hidden_act == "silu"
+        act = getattr(config, "hidden_activation", None) or config.hidden_act  # Gemma names it hidden_activation
+        self.act = ACT2FN[act]
+        self.is_silu = act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -109,12 +129,16 @@ class GatedMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, flags: ArchFlags, ctx: BuildContext) -> None:
+    def __init__(self, config, flags: ArchFlags, ctx: BuildContext, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = Attention(config, flags, ctx)
+        self.self_attn = Attention(config, flags, ctx, layer_idx)
         self.mlp = GatedMLP(config, flags.mlp_bias, ctx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.fused_ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.fused_ops)
+        self.sandwich_norms = flags.gemma_norms
+        if self.sandwich_norms:  # Gemma: post_attention_layernorm normalises attention's output instead
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.fused_ops)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.fused_ops)
 
     def forward(
         self,
@@ -130,6 +154,9 @@ class DecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        if self.sandwich_norms:
+            hidden, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(hidden), residual)
+            return self.post_feedforward_layernorm(self.mlp(hidden)), residual
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -147,7 +174,9 @@ class DecoderForCausalLM(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp_group,
                                                    logits_method=methods.tied_lm_head if self.tie_word_embeddings
                                                    else None)
-        self.layers = nn.ModuleList(DecoderLayer(config, flags, ctx) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, flags, ctx, i) for i in range(config.num_hidden_layers))
+        self.gemma_norms = flags.gemma_norms
+        self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.fused_ops)
         if not self.tie_word_embeddings:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx.tp_group,
@@ -156,6 +185,8 @@ class DecoderForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: Any) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        if self.gemma_norms:  # sqrt(hidden_size) rounded to the activations' dtype, as transformers does
+            hidden = hidden * torch.tensor(self.config.hidden_size**0.5, dtype=hidden.dtype)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
@@ -165,7 +196,11 @@ class DecoderForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits, the same on every tensor-parallel rank."""
         head = self.embed_tokens if self.tie_word_embeddings else self.lm_head
-        return head.compute_logits(hidden)
+        logits = head.compute_logits(hidden)
+        if self.final_logit_softcapping:  # Gemma 2: cap * tanh(logits / cap)
+            cap = self.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     # ----- weights ----------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -184,6 +219,8 @@ class DecoderForCausalLM(nn.Module):
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in this model")
             param = params[target]
+            if self.gemma_norms and target.endswith("norm.weight"):
+                tensor = tensor + 1.0  # Gemma's RMSNorm multiplies by (1 + weight)
             weight_loader = getattr(self.get_submodule(target.rpartition(".")[0]), "weight_loader", None)
             with torch.no_grad():
                 try:
