@@ -12,18 +12,20 @@ from __future__ import annotations
 import torch
 
 from pagedllm.config import EngineConfig, ModelConfig
+from pagedllm.core.kv_cache_groups import kv_cache_groups_for, max_blocks_per_request, num_cache_tensors
 from pagedllm.logger import init_logger
-from pagedllm.utils import cdiv
 
 logger = init_logger(__name__)
 
 
 def bytes_per_block(model_config: ModelConfig, block_size: int, tp_size: int = 1,
                     dtype: torch.dtype | None = None) -> int:
-    """One block's K and V over every layer, on one worker; `dtype`: the cache's (default: the model's)."""
+    """One block's K and V over every layer of a KV-cache group (all layers, unless the model has local
+    ones: `core/kv_cache_groups.py`), on one worker; `dtype`: the cache's (default: the model's)."""
     elem = torch.empty((), dtype=dtype or model_config.dtype).element_size()
     num_kv_heads = model_config.num_kv_heads // tp_size
-    return 2 * model_config.num_layers * block_size * num_kv_heads * model_config.head_dim * elem
+    num_layers = num_cache_tensors(kv_cache_groups_for(model_config.hf_config))
+    return 2 * num_layers * block_size * num_kv_heads * model_config.head_dim * elem
 
 
 def num_blocks_for_budget(config: EngineConfig, available_bytes: int) -> int:
@@ -35,7 +37,8 @@ def num_blocks_for_budget(config: EngineConfig, available_bytes: int) -> int:
         return cc.num_gpu_blocks_override
     per_block = bytes_per_block(mc, cc.block_size, config.parallel_config.tensor_parallel_size, config.kv_cache_dtype)
     num_blocks = max(0, available_bytes) // per_block - 1  # the model runner adds the padding block
-    useful = sc.max_num_seqs * cdiv(mc.max_model_len, cc.block_size)
+    useful = sc.max_num_seqs * max_blocks_per_request(kv_cache_groups_for(mc.hf_config), mc.max_model_len,
+                                                      cc.block_size, sc.max_num_batched_tokens)
     if num_blocks > useful:
         logger.debug("KV cache capped at %d blocks: all requests at max_model_len fit", useful)
         num_blocks = useful

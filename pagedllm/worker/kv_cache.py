@@ -13,6 +13,7 @@ import mmap
 import torch
 
 from pagedllm.config import ModelConfig
+from pagedllm.core.kv_cache_groups import kv_cache_groups_for, layer_to_tensor, num_cache_tensors
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -33,7 +34,10 @@ def allocate_kv_cache(
     dtype = dtype or model_config.dtype
     num_kv_heads = model_config.num_kv_heads // tp_size
     shape = (num_blocks, block_size, num_kv_heads, model_config.head_dim)
-    num_tensors = 2 * model_config.num_layers
+    # One pair per layer, unless local and global layers keep separate block tables: then one pair per
+    # layer of a KV-cache group, shared by the groups (`core/kv_cache_groups.py`).
+    groups = kv_cache_groups_for(model_config.hf_config)
+    num_tensors = 2 * num_cache_tensors(groups)
     if device.type == "cpu":
         elem = torch.empty((), dtype=dtype).element_size()
         numel = num_tensors * num_blocks * block_size * num_kv_heads * model_config.head_dim
@@ -41,4 +45,5 @@ def allocate_kv_cache(
         tensors = list(flat.view(num_tensors, *shape).unbind(0))
     else:
         tensors = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_tensors)]
-    return [(tensors[2 * i], tensors[2 * i + 1]) for i in range(model_config.num_layers)]
+    tensor_of = layer_to_tensor(groups)
+    return [(tensors[2 * tensor_of[i][1]], tensors[2 * tensor_of[i][1] + 1]) for i in range(model_config.num_layers)]
