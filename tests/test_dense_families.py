@@ -137,3 +137,4 @@ def test_kv_cache_groups_pair_local_and_global_layers():
     assert [g.layer_ids for g in groups if g.sliding_window is None] == [(5, 11), (17, 23)]
     assert kv_cache_groups([None] * 4)[0].layer_ids == (0, 1, 2, 3)
     assert len(kv_cache_groups([512] * 4)) == 1  # Mistral: one local group
+

@@ -43,6 +43,9 @@ SUPPORTED_GGUF_ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "llama": ("llama", "mistral"),
     "qwen2": ("qwen2",),
     "qwen3": ("qwen3",),
+    "phi3": ("phi3",),
+    "gemma2": ("gemma2",),
+    "gemma3": ("gemma3_text",),  # the text model; transformers reads a gemma3 GGUF as Gemma3TextConfig
 }
 
 
