@@ -162,6 +162,20 @@ def qwen3_dir(tmp_path_factory) -> str:
     return build_checkpoint(str(tmp_path_factory.mktemp("qwen3")), "qwen3", tie_word_embeddings=True)
 
 
+@pytest.fixture(scope="session")
+def dense_checkpoint(tmp_path_factory):
+    """A factory, family -> the directory of that family's tiny checkpoint (`tests/dense_families.py`),
+    built on first use and shared by the session."""
+    cache: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in cache:
+            cache[family] = build_checkpoint(str(tmp_path_factory.mktemp(family)), family)
+        return cache[family]
+
+    return get
+
+
 @pytest.fixture
 def random_linear_layers():
     """A factory, (dtype, rows, linear method) -> (qkv, down, x_qkv, x_down): a QKV layer with a bias

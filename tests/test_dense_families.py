@@ -15,7 +15,6 @@ import torch
 from dense_families import SLIDING_WINDOW
 from transformers import AutoModelForCausalLM
 
-from conftest import build_checkpoint
 from pagedllm import LLM, SamplingParams
 from pagedllm.core.kv_cache_groups import blocks_for_tokens, kv_cache_groups
 from pagedllm.core.sliding_window_manager import SlidingWindowKVCacheManager
@@ -33,18 +32,6 @@ PROMPTS = [
 # max_model_len 128 in 16-token blocks; a tight pool forces preemptions, a 32-token budget chunks prompts.
 ENGINE = dict(max_model_len=128, max_num_batched_tokens=32)
 NUM_BLOCKS = {"mistral": 10, "phi3": 14, "gemma2": 22, "gemma3": 30}
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    cache: dict[str, str] = {}
-
-    def get(family: str) -> str:
-        if family not in cache:
-            cache[family] = build_checkpoint(str(tmp_path_factory.mktemp(family)), family)
-        return cache[family]
-
-    return get
 
 
 def hf_greedy(model, prompt: list[int], max_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
@@ -70,8 +57,8 @@ def metric(llm: LLM, name: str) -> float:
 
 
 @pytest.mark.parametrize("family", ["mistral", "phi3", "gemma2", "gemma3"])
-def test_greedy_and_logprobs_match_transformers_with_chunks_preemption_and_prefix_hits(family, checkpoints):
-    model_dir = checkpoints(family)
+def test_greedy_and_logprobs_match_transformers_with_chunks_preemption_and_prefix_hits(family, dense_checkpoint):
+    model_dir = dense_checkpoint(family)
     llm = LLM(model=model_dir, num_gpu_blocks_override=NUM_BLOCKS[family], **ENGINE)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
     try:
@@ -86,11 +73,11 @@ def test_greedy_and_logprobs_match_transformers_with_chunks_preemption_and_prefi
         assert_matches_transformers(model_dir, PROMPTS, outputs)
 
 
-def test_phi3_longrope_uses_short_factors_within_and_long_factors_past_the_original_context(checkpoints):
+def test_phi3_longrope_uses_short_factors_within_and_long_factors_past_the_original_context(dense_checkpoint):
     """transformers picks LongRoPE's factors by the running sequence's length; pagedllm (as vLLM) by
     max_model_len: both agree when every sequence stays within the original 64 tokens, or runs past it
     from its first step."""
-    model_dir = checkpoints("phi3_longrope")
+    model_dir = dense_checkpoint("phi3_longrope")
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
     for max_model_len, prompts in ((64, PROMPTS[:2]), (256, [PROMPTS[2], SHARED + PROMPTS[1]])):
         llm = LLM(model=model_dir, max_model_len=max_model_len)
@@ -101,16 +88,16 @@ def test_phi3_longrope_uses_short_factors_within_and_long_factors_past_the_origi
         assert_matches_transformers(model_dir, prompts, outputs)
 
 
-def test_local_layers_keep_window_sized_kv_memory_as_the_sequence_grows(checkpoints):
+def test_local_layers_keep_window_sized_kv_memory_as_the_sequence_grows(dense_checkpoint):
     """Gemma 3 (three local layers, one global): the global group's blocks grow with the sequence, each
     local group's stay bounded by the window, and the output is still transformers'."""
-    llm = LLM(model=checkpoints("gemma3"), max_model_len=256, max_num_batched_tokens=16)
+    llm = LLM(model=dense_checkpoint("gemma3"), max_model_len=256, max_num_batched_tokens=16)
     engine = llm.llm_engine
     manager = engine.engine_core.core.kv_cache_manager
     assert isinstance(manager, SlidingWindowKVCacheManager)
     windows = [g.sliding_window for g in manager.groups]
     assert windows.count(None) == 1 and windows.count(SLIDING_WINDOW) == 3
-    bound = blocks_for_tokens(SLIDING_WINDOW, 10**6, 16, chunk_tokens=16)  # 2 blocks of window + 1 of chunk
+    bound = blocks_for_tokens(SLIDING_WINDOW, 10**6, 16, chunk_tokens=16)  # 23 keys + a 16-token chunk: 4 blocks
     engine.add_request("long", {"prompt_token_ids": PROMPTS[1]},
                        SamplingParams(temperature=0.0, max_tokens=160, ignore_eos=True))
     peak_local, final = 0, None

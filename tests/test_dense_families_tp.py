@@ -5,7 +5,7 @@ and prefix-cache hits. Gemma 3 (local and global KV-cache groups) runs by defaul
 from __future__ import annotations
 
 import pytest
-from test_dense_families import ENGINE, NUM_BLOCKS, PROMPTS, assert_matches_transformers, checkpoints, metric  # noqa: F401
+from test_dense_families import ENGINE, NUM_BLOCKS, PROMPTS, assert_matches_transformers, metric
 
 from pagedllm import LLM, SamplingParams
 
@@ -16,10 +16,10 @@ from pagedllm import LLM, SamplingParams
     pytest.param("phi3", marks=pytest.mark.slow),
     pytest.param("gemma2", marks=pytest.mark.slow),
 ])
-def test_tp2_matches_transformers_with_chunks_preemption_and_prefix_hits(family, checkpoints):
+def test_tp2_matches_transformers_with_chunks_preemption_and_prefix_hits(family, dense_checkpoint):
     """Two tensor-parallel workers (each half of the heads, of the MLP and of Phi-3's fused weights) give
     what one process gives, which is transformers' (the test above)."""
-    model_dir = checkpoints(family)
+    model_dir = dense_checkpoint(family)
     llm = LLM(model=model_dir, tensor_parallel_size=2, num_gpu_blocks_override=NUM_BLOCKS[family], **ENGINE)
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=1)
     try:

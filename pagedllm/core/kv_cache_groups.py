@@ -59,11 +59,11 @@ def layer_to_tensor(groups: list[KVCacheGroupSpec]) -> dict[int, tuple[int, int]
 
 def blocks_for_tokens(window: int | None, num_tokens: int, block_size: int, chunk_tokens: int = 1) -> int:
     """The most blocks one group holds for a sequence of `num_tokens` fed at most `chunk_tokens` a step:
-    all of them for a global group; for a local group, those the window of the chunk's first query
-    spans plus the chunk's own (blocks that left the window go back before the next step's allocation)."""
+    all of them for a global group; for a local group, those spanned by the chunk and the `window - 1`
+    keys before it (blocks that left the window go back before the next step's allocation)."""
     if window is None:
         return cdiv(num_tokens, block_size)
-    return min(cdiv(num_tokens, block_size), cdiv(window - 1, block_size) + 1 + cdiv(chunk_tokens, block_size))
+    return min(cdiv(num_tokens, block_size), cdiv(window - 2 + chunk_tokens, block_size) + 1)
 
 
 def max_blocks_per_request(groups: list[KVCacheGroupSpec], max_model_len: int, block_size: int,
