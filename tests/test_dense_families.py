@@ -125,3 +125,24 @@ def test_kv_cache_groups_pair_local_and_global_layers():
     assert kv_cache_groups([None] * 4)[0].layer_ids == (0, 1, 2, 3)
     assert len(kv_cache_groups([512] * 4)) == 1  # Mistral: one local group
 
+
+
+@pytest.mark.parametrize("family", ["gemma2", pytest.param("mistral", marks=pytest.mark.slow)])
+def test_triton_backend_matches_transformers_on_local_and_capped_layers(family, dense_checkpoint, monkeypatch):
+    """The Triton kernels' window and soft-cap (under Triton's interpreter without a GPU), through the
+    per-group block tables, chunked prefill and a prefix-cache hit."""
+    pytest.importorskip("triton")
+    from pagedllm.attention.triton_paged_attention import TritonPagedAttention
+
+    monkeypatch.setenv("PAGEDLLM_ATTENTION_BACKEND", "triton")
+    model_dir = dense_checkpoint(family)
+    prompts = [PROMPTS[2], PROMPTS[3], PROMPTS[4]]
+    llm = LLM(model=model_dir, dtype="float32", **ENGINE)
+    try:
+        assert isinstance(llm.llm_engine.model_runner.model.layers[0].self_attn.attn, TritonPagedAttention)
+        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        assert metric(llm, "prefix_cache_hits") > 0
+    finally:
+        llm.shutdown()
+    assert_matches_transformers(model_dir, prompts, outputs)
