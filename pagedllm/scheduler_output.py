@@ -35,7 +35,7 @@ class ScheduledRequest:
     # A pooling request: this step runs its whole prompt, and the runner pools it instead of sampling.
     pooling_params: Optional[PoolingParams] = None
     lora_request: Optional[LoRARequest] = None  # the adapter its rows run through (None: the base model)
-    # A model with local and global layers: one block table per KV-cache group (`core/kv_cache_groups.py`),
+    # A model with local and global layers: one block table per KV-cache group (`model_executor/kv_cache_groups.py`),
     # `block_ids` being the first. Empty when one table serves every layer.
     group_block_ids: tuple[list[int], ...] = ()
 

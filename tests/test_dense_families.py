@@ -16,7 +16,7 @@ from dense_families import SLIDING_WINDOW
 from transformers import AutoModelForCausalLM
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.core.kv_cache_groups import blocks_for_tokens, kv_cache_groups
+from pagedllm.model_executor.kv_cache_groups import blocks_for_tokens, kv_cache_groups
 from pagedllm.core.sliding_window_manager import SlidingWindowKVCacheManager
 from pagedllm.utils import cdiv
 

@@ -3,7 +3,7 @@ that leave a local group's window go back to the pool, and prefix hits are found
 
 from __future__ import annotations
 
-from pagedllm.core.kv_cache_groups import KVCacheGroupSpec, max_blocks_per_request
+from pagedllm.model_executor.kv_cache_groups import KVCacheGroupSpec, max_blocks_per_request
 from pagedllm.core.sliding_window_manager import SlidingWindowKVCacheManager
 from pagedllm.request import Request
 from pagedllm.sampling_params import SamplingParams

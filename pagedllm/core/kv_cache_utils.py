@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from pagedllm.config import EngineConfig, ModelConfig
-from pagedllm.core.kv_cache_groups import kv_cache_groups_for, max_blocks_per_request, num_cache_tensors
+from pagedllm.model_executor.kv_cache_groups import kv_cache_groups_for, max_blocks_per_request, num_cache_tensors
 from pagedllm.logger import init_logger
 
 logger = init_logger(__name__)
@@ -21,7 +21,7 @@ logger = init_logger(__name__)
 def bytes_per_block(model_config: ModelConfig, block_size: int, tp_size: int = 1,
                     dtype: torch.dtype | None = None) -> int:
     """One block's K and V over every layer of a KV-cache group (all layers, unless the model has local
-    ones: `core/kv_cache_groups.py`), on one worker; `dtype`: the cache's (default: the model's)."""
+    ones: `model_executor/kv_cache_groups.py`), on one worker; `dtype`: the cache's (default: the model's)."""
     elem = torch.empty((), dtype=dtype or model_config.dtype).element_size()
     num_kv_heads = model_config.num_kv_heads // tp_size
     num_layers = num_cache_tensors(kv_cache_groups_for(model_config.hf_config))

@@ -2,7 +2,7 @@
 
 Same questions, same answers as `KVCacheManager` (which it extends, for the block pool, the counters,
 the scratch block and the snapshot), but a request holds one block table per group
-(`core/kv_cache_groups.py`). A global group keeps every block, as before. A local group gives back
+(`model_executor/kv_cache_groups.py`). A global group keeps every block, as before. A local group gives back
 each block once the window of the request's next query has moved past it (vLLM's
 `SlidingWindowManager.remove_skipped_blocks`): its place in the table becomes the null block, which
 attention never reads (its keys are outside the window), so a local group holds about
@@ -19,7 +19,7 @@ The null block is the runner's spare block (id `num_blocks`, one past the pool),
 from __future__ import annotations
 
 from pagedllm.core.block_pool import KVCacheBlock
-from pagedllm.core.kv_cache_groups import KVCacheGroupSpec
+from pagedllm.model_executor.kv_cache_groups import KVCacheGroupSpec
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.request import Request
 from pagedllm.utils import cdiv

@@ -19,7 +19,7 @@ import time
 from typing import Iterable
 
 from pagedllm.config import EngineConfig
-from pagedllm.core.kv_cache_groups import kv_cache_groups_for, max_blocks_per_request
+from pagedllm.model_executor.kv_cache_groups import kv_cache_groups_for, max_blocks_per_request
 from pagedllm.core.kv_cache_utils import num_blocks_for_budget
 from pagedllm.core.request_trace import make_tracer
 from pagedllm.core.scheduler import Scheduler

@@ -13,7 +13,7 @@ import mmap
 import torch
 
 from pagedllm.config import ModelConfig
-from pagedllm.core.kv_cache_groups import kv_cache_groups_for, layer_to_tensor, num_cache_tensors
+from pagedllm.model_executor.kv_cache_groups import kv_cache_groups_for, layer_to_tensor, num_cache_tensors
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -35,7 +35,7 @@ def allocate_kv_cache(
     num_kv_heads = model_config.num_kv_heads // tp_size
     shape = (num_blocks, block_size, num_kv_heads, model_config.head_dim)
     # One pair per layer, unless local and global layers keep separate block tables: then one pair per
-    # layer of a KV-cache group, shared by the groups (`core/kv_cache_groups.py`).
+    # layer of a KV-cache group, shared by the groups (`model_executor/kv_cache_groups.py`).
     groups = kv_cache_groups_for(model_config.hf_config)
     num_tensors = 2 * num_cache_tensors(groups)
     if device.type == "cpu":

@@ -31,7 +31,7 @@ from pagedllm.attention.backend import CommonAttentionMetadata
 from pagedllm.attention.encoder_attention import EncoderAttentionMetadata
 from pagedllm.attention.selector import get_attention_backend
 from pagedllm.config import EngineConfig
-from pagedllm.core.kv_cache_groups import kv_cache_groups_for, layer_to_tensor
+from pagedllm.model_executor.kv_cache_groups import kv_cache_groups_for, layer_to_tensor
 from pagedllm.distributed.parallel_state import TensorParallelGroup
 from pagedllm.lora.layers import LoRALinearMethod
 from pagedllm.lora.model_manager import LoRAModelManager

@@ -185,7 +185,7 @@ class DecoderForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: Any) -> torch.Tensor:
         """`meta`: the step's attention metadata, or a list of each layer's (local and global layers
-        reading through different block tables: `core/kv_cache_groups.py`)."""
+        reading through different block tables: `model_executor/kv_cache_groups.py`)."""
         hidden = self.embed_tokens(input_ids)
         if self.gemma_norms:  # sqrt(hidden_size) rounded to the activations' dtype, as transformers does
             hidden = hidden * torch.tensor(self.config.hidden_size**0.5, dtype=hidden.dtype)
