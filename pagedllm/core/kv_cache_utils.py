@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from pagedllm.config import EngineConfig, ModelConfig
-from pagedllm.model_executor.kv_cache_groups import kv_cache_groups_for, max_blocks_per_request, num_cache_tensors
 from pagedllm.logger import init_logger
+from pagedllm.model_executor.kv_cache_groups import kv_cache_groups_for, max_blocks_per_request, num_cache_tensors
 
 logger = init_logger(__name__)
 

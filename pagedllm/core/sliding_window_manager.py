@@ -19,8 +19,8 @@ The null block is the runner's spare block (id `num_blocks`, one past the pool),
 from __future__ import annotations
 
 from pagedllm.core.block_pool import KVCacheBlock
-from pagedllm.model_executor.kv_cache_groups import KVCacheGroupSpec
 from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.model_executor.kv_cache_groups import KVCacheGroupSpec
 from pagedllm.request import Request
 from pagedllm.utils import cdiv
 

@@ -19,7 +19,6 @@ import time
 from typing import Iterable
 
 from pagedllm.config import EngineConfig
-from pagedllm.model_executor.kv_cache_groups import kv_cache_groups_for, max_blocks_per_request
 from pagedllm.core.kv_cache_utils import num_blocks_for_budget
 from pagedllm.core.request_trace import make_tracer
 from pagedllm.core.scheduler import Scheduler
@@ -30,6 +29,7 @@ from pagedllm.engine.metrics import EngineStats
 from pagedllm.engine.tokenizer import load_tokenizer
 from pagedllm.executor import Executor, ExecutorDeadError, executor_class
 from pagedllm.logger import init_logger
+from pagedllm.model_executor.kv_cache_groups import kv_cache_groups_for, max_blocks_per_request
 from pagedllm.request import EngineCoreRequest, Request, RequestStatus
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.scheduler_output import ScheduledRequest, SchedulerOutput

@@ -31,11 +31,11 @@ from pagedllm.attention.backend import CommonAttentionMetadata
 from pagedllm.attention.encoder_attention import EncoderAttentionMetadata
 from pagedllm.attention.selector import get_attention_backend
 from pagedllm.config import EngineConfig
-from pagedllm.model_executor.kv_cache_groups import kv_cache_groups_for, layer_to_tensor
 from pagedllm.distributed.parallel_state import TensorParallelGroup
 from pagedllm.lora.layers import LoRALinearMethod
 from pagedllm.lora.model_manager import LoRAModelManager
 from pagedllm.lora.punica import PunicaWrapper
+from pagedllm.model_executor.kv_cache_groups import kv_cache_groups_for, layer_to_tensor
 from pagedllm.model_executor.layers.build_context import BuildContext
 from pagedllm.model_executor.layers.pooler import PoolingMetadata
 from pagedllm.model_executor.model_loader import load_model
