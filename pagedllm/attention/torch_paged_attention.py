@@ -175,8 +175,11 @@ class TorchPagedAttention(AttentionImpl):
         out = torch.empty_like(query)
         block_size = kv_cache[0].shape[1]
         n = meta.num_decodes
-        if n:
-            lens = meta.decode_seq_lens if meta.decode_seq_lens is not None else meta.decode_key_mask.sum(1)
+        if n and meta.decode_seq_lens is not None:  # the C++ kernel, from the window's first block
+            cpu_ops.paged_decode(out[:n], query[:n], *kv_cache, meta.decode_block_tables, meta.decode_seq_lens,
+                                 self.scale, self.sliding_window, self.logits_soft_cap)
+        elif n:
+            lens = meta.decode_key_mask.sum(1)
             out[:n] = self._decode_masked(query[:n], kv_cache, meta.decode_block_tables, lens)
         for seq in meta.prefills:
             rows = slice(seq.token_start, seq.token_start + seq.query_len)
