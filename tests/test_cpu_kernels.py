@@ -293,10 +293,11 @@ def test_decode_window_and_soft_cap_match_reference(kernel, dtype, window, cap):
 @pytest.mark.parametrize("use_kernel", [True, False])
 def test_backend_local_capped_layer_with_and_without_kernel(kernel, monkeypatch, use_kernel, window, cap):
     """A local or soft-capped layer's step: decodes through the kernel or the PyTorch masked path
-    (which gathers only the window's blocks), prefills through the masked path."""
+    (which gathers only the window's blocks), prefills through the masked path (a soft-capped one
+    in several row blocks past 256 rows)."""
     if not use_kernel:
         monkeypatch.setattr(cpu_ops, "cpu_kernels_available", lambda: False)
-    batch = PagedBatch([(5, 1), (16, 1), (47, 1), (70, 1), (0, 30), (40, 7)], 6, 2, 32, 16, fill=0.0)
+    batch = PagedBatch([(5, 1), (16, 1), (47, 1), (70, 1), (0, 30), (40, 300)], 6, 2, 32, 16, fill=0.0)
     key, value, slots = batch.take_new_kv()
     attn = TorchPagedAttention(6, 2, 32, 32**-0.5, sliding_window=window, logits_soft_cap=cap)
     meta = batch.metadata(slots)

@@ -37,6 +37,9 @@ from pagedllm.utils import async_tensor_h2d, cdiv
 # Decode batches on the gather path are split into up to this many length groups (one SDPA call each).
 MAX_DECODE_GROUPS = 4
 MIN_DECODES_PER_GROUP = 8
+# A soft-capped layer's prefill materialises its scores: this many query rows at a time
+# (8 heads x 256 rows x 8192 keys in float32 is 64 MiB).
+SOFT_CAP_ROWS = 256
 
 
 @dataclass
@@ -228,17 +231,23 @@ class TorchPagedAttention(AttentionImpl):
         return self._attend(q.unsqueeze(2), k, v, mask[:, None, None, :]).squeeze(2)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """q [b, heads, len, dim], k/v [b, kv_heads, keys, dim], mask broadcast to [b, heads, len, keys]."""
+        """q [b, heads, len, dim], k/v [b, kv_heads, keys, dim], mask [b or 1, 1 or heads, len, keys] or
+        [len, keys]."""
         if self.logits_soft_cap is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.gqa)
         if self.gqa:
             group = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        # As transformers' eager Gemma 2 attention: scale, cap, mask, softmax in float32.
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale
-        scores = torch.tanh(scores / self.logits_soft_cap) * self.logits_soft_cap
-        scores = scores.masked_fill(~mask, float("-inf"))
-        return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+        # As transformers' eager Gemma 2 attention: scale, cap, mask, softmax in float32. The scores are
+        # materialised, so a long prompt goes SOFT_CAP_ROWS query rows at a time.
+        out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=v.dtype, device=q.device)
+        for start in range(0, q.shape[-2], SOFT_CAP_ROWS):
+            rows = slice(start, start + SOFT_CAP_ROWS)
+            scores = torch.matmul(q[..., rows, :].float(), k.float().transpose(-1, -2)) * self.scale
+            scores = torch.tanh(scores / self.logits_soft_cap) * self.logits_soft_cap
+            scores = scores.masked_fill(~mask[..., rows, :], float("-inf"))
+            out[..., rows, :] = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+        return out
 
     def _decode_groups(self, query: torch.Tensor, kv_cache: KVCache, meta: TorchAttentionMetadata,
                        out: torch.Tensor) -> None:
