@@ -14,6 +14,10 @@ def make_config(family: str, common: dict):
 
     if family == "mistral":
         return MistralConfig(sliding_window=SLIDING_WINDOW, **common)
+    if family == "qwen2_sliding":  # Qwen2's upper layers local (layer 1 of 2)
+        from transformers import Qwen2Config
+
+        return Qwen2Config(use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=1, **common)
     if family == "phi3":
         return Phi3Config(pad_token_id=None, **common)
     if family == "phi3_longrope":
