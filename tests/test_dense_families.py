@@ -146,3 +146,22 @@ def test_triton_backend_matches_transformers_on_local_and_capped_layers(family, 
     finally:
         llm.shutdown()
     assert_matches_transformers(model_dir, prompts, outputs)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_prompt_logprobs_past_the_window_in_chunks_match_transformers(family, dense_checkpoint):
+    """Every prompt position's logprob, the prompt fed 16 tokens a step: each chunk's local layers
+    read the window across the chunk boundary (and through freed blocks' null entries)."""
+    model_dir = dense_checkpoint(family)
+    prompt = PROMPTS[2]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    llm = LLM(model=model_dir, max_model_len=128, max_num_batched_tokens=16)
+    try:
+        out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1, prompt_logprobs=1),
+                           use_tqdm=False)[0]
+    finally:
+        llm.shutdown()
+    for pos in range(1, len(prompt)):
+        assert math.isclose(out.prompt_logprobs[pos][prompt[pos]].logprob, ref[pos - 1, prompt[pos]].item(),
+                            abs_tol=1e-4), pos
