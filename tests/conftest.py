@@ -62,7 +62,7 @@ def build_tokenizer(path: str, extra_tokens: tuple[str, ...] = ()):
     return fast
 
 
-DENSE_FAMILY_CONFIGS = ("mistral", "qwen2_sliding", "phi3", "phi3_longrope", "gemma2", "gemma3")
+DENSE_FAMILY_CONFIGS = ("mistral", "qwen2_sliding", "phi3", "phi3_partial", "phi3_longrope", "gemma2", "gemma3")
 
 
 def build_checkpoint(path: str, family: str, seed: int = 0, extra_tokens: tuple[str, ...] = (),

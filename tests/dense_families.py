@@ -20,6 +20,8 @@ def make_config(family: str, common: dict):
         return Qwen2Config(use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=1, **common)
     if family == "phi3":
         return Phi3Config(pad_token_id=None, **common)
+    if family == "phi3_partial":  # Phi-4-mini's layout: three quarters of each head rotate
+        return Phi3Config(pad_token_id=None, partial_rotary_factor=0.75, **common)
     if family == "phi3_longrope":
         # A short original context (64) under a longer one (512): LongRoPE's long factors apply to
         # sequences past 64 tokens, its short ones below.

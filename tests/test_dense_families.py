@@ -1,6 +1,7 @@
-"""Mistral, Qwen2 with sliding-window layers, Phi-3, Gemma 2 and Gemma 3 (text) give transformers' greedy
-tokens and logprobs (float32), with prompts longer than the sliding window, chunked prefill, forced
-preemption and prefix-cache hits; local layers keep window-sized KV memory however long the sequence grows.
+"""Mistral, Qwen2 with sliding-window layers, Phi-3 (also with Phi-4-mini's partial rotary), Gemma 2 and
+Gemma 3 (text) give transformers' greedy tokens and logprobs (float32), with prompts longer than the
+sliding window, chunked prefill, forced preemption and prefix-cache hits; local layers keep window-sized
+KV memory however long the sequence grows.
 
 The reference is transformers' eager attention on the same tiny random checkpoint (its masks apply
 the window; eager is the implementation Gemma 2's soft-capping is defined on).
@@ -31,7 +32,7 @@ PROMPTS = [
 ]
 # max_model_len 128 in 16-token blocks; a tight pool forces preemptions, a 32-token budget chunks prompts.
 ENGINE = dict(max_model_len=128, max_num_batched_tokens=32)
-NUM_BLOCKS = {"mistral": 10, "qwen2_sliding": 22, "phi3": 14, "gemma2": 22, "gemma3": 30}
+NUM_BLOCKS = {"mistral": 10, "qwen2_sliding": 22, "phi3": 14, "phi3_partial": 14, "gemma2": 22, "gemma3": 30}
 
 
 def hf_greedy(model, prompt: list[int], max_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
@@ -56,7 +57,7 @@ def metric(llm: LLM, name: str) -> float:
     return next(m.value for m in llm.get_metrics() if m.name == "pagedllm:" + name)
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2_sliding", "phi3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2_sliding", "phi3", "phi3_partial", "gemma2", "gemma3"])
 def test_greedy_and_logprobs_match_transformers_with_chunks_preemption_and_prefix_hits(family, dense_checkpoint):
     model_dir = dense_checkpoint(family)
     llm = LLM(model=model_dir, num_gpu_blocks_override=NUM_BLOCKS[family], **ENGINE)

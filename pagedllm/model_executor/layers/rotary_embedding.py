@@ -34,17 +34,22 @@ def _rope_type_and_theta(config, layer_type: str | None = None) -> tuple[str, fl
     return rope_type, float(params.get("rope_theta", 10000.0))
 
 
+def rotary_dim(config, head_dim: int, layer_type: str | None = None) -> int:
+    """The leading dimensions of each head that rotate (Phi-4-mini's partial_rotary_factor: 0.75)."""
+    params = _rope_parameters(config, layer_type) or {}
+    factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
+    return int(head_dim * float(factor))
+
+
 def compute_inv_freq(config, head_dim: int, max_position: int | None = None,
                      layer_type: str | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and the cos/sin scale. LongRoPE (Phi-3) picks its long factors when the engine's
     context (`max_position`) exceeds the original one, as vLLM does: transformers switches per forward call
     by that call's length, which agrees whenever every sequence stays on one side of the original length."""
     rope_type, theta = _rope_type_and_theta(config, layer_type)
-    params = _rope_parameters(config, layer_type) or {}
-    if float(params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
-        raise ValueError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
     if rope_type == "default":
-        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+        dim = rotary_dim(config, head_dim, layer_type)
+        return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unsupported rope type {rope_type!r}")
     if rope_type == "dynamic":
@@ -62,8 +67,10 @@ class RotaryEmbedding(nn.Module):
         self._args = (config, head_dim, max_position, dtype)
         self.layer_type = layer_type  # Gemma 3: "sliding_attention" layers use the local base
         self.fused_ops = fused_ops
-        self.register_buffer("cos", torch.empty(max_position, head_dim // 2, dtype=dtype), persistent=False)
-        self.register_buffer("sin", torch.empty(max_position, head_dim // 2, dtype=dtype), persistent=False)
+        self.rotary_dim = rotary_dim(config, head_dim, layer_type)
+        self.partial = self.rotary_dim != head_dim
+        self.register_buffer("cos", torch.empty(max_position, self.rotary_dim // 2, dtype=dtype), persistent=False)
+        self.register_buffer("sin", torch.empty(max_position, self.rotary_dim // 2, dtype=dtype), persistent=False)
         if self.cos.device.type != "meta":
             self.init_cache()
 
@@ -77,5 +84,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q [T, heads, dim] and k [T, kv_heads, dim] in the half-split (NeoX/HF) layout
-        (the CPU kernels rotate them in place: they are views of the QKV projection's output)."""
-        return self.fused_ops.rotary(positions, q, k, self.cos, self.sin)
+        (the CPU kernels rotate them in place: they are views of the QKV projection's output). With a
+        partial rotary factor only the first `rotary_dim` dimensions of each head turn."""
+        if not self.partial:
+            return self.fused_ops.rotary(positions, q, k, self.cos, self.sin)
+        dim = self.rotary_dim
+        q_rot, k_rot = self.fused_ops.rotary(positions, q[..., :dim], k[..., :dim], self.cos, self.sin)
+        return torch.cat([q_rot, q[..., dim:]], dim=-1), torch.cat([k_rot, k[..., dim:]], dim=-1)
