@@ -146,6 +146,8 @@ def _prefix_prefill_kernel(
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
         m_i = m_new
 
+    if SLIDING:  # padding rows past the query may see no key at all: 0 / 0, never stored
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     tl.store(
         out_ptr + (q_start + rows)[:, None] * stride_o_token + head * stride_o_head + dims[None, :],
