@@ -110,10 +110,14 @@ def paged_decode(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> None:
     """Decode attention into `out` [seqs, heads, dim] for `query` (one token per sequence),
-    over `seq_lens[i]` cached keys reached through `block_tables[i]` (both int64)."""
-    torch.ops.pagedllm_cpu.paged_decode(out, query, k_cache, v_cache, block_tables, seq_lens, scale)
+    over `seq_lens[i]` cached keys reached through `block_tables[i]` (both int64); a local layer's
+    over its last `sliding_window` keys only, scores capped at `soft_cap` (Gemma 2)."""
+    torch.ops.pagedllm_cpu.paged_decode(out, query, k_cache, v_cache, block_tables, seq_lens, scale,
+                                        sliding_window or 0, soft_cap or 0.0)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

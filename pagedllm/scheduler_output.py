@@ -38,6 +38,9 @@ class ScheduledRequest:
     lora_request: Optional[LoRARequest] = None  # the adapter its rows run through (None: the base model)
     # The images whose placeholder rows this step's tokens include (only those: pixels travel once per chunk).
     mm_features: list[MultiModalFeature] = field(default_factory=list)
+    # A model with local and global layers: one block table per KV-cache group (`model_executor/kv_cache_groups.py`),
+    # `block_ids` being the first. Empty when one table serves every layer.
+    group_block_ids: tuple[list[int], ...] = ()
 
 
 @dataclass

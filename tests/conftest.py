@@ -62,6 +62,9 @@ def build_tokenizer(path: str, extra_tokens: tuple[str, ...] = ()):
     return fast
 
 
+DENSE_FAMILY_CONFIGS = ("mistral", "qwen2_sliding", "phi3", "phi3_partial", "phi3_longrope", "gemma2", "gemma3")
+
+
 def build_checkpoint(path: str, family: str, seed: int = 0, extra_tokens: tuple[str, ...] = (),
                      **overrides) -> str:
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
@@ -88,10 +91,18 @@ def build_checkpoint(path: str, family: str, seed: int = 0, extra_tokens: tuple[
         config = Qwen2Config(**common)
     elif family == "qwen3":
         config = Qwen3Config(head_dim=32, **common)
+    elif family in DENSE_FAMILY_CONFIGS:  # Mistral, Phi-3, Gemma 2, Gemma 3: see tests/dense_families.py
+        from dense_families import make_config
+
+        config = make_config(family, common)
     else:
         raise ValueError(family)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if family in DENSE_FAMILY_CONFIGS:
+        from dense_families import perturb
+
+        perturb(family, model)
     if family == "qwen2":  # make the Q/K/V biases matter
         with torch.no_grad():
             for layer in model.model.layers:
@@ -149,6 +160,20 @@ def qwen2_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def qwen3_dir(tmp_path_factory) -> str:
     return build_checkpoint(str(tmp_path_factory.mktemp("qwen3")), "qwen3", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def dense_checkpoint(tmp_path_factory):
+    """A factory, family -> the directory of that family's tiny checkpoint (`tests/dense_families.py`),
+    built on first use and shared by the session."""
+    cache: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in cache:
+            cache[family] = build_checkpoint(str(tmp_path_factory.mktemp(family)), family)
+        return cache[family]
+
+    return get
 
 
 @pytest.fixture

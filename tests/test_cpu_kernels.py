@@ -272,3 +272,35 @@ def test_cpu_models_get_the_kernel_ops(kernel, monkeypatch):
     assert isinstance(compiled, CpuKernelOps) and compiled.compiled
     monkeypatch.setattr(cpu_ops, "cpu_kernels_available", lambda: False)
     assert fused_ops.fused_ops_for(torch.device("cpu"), False) is fused_ops.EAGER_OPS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("window", "cap"), [(20, None), (None, 5.0), (20, 5.0), (1, None)])
+def test_decode_window_and_soft_cap_match_reference(kernel, dtype, window, cap):
+    """A local layer (Mistral, Gemma) reads from its window's first block on: the blocks before it hold
+    NaN, as the KV-cache manager would have freed them; Gemma 2's soft-cap bends the scores."""
+    batch = cached_batch([(c, 1) for c in (0, 15, 19, 20, 40, 100)], 8, 2, 32, 16, dtype)
+    if window:
+        batch.drop_outside_window(window)
+    meta = batch.metadata(batch.slot_mapping)
+    out = torch.full_like(batch.query, float("nan"))
+    cpu_ops.paged_decode(out, batch.query, batch.k_cache, batch.v_cache, meta.decode_block_tables,
+                         meta.decode_seq_lens, 32**-0.5, window, cap)
+    torch.testing.assert_close(out.float(), batch.reference(window, cap), atol=ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize(("window", "cap"), [(20, None), (None, 5.0), (20, 5.0)])
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_backend_local_capped_layer_with_and_without_kernel(kernel, monkeypatch, use_kernel, window, cap):
+    """A local or soft-capped layer's step: decodes through the kernel or the PyTorch masked path
+    (which gathers only the window's blocks), prefills through the masked path (a soft-capped one
+    in several row blocks past 256 rows)."""
+    if not use_kernel:
+        monkeypatch.setattr(cpu_ops, "cpu_kernels_available", lambda: False)
+    batch = PagedBatch([(5, 1), (16, 1), (47, 1), (70, 1), (0, 30), (40, 300)], 6, 2, 32, 16, fill=0.0)
+    key, value, slots = batch.take_new_kv()
+    attn = TorchPagedAttention(6, 2, 32, 32**-0.5, sliding_window=window, logits_soft_cap=cap)
+    meta = batch.metadata(slots)
+    assert (meta.decode_seq_lens is not None) == use_kernel
+    out = attn.forward(batch.query, key, value, (batch.k_cache.nan_to_num(0.0), batch.v_cache.nan_to_num(0.0)), meta)
+    torch.testing.assert_close(out, batch.reference(window, cap), atol=1e-5, rtol=0)

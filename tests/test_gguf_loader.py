@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from pagedllm.model_executor.gguf_loader import (
+    SUPPORTED_GGUF_ARCHITECTURES,
     is_gguf_file,
     iterate_gguf_weights,
     load_gguf_config,
@@ -305,7 +306,8 @@ def test_unsupported_architecture(load, arch: str, tmp_path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    expected = rf"other\.gguf: GGUF architecture '{arch}' is not supported \(supported: llama, qwen2, qwen3, qwen2moe, qwen3moe\)"
+    supported = ", ".join(SUPPORTED_GGUF_ARCHITECTURES)
+    expected = rf"other\.gguf: GGUF architecture '{arch}' is not supported \(supported: {supported}\)"
     with pytest.raises(ValueError, match=expected):
         load(path)
 

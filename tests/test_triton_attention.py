@@ -196,6 +196,54 @@ def test_backend_reads_and_writes_a_bfloat16_cache(query_dtype):
     assert torch.equal(flat[slot_mapping].to(query_dtype), key)
 
 
+# ----- local (sliding-window) and soft-capped layers (Mistral, Gemma 2/3) ------------------------
+LOCAL = [(20, None), (None, 5.0), (20, 5.0)]  # (sliding_window, soft_cap)
+
+
+@pytest.mark.parametrize(("window", "cap"), LOCAL)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_window_and_soft_cap_match_reference(window, cap, num_splits):
+    """The blocks a window has left hold NaN, as if freed: the kernel must not read them."""
+    batch = PagedBatch([(40, 1), (9, 1), (70, 1)], 4, 2, 32, 16, device=DEVICE)
+    if window:
+        batch.drop_outside_window(window)
+    out = torch.full_like(batch.query, float("nan"))
+    paged_decode(out, batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
+                 batch.max_seq_len, batch.head_dim**-0.5, num_splits=num_splits, tile_n=16,
+                 sliding_window=window, soft_cap=cap)
+    assert_close(out, batch.reference(window, cap))
+
+
+@pytest.mark.parametrize(("window", "cap"), LOCAL)
+def test_prefill_window_and_soft_cap_match_reference(window, cap):
+    batch = PagedBatch([(0, 45), (30, 20), (16, 6)], 4, 2, 32, 16, device=DEVICE)
+    if window:
+        batch.drop_outside_window(window)
+    out = torch.full_like(batch.query, float("nan"))
+    prefix_prefill(out, batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.query_start_loc,
+                   batch.seq_lens, batch.max_query_len, batch.head_dim**-0.5, sliding_window=window, soft_cap=cap,
+                   **TILE)
+    assert_close(out, batch.reference(window, cap))
+
+
+@pytest.mark.parametrize(("window", "cap"), LOCAL)
+def test_both_backends_on_a_local_capped_layer_match_reference(window, cap):
+    """A mixed step through each backend's own layer: the torch backend's masked path and Triton's."""
+    batch = PagedBatch([(40, 1), (9, 1), (0, 23), (16, 6), (50, 11)], 4, 2, 32, 16, device=DEVICE)
+    if window:
+        batch.drop_outside_window(window)
+    key, value, slot_mapping = batch.take_new_kv()
+    expected = batch.reference(window, cap)
+    torch_cache = (batch.k_cache.nan_to_num(0.0), batch.v_cache.nan_to_num(0.0))
+    torch_layer = TorchPagedAttention(4, 2, 32, 32**-0.5, sliding_window=window, logits_soft_cap=cap)
+    out = torch_layer.forward(batch.query, key, value, torch_cache, batch.metadata(slot_mapping))
+    assert_close(out, expected)
+    triton_layer = TritonPagedAttention(4, 2, 32, 32**-0.5, sliding_window=window, logits_soft_cap=cap)
+    out = triton_layer.forward(batch.query, key, value, (batch.k_cache, batch.v_cache),
+                               batch.metadata(slot_mapping, TritonPagedAttentionBackend))
+    assert_close(out, expected)
+
+
 # ----- end to end ---------------------------------------------------------------------------
 PREFIX = "Continuous batching lets new requests join while others are still decoding. Prefix caching shares blocks"
 PROMPTS = [PREFIX + " between prompts.", PREFIX + " with the same beginning.", "Hello, my name is", "a"]

@@ -84,16 +84,35 @@ class PagedBatch:
     def max_seq_len(self) -> int:
         return max(c + q for c, q in self.seqs)
 
-    def reference(self) -> torch.Tensor:
-        """All sequences' attention output in fp32: query j of a sequence sees keys 0 .. context_len + j."""
+    def reference(self, sliding_window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
+        """All sequences' attention output in fp32: query j of a sequence sees keys 0 .. context_len + j
+        (only the last `sliding_window` of them for a local layer; scores capped at `soft_cap`)."""
         outs = []
         for (context_len, query_len), q, k, v in zip(self.seqs, self.queries, self.keys, self.values):
             q, k, v = (t.float().transpose(0, 1) for t in (q, k, v))
             q_pos = torch.arange(context_len, context_len + query_len, device=self.device)
-            mask = torch.arange(k.shape[1], device=self.device)[None, :] <= q_pos[:, None]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=True)
+            k_pos = torch.arange(k.shape[1], device=self.device)[None, :]
+            mask = k_pos <= q_pos[:, None]
+            if sliding_window is not None:
+                mask &= k_pos > q_pos[:, None] - sliding_window
+            if soft_cap is None:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5,
+                                                   enable_gqa=True)
+            else:
+                k, v = (t.repeat_interleave(self.num_heads // self.num_kv_heads, dim=0) for t in (k, v))
+                scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5
+                scores = (torch.tanh(scores / soft_cap) * soft_cap).masked_fill(~mask, float("-inf"))
+                o = torch.softmax(scores, dim=-1) @ v
             outs.append(o.transpose(0, 1))
         return torch.cat(outs)
+
+    def drop_outside_window(self, sliding_window: int) -> None:
+        """Blank (to `nan`) every block that lies wholly before the window of its sequence's first
+        query, as the KV-cache manager frees them: a local layer's kernel must not read them."""
+        for (context_len, _), table in zip(self.seqs, self.tables):
+            for block in table[: max(0, context_len - sliding_window + 1) // self.block_size]:
+                self.k_cache[block] = float("nan")
+                self.v_cache[block] = float("nan")
 
     def take_new_kv(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This step's `(key, value, slot_mapping)`, with their slots blanked (to `nan`) in the

@@ -37,6 +37,9 @@ from pagedllm.utils import async_tensor_h2d, cdiv
 # Decode batches on the gather path are split into up to this many length groups (one SDPA call each).
 MAX_DECODE_GROUPS = 4
 MIN_DECODES_PER_GROUP = 8
+# A soft-capped layer's prefill materialises its scores: this many query rows at a time
+# (8 heads x 256 rows x 8192 keys in float32 is 64 MiB).
+SOFT_CAP_ROWS = 256
 
 
 @dataclass
@@ -129,11 +132,17 @@ def write_to_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache,
 
 
 class TorchPagedAttention(AttentionImpl):
-    """Attention over a paged KV cache with `torch.nn.functional.scaled_dot_product_attention`."""
+    """Attention over a paged KV cache with `torch.nn.functional.scaled_dot_product_attention`.
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
-        super().__init__(num_heads, num_kv_heads, head_dim, scale)
+    A local (sliding-window) or soft-capped layer takes `_forward_masked`: an explicit key mask by
+    position, reading only the blocks its window reaches, and the scores capped before the softmax.
+    The C++ decode kernel and SDPA's causal fast path know neither."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, logits_soft_cap: float | None = None) -> None:
+        super().__init__(num_heads, num_kv_heads, head_dim, scale, sliding_window, logits_soft_cap)
         self.gqa = num_heads != num_kv_heads
+        self.masked = sliding_window is not None or logits_soft_cap is not None
 
     def forward(
         self,
@@ -144,6 +153,8 @@ class TorchPagedAttention(AttentionImpl):
         meta: TorchAttentionMetadata,
     ) -> torch.Tensor:
         write_to_kv_cache(key, value, kv_cache, meta.slot_mapping)
+        if self.masked:
+            return self._forward_masked(query, key, value, kv_cache, meta)
         out = torch.empty_like(query)
         if meta.num_decodes and meta.decode_seq_lens is not None:
             n = meta.num_decodes  # decodes are rows 0 .. n - 1
@@ -159,6 +170,83 @@ class TorchPagedAttention(AttentionImpl):
             else:
                 k, v = (t.to(query.dtype) for t in self._gather(kv_cache, seq.block_ids, seq.seq_len))
             out[rows] = self._prefill(query[rows], k, v, seq.context_len)
+        return out
+
+    # ----- local (sliding-window) and soft-capped layers ------------------------------------
+    def _forward_masked(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache,
+                        meta: TorchAttentionMetadata) -> torch.Tensor:
+        out = torch.empty_like(query)
+        block_size = kv_cache[0].shape[1]
+        n = meta.num_decodes
+        if n and meta.decode_seq_lens is not None:  # the C++ kernel, from the window's first block
+            cpu_ops.paged_decode(out[:n], query[:n], *kv_cache, meta.decode_block_tables, meta.decode_seq_lens,
+                                 self.scale, self.sliding_window, self.logits_soft_cap)
+        elif n:
+            lens = meta.decode_key_mask.sum(1)
+            out[:n] = self._decode_masked(query[:n], kv_cache, meta.decode_block_tables, lens)
+        for seq in meta.prefills:
+            rows = slice(seq.token_start, seq.token_start + seq.query_len)
+            if seq.context_len == 0:
+                k, v, first_key = key[rows], value[rows], 0
+            else:
+                # The first block holding a key that some query of this chunk still sees.
+                first_block = 0
+                if self.sliding_window is not None:
+                    first_block = max(0, seq.context_len - self.sliding_window + 1) // block_size
+                first_key = first_block * block_size
+                k, v = (t.to(query.dtype) for t in self._gather(kv_cache, seq.block_ids[first_block:],
+                                                                seq.seq_len - first_key))
+            q_pos = torch.arange(seq.context_len, seq.seq_len, device=query.device)
+            k_pos = torch.arange(first_key, seq.seq_len, device=query.device)
+            mask = self._key_mask(q_pos[:, None], k_pos[None, :])
+            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query[rows], k, v))
+            out[rows] = self._attend(q, k, v, mask).squeeze(0).transpose(0, 1)
+        return out
+
+    def _key_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Causal, and within the window: query p sees keys p - sliding_window < j <= p."""
+        mask = k_pos <= q_pos
+        if self.sliding_window is not None:
+            mask &= k_pos > q_pos - self.sliding_window
+        return mask
+
+    def _decode_masked(self, q: torch.Tensor, kv_cache: KVCache, block_tables: torch.Tensor,
+                       seq_lens: torch.Tensor) -> torch.Tensor:
+        """Decodes of a local or capped layer; a local layer reads only the blocks its window spans."""
+        k_cache, v_cache = kv_cache
+        block_size = k_cache.shape[1]
+        n, max_blocks = block_tables.shape
+        block_idx = torch.arange(max_blocks, device=q.device).expand(n, max_blocks)
+        if self.sliding_window is not None:
+            # The window's keys span at most this many blocks, starting at the block of key seq_len - window.
+            span = min(max_blocks, cdiv(self.sliding_window - 1, block_size) + 1)
+            first = ((seq_lens - self.sliding_window).clamp(min=0) // block_size).clamp(max=max_blocks - span)
+            block_idx = first[:, None] + torch.arange(span, device=q.device)
+            block_tables = block_tables.gather(1, block_idx)
+        k_pos = (block_idx[:, :, None] * block_size + torch.arange(block_size, device=q.device)).flatten(1)
+        mask = self._key_mask((seq_lens - 1)[:, None], k_pos)
+        flat = block_tables.reshape(-1)
+        k = k_cache.index_select(0, flat).view(n, -1, *k_cache.shape[2:]).transpose(1, 2).to(q.dtype)
+        v = v_cache.index_select(0, flat).view(n, -1, *v_cache.shape[2:]).transpose(1, 2).to(q.dtype)
+        return self._attend(q.unsqueeze(2), k, v, mask[:, None, None, :]).squeeze(2)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q [b, heads, len, dim], k/v [b, kv_heads, keys, dim], mask [b or 1, 1 or heads, len, keys] or
+        [len, keys]."""
+        if self.logits_soft_cap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.gqa)
+        if self.gqa:
+            group = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        # As transformers' eager Gemma 2 attention: scale, cap, mask, softmax in float32. The scores are
+        # materialised, so a long prompt goes SOFT_CAP_ROWS query rows at a time.
+        out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=v.dtype, device=q.device)
+        for start in range(0, q.shape[-2], SOFT_CAP_ROWS):
+            rows = slice(start, start + SOFT_CAP_ROWS)
+            scores = torch.matmul(q[..., rows, :].float(), k.float().transpose(-1, -2)) * self.scale
+            scores = torch.tanh(scores / self.logits_soft_cap) * self.logits_soft_cap
+            scores = scores.masked_fill(~mask[..., rows, :], float("-inf"))
+            out[..., rows, :] = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
         return out
 
     def _decode_groups(self, query: torch.Tensor, kv_cache: KVCache, meta: TorchAttentionMetadata,

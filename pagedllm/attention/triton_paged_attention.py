@@ -74,8 +74,9 @@ class TritonAttentionMetadataBuilder(AttentionMetadataBuilder):
 class TritonPagedAttention(AttentionImpl):
     """Attention over a paged KV cache with Triton kernels (GQA, any head_dim, fp32/fp16/bf16)."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
-        super().__init__(num_heads, num_kv_heads, head_dim, scale)
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, logits_soft_cap: float | None = None) -> None:
+        super().__init__(num_heads, num_kv_heads, head_dim, scale, sliding_window, logits_soft_cap)
         if not torch.cuda.is_available() and not interpreting():
             raise ValueError("the Triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 to run its kernels on CPU")
 
@@ -95,12 +96,14 @@ class TritonPagedAttention(AttentionImpl):
             paged_decode(
                 out[:num_decodes], query[:num_decodes], k_cache, v_cache,
                 meta.block_tables[:num_decodes], meta.seq_lens[:num_decodes], meta.max_decode_seq_len, self.scale,
+                sliding_window=self.sliding_window, soft_cap=self.logits_soft_cap,
             )
         if meta.max_prefill_query_len:
             prefix_prefill(
                 out, query, k_cache, v_cache,
                 meta.block_tables[num_decodes:], meta.query_start_loc[num_decodes:], meta.seq_lens[num_decodes:],
                 meta.max_prefill_query_len, self.scale,
+                sliding_window=self.sliding_window, soft_cap=self.logits_soft_cap,
             )
         return out
 

@@ -142,6 +142,10 @@ class KVCacheManager:
     def get_block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_to_blocks.get(request_id, [])]
 
+    def get_group_block_ids(self, request_id: str) -> tuple[list[int], ...]:
+        """One block table per KV-cache group when there are several (`core/sliding_window_manager.py`)."""
+        return ()
+
     def reset_prefix_cache(self) -> bool:
         return self.block_pool.reset_prefix_cache()
 

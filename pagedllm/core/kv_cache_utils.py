@@ -14,18 +14,20 @@ import torch
 from pagedllm.config import EngineConfig, ModelConfig, ParallelConfig
 from pagedllm.distributed.parallel_state import get_pp_indices
 from pagedllm.logger import init_logger
-from pagedllm.utils import cdiv
+from pagedllm.model_executor.kv_cache_groups import kv_cache_groups_for, max_blocks_per_request, num_cache_tensors
 
 logger = init_logger(__name__)
 
 
 def bytes_per_block(model_config: ModelConfig, block_size: int, tp_size: int = 1,
                     dtype: torch.dtype | None = None, num_layers: int | None = None) -> int:
-    """One block's K and V over `num_layers` layers (default: all), on one worker; `dtype`: the cache's
-    (default: the model's)."""
+    """One block's K and V over the layers one worker caches, on one worker: every layer of a KV-cache
+    group (all layers, unless the model has local ones: `model_executor/kv_cache_groups.py`), or
+    `num_layers` (a pipeline stage's); `dtype`: the cache's (default: the model's)."""
     elem = torch.empty((), dtype=dtype or model_config.dtype).element_size()
     num_kv_heads = model_config.num_kv_heads // tp_size
-    num_layers = model_config.num_layers if num_layers is None else num_layers
+    if num_layers is None:
+        num_layers = num_cache_tensors(kv_cache_groups_for(model_config.text_config))
     return 2 * num_layers * block_size * num_kv_heads * model_config.head_dim * elem
 
 
@@ -46,9 +48,10 @@ def num_blocks_for_budget(config: EngineConfig, available_bytes: int) -> int:
     pc = config.parallel_config
     # Under pipeline parallelism a worker holds its stage's layers; the largest stage bounds the count.
     per_block = bytes_per_block(mc, cc.block_size, pc.tensor_parallel_size, config.kv_cache_dtype,
-                                max_stage_layers(mc.num_layers, pc))
+                                max_stage_layers(mc.num_layers, pc) if pc.pipeline_parallel_size > 1 else None)
     num_blocks = max(0, available_bytes) // per_block - 1  # the model runner adds the padding block
-    useful = sc.max_num_seqs * cdiv(mc.max_model_len, cc.block_size)
+    useful = sc.max_num_seqs * max_blocks_per_request(kv_cache_groups_for(mc.text_config), mc.max_model_len,
+                                                      cc.block_size, sc.max_num_batched_tokens)
     if num_blocks > useful:
         logger.debug("KV cache capped at %d blocks: all requests at max_model_len fit", useful)
         num_blocks = useful

@@ -281,6 +281,7 @@ class Scheduler:
             token_ids=request.all_token_ids[start : start + num_new],
             num_computed_tokens=start,
             block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
+            group_block_ids=self.kv_cache_manager.get_group_block_ids(request.request_id),
             sampling_params=params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,

@@ -225,6 +225,7 @@ class EngineArgs:
     def create_engine_config(self) -> EngineConfig:
         """Resolve the model (fetching a known short name), read its config, and build the engine's
         configs, each validated once with a clear `ValueError`."""
+        from pagedllm.model_executor.kv_cache_groups import kv_cache_groups_for
         from pagedllm.model_executor.layers.quantization import verify_quantization
         from pagedllm.model_executor.model_source import resolve_model
         from pagedllm.model_executor.pooling_config import resolve_runner
@@ -249,12 +250,10 @@ class EngineArgs:
             raise ValueError("enable_lora with pipeline_parallel_size > 1 is not supported yet: the adapters are "
                              "loaded for every layer, a stage holds only its own")
         text_config = text_config_of(hf_config)  # a vision-language model's language model
+        if self.pipeline_parallel_size > 1 and len(kv_cache_groups_for(text_config)) > 1:
+            raise ValueError("pipeline_parallel_size > 1 with sliding-window (local) layers is not supported yet: "
+                             "their separate block tables are not split by stage")
         max_pos = getattr(text_config, "max_position_embeddings", None) or 2048
-        sliding = getattr(text_config, "sliding_window", None)
-        if sliding and getattr(text_config, "use_sliding_window", True) and sliding < max_pos:
-            # Attention here is always full; capping the context at the window keeps results exact.
-            logger.warning("Model uses a sliding window of %d tokens; max_model_len is capped to it", sliding)
-            max_pos = sliding
         if runner.max_seq_length and self.max_model_len is None:
             max_pos = min(max_pos, runner.max_seq_length)  # what sentence-transformers truncates to, as vLLM
         max_model_len = self.max_model_len or max_pos

@@ -24,16 +24,17 @@ from collections import deque
 from typing import Iterable
 
 from pagedllm.config import EngineConfig
-from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.kv_cache_utils import num_blocks_for_budget
 from pagedllm.core.request_trace import make_tracer
 from pagedllm.core.scheduler import Scheduler
+from pagedllm.core.sliding_window_manager import make_kv_cache_manager
 from pagedllm.engine.core_messages import EngineCoreOutput
 from pagedllm.engine.engine_state import EngineState, PreemptionLog, StateHistory
 from pagedllm.engine.metrics import EngineStats
 from pagedllm.engine.tokenizer import load_tokenizer
 from pagedllm.executor import Executor, ExecutorDeadError, executor_class
 from pagedllm.logger import init_logger
+from pagedllm.model_executor.kv_cache_groups import kv_cache_groups_for, max_blocks_per_request
 from pagedllm.request import EngineCoreRequest, Request, RequestStatus
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
@@ -72,7 +73,8 @@ class EngineCore:
             self.shutdown()
             raise
         cc = config.cache_config
-        self.kv_cache_manager = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
+        self.kv_cache_manager = make_kv_cache_manager(kv_cache_groups_for(config.model_config.text_config), num_blocks,
+                                                      cc.block_size, cc.enable_prefix_caching)
         mc = config.model_config
         self.structured_output_manager = StructuredOutputManager(
             lambda: load_tokenizer(mc.tokenizer), mc.vocab_size, config.structured_outputs_backend)
@@ -100,7 +102,10 @@ class EngineCore:
         else:
             num_blocks = num_blocks_for_budget(config, executor.determine_available_memory())
         capacity = num_blocks * cc.block_size
-        if mc.max_model_len > capacity:
+        # A model with local layers needs a block per group; its local groups only their window's.
+        needed = max_blocks_per_request(kv_cache_groups_for(mc.text_config), mc.max_model_len, cc.block_size,
+                                        config.scheduler_config.max_num_batched_tokens)
+        if needed > num_blocks:
             raise ValueError(
                 f"max_model_len ({mc.max_model_len}) is larger than the KV cache can hold "
                 f"({num_blocks} blocks x {cc.block_size} = {capacity} tokens); lower max_model_len or "

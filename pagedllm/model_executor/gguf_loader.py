@@ -45,6 +45,9 @@ SUPPORTED_GGUF_ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "qwen3": ("qwen3",),
     "qwen2moe": ("qwen2_moe",),
     "qwen3moe": ("qwen3_moe",),
+    "phi3": ("phi3",),
+    "gemma2": ("gemma2",),
+    "gemma3": ("gemma3_text",),  # the text model; transformers reads a gemma3 GGUF as Gemma3TextConfig
 }
 # Of those, the mixture-of-experts ones (whose experts transformers reads; it reads a "llama" file's as nothing).
 MOE_GGUF_ARCHITECTURES = ("qwen2moe", "qwen3moe")

@@ -13,13 +13,14 @@ import mmap
 import torch
 
 from pagedllm.config import ModelConfig
+from pagedllm.model_executor.kv_cache_groups import kv_cache_groups_for, layer_to_tensor, num_cache_tensors
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def allocate_kv_cache(
     model_config: ModelConfig, num_blocks: int, block_size: int, device: torch.device, tp_size: int = 1,
-    dtype: torch.dtype | None = None, num_layers: int | None = None,
+    dtype: torch.dtype | None = None, stage_layers: int | None = None,
 ) -> KVCaches:
     """Zero-filled, so that slots a masked attention row still reads hold finite values.
 
@@ -31,10 +32,17 @@ def allocate_kv_cache(
     its 3 s in `index_copy_` in bfloat16).
     """
     dtype = dtype or model_config.dtype
-    num_layers = model_config.num_layers if num_layers is None else num_layers  # a pipeline stage's: its own
     num_kv_heads = model_config.num_kv_heads // tp_size
     shape = (num_blocks, block_size, num_kv_heads, model_config.head_dim)
-    num_tensors = 2 * num_layers
+    if stage_layers is None:
+        # One pair per layer, unless local and global layers keep separate block tables: then one pair per
+        # layer of a KV-cache group, shared by the groups (`model_executor/kv_cache_groups.py`).
+        groups = kv_cache_groups_for(model_config.text_config)
+        num_pairs = num_cache_tensors(groups)
+        pair_of = [tensor for _, (_, tensor) in sorted(layer_to_tensor(groups).items())]
+    else:  # a pipeline stage: one pair for each of its layers (one group: refused otherwise)
+        num_pairs, pair_of = stage_layers, list(range(stage_layers))
+    num_tensors = 2 * num_pairs
     if device.type == "cpu":
         elem = torch.empty((), dtype=dtype).element_size()
         numel = num_tensors * num_blocks * block_size * num_kv_heads * model_config.head_dim
@@ -42,4 +50,4 @@ def allocate_kv_cache(
         tensors = list(flat.view(num_tensors, *shape).unbind(0))
     else:
         tensors = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_tensors)]
-    return [(tensors[2 * i], tensors[2 * i + 1]) for i in range(num_layers)]
+    return [(tensors[2 * t], tensors[2 * t + 1]) for t in pair_of]

@@ -35,6 +35,7 @@ from pagedllm.distributed.parallel_state import PipelineParallelGroup, TensorPar
 from pagedllm.lora.layers import LoRALinearMethod
 from pagedllm.lora.model_manager import LoRAModelManager
 from pagedllm.lora.punica import PunicaWrapper
+from pagedllm.model_executor.kv_cache_groups import kv_cache_groups_for, layer_to_tensor
 from pagedllm.model_executor.layers.build_context import BuildContext
 from pagedllm.model_executor.layers.pooler import PoolingMetadata
 from pagedllm.model_executor.model_loader import load_model
@@ -83,7 +84,12 @@ class ModelRunner:
         self.tp_group = tp_group or TensorParallelGroup()
         self.pp_group = pp_group or PipelineParallelGroup()
         first_layer, end_layer = self.pp_group.layer_range(config.model_config.num_layers)
-        self.num_stage_layers = end_layer - first_layer  # the layers whose KV cache this worker holds
+        # A pipeline stage caches only its layers' K/V (None: this worker runs every layer).
+        self.stage_layers = end_layer - first_layer if self.pp_group.world_size > 1 else None
+        # Local and global layers each read K/V through their own group's block table.
+        groups = kv_cache_groups_for(config.model_config.text_config)
+        self.num_kv_cache_groups = len(groups)
+        self.layer_group = [g for _, (g, _) in sorted(layer_to_tensor(groups).items())]
         if self.device.type == "cpu":
             keep_freed_memory_in_heap()  # large activations stop page-faulting in every step
         mc = config.model_config
@@ -116,6 +122,7 @@ class ModelRunner:
         use_graphs = cuda_graphs_wanted(self.device, mc.enforce_eager, self.attn_backend) and not self.is_pooling_model
         use_graphs = use_graphs and lora_config is None  # graphs would replay without the step's LoRA mapping
         use_graphs = use_graphs and self.pp_group.world_size == 1  # a stage's forward sends and receives
+        use_graphs = use_graphs and self.num_kv_cache_groups == 1  # a graph's buffers hold one block table
         self.graph_sizes = capture_sizes(config.scheduler_config.max_num_seqs) if use_graphs else []
         self.num_blocks = 0  # until initialize_kv_cache
         self.kv_caches: KVCaches = []
@@ -129,7 +136,7 @@ class ModelRunner:
         # One block more than the scheduler hands out: the padding block, which padded rows
         # of a CUDA-graph replay write to (never a live sequence's block).
         self.kv_caches = allocate_kv_cache(self.config.model_config, num_blocks + 1, self.block_size, self.device,
-                                           self.tp_group.world_size, self.config.kv_cache_dtype, self.num_stage_layers)
+                                           self.tp_group.world_size, self.config.kv_cache_dtype, self.stage_layers)
         if self.graph_sizes:
             self.cuda_graphs = DecodeGraphRunner(
                 self.model, self.kv_caches, self.block_size, self.config.model_config.max_model_len, self.graph_sizes,
@@ -142,7 +149,7 @@ class ModelRunner:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
+        slots: list[list[np.ndarray]] = [[] for _ in range(self.num_kv_cache_groups)]
         sample_rows: list[int] = []
         sample_requests: list[ScheduledRequest] = []
         prompt_rows: dict[str, tuple[torch.Tensor, int, torch.Tensor, int]] = {}
@@ -162,8 +169,9 @@ class ModelRunner:
             input_ids.extend(req.token_ids)
             pos = np.arange(start, start + n)
             positions.append(pos)
-            block_ids = np.asarray(req.block_ids[: cdiv(start + n, bs)], dtype=np.int64)
-            slots.append(block_ids[pos // bs] * bs + pos % bs)
+            for group_slots, table in zip(slots, self._block_tables(req)):
+                block_ids = np.asarray(table[: cdiv(start + n, bs)], dtype=np.int64)
+                group_slots.append(block_ids[pos // bs] * bs + pos % bs)
             mm_placements.extend((row, start, n, feature) for feature in req.mm_features)
             if req.sample:
                 sample_rows.append(row + n - 1)
@@ -185,14 +193,15 @@ class ModelRunner:
 
         if self.punica is not None:
             self.punica.update(self._lora_indices(ordered))
-        common = CommonAttentionMetadata(
+        commons = [CommonAttentionMetadata(
             query_lens=[len(r.token_ids) for r in ordered],
             context_lens=[r.num_computed_tokens for r in ordered],
-            block_ids=[r.block_ids for r in ordered],
+            block_ids=[self._block_tables(r)[g] for r in ordered],
             num_decodes=len(decodes),
-            slot_mapping=np.concatenate(slots),
+            slot_mapping=np.concatenate(group_slots),
             block_size=bs,
-        )
+        ) for g, group_slots in enumerate(slots)]
+        common = commons[0]
         dev = self.device
         token_type_ids = None
         if token_types and self.is_encoder_only:
@@ -204,7 +213,7 @@ class ModelRunner:
             input_ids=async_tensor_h2d(input_ids, torch.long, dev),
             positions=async_tensor_h2d(torch.from_numpy(np.concatenate(positions)), torch.long, dev),
             attn_metadata=(EncoderAttentionMetadata.build(common.query_lens, dev) if self.is_encoder_only
-                           else self.attn_metadata_builder.build(common)),
+                           else self._build_attn_metadata(commons)),
             sample_rows=async_tensor_h2d(sample_rows, torch.long, dev),
             sample_requests=sample_requests,
             prompt_logprob_rows=prompt_rows,
@@ -213,6 +222,15 @@ class ModelRunner:
             token_type_ids=token_type_ids,
             mm_placements=mm_placements,
         )
+
+    def _block_tables(self, req: ScheduledRequest) -> tuple[list[int], ...]:
+        """The request's block table of each KV-cache group (a made-up request may give one for all)."""
+        return req.group_block_ids or (req.block_ids,) * self.num_kv_cache_groups
+
+    def _build_attn_metadata(self, commons: list[CommonAttentionMetadata]) -> Any:
+        """One metadata for every layer; with several KV-cache groups, a list of each layer's group's."""
+        metas = [self.attn_metadata_builder.build(common) for common in commons]
+        return metas[0] if len(metas) == 1 else [metas[g] for g in self.layer_group]
 
     def _lora_indices(self, ordered: list[ScheduledRequest]) -> Optional[torch.Tensor]:
         """Each row's adapter slot (-1: the base model), the adapters put into their slots first;
@@ -275,7 +293,7 @@ class ModelRunner:
 
     def allocate_dummy_kv_caches(self, num_blocks: int) -> KVCaches:
         return allocate_kv_cache(self.config.model_config, num_blocks, self.block_size, self.device,
-                                 self.tp_group.world_size, self.config.kv_cache_dtype, self.num_stage_layers)
+                                 self.tp_group.world_size, self.config.kv_cache_dtype, self.stage_layers)
 
     def _replayed_inputs(self, sched: SchedulerOutput) -> ModelInputs:
         """What sampling needs from a graph-replayed decode batch (one row per request, in order)."""

@@ -30,6 +30,7 @@ from pagedllm.attention.ops.utils import (
     dot,
     num_compute_units,
     padded,
+    soft_capped_log2_scores,
 )
 
 LOG2E = 1.4426950408889634
@@ -50,6 +51,9 @@ def _paged_decode_kernel(
     block_tables_ptr,  # [num_seqs, max_blocks]
     seq_lens_ptr,  # [num_seqs]
     qk_scale,  # softmax scale * log2(e)
+    scale,  # the softmax scale itself (soft-capping applies before the base change)
+    soft_cap,  # SOFT_CAP: scores become soft_cap * tanh(score / soft_cap)
+    sliding_window,  # SLIDING: the query sees only its last sliding_window keys (itself included)
     num_heads,
     num_splits,
     stride_q_token,
@@ -71,6 +75,8 @@ def _paged_decode_kernel(
     HEAD_DIM_PADDED: tl.constexpr,
     SPLIT: tl.constexpr,  # num_splits > 1: write partial results for the reduction
     COMPUTE_IN_FP32: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
+    SLIDING: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -79,9 +85,15 @@ def _paged_decode_kernel(
 
     # This split's keys: a contiguous run of whole tiles. Late splits of a short sequence may
     # get none; they still record an empty partial result (m = -inf, l = 0) for the reduction.
+    # A local layer starts at the tile of its window's first key (blocks before it may be freed);
+    # every tile from there on still holds a visible key.
     num_tiles = tl.cdiv(seq_len, TILE_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
-    tile_lo = split * tiles_per_split
+    first_key = 0
+    if SLIDING:
+        first_key = tl.maximum(seq_len - sliding_window, 0)
+    first_tile = first_key // TILE_N
+    tiles_per_split = tl.cdiv(num_tiles - first_tile, num_splits)
+    tile_lo = first_tile + split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
     group = tl.arange(0, GROUP_PADDED)
@@ -105,7 +117,7 @@ def _paged_decode_kernel(
     block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
     for tile in range(tile_lo, tile_hi):
         k_pos = tile * TILE_N + tl.arange(0, TILE_N)
-        k_mask = k_pos < seq_len
+        k_mask = (k_pos < seq_len) & (k_pos >= first_key)
         block = tl.load(block_table + k_pos // BLOCK_SIZE, mask=k_mask, other=0).to(tl.int64)
         in_block = k_pos % BLOCK_SIZE
         k = tl.load(  # [head_dim, TILE_N]
@@ -124,7 +136,10 @@ def _paged_decode_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
 
-        scores = dot(q, k) * qk_scale  # [GROUP_PADDED, TILE_N]
+        if SOFT_CAP:
+            scores = soft_capped_log2_scores(dot(q, k), scale, soft_cap)
+        else:
+            scores = dot(q, k) * qk_scale  # [GROUP_PADDED, TILE_N]
         scores = tl.where(k_mask[None, :], scores, float("-inf"))
         # Online softmax; each tile holds at least one key, so m_new is finite.
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -213,9 +228,12 @@ def paged_decode(
     scale: float,
     num_splits: int | None = None,
     tile_n: int | None = None,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> None:
     """Decode attention for sequences with one query token each; `num_splits`/`tile_n` override
-    the heuristics (tests)."""
+    the heuristics (tests). A local layer (`sliding_window`) reads only its window's blocks;
+    `soft_cap` caps the scores (Gemma 2)."""
     num_seqs, num_heads, head_dim = query.shape
     if num_seqs == 0:
         return
@@ -224,7 +242,8 @@ def paged_decode(
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     check_last_dim_contiguous(out, query, k_cache, v_cache)
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, query.device)
+        keys = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, keys, query.device)
     tile_n = tile_n or 64
     head_dim_padded = padded(head_dim, 16)
     queries_per_kv = num_heads // num_kv_heads
@@ -241,6 +260,9 @@ def paged_decode(
         out, partial_out, partial_max, partial_sum,
         query, k_cache, v_cache, block_tables, seq_lens,
         scale * LOG2E,
+        scale,
+        soft_cap or 1.0,
+        sliding_window or 0,
         num_heads,
         num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
@@ -255,6 +277,8 @@ def paged_decode(
         HEAD_DIM_PADDED=head_dim_padded,
         SPLIT=num_splits > 1,
         COMPUTE_IN_FP32=compute_in_fp32(query.dtype, k_cache.dtype),
+        SOFT_CAP=soft_cap is not None,
+        SLIDING=sliding_window is not None,
         num_warps=4,
     )
     if num_splits > 1:

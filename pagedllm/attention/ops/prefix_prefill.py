@@ -23,7 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.attention.ops.utils import check_last_dim_contiguous, compute_in_fp32, dot, padded
+from pagedllm.attention.ops.utils import (
+    check_last_dim_contiguous,
+    compute_in_fp32,
+    dot,
+    padded,
+    soft_capped_log2_scores,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -38,6 +44,9 @@ def _prefix_prefill_kernel(
     query_start_loc_ptr,  # [num_seqs + 1]: sequence s owns batch rows start[s] .. start[s + 1] - 1
     seq_lens_ptr,  # [num_seqs]: context_len + query_len
     qk_scale,  # softmax scale * log2(e)
+    scale,  # the softmax scale itself (soft-capping applies before the base change)
+    soft_cap,  # SOFT_CAP: scores become soft_cap * tanh(score / soft_cap)
+    sliding_window,  # SLIDING: query at p sees keys p - sliding_window < j <= p
     stride_q_token,
     stride_q_head,
     stride_o_token,
@@ -56,6 +65,8 @@ def _prefix_prefill_kernel(
     BLOCK_N: tl.constexpr,  # keys per inner-loop tile
     HEAD_DIM_PADDED: tl.constexpr,
     COMPUTE_IN_FP32: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
+    SLIDING: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -90,9 +101,12 @@ def _prefix_prefill_kernel(
     # The last row of this tile sees keys up to its own position; nothing later is read.
     kv_end = tl.minimum(seq_len, context_len + (m_tile + 1) * BLOCK_M)
     block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
-    for kv_start in range(0, kv_end, BLOCK_N):
+    first_key = 0
+    if SLIDING:  # the first key any row of this tile sees: blocks before it may be freed, never read
+        first_key = tl.maximum(context_len + m_tile * BLOCK_M - sliding_window + 1, 0)
+    for kv_start in range((first_key // BLOCK_N) * BLOCK_N, kv_end, BLOCK_N):
         k_pos = kv_start + tl.arange(0, BLOCK_N)
-        k_mask = k_pos < kv_end
+        k_mask = (k_pos < kv_end) & (k_pos >= first_key)
         # Paged gather: each key position finds its physical block through the block table.
         block = tl.load(block_table + k_pos // BLOCK_SIZE, mask=k_mask, other=0).to(tl.int64)
         in_block = k_pos % BLOCK_SIZE
@@ -113,18 +127,27 @@ def _prefix_prefill_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
 
-        scores = dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
+        if SOFT_CAP:
+            scores = soft_capped_log2_scores(dot(q, k), scale, soft_cap)
+        else:
+            scores = dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
         visible = (k_pos[None, :] <= q_pos[:, None]) & k_mask[None, :]
+        if SLIDING:
+            visible = visible & (k_pos[None, :] > q_pos[:, None] - sliding_window)
         scores = tl.where(visible, scores, float("-inf"))
 
         # Online softmax. Every row sees key 0 in the first tile, so m_new is finite from then on.
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        if SLIDING:  # a later row may see nothing yet in its first tiles: keep its -inf maximum harmless
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old maximum
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
         m_i = m_new
 
+    if SLIDING:  # padding rows past the query may see no key at all: 0 / 0, never stored
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     tl.store(
         out_ptr + (q_start + rows)[:, None] * stride_o_token + head * stride_o_head + dims[None, :],
@@ -145,8 +168,11 @@ def prefix_prefill(
     scale: float,
     block_m: int | None = None,
     block_n: int | None = None,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> None:
-    """Attention for every prefill sequence; `block_m`/`block_n` override the tile sizes (tests)."""
+    """Attention for every prefill sequence; `block_m`/`block_n` override the tile sizes (tests).
+    A local layer (`sliding_window`) reads only its window's blocks; `soft_cap` caps the scores."""
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0 or max_query_len == 0:
         return
@@ -163,7 +189,7 @@ def prefix_prefill(
     grid = (num_seqs, num_heads, triton.cdiv(max_query_len, block_m))
     _prefix_prefill_kernel[grid](
         out, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
-        scale * LOG2E,
+        scale * LOG2E, scale, soft_cap or 1.0, sliding_window or 0,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -175,5 +201,7 @@ def prefix_prefill(
         BLOCK_N=block_n,
         HEAD_DIM_PADDED=padded(head_dim, 16),
         COMPUTE_IN_FP32=compute_in_fp32(query.dtype, k_cache.dtype),
+        SOFT_CAP=soft_cap is not None,
+        SLIDING=sliding_window is not None,
         num_warps=4,
     )

@@ -46,6 +46,15 @@ def check_last_dim_contiguous(*tensors: torch.Tensor) -> None:
 
 
 @triton.jit
+def soft_capped_log2_scores(raw, scale, soft_cap):
+    """Gemma 2's capped scores, `soft_cap * tanh(raw * scale / soft_cap)`, in base 2 like the rest
+    (tanh written with exp, which every Triton version and the interpreter have)."""
+    x = raw * (scale / soft_cap)
+    tanh = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    return tanh * (soft_cap * 1.4426950408889634)
+
+
+@triton.jit
 def dot(a, b):
     """`a @ b` accumulated in fp32. fp32 operands multiply exactly (IEEE), never as TF32, so the
     fp32 path matches PyTorch's; fp16/bf16 operands go to the tensor cores."""

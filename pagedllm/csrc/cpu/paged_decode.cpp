@@ -13,7 +13,9 @@
 // Math in float32 whatever the storage types (float32 or bfloat16 each). The cache may be stored
 // in a narrower type than the query (a bfloat16 KV cache under float32 weights, vLLM's
 // kv_cache_dtype): the kernel is bound by reading the cache, so half the bytes is most of the
-// time back.
+// time back. A local layer (sliding_window > 0) reads only its last sliding_window keys, from the
+// block holding the first of them (earlier blocks may have been freed); soft_cap > 0 caps each
+// score at soft_cap * tanh(score / soft_cap) before the softmax (Gemma 2).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -103,7 +105,8 @@ inline const float* widened(const cache_t* src, std::vector<float>& buf, int64_t
 
 template <typename scalar_t, typename cache_t>
 void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
-            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t sliding_window,
+            double soft_cap) {
   const int64_t num_seqs = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
   const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
@@ -116,7 +119,7 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
   scalar_t* o = out.data_ptr<scalar_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
-  const float fscale = static_cast<float>(scale);
+  const float fscale = static_cast<float>(scale), cap = static_cast<float>(soft_cap);
   const int64_t threads = at::get_num_threads();
   const int64_t kv_per_item = num_seqs >= 4 * threads ? num_kv_heads : 1;
   const int64_t items_per_seq = num_kv_heads / kv_per_item, items = num_seqs * items_per_seq;
@@ -129,24 +132,28 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
   at::parallel_for(0, parts, 1, [&](int64_t first_part, int64_t last_part) {
     std::vector<float> qf(heads_per_item * head_dim), acc(heads_per_item * head_dim), row(head_dim), scores;
     for (int64_t item = bounds[first_part]; item < bounds[last_part]; ++item) {
-      const int64_t s = item / items_per_seq, kv0 = (item % items_per_seq) * kv_per_item, len = lens[s];
+      const int64_t s = item / items_per_seq, kv0 = (item % items_per_seq) * kv_per_item, seq_len = lens[s];
+      const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, seq_len - sliding_window) : 0;
+      const int64_t len = seq_len - first;  // keys this query sees: positions first .. seq_len - 1
       const int64_t h0 = kv0 * group;  // first query head of this item
       const int64_t* table = tables + s * max_blocks;
-      const int64_t num_blocks = (len + block_size - 1) / block_size;
+      const int64_t num_blocks = (seq_len + block_size - 1) / block_size;
       scores.resize(heads_per_item * len);
       for (int64_t h = 0; h < heads_per_item; ++h) {
         const scalar_t* qh = q + s * q_seq_stride + (h0 + h) * q_head_stride;
         for (int64_t d = 0; d < head_dim; ++d) qf[h * head_dim + d] = static_cast<float>(qh[d]) * fscale;
       }
-      // Calls fn(t, row) with this item's part of each cached token's row, in order, walking the
-      // block table block by block, and prefetches the next block while the current one is read.
+      // Calls fn(i, row) with this item's part of the row of each visible key (i counts from the
+      // first), in order, walking the block table block by block, and prefetches the next block
+      // while the current one is read.
       auto for_each_token = [&](const cache_t* cache, auto&& fn) {
-        for (int64_t blk = 0, t = 0; blk < num_blocks; ++blk) {
+        for (int64_t blk = first / block_size, t = blk * block_size; blk < num_blocks; ++blk) {
           if (blk + 1 < num_blocks)
             prefetch_rows(reinterpret_cast<const char*>(cache + table[blk + 1] * block_stride + kv0 * head_dim),
                           block_size, token_stride_bytes, item_row_bytes);
           const cache_t* r = cache + table[blk] * block_stride + kv0 * head_dim;
-          for (const int64_t end = std::min(len, t + block_size); t < end; ++t, r += token_stride) fn(t, r);
+          for (const int64_t end = std::min(seq_len, t + block_size); t < end; ++t, r += token_stride)
+            if (t >= first) fn(t - first, r);
         }
       };
       // Scores: each query head against every cached key of its KV head, KV head by KV head so
@@ -155,7 +162,8 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
         for (int64_t g = 0; g < kv_per_item; ++g) {
           const float* kg = widened(k + g * head_dim, row, head_dim);
           for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-            scores[h * len + t] = dot(qf.data() + h * head_dim, kg, head_dim);
+            const float score = dot(qf.data() + h * head_dim, kg, head_dim);
+            scores[h * len + t] = cap > 0.f ? cap * std::tanh(score / cap) : score;
           }
         }
       });
@@ -197,7 +205,8 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
 }  // namespace
 
 void paged_decode(at::Tensor out, const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t sliding_window,
+                  double soft_cap) {
   TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes(), "paged_decode: query and out must be [seqs, heads, dim]");
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1, "paged_decode: head_dim must be contiguous");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
@@ -217,17 +226,21 @@ void paged_decode(at::Tensor out, const at::Tensor& query, const at::Tensor& k_c
   for (int64_t s = 0; s < query.size(0); ++s) {
     TORCH_CHECK(lens[s] > 0 && lens[s] <= max_blocks * block_size, "paged_decode: seq_lens[", s, "] = ", lens[s],
                 " outside [1, ", max_blocks * block_size, "]");
-    for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; ++b)
+    const int64_t first_key = sliding_window > 0 ? std::max<int64_t>(0, lens[s] - sliding_window) : 0;
+    for (int64_t b = first_key / block_size; b < (lens[s] + block_size - 1) / block_size; ++b)
       TORCH_CHECK(tables[s * max_blocks + b] >= 0 && tables[s * max_blocks + b] < num_blocks,
                   "paged_decode: block id ", tables[s * max_blocks + b], " outside the cache's ", num_blocks, " blocks");
   }
   check_float_or_bf16(query.scalar_type(), "paged_decode");
   check_float_or_bf16(k_cache.scalar_type(), "paged_decode (cache)");
   const bool q32 = query.scalar_type() == at::kFloat, c32 = k_cache.scalar_type() == at::kFloat;
-  if (q32 && c32) decode<float, float>(out, query, k_cache, v_cache, block_tables, seq_lens, scale);
-  else if (q32) decode<float, c10::BFloat16>(out, query, k_cache, v_cache, block_tables, seq_lens, scale);
-  else if (c32) decode<c10::BFloat16, float>(out, query, k_cache, v_cache, block_tables, seq_lens, scale);
-  else decode<c10::BFloat16, c10::BFloat16>(out, query, k_cache, v_cache, block_tables, seq_lens, scale);
+  auto run = [&](auto kernel) {
+    kernel(out, query, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, soft_cap);
+  };
+  if (q32 && c32) run(decode<float, float>);
+  else if (q32) run(decode<float, c10::BFloat16>);
+  else if (c32) run(decode<c10::BFloat16, float>);
+  else run(decode<c10::BFloat16, c10::BFloat16>);
 }
 
 }  // namespace pagedllm

@@ -11,6 +11,9 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": DecoderForCausalLM,
     "Qwen2ForCausalLM": DecoderForCausalLM,
     "Qwen3ForCausalLM": DecoderForCausalLM,
+    "Phi3ForCausalLM": DecoderForCausalLM,
+    "Gemma2ForCausalLM": DecoderForCausalLM,
+    "Gemma3ForCausalLM": DecoderForCausalLM,
     # mixture of experts (models/moe.py)
     "MixtralForCausalLM": DecoderForCausalLM,
     "Qwen2MoeForCausalLM": DecoderForCausalLM,
@@ -28,7 +31,9 @@ def get_architecture(hf_config) -> str:
     archs = list(getattr(hf_config, "architectures", None) or [])
     if not archs:
         model_type = getattr(hf_config, "model_type", "")
-        archs = {"llama": ["LlamaForCausalLM"], "mistral": ["MistralForCausalLM"], "qwen2": ["Qwen2ForCausalLM"], "qwen3": ["Qwen3ForCausalLM"]}.get(model_type, [])
+        archs = {"llama": ["LlamaForCausalLM"], "mistral": ["MistralForCausalLM"], "qwen2": ["Qwen2ForCausalLM"],
+                 "qwen3": ["Qwen3ForCausalLM"], "phi3": ["Phi3ForCausalLM"], "gemma2": ["Gemma2ForCausalLM"],
+                 "gemma3_text": ["Gemma3ForCausalLM"]}.get(model_type, [])
     for arch in archs:
         if arch in SUPPORTED_ARCHITECTURES:
             return arch

@@ -1,8 +1,13 @@
-"""One decoder-only transformer for the Llama family, Qwen2 and Qwen3, and their mixture-of-experts kin.
+"""One decoder-only transformer for the Llama family, Qwen2, Qwen3, Phi-3 and Gemma 2/3, and the
+mixture-of-experts kin of Llama and Qwen.
 
 The families differ by flags, not by copied files: Qwen2 adds a bias to Q/K/V, Qwen3 adds
-RMSNorm on each head of Q and K, some checkpoints tie the LM head to the embedding; Mixtral,
-Qwen2-MoE and Qwen3-MoE replace the MLP of (some) layers by a mixture of experts (`models/moe.py`).
+RMSNorm on each head of Q and K, some checkpoints tie the LM head to the embedding. Phi-3 ships
+its Q/K/V and gate/up already fused. Gemma scales the embedding by sqrt(hidden_size), its norms
+by (1 + weight), and wraps attention and the MLP each in a pre- and a post-norm; Gemma 2 soft-caps
+the attention scores and the final logits. Which layers are local (sliding-window) and which rope
+base each uses comes from the config (`layer_types.py`). Mixtral, Qwen2-MoE and Qwen3-MoE replace
+the MLP of (some) layers by a mixture of experts (`models/moe.py`).
 Weights arrive with Hugging Face names and are packed into fused QKV and gate/up matrices
 so each layer runs three large matmuls instead of seven small ones. Under tensor parallelism
 (`tp_group` of N ranks) each rank holds 1/N of the heads, of the MLP and of the vocabulary; the
@@ -34,6 +39,7 @@ from pagedllm.model_executor.layers.linear import (
 )
 from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from pagedllm.model_executor.models.layer_types import layer_sliding_windows, layer_types
 from pagedllm.model_executor.models.moe import MOE_ARCHITECTURES, MoEFlags, SparseMoeBlock, map_expert_name
 from pagedllm.model_executor.models.pipeline import MissingLayer, is_stage_param, receive_hidden, send_hidden
 
@@ -45,6 +51,9 @@ class ArchFlags:
     mlp_bias: bool
     qk_norm: bool
     moe: MoEFlags | None = None  # mixture of experts in place of the dense MLP (models/moe.py)
+    # Gemma: RMSNorm scales by (1 + weight) (folded into the weight as it loads), norms before and
+    # after both attention and the MLP, and the embedding scaled by sqrt(hidden_size).
+    gemma_norms: bool = False
 
 
 def arch_flags(architecture: str, config) -> ArchFlags:
@@ -53,16 +62,22 @@ def arch_flags(architecture: str, config) -> ArchFlags:
                        moe=MoEFlags.from_config(architecture, config))
     attention_bias = bool(getattr(config, "attention_bias", False))
     mlp_bias = bool(getattr(config, "mlp_bias", False))
+    if architecture == "Gemma2ForCausalLM":
+        return ArchFlags(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=False, qk_norm=False,
+                         gemma_norms=True)
+    if architecture == "Gemma3ForCausalLM":
+        return ArchFlags(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=False, qk_norm=True,
+                         gemma_norms=True)
     if architecture == "Qwen2ForCausalLM":
         return ArchFlags(qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False)
     if architecture == "Qwen3ForCausalLM":
         return ArchFlags(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=False, qk_norm=True)
-    # LlamaForCausalLM, MistralForCausalLM
+    # LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM
     return ArchFlags(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=mlp_bias, qk_norm=False)
 
 
 class Attention(nn.Module):
-    def __init__(self, config, flags: ArchFlags, ctx: BuildContext) -> None:
+    def __init__(self, config, flags: ArchFlags, ctx: BuildContext, layer_idx: int) -> None:
         super().__init__()
         tp_group, method = ctx.tp_group, ctx.linear_methods.linear
         total_heads = config.num_attention_heads
@@ -80,9 +95,14 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ctx.fused_ops)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ctx.fused_ops)
         self.qk_norm = flags.qk_norm
-        self.rotary_emb = RotaryEmbedding(config, self.head_dim, ctx.max_position, ctx.dtype, ctx.fused_ops)
+        self.rotary_emb = RotaryEmbedding(config, self.head_dim, ctx.max_position, ctx.dtype, ctx.fused_ops,
+                                          layer_type=layer_types(config)[layer_idx])
+        # Gemma scales queries by query_pre_attn_scalar, which need not be head_dim.
+        scale = (getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
         impl = ctx.attn_backend.get_impl_cls()
-        self.attn = impl(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        self.attn = impl(self.num_heads, self.num_kv_heads, self.head_dim, scale,
+                         sliding_window=layer_sliding_windows(config)[layer_idx],
+                         logits_soft_cap=getattr(config, "attn_logit_softcapping", None))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache, meta: Any) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
@@ -106,8 +126,9 @@ class GatedMLP(nn.Module):
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias, tp_group=ctx.tp_group,
                                            linear_method=method)
         self.fused_ops = ctx.fused_ops
-        self.act = ACT2FN[config.hidden_act]
-        self.is_silu = config.hidden_act == "silu"
+        act = getattr(config, "hidden_activation", None) or config.hidden_act  # Gemma names it hidden_activation
+        self.act = ACT2FN[act]
+        self.is_silu = act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -118,9 +139,9 @@ class GatedMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, flags: ArchFlags, ctx: BuildContext, layer_idx: int = 0) -> None:
+    def __init__(self, config, flags: ArchFlags, ctx: BuildContext, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = Attention(config, flags, ctx)
+        self.self_attn = Attention(config, flags, ctx, layer_idx)
         moe = flags.moe
         if moe is not None and moe.is_sparse(layer_idx):
             shared = moe.shared_expert_intermediate_size
@@ -129,6 +150,10 @@ class DecoderLayer(nn.Module):
             self.mlp = GatedMLP(config, flags.mlp_bias, ctx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.fused_ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.fused_ops)
+        self.sandwich_norms = flags.gemma_norms
+        if self.sandwich_norms:  # Gemma: post_attention_layernorm normalises attention's output instead
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.fused_ops)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.fused_ops)
 
     def forward(
         self,
@@ -144,6 +169,9 @@ class DecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        if self.sandwich_norms:
+            hidden, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(hidden), residual)
+            return self.post_feedforward_layernorm(self.mlp(hidden)), residual
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -168,6 +196,8 @@ class DecoderForCausalLM(nn.Module):
                                                        else None)
         self.layers = nn.ModuleList(DecoderLayer(config, flags, ctx, i) if self.start_layer <= i < self.end_layer
                                     else MissingLayer() for i in range(config.num_hidden_layers))
+        self.gemma_norms = flags.gemma_norms
+        self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
         if pp.is_last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.fused_ops)
             if not self.tie_word_embeddings:
@@ -176,22 +206,28 @@ class DecoderForCausalLM(nn.Module):
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The token embeddings (a vision-language model replaces its image placeholders' rows)."""
-        return self.embed_tokens(input_ids)
+        hidden = self.embed_tokens(input_ids)
+        if self.gemma_norms:  # sqrt(hidden_size) rounded to the activations' dtype, as transformers does
+            hidden = hidden * torch.tensor(self.config.hidden_size**0.5, dtype=hidden.dtype)
+        return hidden
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: Any, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """`kv_caches`: one per layer of this stage. `inputs_embeds`: the first layer's input when the
-        caller built it (images' rows in it), else the embeddings of `input_ids`. A stage before the
-        last returns its hidden states after sending them on (nothing reads them here)."""
+        """`kv_caches`: one per layer of this stage. `meta`: the step's attention metadata, or a list of
+        each layer's (local and global layers reading through different block tables:
+        `model_executor/kv_cache_groups.py`). `inputs_embeds`: the first layer's input when the caller
+        built it (images' rows in it), else the embeddings of `input_ids`. A stage before the last
+        returns its hidden states after sending them on (nothing reads them here)."""
         pp = self.pp_group
         if pp.is_first:
-            hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            hidden = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
             residual = None
         else:
             hidden, residual = receive_hidden(pp, positions.shape[0], self.config.hidden_size, self.dtype,
                                               positions.device)
-        for layer, kv_cache in zip(self.layers[self.start_layer : self.end_layer], kv_caches):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+        metas = meta[self.start_layer : self.end_layer] if isinstance(meta, list) else [meta] * len(kv_caches)
+        for layer, kv_cache, layer_meta in zip(self.layers[self.start_layer : self.end_layer], kv_caches, metas):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, layer_meta)
         if not pp.is_last:
             send_hidden(pp, hidden, residual)
             return hidden
@@ -201,7 +237,11 @@ class DecoderForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits, the same on every tensor-parallel rank."""
         head = self.embed_tokens if self.tie_word_embeddings else self.lm_head
-        return head.compute_logits(hidden)
+        logits = head.compute_logits(hidden)
+        if self.final_logit_softcapping:  # Gemma 2: cap * tanh(logits / cap)
+            cap = self.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     # ----- weights ----------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -222,6 +262,8 @@ class DecoderForCausalLM(nn.Module):
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in this model")
             param = params[target]
+            if self.gemma_norms and target.endswith("norm.weight"):
+                tensor = tensor + 1.0  # Gemma's RMSNorm multiplies by (1 + weight)
             weight_loader = getattr(self.get_submodule(target.rpartition(".")[0]), "weight_loader", None)
             with torch.no_grad():
                 try:
