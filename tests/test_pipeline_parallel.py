@@ -64,6 +64,12 @@ def test_impossible_layouts_are_refused_before_any_worker_starts(llama_dir, monk
         LLM(model=llama_dir, pipeline_parallel_size=2)
 
 
+def test_sliding_window_models_are_refused_with_stages(dense_checkpoint):
+    """Local and global layers keep separate block tables (KV-cache groups), not split by stage yet."""
+    with pytest.raises(ValueError, match="sliding-window"):
+        LLM(model=dense_checkpoint("gemma3"), pipeline_parallel_size=2)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_pp2_and_tp2_pp2_give_the_tokens_of_one_process(family, request):
     model_dir = request.getfixturevalue(f"{family}_dir")
