@@ -1,0 +1,112 @@
+"""What GPTQ, AWQ and compressed-tensors checkpoints share: integer weights packed into int32, one
+scale (and zero point) per group of input features, dequantized as w = scale * (q - zero).
+
+The formats differ only in layout (which dimension is packed, in what order, where the zero points
+sit and how they are offset), so each one is a `PackedIntLinearMethod` that says where its tensors
+go (`create_weights`, with the layout attributes `layers/linear.py` slices by) and how to read them
+back into a float matrix (`dequantize`, written out in plain PyTorch: the reference).
+
+On CPU this session's engine dequantizes every layer once after loading, to the model dtype, and
+then multiplies as an unquantized layer does (oneDNN-packed where available): the checkpoint's
+4-bit download and load, but a float model's memory and speed at run time. Kernels that read the
+int4 groups as they are (the GGUF kernels of `layers/quantization/gguf*.py` are the model) are the
+next step; `dequantize_at_load=False` keeps the packed tensors and dequantizes on every call (the
+reference path the tests compare against).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.model_executor.layers.linear_method import UNQUANTIZED, LinearMethodBase
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, dim: int, order: Sequence[int] | None = None) -> torch.Tensor:
+    """The unsigned `bits`-bit values packed into the int32 `packed` along `dim`, as int32.
+
+    Value i of a word sits in bits [bits * i, bits * (i + 1)) and is element i of its pack of
+    32 // bits, unless `order` is given: then value i is element `order[i]` (AWQ's interleave)."""
+    per_word = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+    words = packed.to(torch.int32).movedim(dim, -1)
+    values = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [..., words, per_word] in bit order
+    if order is not None:
+        if sorted(order) != list(range(per_word)):
+            raise ValueError(f"a packing order must be a permutation of 0..{per_word - 1}, got {list(order)}")
+        values = values[..., torch.argsort(torch.tensor(order))]  # element j is value order.index(j)
+    return values.flatten(-2).movedim(-1, dim)
+
+
+def add_packed_parameter(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                         output_dim: int | None, input_dim: int | None, output_pack: int = 1,
+                         input_pack: int = 1) -> None:
+    """An empty parameter for a checkpoint tensor, and the layout the parallel layers slice it by
+    (`layers/linear.py`: which dimensions hold output and input features, how many per element)."""
+    layer.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))
+    if not hasattr(layer, "weight_layouts"):
+        layer.weight_layouts = {}
+    layer.weight_layouts[name] = dict(output_dim=output_dim, input_dim=input_dim, output_pack=output_pack,
+                                      input_pack=input_pack)
+
+
+def check_divisible(what: str, size: int, by: int, why: str) -> None:
+    if size % by:
+        raise ValueError(f"{what} ({size}) is not a multiple of {by} ({why})")
+
+
+def full_input_size(layer: nn.Module, input_size: int) -> int:
+    """The layer's whole input width: a row-parallel layer holds 1/tp of it (and says its total)."""
+    return getattr(layer, "input_size", input_size)
+
+
+class PackedIntLinearMethod(LinearMethodBase):
+    """A weight-only integer checkpoint's linear layer: the packed tensors load as they are stored,
+    `dequantize` turns them into the float [output, input] matrix.
+
+    `dense`: the method the dequantized matrix is then held and multiplied by (plain `F.linear`,
+    or oneDNN-packed on CPU). `dequantize_at_load=False`: keep the packed form and dequantize on
+    every call instead."""
+
+    format_name = ""  # "GPTQ", ... for the start-up log
+    packed_names: tuple[str, ...] = ()  # the parameters `create_weights` makes
+
+    def __init__(self, dense: LinearMethodBase = UNQUANTIZED, dequantize_at_load: bool = True) -> None:
+        self.dense = dense
+        self.dequantize_at_load = dequantize_at_load
+        self.description = (f"{self.format_name}, dequantized at load" if dequantize_at_load
+                            else f"{self.format_name}, dequantized per call")
+
+    @abstractmethod
+    def dequantize(self, layer: nn.Module) -> torch.Tensor:
+        """The layer's float32 [output, input] weight, from its packed tensors."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if not self.dequantize_at_load:  # kept, as plain tensors: `weight_bytes` counts them, not as parameters
+            for name in self.packed_names:
+                if hasattr(layer, name):
+                    tensor = getattr(layer, name).data
+                    delattr(layer, name)
+                    setattr(layer, name, tensor)
+            return
+        weight = self.dequantize(layer).to(layer.model_dtype)
+        for name in self.packed_names:
+            if hasattr(layer, name):
+                delattr(layer, name)
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        self.dense.process_weights_after_loading(layer)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.dequantize_at_load:
+            return self.dense.apply(layer, x, bias)
+        return F.linear(x, self.dequantize(layer).to(x.dtype), bias)
+
+    def weight_bytes(self, layer: nn.Module) -> int:
+        if self.dequantize_at_load:
+            return self.dense.weight_bytes(layer)
+        tensors = [getattr(layer, name, None) for name in self.packed_names]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
