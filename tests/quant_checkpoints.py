@@ -107,7 +107,8 @@ def write_quantized_checkpoint(src: str, dst: str, reference: str, fmt: str, *, 
             quantized[prefix + ".qzeros"] = torch.from_numpy(pack_words(stored_zeros.T.numpy(), bits, axis=1))
             quantized[prefix + ".scales"] = scales.T.contiguous().half()
             quantized[prefix + ".g_idx"] = groups.int()
-            quantized[prefix + ".bias"] = torch.zeros(out, dtype=torch.float16)  # as AutoGPTQ saves
+            if prefix + ".bias" not in state:  # AutoGPTQ saves a bias for every layer, zero where it has none
+                quantized[prefix + ".bias"] = torch.zeros(out, dtype=torch.float16)
         elif fmt == "awq":
             quantized[prefix + ".qweight"] = torch.from_numpy(pack_words(q.T.numpy(), 4, axis=1, order=AWQ_ORDER))
             quantized[prefix + ".qzeros"] = torch.from_numpy(pack_words(zeros.T.numpy(), 4, axis=1, order=AWQ_ORDER))
