@@ -18,6 +18,7 @@ from torch import nn
 
 from pagedllm.model_executor.layers.linear_method import UNQUANTIZED, LinearMethodBase
 from pagedllm.model_executor.layers.quantization.packed_int import (
+    IntGroups,
     PackedIntLinearMethod,
     add_packed_parameter,
     check_divisible,
@@ -94,9 +95,7 @@ class AWQLinearMethod(PackedIntLinearMethod):
                                         input_dim=table_input_dim, input_pack=group)
         layer.group_size = group
 
-    def dequantize(self, layer: nn.Module) -> torch.Tensor:
+    def unpack(self, layer: nn.Module) -> IntGroups:
         q = unpack_int32(layer.qweight, 4, dim=1, order=AWQ_PACK_ORDER)  # [in, out]
         zeros = unpack_int32(layer.qzeros, 4, dim=1, order=AWQ_PACK_ORDER)  # [groups, out]
-        g = torch.arange(q.shape[0], device=q.device) // layer.group_size
-        w = (q - zeros[g]).float() * layer.scales.float()[g]
-        return w.t().contiguous()
+        return IntGroups(q, zeros, layer.scales, torch.arange(q.shape[0], device=q.device) // layer.group_size)

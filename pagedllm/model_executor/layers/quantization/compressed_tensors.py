@@ -21,6 +21,7 @@ from torch import nn
 
 from pagedllm.model_executor.layers.linear_method import UNQUANTIZED, LinearMethodBase
 from pagedllm.model_executor.layers.quantization.packed_int import (
+    IntGroups,
     PackedIntLinearMethod,
     add_packed_parameter,
     check_divisible,
@@ -121,16 +122,18 @@ class CompressedTensorsLinearMethod(PackedIntLinearMethod):
             add_packed_parameter(layer, "weight_g_idx", (input_size,), torch.int32, output_dim=None, input_dim=0)
         layer.group_size = group
 
-    def dequantize(self, layer: nn.Module) -> torch.Tensor:
-        bits, offset = self.config.bits, 1 << (self.config.bits - 1)
-        q = unpack_int32(layer.weight_packed, bits, dim=1) - offset  # [out, in], signed
+    def unpack(self, layer: nn.Module) -> IntGroups:
+        """In the unsigned form the others share: q and the zero points as stored (both offset by
+        2^(bits-1), which cancels in q - zero), the midpoint as zero when symmetric."""
+        bits = self.config.bits
+        q = unpack_int32(layer.weight_packed, bits, dim=1).t()  # [in, out]
         if self.config.actorder:
             g = layer.weight_g_idx.long()
-            if g.numel() and (g.min() < 0 or g.max() >= layer.weight_scale.shape[1]):
-                raise ValueError(f"weight_g_idx holds groups outside 0..{layer.weight_scale.shape[1] - 1}")
         else:
-            g = torch.arange(q.shape[1], device=q.device) // layer.group_size
-        w = q.float()
-        if not self.config.symmetric:
-            w = w - (unpack_int32(layer.weight_zero_point, bits, dim=0) - offset)[:, g].float()
-        return (w * layer.weight_scale.float()[:, g]).contiguous()
+            g = torch.arange(q.shape[0], device=q.device) // layer.group_size
+        scales = layer.weight_scale.t()  # [groups, out]
+        if self.config.symmetric:
+            zeros = torch.full(scales.shape, 1 << (bits - 1), dtype=torch.int32, device=q.device)
+        else:
+            zeros = unpack_int32(layer.weight_zero_point, bits, dim=0).t()
+        return IntGroups(q, zeros, scales, g)

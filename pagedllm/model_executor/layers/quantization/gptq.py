@@ -22,6 +22,7 @@ from torch import nn
 
 from pagedllm.model_executor.layers.linear_method import UNQUANTIZED, LinearMethodBase
 from pagedllm.model_executor.layers.quantization.packed_int import (
+    IntGroups,
     PackedIntLinearMethod,
     add_packed_parameter,
     check_divisible,
@@ -117,14 +118,9 @@ class GPTQLinearMethod(PackedIntLinearMethod):
         num_inputs = layer.qweight.shape[0] * self.config.pack
         return torch.arange(num_inputs, device=layer.qweight.device) // layer.group_size
 
-    def dequantize(self, layer: nn.Module) -> torch.Tensor:
+    def unpack(self, layer: nn.Module) -> IntGroups:
         bits = self.config.bits
-        q = unpack_int32(layer.qweight, bits, dim=0)  # [in, out]
         zeros = unpack_int32(layer.qzeros, bits, dim=1)  # [groups, out]
         if self.config.checkpoint_format == "gptq":
             zeros = zeros + 1  # v1 stores zero - 1
-        g = self.group_index(layer)
-        if g.numel() and (g.min() < 0 or g.max() >= layer.scales.shape[0]):
-            raise ValueError(f"g_idx holds groups outside 0..{layer.scales.shape[0] - 1}")
-        w = (q - zeros[g]).float() * layer.scales.float()[g]
-        return w.t().contiguous()
+        return IntGroups(unpack_int32(layer.qweight, bits, dim=0), zeros, layer.scales, self.group_index(layer))

@@ -17,7 +17,7 @@ reference path the tests compare against).
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,22 @@ def full_input_size(layer: nn.Module, input_size: int) -> int:
     return getattr(layer, "input_size", input_size)
 
 
+class IntGroups(NamedTuple):
+    """A layer's weight in the form every format reads into: w[n, k] = scales[g[k], n] * (q[k, n] - zeros[g[k], n])."""
+
+    q: torch.Tensor  # [in, out] unsigned integers
+    zeros: torch.Tensor  # [groups, out] integers
+    scales: torch.Tensor  # [groups, out]
+    g: torch.Tensor  # [in] each input's group (row of zeros and scales)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 [out, in] matrix."""
+        g = self.g.long()
+        if g.numel() and (g.min() < 0 or g.max() >= self.scales.shape[0]):
+            raise ValueError(f"the group index holds groups outside 0..{self.scales.shape[0] - 1}")
+        return ((self.q - self.zeros[g]).float() * self.scales.float()[g]).t().contiguous()
+
+
 class PackedIntLinearMethod(LinearMethodBase):
     """A weight-only integer checkpoint's linear layer: the packed tensors load as they are stored,
     `dequantize` turns them into the float [output, input] matrix.
@@ -82,8 +98,12 @@ class PackedIntLinearMethod(LinearMethodBase):
                             else f"{self.format_name}, dequantized per call")
 
     @abstractmethod
+    def unpack(self, layer: nn.Module) -> IntGroups:
+        """The layer's integers, zero points, scales and groups, read from its packed tensors."""
+
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
-        """The layer's float32 [output, input] weight, from its packed tensors."""
+        """The layer's float32 [output, input] weight."""
+        return self.unpack(layer).dequantize()
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if not self.dequantize_at_load:  # kept, as plain tensors: `weight_bytes` counts them, not as parameters
