@@ -69,8 +69,8 @@ def test_gptq_layer_loads_fused_shards_and_applies_act_order(tmp_path, llama_dir
     config = GPTQConfig(bits=4, group_size=16, desc_act=True, sym=False)
     x = torch.randn(5, 64)
     expected = torch.cat([reference[prefix + f"{p}_proj.weight"] for p in "qkv"])
-    for at_load in (False, True):
-        layer = QKVParallelLinear(64, 16, 4, 2, linear_method=GPTQLinearMethod(config, dequantize_at_load=at_load))
+    for form in ("packed", "dequantized", "triton"):
+        layer = QKVParallelLinear(64, 16, 4, 2, linear_method=GPTQLinearMethod(config, form=form))
         for p in "qkv":
             for name in ("qweight", "qzeros", "scales", "g_idx"):
                 layer.weight_loader(getattr(layer, name), quantized[f"{prefix}{p}_proj.{name}"].float()
@@ -78,7 +78,9 @@ def test_gptq_layer_loads_fused_shards_and_applies_act_order(tmp_path, llama_dir
         layer.linear_method.process_weights_after_loading(layer)
         torch.testing.assert_close(layer(x), F.linear(x, expected), rtol=1e-5, atol=1e-5)
         packed_bytes = 64 // 8 * 128 * 4 + 4 * 128 // 8 * 4 + 4 * 128 * 4 + 64 * 4
-        assert layer.linear_method.weight_bytes(layer) == (128 * 64 * 4 if at_load else packed_bytes)
+        triton_bytes = 64 // 8 * 128 * 4 + 2 * 4 * 128 * 4 + 64 * 4  # zeros unpacked, in the model dtype
+        assert layer.linear_method.weight_bytes(layer) == {"packed": packed_bytes, "dequantized": 128 * 64 * 4,
+                                                           "triton": triton_bytes}[form]
 
     # a fused layer holds one g_idx: shards quantized with different permutations are refused
     layer = QKVParallelLinear(64, 16, 4, 2, linear_method=GPTQLinearMethod(config))
@@ -111,6 +113,37 @@ def test_row_parallel_rank_holds_its_inputs_and_the_whole_act_order_table(tmp_pa
             # each rank's partial product (the all-reduce would sum them)
             total = total + layer.linear_method.apply(layer, x[:, rank * 32:(rank + 1) * 32])
         torch.testing.assert_close(total, F.linear(x, expected), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [
+    GPTQConfig(bits=4, group_size=32, desc_act=True, sym=False),
+    GPTQConfig(bits=8, group_size=-1, desc_act=False, sym=True, checkpoint_format="gptq_v2"),
+    AWQConfig(bits=4, group_size=32),
+    CompressedTensorsConfig(bits=4, group_size=32, symmetric=False, actorder=True),
+], ids=["gptq4-act-order", "gptq8-channel", "awq", "compressed-tensors-asym"])
+def test_triton_kernel_equals_the_dequantized_matrix(config):
+    """The GPU path (run here under TRITON_INTERPRET=1): every format brought to the kernel's layout,
+    against the packed reference, on row counts that fill one tile, part of one, and several."""
+    torch.manual_seed(0)
+    in_size, out_size = 128, 96  # 96: a partial column tile
+    layers, tensors = {}, {}
+    for form in ("packed", "triton"):
+        layer = RowParallelLinear(in_size, out_size, bias=True, linear_method=config.linear_method(form=form))
+        for name, param in layer.named_parameters():
+            if name not in tensors:  # random words, zeros and scales in the format's layout; a real group index
+                if name in ("g_idx", "weight_g_idx"):
+                    tensors[name] = (torch.randperm(in_size) // 32).int()
+                elif param.dtype == torch.int32:
+                    tensors[name] = torch.randint(-2**31, 2**31 - 1, param.shape, dtype=torch.int64).to(torch.int32)
+                else:
+                    tensors[name] = torch.rand(param.shape) * 0.1 + 0.01
+            param.copy_(tensors[name])
+        layer.linear_method.process_weights_after_loading(layer)
+        layers[form] = layer
+    assert not hasattr(layers["triton"], "weight")  # the integers stay packed
+    for rows in (1, 5, 40):
+        x = torch.randn(rows, in_size)
+        torch.testing.assert_close(layers["triton"](x), layers["packed"](x), rtol=1e-4, atol=1e-4)
 
 
 def generate(model: str, **kwargs) -> list:

@@ -34,8 +34,8 @@ def get_linear_methods(quantization: str | None, dtype: torch.dtype, device: tor
         plain, tied = CpuPackedLinearMethod(), CpuPackedLinearMethod(keep_weight=True)
     else:
         plain = tied = UNQUANTIZED
-    if quant_config is not None:
-        linear = quant_config.linear_method(plain)
+    if quant_config is not None:  # kept packed for the Triton kernel on GPUs, dequantized once on CPU
+        linear = quant_config.linear_method(plain, "triton" if device.type == "cuda" else "dequantized")
     else:
         linear = Int8LinearMethod() if quantization == "int8" else plain
     return LinearMethods(linear=linear, lm_head=plain, tied_lm_head=tied)

@@ -64,8 +64,8 @@ class AWQConfig:
         return cls(bits=int(bits), group_size=int(group_size), zero_point=bool(config.get("zero_point", True)),
                    version=str(config.get("version", "gemm")).lower())
 
-    def linear_method(self, dense: LinearMethodBase = UNQUANTIZED) -> "AWQLinearMethod":
-        return AWQLinearMethod(self, dense)
+    def linear_method(self, dense: LinearMethodBase = UNQUANTIZED, form: str = "dequantized") -> "AWQLinearMethod":
+        return AWQLinearMethod(self, dense, form)
 
 
 class AWQLinearMethod(PackedIntLinearMethod):
@@ -73,9 +73,10 @@ class AWQLinearMethod(PackedIntLinearMethod):
     packed_names = ("qweight", "qzeros", "scales")
 
     def __init__(self, config: AWQConfig, dense: LinearMethodBase = UNQUANTIZED,
-                 dequantize_at_load: bool = True) -> None:
+                 form: str = "dequantized") -> None:
         self.config = config
-        super().__init__(dense, dequantize_at_load)
+        self.bits = config.bits
+        super().__init__(dense, form)
 
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
         full_in = full_input_size(layer, input_size)

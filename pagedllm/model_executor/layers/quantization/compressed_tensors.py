@@ -83,18 +83,19 @@ class CompressedTensorsConfig:
                    group_size=int(weights["group_size"]) if strategy == "group" else -1,
                    symmetric=bool(weights.get("symmetric", True)), actorder=actorder == "group")
 
-    def linear_method(self, dense: LinearMethodBase = UNQUANTIZED) -> "CompressedTensorsLinearMethod":
-        return CompressedTensorsLinearMethod(self, dense)
+    def linear_method(self, dense: LinearMethodBase = UNQUANTIZED, form: str = "dequantized") -> "CompressedTensorsLinearMethod":
+        return CompressedTensorsLinearMethod(self, dense, form)
 
 
 class CompressedTensorsLinearMethod(PackedIntLinearMethod):
     packed_names = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")
 
     def __init__(self, config: CompressedTensorsConfig, dense: LinearMethodBase = UNQUANTIZED,
-                 dequantize_at_load: bool = True) -> None:
+                 form: str = "dequantized") -> None:
         self.config = config
+        self.bits = config.bits
         self.format_name = f"compressed-tensors int{config.bits}"
-        super().__init__(dense, dequantize_at_load)
+        super().__init__(dense, form)
 
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
         cfg, pack = self.config, self.config.pack

@@ -70,8 +70,8 @@ class GPTQConfig:
                    desc_act=bool(config.get("desc_act", False)), sym=bool(config.get("sym", True)),
                    checkpoint_format=str(fmt).lower())
 
-    def linear_method(self, dense: LinearMethodBase = UNQUANTIZED) -> "GPTQLinearMethod":
-        return GPTQLinearMethod(self, dense)
+    def linear_method(self, dense: LinearMethodBase = UNQUANTIZED, form: str = "dequantized") -> "GPTQLinearMethod":
+        return GPTQLinearMethod(self, dense, form)
 
 
 class GPTQLinearMethod(PackedIntLinearMethod):
@@ -79,10 +79,11 @@ class GPTQLinearMethod(PackedIntLinearMethod):
     packed_names = ("qweight", "qzeros", "scales", "g_idx")
 
     def __init__(self, config: GPTQConfig, dense: LinearMethodBase = UNQUANTIZED,
-                 dequantize_at_load: bool = True) -> None:
+                 form: str = "dequantized") -> None:
         self.config = config
+        self.bits = config.bits
         self.format_name = f"GPTQ int{config.bits}"
-        super().__init__(dense, dequantize_at_load)
+        super().__init__(dense, form)
 
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
         cfg, pack = self.config, self.config.pack

@@ -6,12 +6,14 @@ sit and how they are offset), so each one is a `PackedIntLinearMethod` that says
 go (`create_weights`, with the layout attributes `layers/linear.py` slices by) and how to read them
 back into a float matrix (`dequantize`, written out in plain PyTorch: the reference).
 
-On CPU this session's engine dequantizes every layer once after loading, to the model dtype, and
-then multiplies as an unquantized layer does (oneDNN-packed where available): the checkpoint's
-4-bit download and load, but a float model's memory and speed at run time. Kernels that read the
-int4 groups as they are (the GGUF kernels of `layers/quantization/gguf*.py` are the model) are the
-next step; `dequantize_at_load=False` keeps the packed tensors and dequantizes on every call (the
-reference path the tests compare against).
+What a layer holds after loading (`form`, picked in `quantization/__init__.py` by device):
+- "dequantized" (CPU): the matrix dequantized once to the model dtype, multiplied as an unquantized
+  layer is (oneDNN-packed where available): the checkpoint's 4-bit download and load, but a float
+  model's memory and speed at run time. CPU kernels that read the int4 groups as they are (as the
+  GGUF kernels do) are the next step;
+- "triton" (CUDA): the integers stay packed, a Triton kernel dequantizes tiles inside the matmul
+  (`triton_int_matmul.py`);
+- "packed": the checkpoint's tensors as loaded, dequantized on every call: the reference.
 """
 
 from __future__ import annotations
@@ -80,22 +82,27 @@ class IntGroups(NamedTuple):
         return ((self.q - self.zeros[g]).float() * self.scales.float()[g]).t().contiguous()
 
 
+FORMS = {"dequantized": "dequantized at load", "triton": "kept packed, Triton kernel",
+         "packed": "dequantized per call"}
+
+
 class PackedIntLinearMethod(LinearMethodBase):
     """A weight-only integer checkpoint's linear layer: the packed tensors load as they are stored,
-    `dequantize` turns them into the float [output, input] matrix.
+    `unpack` reads them into `IntGroups`, and `form` says what is kept (module docstring).
 
-    `dense`: the method the dequantized matrix is then held and multiplied by (plain `F.linear`,
-    or oneDNN-packed on CPU). `dequantize_at_load=False`: keep the packed form and dequantize on
-    every call instead."""
+    `dense`: the method a "dequantized" matrix is held and multiplied by (plain `F.linear`, or
+    oneDNN-packed on CPU)."""
 
     format_name = ""  # "GPTQ", ... for the start-up log
     packed_names: tuple[str, ...] = ()  # the parameters `create_weights` makes
+    bits = 4
 
-    def __init__(self, dense: LinearMethodBase = UNQUANTIZED, dequantize_at_load: bool = True) -> None:
+    def __init__(self, dense: LinearMethodBase = UNQUANTIZED, form: str = "dequantized") -> None:
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {list(FORMS)}, got {form!r}")
         self.dense = dense
-        self.dequantize_at_load = dequantize_at_load
-        self.description = (f"{self.format_name}, dequantized at load" if dequantize_at_load
-                            else f"{self.format_name}, dequantized per call")
+        self.form = form
+        self.description = f"{self.format_name}, {FORMS[form]}"
 
     @abstractmethod
     def unpack(self, layer: nn.Module) -> IntGroups:
@@ -106,27 +113,39 @@ class PackedIntLinearMethod(LinearMethodBase):
         return self.unpack(layer).dequantize()
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        if not self.dequantize_at_load:  # kept, as plain tensors: `weight_bytes` counts them, not as parameters
+        if self.form == "packed":  # kept, as plain tensors: `weight_bytes` counts them, not as parameters
             for name in self.packed_names:
                 if hasattr(layer, name):
                     tensor = getattr(layer, name).data
                     delattr(layer, name)
                     setattr(layer, name, tensor)
             return
-        weight = self.dequantize(layer).to(layer.model_dtype)
+        if self.form == "triton":
+            from pagedllm.model_executor.layers.quantization.triton_int_matmul import IntGroupWeight
+
+            layer.int_weight = IntGroupWeight.from_groups(self.unpack(layer), self.bits, layer.model_dtype)
+        else:
+            weight = self.dequantize(layer).to(layer.model_dtype)
         for name in self.packed_names:
             if hasattr(layer, name):
                 delattr(layer, name)
-        layer.weight = nn.Parameter(weight, requires_grad=False)
-        self.dense.process_weights_after_loading(layer)
+        if self.form == "dequantized":
+            layer.weight = nn.Parameter(weight, requires_grad=False)
+            self.dense.process_weights_after_loading(layer)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.dequantize_at_load:
+        if self.form == "dequantized":
             return self.dense.apply(layer, x, bias)
+        if self.form == "triton":
+            from pagedllm.model_executor.layers.quantization.triton_int_matmul import int_group_linear
+
+            return int_group_linear(x, layer.int_weight, bias)
         return F.linear(x, self.dequantize(layer).to(x.dtype), bias)
 
     def weight_bytes(self, layer: nn.Module) -> int:
-        if self.dequantize_at_load:
+        if self.form == "dequantized":
             return self.dense.weight_bytes(layer)
+        if self.form == "triton":
+            return layer.int_weight.nbytes
         tensors = [getattr(layer, name, None) for name in self.packed_names]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
