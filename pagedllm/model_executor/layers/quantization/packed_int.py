@@ -123,7 +123,7 @@ class PackedIntLinearMethod(LinearMethodBase):
         if self.form == "triton":
             from pagedllm.model_executor.layers.quantization.triton_int_matmul import IntGroupWeight
 
-            layer.int_weight = IntGroupWeight.from_groups(self.unpack(layer), self.bits, layer.model_dtype)
+            layer.int_weight = IntGroupWeight.from_groups(*self.unpack(layer), self.bits, layer.model_dtype)
         else:
             weight = self.dequantize(layer).to(layer.model_dtype)
         for name in self.packed_names:

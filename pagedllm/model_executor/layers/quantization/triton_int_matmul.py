@@ -20,8 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.model_executor.layers.quantization.packed_int import IntGroups
-
 
 @triton.jit
 def int_group_matmul_kernel(
@@ -82,9 +80,11 @@ class IntGroupWeight:
     bits: int
 
     @classmethod
-    def from_groups(cls, groups: IntGroups, bits: int, dtype: torch.dtype) -> "IntGroupWeight":
-        return cls(pack_int32(groups.q, bits).contiguous(), groups.scales.to(dtype).contiguous(),
-                   groups.zeros.to(dtype).contiguous(), groups.g.to(torch.int32).contiguous(), bits)
+    def from_groups(cls, q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g: torch.Tensor, bits: int,
+                    dtype: torch.dtype) -> "IntGroupWeight":
+        """From a format's unpacked integers q [in, out], zeros and scales [groups, out], groups g [in]."""
+        return cls(pack_int32(q, bits).contiguous(), scales.to(dtype).contiguous(), zeros.to(dtype).contiguous(),
+                   g.to(torch.int32).contiguous(), bits)
 
     @property
     def nbytes(self) -> int:
