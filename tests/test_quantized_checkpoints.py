@@ -104,7 +104,8 @@ def test_row_parallel_rank_holds_its_inputs_and_the_whole_act_order_table(tmp_pa
         config = GPTQConfig(bits=4, group_size=16, desc_act=desc_act, sym=False)
         x, total = torch.randn(3, 64), 0
         for rank in (0, 1):
-            layer = RowParallelLinear(64, 64, tp_group=TensorParallelGroup(rank=rank, world_size=2), linear_method=GPTQLinearMethod(config))
+            layer = RowParallelLinear(64, 64, tp_group=TensorParallelGroup(rank=rank, world_size=2),
+                                      linear_method=GPTQLinearMethod(config))
             for name in ("qweight", "qzeros", "scales", "g_idx"):
                 tensor = quantized[f"model.layers.0.self_attn.o_proj.{name}"]
                 layer.weight_loader(getattr(layer, name), tensor.float() if name == "scales" else tensor)

@@ -89,11 +89,11 @@ class AWQLinearMethod(PackedIntLinearMethod):
             rows, table_input_dim = input_size // group, 0
         layer.model_dtype = torch.get_default_dtype()
         add_packed_parameter(layer, "qweight", (input_size, output_size // 8), torch.int32, output_dim=1, input_dim=0,
-                                         output_pack=8)
+                             output_pack=8)
         add_packed_parameter(layer, "qzeros", (rows, output_size // 8), torch.int32, output_dim=1,
-                                        input_dim=table_input_dim, output_pack=8, input_pack=group)
+                             input_dim=table_input_dim, output_pack=8, input_pack=group)
         add_packed_parameter(layer, "scales", (rows, output_size), layer.model_dtype, output_dim=1,
-                                        input_dim=table_input_dim, input_pack=group)
+                             input_dim=table_input_dim, input_pack=group)
         layer.group_size = group
 
     def unpack(self, layer: nn.Module) -> IntGroups:

@@ -83,7 +83,8 @@ class CompressedTensorsConfig:
                    group_size=int(weights["group_size"]) if strategy == "group" else -1,
                    symmetric=bool(weights.get("symmetric", True)), actorder=actorder == "group")
 
-    def linear_method(self, dense: LinearMethodBase = UNQUANTIZED, form: str = "dequantized") -> "CompressedTensorsLinearMethod":
+    def linear_method(self, dense: LinearMethodBase = UNQUANTIZED,
+                      form: str = "dequantized") -> "CompressedTensorsLinearMethod":
         return CompressedTensorsLinearMethod(self, dense, form)
 
 
@@ -111,14 +112,14 @@ class CompressedTensorsLinearMethod(PackedIntLinearMethod):
             rows, table_input_dim = input_size // group, 1
         layer.model_dtype = torch.get_default_dtype()
         add_packed_parameter(layer, "weight_packed", (output_size, input_size // pack), torch.int32, output_dim=0,
-                                               input_dim=1, input_pack=pack)
+                             input_dim=1, input_pack=pack)
         add_packed_parameter(layer, "weight_scale", (output_size, rows), layer.model_dtype, output_dim=0,
-                                              input_dim=table_input_dim, input_pack=group)
+                             input_dim=table_input_dim, input_pack=group)
         if not cfg.symmetric:
             check_divisible("a compressed-tensors layer's output size on this rank", output_size, pack,
                             f"{pack} zero points per int32")
             add_packed_parameter(layer, "weight_zero_point", (output_size // pack, rows), torch.int32, output_dim=0,
-                                                       input_dim=table_input_dim, output_pack=pack, input_pack=group)
+                                 input_dim=table_input_dim, output_pack=pack, input_pack=group)
         if cfg.actorder:
             add_packed_parameter(layer, "weight_g_idx", (input_size,), torch.int32, output_dim=None, input_dim=0)
         layer.group_size = group

@@ -100,14 +100,13 @@ class GPTQLinearMethod(PackedIntLinearMethod):
             check_divisible("a GPTQ layer's input size on this rank", input_size, group, "the group size")
             rows, table_input_dim = input_size // group, 0
         layer.model_dtype = torch.get_default_dtype()
-        add_packed_parameter(layer, "qweight", (input_size // pack, output_size), torch.int32, output_dim=1, input_dim=0,
-                                         input_pack=pack)
+        add_packed_parameter(layer, "qweight", (input_size // pack, output_size), torch.int32, output_dim=1,
+                             input_dim=0, input_pack=pack)
         add_packed_parameter(layer, "qzeros", (rows, output_size // pack), torch.int32, output_dim=1,
-                                        input_dim=table_input_dim, output_pack=pack, input_pack=group)
+                             input_dim=table_input_dim, output_pack=pack, input_pack=group)
         add_packed_parameter(layer, "scales", (rows, output_size), layer.model_dtype, output_dim=1,
-                                        input_dim=table_input_dim, input_pack=group)
+                             input_dim=table_input_dim, input_pack=group)
         add_packed_parameter(layer, "g_idx", (input_size,), torch.int32, output_dim=None, input_dim=0)
-        layer.scales_split = table_input_dim is not None
         layer.group_size = group
 
     def group_index(self, layer: nn.Module) -> torch.Tensor:
