@@ -219,6 +219,25 @@ def test_dequantized_reference_agrees_with_transformers(tmp_path, llama_dir):
             assert math.isclose(lp[token].logprob, hf_lp, abs_tol=1e-3)
 
 
+def test_lora_on_a_gptq_checkpoint_equals_lora_on_its_dequantized_model(tmp_path, llama_dir):
+    """LoRA wraps whatever method holds the base weight: the adapter's term adds to the GPTQ layer's."""
+    from lora_utils import build_adapter
+
+    from pagedllm.lora.request import LoRARequest
+
+    quantized, reference = str(tmp_path / "quantized"), str(tmp_path / "reference")
+    write_quantized_checkpoint(llama_dir, quantized, reference, "gptq", sym=False, desc_act=True)
+    adapter = LoRARequest("all", 1, build_adapter(llama_dir, str(tmp_path / "adapter"), seed=1, r=8, alpha=16))
+    results = []
+    for model in (reference, quantized):
+        llm = LLM(model=model, enable_lora=True, max_lora_rank=8, **ENGINE)
+        try:
+            results.append(llm.generate(PROMPTS, GREEDY, use_tqdm=False, lora_request=adapter))
+        finally:
+            llm.shutdown()
+    assert_same_generation(*results)
+
+
 @pytest.mark.slow  # two worker processes: ~16 s on one busy core
 def test_tp2_equals_tp1_on_an_act_order_gptq_checkpoint(tmp_path, llama_dir):
     quantized = str(tmp_path / "quantized")
@@ -226,7 +245,7 @@ def test_tp2_equals_tp1_on_an_act_order_gptq_checkpoint(tmp_path, llama_dir):
     assert_same_generation(generate(quantized), generate(quantized, tensor_parallel_size=2), tol=1e-4)
 
 
-def _with_quantization_config(tmp_path, source: str, settings: dict) -> str:
+def _with_quantization_config(tmp_path, source: str, settings: dict, **config_overrides) -> str:
     folder = str(tmp_path / "bad")
     os.makedirs(folder, exist_ok=True)
     for name in os.listdir(source):
@@ -235,6 +254,7 @@ def _with_quantization_config(tmp_path, source: str, settings: dict) -> str:
     with open(os.path.join(source, "config.json")) as f:
         config = json.load(f)
     config["quantization_config"] = settings
+    config.update(config_overrides)
     os.remove(os.path.join(folder, "config.json"))
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f)
@@ -264,6 +284,10 @@ def test_format_names_must_match_the_checkpoint(tmp_path, llama_dir):
     gptq = _with_quantization_config(tmp_path, llama_dir, {"quant_method": "gptq", "bits": 4, "group_size": 16})
     with pytest.raises(ValueError, match="is a gptq checkpoint; quantization='int8' cannot apply"):
         LLM(model=gptq, quantization="int8", **ENGINE)
+    moe = _with_quantization_config(tmp_path / "moe", llama_dir, {"quant_method": "awq", "bits": 4, "group_size": 16},
+                                    num_local_experts=4)
+    with pytest.raises(ValueError, match="awq checkpoints of mixture-of-experts models are not supported"):
+        LLM(model=moe, **ENGINE)
 
 
 def test_configs_parse_what_the_tools_write():
