@@ -26,7 +26,8 @@ _DTYPES = {
 KV_CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16}
 
 # vLLM's `quantization` values this engine implements (None: the checkpoint's weights as loaded).
-QUANTIZATION_METHODS = ("int8",)
+# "gptq", "awq" and "compressed-tensors" name the format a pre-quantized checkpoint is saved in.
+QUANTIZATION_METHODS = ("int8", "gptq", "awq", "compressed-tensors")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -93,8 +94,11 @@ class ModelConfig:
     enforce_eager: bool = False
     # torch.compile of the elementwise ops between matmuls (layers/fused_ops.py)
     compile_fused_ops: bool = False
-    # vLLM's `quantization`: None, or "int8" (W8A8 on CPU: layers/quantization/int8.py)
+    # vLLM's `quantization`: None, "int8" (W8A8 on CPU: layers/quantization/int8.py), or a pre-quantized
+    # checkpoint's format, "gptq" / "awq" / "compressed-tensors" (layers/quantization/checkpoint.py)
     quantization: Optional[str] = None
+    # that checkpoint's settings (group size, act order, ...: a GPTQConfig, AWQConfig, CompressedTensorsConfig)
+    quant_config: Optional[Any] = None
     # most logprobs a request may ask for (-1: no limit), checked by the input processor
     max_logprobs: int = 20
     # the folder whose generation_config.json gives sampling defaults (None: none)
@@ -121,8 +125,8 @@ class ModelConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(
                 f"quantization must be one of {list(QUANTIZATION_METHODS)} or None, got {self.quantization!r} "
-                "(pre-quantised checkpoints such as AWQ, GPTQ or fp8 are not implemented; a GGUF file's "
-                "weights are dequantised to the model dtype when loaded)")
+                "(fp8 checkpoints are not implemented; a GGUF file's weights are dequantised to the model dtype "
+                "when loaded)")
 
     @property
     def text_config(self) -> Any:

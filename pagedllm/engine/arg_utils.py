@@ -114,7 +114,9 @@ class EngineArgs:
                                       "the bytes decode attention reads)", choices=list(KV_CACHE_DTYPES))
     quantization: Optional[str] = arg(None, "'int8': W8A8 linear layers on CPU (int8 weights per channel, uint8 "
                                             "activations per token, oneDNN's int8 matmul); changes the numerics, see "
-                                            "docs/performance.md", flags=("-q", "--quantization"),
+                                            "docs/performance.md. 'gptq', 'awq', 'compressed-tensors': a checkpoint "
+                                            "saved in that format (found from its config when unset; "
+                                            "docs/quantization_gptq_awq.md)", flags=("-q", "--quantization"),
                                       choices=list(QUANTIZATION_METHODS))
     enable_prefix_caching: bool = arg(True, "share the KV blocks of prompts with a common beginning")
     num_gpu_blocks_override: Optional[int] = arg(None, "exact number of KV-cache blocks (any device)")
@@ -227,6 +229,7 @@ class EngineArgs:
         configs, each validated once with a clear `ValueError`."""
         from pagedllm.model_executor.kv_cache_groups import kv_cache_groups_for
         from pagedllm.model_executor.layers.quantization import verify_quantization
+        from pagedllm.model_executor.layers.quantization.checkpoint import resolve_checkpoint_quantization
         from pagedllm.model_executor.model_source import resolve_model
         from pagedllm.model_executor.pooling_config import resolve_runner
 
@@ -280,6 +283,7 @@ class EngineArgs:
                              "a pooling request runs its whole prompt in one step")
         # transformers >= 4.56 calls it `dtype` and warns on every read of the old `torch_dtype`.
         config_dtype = hf_config.dtype if hasattr(hf_config, "dtype") else getattr(hf_config, "torch_dtype", None)
+        quantization, quant_config = resolve_checkpoint_quantization(self.quantization, hf_config, model_path)
         model_config = ModelConfig(
             model=model_path,
             tokenizer=self.tokenizer or model_path,
@@ -291,7 +295,8 @@ class EngineArgs:
             enforce_eager=self.enforce_eager,
             compile_fused_ops=(self.compile_fused_ops if self.compile_fused_ops is not None
                                else device.type == "cuda" and not self.enforce_eager),
-            quantization=self.quantization,
+            quantization=quantization,
+            quant_config=quant_config,
             max_logprobs=self.max_logprobs,
             generation_config=self._generation_config_folder(model_path),
             trust_remote_code=self.trust_remote_code,

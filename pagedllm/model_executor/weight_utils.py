@@ -25,7 +25,10 @@ def safetensors_files(model_dir: str) -> list[str]:
 
 
 def iterate_safetensors_weights(model_dir: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Floating-point tensors in `dtype`; integer ones (a quantized checkpoint's packed weights, zero
+    points and group indices) as they are stored."""
     for path in safetensors_files(model_dir):
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name).to(dtype)
+                tensor = f.get_tensor(name)
+                yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor

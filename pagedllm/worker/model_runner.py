@@ -98,7 +98,7 @@ class ModelRunner:
         self.attn_metadata_builder = self.attn_backend.get_builder_cls()(self.device, mc.dtype, config.kv_cache_dtype)
         ctx = BuildContext.for_engine(mc.dtype, mc.max_model_len, self.device, mc.quantization, mc.compile_fused_ops,
                                       self.attn_backend, self.tp_group, self.pp_group,
-                                      config.parallel_config.enable_expert_parallel)
+                                      config.parallel_config.enable_expert_parallel, mc.quant_config)
         lora_config = config.lora_config
         self.punica: PunicaWrapper | None = None
         if lora_config is not None:  # the decoder layers' projections add their adapters' terms

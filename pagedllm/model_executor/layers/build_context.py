@@ -10,6 +10,7 @@ their experts. Reading a model's constructor therefore tells what runs; nothing 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -42,12 +43,12 @@ class BuildContext:
                    compile_fused_ops: bool, attn_backend: type[AttentionBackend],
                    tp_group: TensorParallelGroup | None = None,
                    pp_group: PipelineParallelGroup | None = None,
-                   enable_expert_parallel: bool = False) -> "BuildContext":
+                   enable_expert_parallel: bool = False, quant_config: Any = None) -> "BuildContext":
         return cls(
             dtype=dtype,
             max_position=max_position,
             tp_group=tp_group or TensorParallelGroup(),
-            linear_methods=get_linear_methods(quantization, dtype, device),
+            linear_methods=get_linear_methods(quantization, dtype, device, quant_config),
             fused_ops=fused_ops_for(device, compile_fused_ops),
             attn_backend=attn_backend,
             pp_group=pp_group or PipelineParallelGroup(),

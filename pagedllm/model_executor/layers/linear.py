@@ -36,6 +36,51 @@ def _check_full(loaded: torch.Tensor, dim: int, full_size: int) -> None:
         raise ValueError(f"has shape {tuple(loaded.shape)}, expected {full_size} along dimension {dim}")
 
 
+# Where a parameter's output and input features lie. A plain weight is [output, input], one feature
+# per element; a quantized checkpoint's tensors are laid out otherwise (GPTQ's qweight is [input / 8,
+# output], eight int4 values to an int32), so its linear method records, per parameter name, in the
+# layer's `weight_layouts` (on the layer: building on the meta device replaces the parameter objects):
+#   output_dim / input_dim: the dimension indexed by output / input features (None: not split by
+#     them, the same tensor for every shard and rank, e.g. an act-order g_idx in a column-parallel layer);
+#   output_pack / input_pack: features per element along it (8 for int4 packed into int32, the
+#     group size for a per-group scale table).
+def _layout(layer: nn.Module, param: torch.Tensor) -> dict:
+    layouts = getattr(layer, "weight_layouts", None)
+    if not layouts:
+        return {}
+    return next((layouts.get(name, {}) for name, p in layer.named_parameters(recurse=False) if p is param), {})
+
+
+def _output_layout(layer: nn.Module, param: torch.Tensor) -> tuple[int | None, int]:
+    layout = _layout(layer, param)
+    return layout.get("output_dim", 0), layout.get("output_pack", 1)
+
+
+def _input_layout(layer: nn.Module, param: torch.Tensor) -> tuple[int | None, int]:
+    layout = _layout(layer, param)
+    return layout.get("input_dim", 1 if param.dim() > 1 else None), layout.get("input_pack", 1)
+
+
+def _narrow(tensor: torch.Tensor, dim: int, pack: int, start: int, size: int) -> torch.Tensor:
+    """Features [start, start + size) of `tensor` along `dim`, which holds `pack` features per element."""
+    if start % pack or size % pack:
+        raise ValueError(f"cannot be split at features {start}..{start + size}: its dimension {dim} holds "
+                         f"{pack} features per element")
+    return tensor.narrow(dim, start // pack, size // pack)
+
+
+def _copy_shared(param: torch.Tensor, loaded: torch.Tensor) -> None:
+    """A tensor every fused shard carries a copy of (GPTQ's act-order g_idx: q, k and v share their
+    input, so their quantizer's permutation): the first copy loads, the others must equal it."""
+    if getattr(param, "shared_loaded", False):
+        if param.shape != loaded.shape or not torch.equal(param, loaded.to(param.dtype)):
+            raise ValueError("differs from the one the other projections fused into this layer loaded; a fused "
+                             "layer holds one")
+        return
+    copy_weight(param, loaded)
+    param.shared_loaded = True
+
+
 class LinearBase(nn.Module):
     """This rank's [output, input] share of a linear layer; `linear_method` holds and applies it."""
 
@@ -62,9 +107,12 @@ class ColumnParallelLinear(LinearBase):
         self.output_size = output_size
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
-        size = param.shape[0]
-        _check_full(loaded, 0, self.output_size)
-        copy_weight(param, loaded.narrow(0, self.tp_rank * size, size))
+        dim, pack = _output_layout(self, param)
+        if dim is None:
+            return _copy_shared(param, loaded)
+        size = self.output_size // self.tp_size
+        _check_full(loaded, dim, self.output_size // pack)
+        copy_weight(param, _narrow(loaded, dim, pack, self.tp_rank * size, size))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -76,15 +124,18 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = output_sizes
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+        dim, pack = _output_layout(self, param)
+        if dim is None:
+            return _copy_shared(param, loaded)
         if shard_id is None:  # already fused: each part is sliced on its own
-            _check_full(loaded, 0, self.output_size)
-            for i, part in enumerate(loaded.split(self.output_sizes, dim=0)):
+            _check_full(loaded, dim, self.output_size // pack)
+            for i, part in enumerate(loaded.split([size // pack for size in self.output_sizes], dim=dim)):
                 self.weight_loader(param, part, i)
             return
         local = [size // self.tp_size for size in self.output_sizes]
-        _check_full(loaded, 0, self.output_sizes[shard_id])
-        dst = param.narrow(0, sum(local[:shard_id]), local[shard_id])
-        copy_weight(dst, loaded.narrow(0, self.tp_rank * local[shard_id], local[shard_id]))
+        _check_full(loaded, dim, self.output_sizes[shard_id] // pack)
+        dst = _narrow(param, dim, pack, sum(local[:shard_id]), local[shard_id])
+        copy_weight(dst, _narrow(loaded, dim, pack, self.tp_rank * local[shard_id], local[shard_id]))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -102,14 +153,18 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         q, kv = self.num_heads * self.head_size, self.num_kv_heads * self.head_size
+        dim, pack = _output_layout(self, param)
+        if dim is None:
+            return _copy_shared(param, loaded)
         if shard_id is None:  # already fused: each of q, k, v is sliced on its own
-            _check_full(loaded, 0, self.output_size)
-            for name, part in zip("qkv", loaded.split([q * self.tp_size, kv * self.tp_size, kv * self.tp_size])):
+            _check_full(loaded, dim, self.output_size // pack)
+            sizes = [q * self.tp_size // pack, kv * self.tp_size // pack, kv * self.tp_size // pack]
+            for name, part in zip("qkv", loaded.split(sizes, dim=dim)):
                 self.weight_loader(param, part, name)
             return
         offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
-        _check_full(loaded, 0, size * self.tp_size)
-        copy_weight(param.narrow(0, offset, size), loaded.narrow(0, self.tp_rank * size, size))
+        _check_full(loaded, dim, size * self.tp_size // pack)
+        copy_weight(_narrow(param, dim, pack, offset, size), _narrow(loaded, dim, pack, self.tp_rank * size, size))
 
 
 class RowParallelLinear(LinearBase):
@@ -118,15 +173,16 @@ class RowParallelLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
                  tp_group: Optional[TensorParallelGroup] = None, linear_method: LinearMethodBase | None = None) -> None:
         tp_size = (tp_group or TensorParallelGroup()).world_size
+        self.input_size = input_size  # set first: a quantized method sizes its scale tables from it
         super().__init__(input_size // tp_size, output_size, bias, tp_group, linear_method)
-        self.input_size = input_size
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
-        if param.dim() == 1:  # the bias: whole on every rank, added after the sum
+        dim, pack = _input_layout(self, param)
+        if dim is None:  # the bias (whole on every rank, added after the sum), or a table every rank needs
             return copy_weight(param, loaded)
-        size = param.shape[1]
-        _check_full(loaded, 1, self.input_size)
-        copy_weight(param, loaded.narrow(1, self.tp_rank * size, size))
+        size = self.input_size // self.tp_size
+        _check_full(loaded, dim, self.input_size // pack)
+        copy_weight(param, _narrow(loaded, dim, pack, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

@@ -260,6 +260,8 @@ class DecoderForCausalLM(nn.Module):
             if not is_stage_param(target, self.pp_group, (self.start_layer, self.end_layer), self.holds_embedding):
                 continue  # another pipeline stage's
             if target not in params:
+                if target.endswith(".bias") and not tensor.any():
+                    continue  # GPTQ checkpoints save a zero bias for every layer, biased or not
                 raise ValueError(f"checkpoint tensor {name!r} has no place in this model")
             param = params[target]
             if self.gemma_norms and target.endswith("norm.weight"):
@@ -291,7 +293,7 @@ _FUSED = {
 def _map_hf_name(name: str) -> tuple[str | None, str | int | tuple[str, int | None] | None]:
     """'model.layers.3.self_attn.k_proj.bias' -> ('layers.3.self_attn.qkv_proj.bias', 'k'); an expert's
     weight -> (its fused-MoE parameter, (shard, expert)) (`models/moe.py::map_expert_name`)."""
-    if "rotary_emb" in name:
+    if "rotary_emb" in name or name.endswith(".weight_shape"):  # compressed-tensors' unpacked shape: known here
         return None, None
     if name.startswith("model."):
         name = name[len("model.") :]

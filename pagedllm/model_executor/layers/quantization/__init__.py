@@ -9,11 +9,13 @@ as in vLLM, since in int8 it added about half again to the perplexity change (do
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from pagedllm.model_executor.layers.cpu_packed_linear import CpuPackedLinearMethod, cpu_packing_available
 from pagedllm.model_executor.layers.linear_method import UNQUANTIZED, LinearMethodBase
+from pagedllm.model_executor.layers.quantization.checkpoint import CHECKPOINT_QUANTIZATION
 from pagedllm.model_executor.layers.quantization.int8 import Int8LinearMethod, int8_unavailable_reason
 
 
@@ -24,19 +26,25 @@ class LinearMethods:
     tied_lm_head: LinearMethodBase  # the embedding's logits, where the LM head is tied to it
 
 
-def get_linear_methods(quantization: str | None, dtype: torch.dtype, device: torch.device) -> LinearMethods:
+def get_linear_methods(quantization: str | None, dtype: torch.dtype, device: torch.device,
+                       quant_config: Any = None) -> LinearMethods:
+    """`quant_config`: a pre-quantized checkpoint's settings (`checkpoint.py`), whose method loads its
+    packed tensors and hands the dequantized matrix to the plain method."""
     if cpu_packing_available(device, dtype):
         plain, tied = CpuPackedLinearMethod(), CpuPackedLinearMethod(keep_weight=True)
     else:
         plain = tied = UNQUANTIZED
-    linear = Int8LinearMethod() if quantization == "int8" else plain
+    if quant_config is not None:  # kept packed for the Triton kernel on GPUs, dequantized once on CPU
+        linear = quant_config.linear_method(plain, "triton" if device.type == "cuda" else "dequantized")
+    else:
+        linear = Int8LinearMethod() if quantization == "int8" else plain
     return LinearMethods(linear=linear, lm_head=plain, tied_lm_head=tied)
 
 
 def verify_quantization(quantization: str | None, device: torch.device, dtype: torch.dtype) -> None:
     """A clear ValueError, before anything loads, when `quantization` cannot run on this device and
     dtype (`ModelConfig` has already refused the names that are not implemented)."""
-    if quantization is None:
+    if quantization is None or quantization in CHECKPOINT_QUANTIZATION:  # plain PyTorch: any device
         return
     reason = int8_unavailable_reason(device, dtype)
     if reason is not None:

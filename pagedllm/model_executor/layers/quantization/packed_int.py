@@ -1,0 +1,151 @@
+"""What GPTQ, AWQ and compressed-tensors checkpoints share: integer weights packed into int32, one
+scale (and zero point) per group of input features, dequantized as w = scale * (q - zero).
+
+The formats differ only in layout (which dimension is packed, in what order, where the zero points
+sit and how they are offset), so each one is a `PackedIntLinearMethod` that says where its tensors
+go (`create_weights`, with the layout attributes `layers/linear.py` slices by) and how to read them
+back into a float matrix (`dequantize`, written out in plain PyTorch: the reference).
+
+What a layer holds after loading (`form`, picked in `quantization/__init__.py` by device):
+- "dequantized" (CPU): the matrix dequantized once to the model dtype, multiplied as an unquantized
+  layer is (oneDNN-packed where available): the checkpoint's 4-bit download and load, but a float
+  model's memory and speed at run time. CPU kernels that read the int4 groups as they are (as the
+  GGUF kernels do) are the next step;
+- "triton" (CUDA): the integers stay packed, a Triton kernel dequantizes tiles inside the matmul
+  (`triton_int_matmul.py`);
+- "packed": the checkpoint's tensors as loaded, dequantized on every call: the reference.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.model_executor.layers.linear_method import UNQUANTIZED, LinearMethodBase
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, dim: int, order: Sequence[int] | None = None) -> torch.Tensor:
+    """The unsigned `bits`-bit values packed into the int32 `packed` along `dim`, as int32.
+
+    Value i of a word sits in bits [bits * i, bits * (i + 1)) and is element i of its pack of
+    32 // bits, unless `order` is given: then value i is element `order[i]` (AWQ's interleave)."""
+    per_word = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+    words = packed.to(torch.int32).movedim(dim, -1)
+    values = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [..., words, per_word] in bit order
+    if order is not None:
+        if sorted(order) != list(range(per_word)):
+            raise ValueError(f"a packing order must be a permutation of 0..{per_word - 1}, got {list(order)}")
+        values = values[..., torch.argsort(torch.tensor(order))]  # element j is value order.index(j)
+    return values.flatten(-2).movedim(-1, dim)
+
+
+def add_packed_parameter(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                         output_dim: int | None, input_dim: int | None, output_pack: int = 1,
+                         input_pack: int = 1) -> None:
+    """An empty parameter for a checkpoint tensor, and the layout the parallel layers slice it by
+    (`layers/linear.py`: which dimensions hold output and input features, how many per element)."""
+    layer.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))
+    if not hasattr(layer, "weight_layouts"):
+        layer.weight_layouts = {}
+    layer.weight_layouts[name] = dict(output_dim=output_dim, input_dim=input_dim, output_pack=output_pack,
+                                      input_pack=input_pack)
+
+
+def check_divisible(what: str, size: int, by: int, why: str) -> None:
+    if size % by:
+        raise ValueError(f"{what} ({size}) is not a multiple of {by} ({why})")
+
+
+def full_input_size(layer: nn.Module, input_size: int) -> int:
+    """The layer's whole input width: a row-parallel layer holds 1/tp of it (and says its total)."""
+    return getattr(layer, "input_size", input_size)
+
+
+class IntGroups(NamedTuple):
+    """A layer's weight in the form every format reads into: w[n, k] = scales[g[k], n] * (q[k, n] - zeros[g[k], n])."""
+
+    q: torch.Tensor  # [in, out] unsigned integers
+    zeros: torch.Tensor  # [groups, out] integers
+    scales: torch.Tensor  # [groups, out]
+    g: torch.Tensor  # [in] each input's group (row of zeros and scales)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 [out, in] matrix."""
+        g = self.g.long()
+        if g.numel() and (g.min() < 0 or g.max() >= self.scales.shape[0]):
+            raise ValueError(f"the group index holds groups outside 0..{self.scales.shape[0] - 1}")
+        return ((self.q - self.zeros[g]).float() * self.scales.float()[g]).t().contiguous()
+
+
+FORMS = {"dequantized": "dequantized at load", "triton": "kept packed, Triton kernel",
+         "packed": "dequantized per call"}
+
+
+class PackedIntLinearMethod(LinearMethodBase):
+    """A weight-only integer checkpoint's linear layer: the packed tensors load as they are stored,
+    `unpack` reads them into `IntGroups`, and `form` says what is kept (module docstring).
+
+    `dense`: the method a "dequantized" matrix is held and multiplied by (plain `F.linear`, or
+    oneDNN-packed on CPU)."""
+
+    format_name = ""  # "GPTQ", ... for the start-up log
+    packed_names: tuple[str, ...] = ()  # the parameters `create_weights` makes
+    bits = 4
+
+    def __init__(self, dense: LinearMethodBase = UNQUANTIZED, form: str = "dequantized") -> None:
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {list(FORMS)}, got {form!r}")
+        self.dense = dense
+        self.form = form
+        self.description = f"{self.format_name}, {FORMS[form]}"
+
+    @abstractmethod
+    def unpack(self, layer: nn.Module) -> IntGroups:
+        """The layer's integers, zero points, scales and groups, read from its packed tensors."""
+
+    def dequantize(self, layer: nn.Module) -> torch.Tensor:
+        """The layer's float32 [output, input] weight."""
+        return self.unpack(layer).dequantize()
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if self.form == "packed":  # kept, as plain tensors: `weight_bytes` counts them, not as parameters
+            for name in self.packed_names:
+                if hasattr(layer, name):
+                    tensor = getattr(layer, name).data
+                    delattr(layer, name)
+                    setattr(layer, name, tensor)
+            return
+        if self.form == "triton":
+            from pagedllm.model_executor.layers.quantization.triton_int_matmul import IntGroupWeight
+
+            layer.int_weight = IntGroupWeight.from_groups(*self.unpack(layer), self.bits, layer.model_dtype)
+        else:
+            weight = self.dequantize(layer).to(layer.model_dtype)
+        for name in self.packed_names:
+            if hasattr(layer, name):
+                delattr(layer, name)
+        if self.form == "dequantized":
+            layer.weight = nn.Parameter(weight, requires_grad=False)
+            self.dense.process_weights_after_loading(layer)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.form == "dequantized":
+            return self.dense.apply(layer, x, bias)
+        if self.form == "triton":
+            from pagedllm.model_executor.layers.quantization.triton_int_matmul import int_group_linear
+
+            return int_group_linear(x, layer.int_weight, bias)
+        return F.linear(x, self.dequantize(layer).to(x.dtype), bias)
+
+    def weight_bytes(self, layer: nn.Module) -> int:
+        if self.form == "dequantized":
+            return self.dense.weight_bytes(layer)
+        if self.form == "triton":
+            return layer.int_weight.nbytes
+        tensors = [getattr(layer, name, None) for name in self.packed_names]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
