@@ -109,6 +109,19 @@ class KVCacheManager:
             self._num_cached_blocks[request.request_id] = min(cached, first)
         return uncached
 
+    def free_blocks_past(self, request: Request, num_tokens: int) -> None:
+        """Release the request's blocks past the ones its first `num_tokens` tokens need: blocks that only held
+        rejected draft tokens' K/V (speculative decoding). They were never registered in the prefix cache
+        (only accepted tokens are hashed), so they go back to the front of the free queue, handed out before
+        any block that still caches a prefix."""
+        blocks = self.req_to_blocks.get(request.request_id)
+        keep = cdiv(num_tokens, self.block_size)
+        if blocks is None or len(blocks) <= keep:
+            return
+        tail = blocks[keep:]
+        del blocks[keep:]
+        self.block_pool.free_blocks(reversed(tail), evict_first=True)
+
     def computed_block_ids(self, request: Request) -> set[int]:
         """The blocks the request counts as computed: its full blocks below `num_computed_tokens`."""
         blocks = self.req_to_blocks.get(request.request_id, [])

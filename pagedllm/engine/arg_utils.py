@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -32,6 +33,7 @@ from pagedllm.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     resolve_device,
     resolve_dtype,
 )
@@ -150,6 +152,10 @@ class EngineArgs:
     max_lora_rank: int = arg(16, "highest LoRA rank an adapter may have", group="lora")
     max_cpu_loras: Optional[int] = arg(None, "loaded adapters kept in host memory, least recently used evicted "
                                              "first (default: max_loras)", group="lora")
+    speculative_config: Optional[dict] = arg(
+        None, "speculative decoding, as JSON with vLLM's keys, e.g. '{\"method\": \"ngram\", "
+              "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4}' (docs/speculative_decoding.md)",
+        group="speculative decoding")
     # Who drives the engine, as vLLM's UsageContext: it picks the default step budget when
     # max_num_batched_tokens is not given (offline throughput wants big steps; a server wants
     # small ones, so a burst of prompts is chunked and the first ones start decoding sooner).
@@ -301,7 +307,14 @@ class EngineArgs:
             parallel_config=parallel_config,
             structured_outputs_backend=self.structured_outputs_backend,
             lora_config=LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras) if self.enable_lora else None,
+            speculative_config=self._speculative_config(pooling),
         )
+
+    def _speculative_config(self, pooling: bool) -> Optional[SpeculativeConfig]:
+        spec = SpeculativeConfig.from_dict(self.speculative_config)
+        if spec is not None and pooling:
+            raise ValueError("speculative_config speeds up generation; it cannot be used with runner='pooling'")
+        return spec
 
     def _generation_config_folder(self, model_path: str) -> Optional[str]:
         if self.generation_config == "vllm":
@@ -330,11 +343,24 @@ def _is_bool(f: dataclasses.Field) -> bool:
     return f.type in ("bool", "Optional[bool]", bool)
 
 
-def _value_type(f: dataclasses.Field) -> type:
+def _value_type(f: dataclasses.Field) -> Any:
+    if f.type == "Optional[dict]":
+        return _json_object
     for name, kind in (("int", int), ("float", float)):
         if f.type in (name, f"Optional[{name}]"):
             return kind
     return str
+
+
+def _json_object(text: str) -> dict:
+    """A flag whose value is a JSON object (vLLM's `--speculative-config '{...}'`)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 # ----- vLLM's arguments that pagedllm does not implement (yet) -------------------------------------
@@ -361,7 +387,6 @@ _MM = "image, audio and video inputs"
 VLLM_ONLY_ARGS: dict[str, VllmOnlyArg] = {
     "fully_sharded_loras": VllmOnlyArg((False,), _LORA),
     "lora_dtype": VllmOnlyArg(("auto",), _LORA),
-    "speculative_config": VllmOnlyArg((None, {}), _SPEC),
     "spec_method": VllmOnlyArg((None,), _SPEC),
     "spec_model": VllmOnlyArg((None,), _SPEC),
     "spec_tokens": VllmOnlyArg((None,), _SPEC),

@@ -31,7 +31,7 @@ from pagedllm.executor import Executor, ExecutorDeadError, executor_class
 from pagedllm.logger import init_logger
 from pagedllm.request import EngineCoreRequest, Request, RequestStatus
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.scheduler_output import ScheduledRequest, SchedulerOutput
+from pagedllm.scheduler_output import ScheduledRequest, SchedulerOutput, TokenLogprobs
 from pagedllm.structured_output.manager import StructuredOutputManager
 
 logger = init_logger(__name__)
@@ -182,6 +182,9 @@ class EngineCore:
             if not self.suspects:  # the round is over
                 self._last_round_unexplained = not self._round_found_culprit
         self.num_steps += 1
+        # With speculative decoding a step can emit several tokens per sequence: count them from here.
+        num_before = {s.request_id: scheduler.requests[s.request_id].num_output_tokens
+                      for s in sched_out.scheduled if s.request_id in scheduler.requests}
         updated = scheduler.update_from_output(sched_out, runner_out)
         outputs: dict[str, EngineCoreOutput] = {}
         for request in updated:
@@ -191,15 +194,20 @@ class EngineCore:
                 outputs[request.request_id] = EngineCoreOutput(
                     request.request_id, [], finish_reason="stop", pooling_output=request.pooler_output)
                 continue
-            if request.num_output_tokens == 1:
+            num_new = request.num_output_tokens - num_before[request.request_id]
+            if num_before[request.request_id] == 0:
                 self.prompt_tokens += request.num_prompt_tokens
-            self.generation_tokens += 1
+            self.generation_tokens += num_new
             if request.status in _SUCCESS:
                 self.requests_finished += 1
+            logprobs = runner_out.logprobs.get(request.request_id)
+            if logprobs is not None and len(logprobs.token_ids) > num_new:  # a stop inside an accepted run
+                logprobs = TokenLogprobs(logprobs.token_ids[:num_new], logprobs.logprobs[:num_new],
+                                         logprobs.ranks[:num_new])
             outputs[request.request_id] = EngineCoreOutput(
                 request_id=request.request_id,
-                new_token_ids=request.output_token_ids[-1:],
-                new_logprobs=runner_out.logprobs.get(request.request_id),
+                new_token_ids=request.output_token_ids[-num_new:],
+                new_logprobs=logprobs,
                 finish_reason=request.status.finish_reason,
                 stop_reason=request.stop_reason,
             )
@@ -275,6 +283,10 @@ class EngineCore:
             running_lora_adapters=_count_adapters(scheduler.running),
             waiting_lora_adapters=_count_adapters(scheduler.waiting),
             max_lora=self.config.lora_config.max_loras if self.config.lora_config else 0,
+            spec_decode_num_drafts=scheduler.spec_decoding_stats.num_drafts,
+            spec_decode_num_draft_tokens=scheduler.spec_decoding_stats.num_draft_tokens,
+            spec_decode_num_accepted_tokens=scheduler.spec_decoding_stats.num_accepted_tokens,
+            spec_decode_num_accepted_tokens_per_pos=list(scheduler.spec_decoding_stats.num_accepted_tokens_per_pos),
         )
 
     def get_engine_state(self) -> EngineState:

@@ -41,6 +41,8 @@ from pagedllm.model_executor.model_loader import load_model
 from pagedllm.sample.metadata import build_sampling_metadata
 from pagedllm.sample.sampler import Sampler, gather_logprobs, seeded_generator
 from pagedllm.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
+from pagedllm.spec_decode.ngram_proposer import NgramProposer
+from pagedllm.spec_decode.rejection_sampler import RejectionSampler, accepted_runs, expand_rows
 from pagedllm.utils import async_tensor_h2d, cdiv
 from pagedllm.worker.cpu_malloc import keep_freed_memory_in_heap, release_free_heap
 from pagedllm.worker.cuda_graph_runner import DecodeGraphRunner, capture_sizes, cuda_graphs_wanted
@@ -96,6 +98,10 @@ class ModelRunner:
             release_free_heap()  # loading's peak (checkpoint tensors, replaced plain weights) is not needed again
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(mc.seed))
         self.generators: dict[str, torch.Generator] = {}  # per-request, for seeded requests
+        # Speculative decoding: the proposer of each request's next drafts, and the sampler that verifies them.
+        spec = config.speculative_config
+        self.drafter = NgramProposer(spec) if spec is not None else None
+        self.rejection_sampler = RejectionSampler(self.sampler.generator)
         self.is_pooling_model = mc.runner_type == "pooling"
         self.is_encoder_only = bool(getattr(self.model, "is_encoder_only", False))
         # Graphs replay decode steps, which a pooling model never has.
@@ -148,8 +154,8 @@ class ModelRunner:
             positions.append(pos)
             block_ids = np.asarray(req.block_ids[: cdiv(start + n, bs)], dtype=np.int64)
             slots.append(block_ids[pos // bs] * bs + pos % bs)
-            if req.sample:
-                sample_rows.append(row + n - 1)
+            if req.sample:  # the last row, and before it one row per draft token
+                sample_rows.extend(range(row + n - 1 - len(req.spec_token_ids), row + n))
                 sample_requests.append(req)
             if req.pooling_params is not None and start == 0 and n == len(req.prompt_token_ids):  # the whole prompt
                 pooling_ids.append(req.request_id)
@@ -264,6 +270,15 @@ class ModelRunner:
             if seed is not None and req.request_id not in self.generators:
                 self.generators[req.request_id] = seeded_generator(seed, self.device)
         logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        if any(req.spec_token_ids for req in requests):
+            self._verify_drafts(logits, requests, out, grammar)
+        else:
+            self._sample_logits(logits, requests, out, grammar)
+        if self.drafter is not None:
+            self._propose_drafts(requests, out)
+
+    def _sample_logits(self, logits: torch.Tensor, requests: list[ScheduledRequest], out: ModelRunnerOutput,
+                       grammar: tuple[Optional[np.ndarray], dict[str, int]]) -> None:
         meta = build_sampling_metadata(requests, self.generators, self.vocab_size, self.device, grammar)
         result = self.sampler(logits, meta)
         sampled = result.sampled_token_ids.tolist()
@@ -274,6 +289,40 @@ class ModelRunner:
             if req.sampling_params.logprobs is not None:
                 k = self._num_logprobs(req.sampling_params.logprobs)
                 out.logprobs[req.request_id] = TokenLogprobs([ids[i][: k + 1]], [lps[i][: k + 1]], [ranks[i][: k + 1]])
+
+    def _verify_drafts(self, logits: torch.Tensor, requests: list[ScheduledRequest], out: ModelRunnerOutput,
+                       grammar: tuple[Optional[np.ndarray], dict[str, int]]) -> None:
+        """Speculative decoding: keep each request's drafts up to the first one the rejection sampler rejects,
+        then the token sampled after them (`spec_decode/rejection_sampler.py`)."""
+        rows, drafts = expand_rows(requests)
+        meta = build_sampling_metadata(rows, self.generators, self.vocab_size, self.device, grammar)
+        result = self.rejection_sampler(logits, meta, torch.tensor(drafts, device=self.device))
+        accepted, tokens = result.accepted.tolist(), result.output_token_ids.tolist()
+        if result.logprobs is not None:
+            ids, lps, ranks = result.logprob_token_ids.tolist(), result.logprobs.tolist(), result.ranks.tolist()
+        for req, (first, num_accepted) in zip(requests, accepted_runs(requests, accepted)):
+            last = first + num_accepted
+            out.sampled_token_ids[req.request_id] = tokens[last]
+            if req.spec_token_ids:
+                out.num_accepted_tokens[req.request_id] = num_accepted
+            if req.sampling_params.logprobs is not None:
+                k = self._num_logprobs(req.sampling_params.logprobs) + 1
+                out.logprobs[req.request_id] = TokenLogprobs([r[:k] for r in ids[first : last + 1]],
+                                                             [r[:k] for r in lps[first : last + 1]],
+                                                             [r[:k] for r in ranks[first : last + 1]])
+
+    def _propose_drafts(self, requests: list[ScheduledRequest], out: ModelRunnerOutput) -> None:
+        """Each sampled request's drafts for its next step, from its tokens after this one (none for a request
+        whose grammar constrains it: the scheduler would drop them)."""
+        for req in requests:
+            if req.sampling_params.structured_outputs is not None:
+                continue
+            new = req.spec_token_ids[: out.num_accepted_tokens.get(req.request_id, 0)]
+            new.append(out.sampled_token_ids[req.request_id])
+            context = np.array(req.prompt_token_ids + req.output_token_ids + new, dtype=np.int64)
+            drafts = self.drafter.propose(context)
+            if drafts:
+                out.draft_token_ids[req.request_id] = drafts
 
     def _num_logprobs(self, k: int) -> int:
         """vLLM's -1 means the whole vocabulary."""
