@@ -230,8 +230,8 @@ class SpeculativeConfig:
 
     def __post_init__(self) -> None:
         if self.method in VLLM_SPECULATIVE_METHODS:
-            raise NotImplementedError(f"speculative_config method={self.method!r} is not supported by pagedllm yet "
-                                      f"(implemented: {list(SPECULATIVE_METHODS)})")
+            raise NotImplementedError(f"speculative_config={{'method': {self.method!r}, ...}} is not supported by "
+                                      f"pagedllm yet (speculative methods implemented: {list(SPECULATIVE_METHODS)})")
         if self.method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_config method must be one of {list(SPECULATIVE_METHODS)}, "
                              f"got {self.method!r}")
@@ -239,12 +239,12 @@ class SpeculativeConfig:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"speculative_config num_speculative_tokens must be a positive integer, got {k!r}")
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        for name, value in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"speculative_config {name} must be a positive integer, got {value!r}")
         if lo is None and hi is None:
             lo = hi = 5
         lo, hi = (hi if lo is None else lo), (lo if hi is None else hi)
-        for name, value in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"speculative_config {name} must be a positive integer, got {value!r}")
         if lo > hi:
             raise ValueError(f"speculative_config prompt_lookup_min ({lo}) must be <= prompt_lookup_max ({hi})")
         object.__setattr__(self, "prompt_lookup_min", lo)
@@ -261,7 +261,7 @@ class SpeculativeConfig:
         config = dict(config)
         for key in _VLLM_ONLY_SPECULATIVE_KEYS:
             if config.pop(key, None) is not None:
-                raise NotImplementedError(f"speculative_config {key!r} is not supported by pagedllm yet")
+                raise NotImplementedError(f"speculative_config={{{key!r}: ...}} is not supported by pagedllm yet")
         names = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model"}
         unknown = sorted(set(config) - names)
         if unknown:

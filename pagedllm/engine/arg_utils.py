@@ -165,6 +165,7 @@ class EngineArgs:
         if self.usage_context not in DEFAULT_MAX_NUM_BATCHED_TOKENS:
             raise ValueError(f"usage_context must be one of {sorted(DEFAULT_MAX_NUM_BATCHED_TOKENS)}, "
                              f"got {self.usage_context!r}")
+        SpeculativeConfig.from_dict(self.speculative_config)  # refused before any model is resolved or loaded
 
     # ----- from LLM(**kwargs) and from the command line ------------------------------------
     @classmethod
