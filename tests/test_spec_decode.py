@@ -378,3 +378,81 @@ def test_sampled_distribution_with_speculation_matches_without(loopy_dir):
         table = np.array([[seq.count(t) for t in vocab] for seq in (plain, spec)])
         table = table[:, table.sum(axis=0) >= 10]  # the chi-square approximation needs populated cells
         assert chi2_contingency(table).pvalue > 1e-3, position
+
+
+# ----- the default model ---------------------------------------------------------------------------------
+@pytest.mark.real_model
+@pytest.mark.slow  # about 70 s on one busy thread
+def test_default_model_greedy_is_unchanged_under_pressure(smollm2_gguf):
+    """SmolLM2 copying text from its prompt (drafts mostly accepted) and writing freely (mostly rejected), in
+    one batch with a sampled request, n=2, a 48-token step budget (chunked prefill), a cache too small for
+    all of them (preemption), then again from the prefix cache."""
+    text = ("The committee met on Tuesday to review the budget for the coming year. After a long discussion, the "
+            "members agreed to increase the funding for the public library by ten percent.")
+    chats = [[{"role": "user", "content": f"Copy this text word for word:\n\n{text}"}],
+             [{"role": "user", "content": "Write a short poem about the ocean."}]]
+    greedy = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)
+    params = [greedy, SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True, n=2),
+              SamplingParams(temperature=0.8, top_p=0.9, max_tokens=80, ignore_eos=True, seed=0)]
+    kwargs = dict(max_model_len=256, max_num_batched_tokens=48, num_gpu_blocks_override=16)
+    results = []
+    for spec in (None, {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
+                        "prompt_lookup_min": 2}):
+        llm = LLM(speculative_config=spec, **kwargs)
+        render = llm.get_tokenizer().apply_chat_template
+        prompts = [{"prompt_token_ids": render(c, add_generation_prompt=True, tokenize=True, return_dict=False)} for c in chats + chats[:1]]
+        first = llm.generate(prompts, params, use_tqdm=False)
+        again = llm.generate(prompts[:2], params[:2], use_tqdm=False)
+        results.append((token_ids(first[:2]), token_ids(again)))
+        assert metric(llm, "num_preemptions") > 0 and metric(llm, "prefix_cache_hits") > 0
+        if spec is not None:
+            assert metric(llm, "spec_decode_num_accepted_tokens") > 0.5 * metric(llm, "spec_decode_num_draft_tokens")
+        assert_all_blocks_free(llm)
+        llm.shutdown()
+    assert results[1] == results[0]
+    assert results[0][0] == results[0][1]
+
+
+def test_bench_reports_acceptance(loopy_dir, tmp_path, capsys):
+    from pagedllm.entrypoints.cli.main import main
+
+    out = tmp_path / "latency.json"
+    rc = main(["bench", "latency", "--model", loopy_dir, "--max-model-len", "128", "--batch-size", "2",
+               "--input-len", "8", "--output-len", "40", "--num-iters", "1", "--num-iters-warmup", "0",
+               "--speculative-config", json.dumps(NGRAM), "--output-json", str(out)])
+    result = json.loads(out.read_text())
+    assert rc == 0 and result["spec_decode_num_accepted_tokens"] > 0
+    assert result["spec_decode_acceptance_rate"] == pytest.approx(
+        result["spec_decode_num_accepted_tokens"] / result["spec_decode_num_draft_tokens"])
+    assert result["spec_decode_acceptance_rate_pos0"] >= result["spec_decode_acceptance_rate_pos3"]
+    assert "spec_decode_mean_acceptance_length" in capsys.readouterr().out
+
+
+def test_server_takes_the_flag_streams_runs_and_exports_the_counters(loopy_dir):
+    import httpx
+
+    from test_server_harness import RemoteServer, sse_events
+
+    offline = LLM(model=loopy_dir, max_model_len=256)
+    expected = offline.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+                                use_tqdm=False)[0].outputs[0].text
+    offline.shutdown()
+    server = RemoteServer(loopy_dir, "--max-model-len", "256", "--served-model-name", "loopy",
+                          "--speculative-config", json.dumps(NGRAM))
+    try:
+        body = {"model": "loopy", "prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+        plain = {k: v for k, v in body.items() if k != "ignore_eos"}
+        assert server.client().completions.create(**plain, extra_body={"ignore_eos": True}).choices[0].text == expected
+        with httpx.stream("POST", server.url("/v1/completions"), json={**body, "stream": True},
+                          headers={"Authorization": f"Bearer {server.api_key}"}, timeout=60) as response:
+            chunks = [e["choices"][0]["text"] for e in sse_events(response) if isinstance(e, dict) and e["choices"]]
+        assert "".join(chunks) == expected
+        text = httpx.get(server.url("/metrics")).text
+        for name in ("spec_decode_num_drafts_total", "spec_decode_num_draft_tokens_total",
+                     "spec_decode_num_accepted_tokens_total"):
+            assert f"pagedllm:{name}" in text, name
+        per_pos = [line for line in text.splitlines() if line.startswith("pagedllm:spec_decode_num_accepted_tokens_per_pos")]
+        assert len(per_pos) == NGRAM["num_speculative_tokens"] and 'position="0"' in per_pos[0]
+        assert server.metrics()["pagedllm:spec_decode_num_accepted_tokens_total"] > 0
+    finally:
+        assert server.stop() in (0, -15), server.read_log()
