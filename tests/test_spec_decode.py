@@ -456,3 +456,14 @@ def test_server_takes_the_flag_streams_runs_and_exports_the_counters(loopy_dir):
         assert server.metrics()["pagedllm:spec_decode_num_accepted_tokens_total"] > 0
     finally:
         assert server.stop() in (0, -15), server.read_log()
+
+
+def test_the_page_names_real_code():
+    """docs/speculative_decoding.md cites files and functions by the walkthrough's convention."""
+    from pathlib import Path
+
+    from test_walkthrough import check
+
+    page = Path(__file__).resolve().parent.parent / "docs" / "speculative_decoding.md"
+    problems, count = check(page.read_text(encoding="utf-8"), base=page.parent)
+    assert not problems and count >= 15, problems
