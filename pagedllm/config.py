@@ -205,8 +205,8 @@ class LoRAConfig:
 
 
 # vLLM's speculative methods: the ones implemented, and the others it has (refused by name).
-SPECULATIVE_METHODS = ("ngram",)
-VLLM_SPECULATIVE_METHODS = ("draft_model", "eagle", "eagle3", "mtp", "medusa", "mlp_speculator", "suffix",
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+VLLM_SPECULATIVE_METHODS = ("eagle", "eagle3", "mtp", "medusa", "mlp_speculator", "suffix",
                             "ngram_gpu")
 # `speculative_config` keys vLLM defines that only its other methods or tuning use: accepted at None.
 _VLLM_ONLY_SPECULATIVE_KEYS = ("quantization", "max_model_len", "revision", "code_revision",
@@ -219,14 +219,17 @@ class SpeculativeConfig:
     """vLLM's `speculative_config`: propose `num_speculative_tokens` tokens per step and verify them in one
     forward pass of the target model. `method="ngram"` (prompt lookup) proposes the tokens that followed the
     longest earlier match, between `prompt_lookup_min` and `prompt_lookup_max` tokens long, of the sequence's
-    last tokens (both default to 5 when neither is given, as in vLLM). Built from the user's dict by
-    `from_dict`, which names the key or value it refuses."""
+    last tokens (both default to 5 when neither is given, as in vLLM). `method="draft_model"` runs `model`, a
+    small model of the target's tokenizer, k times per step to propose its greedy continuation; its config
+    (`draft_model_config`, a `ModelConfig`) is filled in by `EngineArgs`, which reads the checkpoint. Built
+    from the user's dict by `from_dict`, which names the key or value it refuses."""
 
     method: str
     num_speculative_tokens: int
     prompt_lookup_min: Optional[int] = None
     prompt_lookup_max: Optional[int] = None
     model: Optional[str] = None  # the draft model (draft_model / eagle methods)
+    draft_model_config: Optional["ModelConfig"] = None  # draft_model: the draft checkpoint, resolved
 
     def __post_init__(self) -> None:
         if self.method in VLLM_SPECULATIVE_METHODS:
@@ -238,6 +241,10 @@ class SpeculativeConfig:
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"speculative_config num_speculative_tokens must be a positive integer, got {k!r}")
+        if self.method == "draft_model":
+            if not self.model:
+                raise ValueError("speculative_config method 'draft_model' needs 'model', the draft checkpoint")
+            return
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
         for name, value in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

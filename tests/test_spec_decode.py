@@ -86,7 +86,6 @@ def assert_all_blocks_free(llm: LLM) -> None:
     ({"method": "ngram", "num_speculative_tokens": 3, "num_lookahead": 2}, ValueError, "unknown keys"),
     ({"method": "magic", "num_speculative_tokens": 3}, ValueError, "method must be one of"),
     ({"method": "eagle", "model": "head", "num_speculative_tokens": 3}, NotImplementedError, "'eagle'"),
-    ({"model": "path/to/draft", "num_speculative_tokens": 3}, NotImplementedError, "'draft_model'"),
     ({"method": "ngram", "num_speculative_tokens": 3, "quantization": "fp8"}, NotImplementedError, "quantization"),
 ])
 def test_bad_speculative_configs_are_refused_before_loading(config, error, message):
@@ -100,6 +99,7 @@ def test_ngram_lookup_defaults_follow_vllm():
     assert (both.prompt_lookup_min, both.prompt_lookup_max) == (5, 5)
     only_max = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2})
     assert (only_max.prompt_lookup_min, only_max.prompt_lookup_max) == (2, 2)
+    assert SpeculativeConfig.from_dict({"model": "path/to/draft", "num_speculative_tokens": 3}).method == "draft_model"
 
 
 def test_speculative_config_flag_takes_json(llama_dir):
@@ -467,3 +467,61 @@ def test_the_page_names_real_code():
     page = Path(__file__).resolve().parent.parent / "docs" / "speculative_decoding.md"
     problems, count = check(page.read_text(encoding="utf-8"), base=page.parent)
     assert not problems and count >= 15, problems
+
+
+# ----- method "draft_model" ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("config", "message"), [
+    ({"method": "draft_model", "num_speculative_tokens": 3}, "needs 'model'"),
+])
+def test_a_draft_model_needs_a_model(config, message):
+    with pytest.raises(ValueError, match=message):
+        LLM("/nonexistent/model", speculative_config=config)
+
+
+def test_a_draft_model_must_share_the_tokenizer(llama_dir, tmp_path):
+    from conftest import build_checkpoint
+
+    other = build_checkpoint(str(tmp_path / "other"), "llama", extra_tokens=("<think>", "</think>"))
+    with pytest.raises(ValueError, match="must share the tokenizer"):
+        EngineArgs(model=llama_dir, speculative_config={"method": "draft_model", "model": other,
+                                                        "num_speculative_tokens": 3}).create_engine_config()
+    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+        EngineArgs(model=llama_dir, tensor_parallel_size=2, speculative_config={
+            "method": "draft_model", "model": llama_dir, "num_speculative_tokens": 3}).create_engine_config()
+
+
+def test_the_target_as_its_own_draft_keeps_every_draft(llama_dir):
+    """A draft model that is the target proposes exactly the target's greedy tokens, so every draft is kept
+    unless the draft's K/V cache (its own, under the target's block tables) differs from the target's: through
+    chunked prefill, preemption, and blocks that come from the prefix cache (filled in an earlier step by both
+    models)."""
+    reference, plain = run(llama_dir, PROMPTS, GREEDY, max_model_len=192)
+    plain.shutdown()
+    spec = {"method": "draft_model", "model": llama_dir, "num_speculative_tokens": 4}
+    outputs, llm = run(llama_dir, PROMPTS, GREEDY, spec, max_model_len=192, max_num_batched_tokens=24,
+                       num_gpu_blocks_override=14)
+    assert token_ids(outputs) == token_ids(reference) and metric(llm, "num_preemptions") > 0
+    drafted = metric(llm, "spec_decode_num_draft_tokens")
+    assert metric(llm, "spec_decode_num_accepted_tokens") == drafted > 0
+    again = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert token_ids(again) == token_ids(reference) and metric(llm, "prefix_cache_hits") > 0
+    assert metric(llm, "spec_decode_num_accepted_tokens") == metric(llm, "spec_decode_num_draft_tokens") > drafted
+    assert_all_blocks_free(llm)
+    llm.shutdown()
+
+
+def test_another_draft_model_changes_nothing(llama_dir, loopy_dir):
+    """The loopy model as the draft of the random Llama: it guesses wrong nearly always; greedy and logprobs
+    stay the target's, and a sampled request runs beside them."""
+    params = [GREEDY, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=1.0, top_p=0.9, max_tokens=40, ignore_eos=True, seed=1)]
+    reference, plain = run(llama_dir, PROMPTS[:2], params[:2])
+    plain.shutdown()
+    spec = {"method": "draft_model", "model": loopy_dir, "num_speculative_tokens": 3}
+    outputs, llm = run(llama_dir, PROMPTS[:3], params, spec)
+    assert token_ids(outputs[:2]) == token_ids(reference)
+    for got, want in zip(outputs[1].outputs[0].logprobs, reference[1].outputs[0].logprobs):
+        assert all(abs(got[t].logprob - want[t].logprob) < 1e-4 for t in want)
+    assert metric(llm, "spec_decode_num_drafts") > 0
+    assert_all_blocks_free(llm)
+    llm.shutdown()

@@ -33,7 +33,11 @@ def num_blocks_for_budget(config: EngineConfig, available_bytes: int) -> int:
     cc, mc, sc = config.cache_config, config.model_config, config.scheduler_config
     if cc.num_gpu_blocks_override is not None:
         return cc.num_gpu_blocks_override
-    per_block = bytes_per_block(mc, cc.block_size, config.parallel_config.tensor_parallel_size, config.kv_cache_dtype)
+    tp = config.parallel_config.tensor_parallel_size
+    per_block = bytes_per_block(mc, cc.block_size, tp, config.kv_cache_dtype)
+    spec = config.speculative_config
+    if spec is not None and spec.draft_model_config is not None:  # the draft's own K/V, under the same block ids
+        per_block += bytes_per_block(spec.draft_model_config, cc.block_size, tp, config.kv_cache_dtype)
     num_blocks = max(0, available_bytes) // per_block - 1  # the model runner adds the padding block
     useful = sc.max_num_seqs * cdiv(mc.max_model_len, cc.block_size)
     if num_blocks > useful:

@@ -42,7 +42,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager,
                  tracer: Optional[RequestTracer] = None,
                  structured_output_manager: Optional[StructuredOutputManager] = None,
-                 max_loras: Optional[int] = None) -> None:
+                 max_loras: Optional[int] = None, num_lookahead_tokens: int = 0) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
         self.block_size = kv_cache_manager.block_size
@@ -56,6 +56,8 @@ class Scheduler:
         self.grammar_failures: dict[str, str] = {}  # request id -> why its constraint did not compile
         self.max_loras = max_loras
         self.spec_decoding_stats = SpecDecodingStats()  # drafts verified and accepted (speculative decoding)
+        # A draft model writes its proposals' K/V past a request's tokens: that many slots are kept for it.
+        self.num_lookahead_tokens = num_lookahead_tokens
 
     # ----- queue management -------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -111,7 +113,8 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
-            while (new_blocks := self.kv_cache_manager.allocate_slots(request, num_new)) is None:
+            while (new_blocks := self.kv_cache_manager.allocate_slots(
+                    request, num_new, num_lookahead_tokens=self.num_lookahead_tokens)) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted.add(victim.request_id)
@@ -140,7 +143,7 @@ class Scheduler:
             if (not self.config.enable_chunked_prefill or request.pooling_params is not None) and num_new > budget:
                 break
             num_new = min(num_new, budget)
-            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new, hits)
+            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new, hits, self.num_lookahead_tokens)
             if new_blocks is None:
                 break
             self.waiting.popleft()
@@ -177,14 +180,15 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         if request is not None and request.status == RequestStatus.RUNNING:
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new) if num_new > 0 else None
+            new_blocks = (self.kv_cache_manager.allocate_slots(request, num_new, num_lookahead_tokens=self.num_lookahead_tokens)
+                          if num_new > 0 else None)
             if new_blocks is not None:
                 self.tracer.scheduled(request, num_new, new_blocks)
                 scheduled.append((request, num_new))
         elif request is not None and request in self.waiting and self._grammar_ready(request):
             hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, budget)
-            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new, hits)
+            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new, hits, self.num_lookahead_tokens)
             if new_blocks is not None:
                 self.waiting.remove(request)
                 self._admit(request, hits, num_hit_tokens, num_new, new_blocks)
@@ -329,7 +333,7 @@ class Scheduler:
         A request with a structured-output constraint gets none (its grammar would have to vet them)."""
         room = request.max_tokens - request.num_output_tokens - 1
         request.spec_token_ids = drafts[:room] if request.structured_output_request is None else []
-        self.kv_cache_manager.free_blocks_past(request, request.num_tokens)
+        self.kv_cache_manager.free_blocks_past(request, request.num_tokens + self.num_lookahead_tokens)
 
     def _check_stop(self, request: Request, token_id: int) -> None:
         params = request.sampling_params

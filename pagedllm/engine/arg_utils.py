@@ -308,14 +308,32 @@ class EngineArgs:
             parallel_config=parallel_config,
             structured_outputs_backend=self.structured_outputs_backend,
             lora_config=LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras) if self.enable_lora else None,
-            speculative_config=self._speculative_config(pooling),
+            speculative_config=self._speculative_config(pooling, model_config),
         )
 
-    def _speculative_config(self, pooling: bool) -> Optional[SpeculativeConfig]:
+    def _speculative_config(self, pooling: bool, target: ModelConfig) -> Optional[SpeculativeConfig]:
         spec = SpeculativeConfig.from_dict(self.speculative_config)
         if spec is not None and pooling:
             raise ValueError("speculative_config speeds up generation; it cannot be used with runner='pooling'")
-        return spec
+        if spec is None or spec.method != "draft_model":
+            return spec
+        if self.tensor_parallel_size > 1:
+            raise ValueError("speculative_config method 'draft_model' runs with tensor_parallel_size=1 only")
+        from pagedllm.model_executor.model_source import resolve_model
+
+        path = resolve_model(spec.model).path
+        hf_config = load_hf_config(path, self.trust_remote_code)
+        if hf_config.vocab_size != target.vocab_size:
+            raise ValueError(f"speculative_config model {spec.model!r} has a vocabulary of {hf_config.vocab_size} "
+                             f"tokens, the target {target.vocab_size}: a draft model must share the tokenizer")
+        max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
+        if max_pos < target.max_model_len:
+            raise ValueError(f"speculative_config model {spec.model!r} handles {max_pos} positions, fewer than "
+                             f"max_model_len ({target.max_model_len})")
+        draft = ModelConfig(model=path, tokenizer=target.tokenizer, hf_config=hf_config, dtype=target.dtype,
+                            max_model_len=target.max_model_len, vocab_size=hf_config.vocab_size, seed=target.seed,
+                            enforce_eager=target.enforce_eager, trust_remote_code=self.trust_remote_code)
+        return dataclasses.replace(spec, draft_model_config=draft)
 
     def _generation_config_folder(self, model_path: str) -> Optional[str]:
         if self.generation_config == "vllm":

@@ -73,7 +73,8 @@ class EngineCore:
             lambda: load_tokenizer(mc.tokenizer), mc.vocab_size, config.structured_outputs_backend)
         self.scheduler = Scheduler(config.scheduler_config, self.kv_cache_manager,
                                    make_tracer(config.scheduler_config.trace), self.structured_output_manager,
-                                   max_loras=config.lora_config.max_loras if config.lora_config else None)
+                                   max_loras=config.lora_config.max_loras if config.lora_config else None,
+                                   num_lookahead_tokens=_num_lookahead_tokens(config))
         self.prompt_tokens = self.generation_tokens = self.requests_finished = self.num_steps = 0
         self.history = StateHistory()
         self.preemptions = PreemptionLog()
@@ -322,6 +323,12 @@ class EngineCore:
             self.structured_output_manager.shutdown()
         if executor is not None:
             executor.shutdown()
+
+
+def _num_lookahead_tokens(config: EngineConfig) -> int:
+    """Slots a request keeps past its tokens: a draft model's k proposals (n-gram drafts need none)."""
+    spec = config.speculative_config
+    return spec.num_speculative_tokens if spec is not None and spec.method == "draft_model" else 0
 
 
 def _count_adapters(requests: Iterable[Request]) -> dict[str, int]:

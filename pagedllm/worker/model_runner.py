@@ -41,6 +41,7 @@ from pagedllm.model_executor.model_loader import load_model
 from pagedllm.sample.metadata import build_sampling_metadata
 from pagedllm.sample.sampler import Sampler, gather_logprobs, seeded_generator
 from pagedllm.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
+from pagedllm.spec_decode.draft_model_proposer import DraftModelProposer
 from pagedllm.spec_decode.ngram_proposer import NgramProposer
 from pagedllm.spec_decode.rejection_sampler import RejectionSampler, accepted_runs, expand_rows
 from pagedllm.utils import async_tensor_h2d, cdiv
@@ -84,6 +85,7 @@ class ModelRunner:
         self.attn_metadata_builder = self.attn_backend.get_builder_cls()(self.device, mc.dtype, config.kv_cache_dtype)
         ctx = BuildContext.for_engine(mc.dtype, mc.max_model_len, self.device, mc.quantization, mc.compile_fused_ops,
                                       self.attn_backend, self.tp_group)
+        base_ctx = ctx
         lora_config = config.lora_config
         self.punica: PunicaWrapper | None = None
         if lora_config is not None:  # the decoder layers' projections add their adapters' terms
@@ -100,13 +102,17 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}  # per-request, for seeded requests
         # Speculative decoding: the proposer of each request's next drafts, and the sampler that verifies them.
         spec = config.speculative_config
-        self.drafter = NgramProposer(spec) if spec is not None else None
+        self.drafter: NgramProposer | DraftModelProposer | None = None
+        if spec is not None:
+            self.drafter = (DraftModelProposer(config, base_ctx, self.attn_metadata_builder)
+                            if spec.method == "draft_model" else NgramProposer(spec))
         self.rejection_sampler = RejectionSampler(self.sampler.generator)
         self.is_pooling_model = mc.runner_type == "pooling"
         self.is_encoder_only = bool(getattr(self.model, "is_encoder_only", False))
         # Graphs replay decode steps, which a pooling model never has.
         use_graphs = cuda_graphs_wanted(self.device, mc.enforce_eager, self.attn_backend) and not self.is_pooling_model
         use_graphs = use_graphs and lora_config is None  # graphs would replay without the step's LoRA mapping
+        use_graphs = use_graphs and not isinstance(self.drafter, DraftModelProposer)  # its mirror needs the inputs
         self.graph_sizes = capture_sizes(config.scheduler_config.max_num_seqs) if use_graphs else []
         self.num_blocks = 0  # until initialize_kv_cache
         self.kv_caches: KVCaches = []
@@ -121,6 +127,9 @@ class ModelRunner:
         # of a CUDA-graph replay write to (never a live sequence's block).
         self.kv_caches = allocate_kv_cache(self.config.model_config, num_blocks + 1, self.block_size, self.device,
                                            self.tp_group.world_size, self.config.kv_cache_dtype)
+        if isinstance(self.drafter, DraftModelProposer):  # the draft's own K/V under the same block ids
+            self.drafter.kv_caches = allocate_kv_cache(self.drafter.model_config, num_blocks + 1, self.block_size,
+                                                       self.device, 1, self.config.kv_cache_dtype)
         if self.graph_sizes:
             self.cuda_graphs = DecodeGraphRunner(
                 self.model, self.kv_caches, self.block_size, self.config.model_config.max_model_len, self.graph_sizes,
@@ -226,6 +235,8 @@ class ModelRunner:
         else:
             inputs = self.prepare_inputs(sched)
             hidden = self._forward(inputs, self.kv_caches)
+            if isinstance(self.drafter, DraftModelProposer):
+                self.drafter.mirror(inputs.input_ids, inputs.positions, inputs.attn_metadata)
         out = ModelRunnerOutput()
         if inputs.pooling_metadata is not None:
             pooled = self.model.pooler(hidden, inputs.pooling_metadata)
@@ -314,9 +325,16 @@ class ModelRunner:
     def _propose_drafts(self, requests: list[ScheduledRequest], out: ModelRunnerOutput) -> None:
         """Each sampled request's drafts for its next step, from its tokens after this one (none for a request
         whose grammar constrains it: the scheduler would drop them)."""
+        requests = [req for req in requests if req.sampling_params.structured_outputs is None]
+        if isinstance(self.drafter, DraftModelProposer):
+            # The sampled token sits at position num_computed_tokens + real tokens fed + drafts accepted.
+            num_tokens = [req.num_computed_tokens + len(req.token_ids) - len(req.spec_token_ids) + 1
+                          + out.num_accepted_tokens.get(req.request_id, 0) for req in requests]
+            proposals = self.drafter.propose(requests, [out.sampled_token_ids[r.request_id] for r in requests],
+                                             num_tokens)
+            out.draft_token_ids.update({r.request_id: d for r, d in zip(requests, proposals) if d})
+            return
         for req in requests:
-            if req.sampling_params.structured_outputs is not None:
-                continue
             new = req.spec_token_ids[: out.num_accepted_tokens.get(req.request_id, 0)]
             new.append(out.sampled_token_ids[req.request_id])
             context = np.array(req.prompt_token_ids + req.output_token_ids + new, dtype=np.int64)
