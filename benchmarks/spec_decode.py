@@ -8,7 +8,11 @@ greedy, up to `--max-tokens` tokens, once without speculation and once with
 per `k` asked for, interleaved, each the best of `--repeats`. Output tok/s is the request's output tokens
 over its wall time (prefill included, as a user sees it); the table also gives the speed-up, the
 acceptance rate (accepted / drafted tokens) and the mean acceptance length (tokens per verification
-step), and checks that the speculative output equals the plain one token for token. Writes
+step), and checks that the speculative output equals the plain one token for token.
+
+With `--draft-layers N` a `draft_model` run joins them: there is no smaller model of SmolLM2's tokenizer
+on PyPI, so the draft is SmolLM2 cut to its first N decoder layers (its own embeddings, final norm and
+tied LM head; written as a safetensors checkpoint in a temporary folder, nothing downloaded). Writes
 benchmarks/results/spec_decode-<date>-vm.json.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,6 +65,39 @@ TASKS = [
 ]
 
 
+def truncated_draft(num_layers: int, folder: str) -> str:
+    """The default model with only `num_layers` of its decoder layers, half from the bottom and half from the
+    top (LayerSkip's self-speculation: the top layers still read what the LM head expects), as a Hugging Face
+    checkpoint (float32)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from pagedllm.model_executor.gguf_loader import load_gguf_config, load_gguf_tokenizer
+    from pagedllm.model_executor.model_source import resolve_model
+
+    path = resolve_model(None).path
+    config = load_gguf_config(path)
+    total = config.num_hidden_layers
+    kept = list(range((num_layers + 1) // 2)) + list(range(total - num_layers // 2, total))
+    full = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=full)["tensors"]
+    config.num_hidden_layers = num_layers
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    renamed = {}
+    for name, tensor in tensors.items():
+        if name.startswith("model.layers."):
+            index = int(name.split(".")[2])
+            if index not in kept:
+                continue
+            name = name.replace(f"model.layers.{index}.", f"model.layers.{kept.index(index)}.", 1)
+        renamed[name] = tensor
+    model.load_state_dict(renamed, strict=False)
+    model.tie_weights()
+    model.save_pretrained(folder)
+    load_gguf_tokenizer(path).save_pretrained(folder)
+    return folder
+
+
 def run(llm: LLM, prompt: str, params: SamplingParams) -> tuple[float, list[int]]:
     start = time.perf_counter()
     out = llm.chat([{"role": "user", "content": prompt}], params, use_tqdm=False)[0]
@@ -80,6 +118,10 @@ def main() -> None:
     p.add_argument("--prompt-lookup-max", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--draft-layers", type=int, default=0,
+                   help="also run method draft_model with the default model cut to this many layers, half from "
+                        "the bottom and half from the top (0: no draft_model run)")
+    p.add_argument("--draft-k", type=int, default=3, help="num_speculative_tokens of the draft_model run")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: steady figures on a shared machine, where spinning threads thrash)")
     p.add_argument("--show-text", action="store_true", help="print each task's answer once")
@@ -93,6 +135,11 @@ def main() -> None:
         configs[f"ngram k={k}"] = {"method": "ngram", "num_speculative_tokens": k,
                                    "prompt_lookup_min": args.prompt_lookup_min,
                                    "prompt_lookup_max": args.prompt_lookup_max}
+    draft_folder = tempfile.TemporaryDirectory(prefix="spec-draft-")
+    if args.draft_layers:
+        configs[f"draft {args.draft_layers}L k={args.draft_k}"] = {
+            "method": "draft_model", "num_speculative_tokens": args.draft_k,
+            "model": truncated_draft(args.draft_layers, draft_folder.name)}
     engines = {name: LLM(model=args.model, max_model_len=2048, speculative_config=spec, disable_log_stats=True)
                for name, spec in configs.items()}
     for llm in engines.values():  # warm-up: kernels built, first-step costs paid
@@ -131,15 +178,16 @@ def main() -> None:
             "identical_to_none": all(tokens[name, t] == tokens["none", t] for t in range(len(TASKS))),
         })
     base = rows[0]["output_tok_per_s"]
-    print(f"{'config':<12}{'out tok/s':>11}{'speed-up':>10}{'accept %':>10}{'mean len':>10}{'same tokens':>13}")
+    print(f"{'config':<16}{'out tok/s':>11}{'speed-up':>10}{'accept %':>10}{'mean len':>10}{'same tokens':>13}")
     for row in rows:
         row["speedup"] = row["output_tok_per_s"] / base
         acc = f"{100 * row['acceptance_rate']:.1f}" if row["acceptance_rate"] is not None else "-"
         mlen = f"{row['mean_acceptance_length']:.2f}" if row["mean_acceptance_length"] is not None else "-"
-        print(f"{row['config']:<12}{row['output_tok_per_s']:>11.1f}{row['speedup']:>9.2f}x{acc:>10}{mlen:>10}"
+        print(f"{row['config']:<16}{row['output_tok_per_s']:>11.1f}{row['speedup']:>9.2f}x{acc:>10}{mlen:>10}"
               f"{str(row['identical_to_none']):>13}")
     for llm in engines.values():
         llm.shutdown()
+    draft_folder.cleanup()
     result = {"benchmark": "spec_decode", "date": datetime.now(timezone.utc).isoformat(), "machine": platform.node(),
               "processor": platform.processor() or platform.machine(), "args": vars(args),
               "tasks": [t[:80] for t in TASKS], "rows": rows}

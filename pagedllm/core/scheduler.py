@@ -331,7 +331,7 @@ class Scheduler:
         """Keep the runner's proposals for the next step, no more than the request may still emit (the step
         after them emits one more token); release the blocks that only held this step's rejected drafts.
         A request with a structured-output constraint gets none (its grammar would have to vet them)."""
-        room = request.max_tokens - request.num_output_tokens - 1
+        room = max(request.max_tokens - request.num_output_tokens - 1, 0)
         request.spec_token_ids = drafts[:room] if request.structured_output_request is None else []
         self.kv_cache_manager.free_blocks_past(request, request.num_tokens + self.num_lookahead_tokens)
 
