@@ -355,14 +355,17 @@ def greedy_chains(model_dir: str) -> list[int]:
     return prompt
 
 
-def test_sampled_distribution_with_speculation_matches_without(loopy_dir):
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_sampled_distribution_with_speculation_matches_without(loopy_dir, method):
     """Temperature 1 with top-p, 1500 seeded requests per engine, on a prompt where drafts are kept about a
-    quarter of the time; the tokens at output positions 1..3 (drafted ones: position 0 comes from the prompt
-    step) are compared by a chi-square test of homogeneity. (A sampler that drew rejected positions from the
-    full distribution instead of the residual fails it with p ~ 1e-8.)"""
+    quarter of the time (ngram) or about half (the loopy model as its own draft: its greedy guess); the tokens
+    at output positions 1..3 (drafted ones: position 0 comes from the prompt step) are compared by a
+    chi-square test of homogeneity. (A sampler that drew rejected positions from the full distribution
+    instead of the residual fails it with p ~ 1e-8.)"""
     prompt = {"prompt_token_ids": greedy_chains(loopy_dir)}
     params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=4, ignore_eos=True, seed=i) for i in range(1500)]
-    spec_config = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1, "prompt_lookup_max": 1}
+    spec_config = ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1, "prompt_lookup_max": 1}
+                   if method == "ngram" else {"method": "draft_model", "model": loopy_dir, "num_speculative_tokens": 2})
     samples = []
     for spec in (None, spec_config):
         outputs, llm = run(loopy_dir, [prompt] * len(params), params, spec, max_model_len=1024)
@@ -428,6 +431,7 @@ def test_bench_reports_acceptance(loopy_dir, tmp_path, capsys):
     assert "spec_decode_mean_acceptance_length" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a server process: about 15 s
 def test_server_takes_the_flag_streams_runs_and_exports_the_counters(loopy_dir):
     import httpx
 
@@ -524,4 +528,16 @@ def test_another_draft_model_changes_nothing(llama_dir, loopy_dir):
         assert all(abs(got[t].logprob - want[t].logprob) < 1e-4 for t in want)
     assert metric(llm, "spec_decode_num_drafts") > 0
     assert_all_blocks_free(llm)
+    llm.shutdown()
+
+
+@pytest.mark.slow  # two worker processes: about 20 s
+def test_tensor_parallel_workers_verify_the_same_drafts(loopy_dir):
+    """tensor_parallel_size=2 (two gloo worker processes, each receiving the pickled step): every rank
+    proposes and verifies the same drafts, and the tokens are those of one process without speculation."""
+    reference, plain = run(loopy_dir, PROMPTS, GREEDY)
+    plain.shutdown()
+    outputs, llm = run(loopy_dir, PROMPTS, GREEDY, NGRAM, tensor_parallel_size=2)
+    assert token_ids(outputs) == token_ids(reference)
+    assert metric(llm, "spec_decode_num_accepted_tokens") > 0
     llm.shutdown()
