@@ -541,3 +541,28 @@ def test_tensor_parallel_workers_verify_the_same_drafts(loopy_dir):
     assert token_ids(outputs) == token_ids(reference)
     assert metric(llm, "spec_decode_num_accepted_tokens") > 0
     llm.shutdown()
+
+
+@pytest.mark.real_model
+@pytest.mark.slow  # two copies of SmolLM2: about a minute on one busy thread
+def test_default_model_as_its_own_draft_model(smollm2_gguf):
+    """SmolLM2 drafting for itself (the GGUF as the draft checkpoint): every greedy draft is kept, through
+    chunked prefill, preemption and the prefix cache, and the tokens are those of the run without a draft."""
+    chats = [[{"role": "user", "content": "Write a short poem about the ocean."}],
+             [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]]
+    greedy = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    kwargs = dict(max_model_len=256, max_num_batched_tokens=32, num_gpu_blocks_override=16)
+    results = []
+    for spec in (None, {"method": "draft_model", "model": str(smollm2_gguf), "num_speculative_tokens": 3}):
+        llm = LLM(speculative_config=spec, **kwargs)
+        render = llm.get_tokenizer().apply_chat_template
+        prompts = [{"prompt_token_ids": render(c, add_generation_prompt=True, tokenize=True, return_dict=False)}
+                   for c in chats] * 2
+        results.append(token_ids(llm.generate(prompts, greedy, use_tqdm=False)))
+        assert metric(llm, "num_preemptions") > 0 and metric(llm, "prefix_cache_hits") > 0
+        if spec is not None:
+            drafted = metric(llm, "spec_decode_num_draft_tokens")
+            assert metric(llm, "spec_decode_num_accepted_tokens") >= 0.95 * drafted > 0
+        assert_all_blocks_free(llm)
+        llm.shutdown()
+    assert results[1] == results[0]
