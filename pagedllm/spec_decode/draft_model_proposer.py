@@ -22,7 +22,10 @@ from pagedllm.config import EngineConfig
 from pagedllm.model_executor.layers.build_context import BuildContext
 from pagedllm.model_executor.model_loader import load_model
 from pagedllm.scheduler_output import ScheduledRequest
+from pagedllm.logger import init_logger
 from pagedllm.utils import async_tensor_h2d
+
+logger = init_logger(__name__)
 
 
 class DraftModelProposer:
@@ -35,6 +38,7 @@ class DraftModelProposer:
         self.max_model_len = config.model_config.max_model_len
         self.metadata_builder = metadata_builder
         self.model = load_model(self.model_config, self.device, ctx)
+        logger.info("Speculative decoding: draft model %s proposes %d tokens per step", self.model_config.model, self.k)
         self.kv_caches: list = []
 
     def mirror(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any) -> None:

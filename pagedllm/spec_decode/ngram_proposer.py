@@ -14,6 +14,9 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from pagedllm.config import SpeculativeConfig
+from pagedllm.logger import init_logger
+
+logger = init_logger(__name__)
 
 
 class NgramProposer:
@@ -21,6 +24,8 @@ class NgramProposer:
         self.min_n = config.prompt_lookup_min
         self.max_n = config.prompt_lookup_max
         self.k = config.num_speculative_tokens
+        logger.info("Speculative decoding: n-gram drafts of up to %d tokens (prompt lookup, n-grams of %d to %d)",
+                    self.k, self.min_n, self.max_n)
 
     def propose(self, token_ids: np.ndarray, k: int | None = None) -> list[int]:
         """Up to `k` (default `num_speculative_tokens`) draft tokens to follow `token_ids`; [] when the tail
