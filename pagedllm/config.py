@@ -232,6 +232,83 @@ class LoRAConfig:
                              f"({self.max_loras})")
 
 
+# vLLM's speculative methods: the ones implemented, and the others it has (refused by name).
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+VLLM_SPECULATIVE_METHODS = ("eagle", "eagle3", "mtp", "medusa", "mlp_speculator", "suffix",
+                            "ngram_gpu")
+# `speculative_config` keys vLLM defines that only its other methods or tuning use: accepted at None.
+_VLLM_ONLY_SPECULATIVE_KEYS = ("quantization", "max_model_len", "revision", "code_revision",
+                               "draft_tensor_parallel_size", "disable_by_batch_size", "disable_padded_drafter_batch",
+                               "speculative_token_tree", "parallel_drafting", "enforce_eager")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's `speculative_config`: propose `num_speculative_tokens` tokens per step and verify them in one
+    forward pass of the target model. `method="ngram"` (prompt lookup) proposes the tokens that followed the
+    longest earlier match, between `prompt_lookup_min` and `prompt_lookup_max` tokens long, of the sequence's
+    last tokens (both default to 5 when neither is given, as in vLLM). `method="draft_model"` runs `model`, a
+    small model of the target's tokenizer, k times per step to propose its greedy continuation; its config
+    (`draft_model_config`, a `ModelConfig`) is filled in by `EngineArgs`, which reads the checkpoint. Built
+    from the user's dict by `from_dict`, which names the key or value it refuses."""
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_min: Optional[int] = None
+    prompt_lookup_max: Optional[int] = None
+    model: Optional[str] = None  # the draft model (draft_model / eagle methods)
+    draft_model_config: Optional["ModelConfig"] = None  # draft_model: the draft checkpoint, resolved
+
+    def __post_init__(self) -> None:
+        if self.method in VLLM_SPECULATIVE_METHODS:
+            raise NotImplementedError(f"speculative_config={{'method': {self.method!r}, ...}} is not supported by "
+                                      f"pagedllm yet (speculative methods implemented: {list(SPECULATIVE_METHODS)})")
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_config method must be one of {list(SPECULATIVE_METHODS)}, "
+                             f"got {self.method!r}")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"speculative_config num_speculative_tokens must be a positive integer, got {k!r}")
+        if self.method == "draft_model":
+            if not self.model:
+                raise ValueError("speculative_config method 'draft_model' needs 'model', the draft checkpoint")
+            return
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        for name, value in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"speculative_config {name} must be a positive integer, got {value!r}")
+        if lo is None and hi is None:
+            lo = hi = 5
+        lo, hi = (hi if lo is None else lo), (lo if hi is None else hi)
+        if lo > hi:
+            raise ValueError(f"speculative_config prompt_lookup_min ({lo}) must be <= prompt_lookup_max ({hi})")
+        object.__setattr__(self, "prompt_lookup_min", lo)
+        object.__setattr__(self, "prompt_lookup_max", hi)
+
+    @classmethod
+    def from_dict(cls, config: Optional[dict]) -> Optional["SpeculativeConfig"]:
+        """None or {} asks for nothing. The method is required, unless a `model` names a draft model (then
+        "draft_model", as vLLM infers it)."""
+        if not config:
+            return None
+        if not isinstance(config, dict):
+            raise ValueError(f"speculative_config must be a dict, got {type(config).__name__}")
+        config = dict(config)
+        for key in _VLLM_ONLY_SPECULATIVE_KEYS:
+            if config.pop(key, None) is not None:
+                raise NotImplementedError(f"speculative_config={{{key!r}: ...}} is not supported by pagedllm yet")
+        names = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model"}
+        unknown = sorted(set(config) - names)
+        if unknown:
+            raise ValueError(f"speculative_config has unknown keys {unknown}; known: {sorted(names)}")
+        method = config.pop("method", None) or ("draft_model" if config.get("model") else None)
+        if method is None:
+            raise ValueError("speculative_config needs a 'method' (e.g. 'ngram')")
+        if "num_speculative_tokens" not in config:
+            raise ValueError("speculative_config needs 'num_speculative_tokens'")
+        return cls(method=method, **config)
+
+
 DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray", "uni")
 
 
@@ -367,6 +444,7 @@ class EngineConfig:
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
     structured_outputs_backend: str = "auto"  # the grammar engine of structured outputs ("auto": xgrammar)
     lora_config: Optional[LoRAConfig] = None  # None: LoRA off (`enable_lora=False`)
+    speculative_config: Optional[SpeculativeConfig] = None  # None: one token per request per step
 
     @property
     def kv_cache_dtype(self) -> torch.dtype:

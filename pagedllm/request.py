@@ -108,6 +108,9 @@ class Request:
         self.pooler_output: Optional[Any] = None  # the pooled vector (a CPU tensor), once computed
         # Set by the engine core's StructuredOutputManager for a request with a constraint.
         self.structured_output_request: Optional[Any] = None
+        # Speculative decoding: tokens proposed to follow all_token_ids, verified in the next step. They are
+        # never part of all_token_ids, so block hashes and the prefix cache only ever cover accepted tokens.
+        self.spec_token_ids: list[int] = []
 
     @classmethod
     def from_engine_core_request(cls, request: EngineCoreRequest, block_size: int) -> "Request":

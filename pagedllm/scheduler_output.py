@@ -41,6 +41,9 @@ class ScheduledRequest:
     # A model with local and global layers: one block table per KV-cache group (`model_executor/kv_cache_groups.py`),
     # `block_ids` being the first. Empty when one table serves every layer.
     group_block_ids: tuple[list[int], ...] = ()
+    # Speculative decoding: the draft tokens at the end of token_ids, verified this step (their positions
+    # follow the request's known tokens; each gets a sampled row, plus the bonus row after them).
+    spec_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -77,3 +80,8 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, tuple[int, TokenLogprobs]] = field(default_factory=dict)
     # request id -> its pooled vector (a float32 CPU tensor), for the pooling requests of the step
     pooler_output: dict[str, Any] = field(default_factory=dict)
+    # Speculative decoding. request id -> how many of its drafts were accepted: the step emits those drafts,
+    # then sampled_token_ids' token (logprobs then have one row per emitted token).
+    num_accepted_tokens: dict[str, int] = field(default_factory=dict)
+    # request id -> the drafts proposed for its next step (after this step's tokens)
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)

@@ -30,6 +30,7 @@ LAYERS: list[tuple[list[str], bool]] = [
     (["pagedllm.core", "pagedllm.executor", "pagedllm.multimodal"], False),
     (["pagedllm.structured_output"], False),
     (["pagedllm.worker"], False),
+    (["pagedllm.spec_decode"], False),  # speculative decoding: proposers, the rejection sampler, its counters
     (["pagedllm.lora"], False),  # LoRA: adapter loading, the slots, the LoRA linear method over model_executor's
     (["pagedllm.model_executor"], False),
     (["pagedllm.attention", "pagedllm.sample"], False),

@@ -57,6 +57,7 @@ def run_throughput(args: argparse.Namespace) -> dict:
         "total_tokens_per_s": (in_tokens + out_tokens) / elapsed,
         "total_input_tokens": in_tokens,
         "total_output_tokens": out_tokens,
+        **spec_decode_report(llm),
     }
     print(format_table("Offline throughput", [(k, v) for k, v in result.items()]))
     _write_json(args.output_json, {"benchmark": "throughput", "args": vars_json(args), **result})
@@ -78,12 +79,34 @@ def run_latency(args: argparse.Namespace) -> dict:
         latencies.append(time.perf_counter() - start)
         llm.reset_prefix_cache()
     stats = summarize(latencies, (10, 25, 50, 75, 90, 99))
+    spec = spec_decode_report(llm)
     result = {"avg_latency": stats["mean"], "latencies": latencies,
-              "percentiles": {k: v for k, v in stats.items() if k.startswith("p")}}
+              "percentiles": {k: v for k, v in stats.items() if k.startswith("p")}, **spec}
     print(format_table("Latency (s)", [(k, v) for k, v in stats.items()]))
+    if spec:
+        print(format_table("Speculative decoding", list(spec.items())))
     _write_json(args.output_json, {"benchmark": "latency", "args": vars_json(args), **result})
     llm.shutdown()
     return result
+
+
+def spec_decode_report(llm: LLM) -> dict:
+    """With a speculative_config: vLLM's spec_decode counters since the engine started (warm-up included),
+    the acceptance rate and the mean acceptance length (tokens per verification step); else nothing."""
+    if llm.llm_engine.config.speculative_config is None:
+        return {}
+    values = {m.name.removeprefix("pagedllm:"): m.value for m in llm.get_metrics() if not m.labels}
+    drafts, draft_tokens, accepted = (values["spec_decode_num_drafts"], values["spec_decode_num_draft_tokens"],
+                                      values["spec_decode_num_accepted_tokens"])
+    report = {"spec_decode_num_drafts": drafts, "spec_decode_num_draft_tokens": draft_tokens,
+              "spec_decode_num_accepted_tokens": accepted,
+              "spec_decode_acceptance_rate": accepted / draft_tokens if draft_tokens else 0.0,
+              "spec_decode_mean_acceptance_length": 1 + accepted / drafts if drafts else 1.0}
+    per_pos = sorted((int(m.labels["position"]), m.value) for m in llm.get_metrics()
+                     if m.name.endswith("spec_decode_num_accepted_tokens_per_pos"))
+    report.update({f"spec_decode_acceptance_rate_pos{pos}": count / drafts if drafts else 0.0
+                   for pos, count in per_pos})
+    return report
 
 
 def as_command(run) -> callable:

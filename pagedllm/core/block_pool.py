@@ -71,8 +71,9 @@ class BlockPool:
                 del self._free[block.block_id]
             block.ref_cnt += 1
 
-    def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
-        """Drop one reference from each block; blocks reaching zero join the LRU tail in order."""
+    def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock], evict_first: bool = False) -> None:
+        """Drop one reference from each block; blocks reaching zero join the LRU tail in order (the front
+        with `evict_first`: blocks holding nothing worth keeping)."""
         for block in ordered_blocks:
             if block.ref_cnt <= 0:
                 raise RuntimeError(f"block {block.block_id} freed with ref_cnt {block.ref_cnt}")
@@ -81,6 +82,8 @@ class BlockPool:
                 if not self.enable_caching:
                     block.block_hash = None
                 self._free[block.block_id] = block
+                if evict_first:
+                    self._free.move_to_end(block.block_id, last=False)
 
     def cache_block(self, block: KVCacheBlock, block_hash: tuple) -> None:
         """Register a full, about-to-be-computed block under its prefix hash."""

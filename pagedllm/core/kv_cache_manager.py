@@ -62,10 +62,12 @@ class KVCacheManager:
         request: Request,
         num_new_tokens: int,
         new_computed_blocks: list[KVCacheBlock] | None = None,
+        num_lookahead_tokens: int = 0,
     ) -> list[KVCacheBlock] | None:
         """Give `request` room for `num_new_tokens` more tokens, or return None if it can't.
 
         `new_computed_blocks` are prefix-cache hits found for a newly admitted request.
+        `num_lookahead_tokens` more slots are reserved past them, for a draft model's proposals.
         On success the blocks that will be completely written this step are registered in
         the prefix cache right away, so a request scheduled later in the same step can
         already share them (the KV is written before attention reads it, layer by layer).
@@ -74,7 +76,8 @@ class KVCacheManager:
         req_blocks = self.req_to_blocks.setdefault(request.request_id, [])
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         total_tokens = num_computed + num_new_tokens
-        num_needed = cdiv(total_tokens, self.block_size) - len(req_blocks) - len(new_computed_blocks)
+        num_needed = (cdiv(total_tokens + num_lookahead_tokens, self.block_size) - len(req_blocks)
+                      - len(new_computed_blocks))
         # Cache hits sitting in the free queue stop being free once we reference them.
         num_evictable_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         if max(num_needed, 0) + num_evictable_hits > self.block_pool.num_free_blocks:
@@ -108,6 +111,19 @@ class KVCacheManager:
         if cached is not None:
             self._num_cached_blocks[request.request_id] = min(cached, first)
         return uncached
+
+    def free_blocks_past(self, request: Request, num_tokens: int) -> None:
+        """Release the request's blocks past the ones its first `num_tokens` tokens need: blocks that only held
+        rejected draft tokens' K/V (speculative decoding). They were never registered in the prefix cache
+        (only accepted tokens are hashed), so they go back to the front of the free queue, handed out before
+        any block that still caches a prefix."""
+        blocks = self.req_to_blocks.get(request.request_id)
+        keep = cdiv(num_tokens, self.block_size)
+        if blocks is None or len(blocks) <= keep:
+            return
+        tail = blocks[keep:]
+        del blocks[keep:]
+        self.block_pool.free_blocks(reversed(tail), evict_first=True)
 
     def computed_block_ids(self, request: Request) -> set[int]:
         """The blocks the request counts as computed: its full blocks below `num_computed_tokens`."""

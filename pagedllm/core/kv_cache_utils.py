@@ -49,6 +49,10 @@ def num_blocks_for_budget(config: EngineConfig, available_bytes: int) -> int:
     # Under pipeline parallelism a worker holds its stage's layers; the largest stage bounds the count.
     per_block = bytes_per_block(mc, cc.block_size, pc.tensor_parallel_size, config.kv_cache_dtype,
                                 max_stage_layers(mc.num_layers, pc) if pc.pipeline_parallel_size > 1 else None)
+    spec = config.speculative_config
+    if spec is not None and spec.draft_model_config is not None:  # the draft's own K/V, under the same block ids
+        per_block += bytes_per_block(spec.draft_model_config, cc.block_size, pc.tensor_parallel_size,
+                                     config.kv_cache_dtype)
     num_blocks = max(0, available_bytes) // per_block - 1  # the model runner adds the padding block
     useful = sc.max_num_seqs * max_blocks_per_request(kv_cache_groups_for(mc.text_config), mc.max_model_len,
                                                       cc.block_size, sc.max_num_batched_tokens)

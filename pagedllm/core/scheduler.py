@@ -31,6 +31,7 @@ from pagedllm.core.snapshot import RequestInfo, SchedulerState
 from pagedllm.logger import init_logger
 from pagedllm.request import Request, RequestStatus
 from pagedllm.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from pagedllm.spec_decode.metrics import SpecDecodingStats
 from pagedllm.structured_output.manager import StructuredOutputManager
 
 logger = init_logger(__name__)
@@ -45,7 +46,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager,
                  tracer: Optional[RequestTracer] = None,
                  structured_output_manager: Optional[StructuredOutputManager] = None,
-                 max_loras: Optional[int] = None) -> None:
+                 max_loras: Optional[int] = None, num_lookahead_tokens: int = 0) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
         self.block_size = kv_cache_manager.block_size
@@ -59,6 +60,9 @@ class Scheduler:
         self.grammar_failures: dict[str, str] = {}  # request id -> why its constraint did not compile
         self.max_loras = max_loras
         self.in_flight: set[str] = set()  # requests of steps still running (pipeline parallelism)
+        self.spec_decoding_stats = SpecDecodingStats()  # drafts verified and accepted (speculative decoding)
+        # A draft model writes its proposals' K/V past a request's tokens: that many slots are kept for it.
+        self.num_lookahead_tokens = num_lookahead_tokens
 
     # ----- queue management -------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -113,13 +117,15 @@ class Scheduler:
             if request.request_id in self.in_flight:
                 i += 1
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            # A decoding request's drafts run after its last token, in the same budget (cut to fit).
+            num_new = min(request.num_tokens + len(request.spec_token_ids) - request.num_computed_tokens, budget)
             if request.pooling_params is not None and num_new < request.num_tokens - request.num_computed_tokens:
                 num_new = 0  # a pooling prompt is never chunked: it waits for a step with room
             if num_new <= 0:
                 i += 1
                 continue
-            while (new_blocks := self.kv_cache_manager.allocate_slots(request, num_new)) is None:
+            while (new_blocks := self.kv_cache_manager.allocate_slots(
+                    request, num_new, num_lookahead_tokens=self.num_lookahead_tokens)) is None:
                 victim = self._newest_preemptible()
                 self.running.remove(victim)
                 self._preempt(victim)
@@ -150,7 +156,7 @@ class Scheduler:
             if (not self.config.enable_chunked_prefill or request.pooling_params is not None) and num_new > budget:
                 break
             num_new = min(num_new, budget)
-            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new, hits)
+            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new, hits, self.num_lookahead_tokens)
             if new_blocks is None:
                 break
             self.waiting.popleft()
@@ -197,14 +203,15 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         if request is not None and request.status == RequestStatus.RUNNING:
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new) if num_new > 0 else None
+            new_blocks = (self.kv_cache_manager.allocate_slots(request, num_new, num_lookahead_tokens=self.num_lookahead_tokens)
+                          if num_new > 0 else None)
             if new_blocks is not None:
                 self.tracer.scheduled(request, num_new, new_blocks)
                 scheduled.append((request, num_new))
         elif request is not None and request in self.waiting and self._grammar_ready(request):
             hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, budget)
-            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new, hits)
+            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new, hits, self.num_lookahead_tokens)
             if new_blocks is not None:
                 self.waiting.remove(request)
                 self._admit(request, hits, num_hit_tokens, num_new, new_blocks)
@@ -255,6 +262,7 @@ class Scheduler:
         released = self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         if count:
             request.num_preemptions += 1
             self.num_preemptions += 1
@@ -276,22 +284,25 @@ class Scheduler:
     def _make_scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
         params = request.sampling_params
+        end = start + num_new
+        spec = request.spec_token_ids[: max(0, end - request.num_tokens)]
         return ScheduledRequest(
             request_id=request.request_id,
-            token_ids=request.all_token_ids[start : start + num_new],
+            token_ids=request.all_token_ids[start:end] + spec if spec else request.all_token_ids[start:end],
             num_computed_tokens=start,
             block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
             group_block_ids=self.kv_cache_manager.get_group_block_ids(request.request_id),
             sampling_params=params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
-            sample=start + num_new == request.num_tokens and request.pooling_params is None,
+            sample=end >= request.num_tokens and request.pooling_params is None,
             compute_prompt_logprobs=params.prompt_logprobs is not None
             and start < request.num_prompt_tokens - 1
             and request.num_output_tokens == 0,
             pooling_params=request.pooling_params,
             lora_request=request.lora_request,
             mm_features=[f for f in request.mm_features if f.overlaps(start, start + num_new)],
+            spec_token_ids=spec,
         )
 
     # ----- after the model ran ----------------------------------------------------
@@ -307,7 +318,10 @@ class Scheduler:
             request = self.requests.get(sched.request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue
-            request.num_computed_tokens += len(sched.token_ids)
+            num_drafts = len(sched.spec_token_ids)
+            num_accepted = runner_output.num_accepted_tokens.get(sched.request_id, 0)
+            # Rejected drafts' K/V was written but is not the sequence's: their positions count as not computed.
+            request.num_computed_tokens += len(sched.token_ids) - (num_drafts - num_accepted)
             if request.pooling_params is not None:
                 pooled = runner_output.pooler_output.get(sched.request_id)
                 if pooled is not None:  # the whole prompt ran: the request is done
@@ -320,15 +334,31 @@ class Scheduler:
             token_id = runner_output.sampled_token_ids.get(sched.request_id)
             if token_id is None:
                 continue
-            request.append_output_token(token_id)
-            if request.structured_output_request is not None:
-                self.structured_output_manager.accept_token(request, token_id)
-            self._check_stop(request, token_id)
+            if num_drafts:
+                self.spec_decoding_stats.observe(num_drafts, num_accepted)
+            # Accepted drafts, then the sampled token; a stop or the length inside the run ends it there.
+            for token_id in sched.spec_token_ids[:num_accepted] + [token_id]:
+                request.append_output_token(token_id)
+                if request.structured_output_request is not None:
+                    self.structured_output_manager.accept_token(request, token_id)
+                self._check_stop(request, token_id)
+                if request.is_finished:
+                    break
             updated.append(request)
             if request.is_finished:
                 self.running.remove(request)
                 self._free(request)
+            elif num_drafts or request.spec_token_ids or runner_output.draft_token_ids:
+                self._set_drafts(request, runner_output.draft_token_ids.get(sched.request_id, []))
         return updated
+
+    def _set_drafts(self, request: Request, drafts: list[int]) -> None:
+        """Keep the runner's proposals for the next step, no more than the request may still emit (the step
+        after them emits one more token); release the blocks that only held this step's rejected drafts.
+        A request with a structured-output constraint gets none (its grammar would have to vet them)."""
+        room = max(request.max_tokens - request.num_output_tokens - 1, 0)
+        request.spec_token_ids = drafts[:room] if request.structured_output_request is None else []
+        self.kv_cache_manager.free_blocks_past(request, request.num_tokens + self.num_lookahead_tokens)
 
     def _check_stop(self, request: Request, token_id: int) -> None:
         params = request.sampling_params

@@ -90,7 +90,12 @@ class SlidingWindowKVCacheManager(KVCacheManager):
         request: Request,
         num_new_tokens: int,
         new_computed_blocks: list[KVCacheBlock] | None = None,
+        num_lookahead_tokens: int = 0,
     ) -> list[KVCacheBlock] | None:
+        """`num_lookahead_tokens` (a draft model's slots) is always 0 here: speculative decoding is refused
+        for models with local layers (`EngineArgs.create_engine_config`)."""
+        if num_lookahead_tokens:
+            raise ValueError("speculative decoding with sliding-window layers is not supported")
         hits = getattr(new_computed_blocks, "per_group", None) or [[] for _ in self.groups]
         tables = self.req_to_tables.setdefault(request.request_id, [[] for _ in self.groups])
         num_computed = request.num_computed_tokens + len(hits[0]) * self.block_size

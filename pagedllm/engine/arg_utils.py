@@ -34,6 +34,7 @@ from pagedllm.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     parse_pp_layer_partition,
     resolve_device,
     resolve_dtype,
@@ -170,6 +171,10 @@ class EngineArgs:
     max_lora_rank: int = arg(16, "highest LoRA rank an adapter may have", group="lora")
     max_cpu_loras: Optional[int] = arg(None, "loaded adapters kept in host memory, least recently used evicted "
                                              "first (default: max_loras)", group="lora")
+    speculative_config: Optional[dict] = arg(
+        None, "speculative decoding, as JSON with vLLM's keys, e.g. '{\"method\": \"ngram\", "
+              "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4}' (docs/speculative_decoding.md)",
+        group="speculative decoding")
     # Who drives the engine, as vLLM's UsageContext: it picks the default step budget when
     # max_num_batched_tokens is not given (offline throughput wants big steps; a server wants
     # small ones, so a burst of prompts is chunked and the first ones start decoding sooner).
@@ -179,6 +184,7 @@ class EngineArgs:
         if self.usage_context not in DEFAULT_MAX_NUM_BATCHED_TOKENS:
             raise ValueError(f"usage_context must be one of {sorted(DEFAULT_MAX_NUM_BATCHED_TOKENS)}, "
                              f"got {self.usage_context!r}")
+        SpeculativeConfig.from_dict(self.speculative_config)  # refused before any model is resolved or loaded
 
     # ----- from LLM(**kwargs) and from the command line ------------------------------------
     @classmethod
@@ -253,7 +259,8 @@ class EngineArgs:
             raise ValueError("enable_lora with pipeline_parallel_size > 1 is not supported yet: the adapters are "
                              "loaded for every layer, a stage holds only its own")
         text_config = text_config_of(hf_config)  # a vision-language model's language model
-        if self.pipeline_parallel_size > 1 and len(kv_cache_groups_for(text_config)) > 1:
+        if self.pipeline_parallel_size > 1 and any(g.sliding_window is not None
+                                                   for g in kv_cache_groups_for(text_config)):
             raise ValueError("pipeline_parallel_size > 1 with sliding-window (local) layers is not supported yet: "
                              "their separate block tables are not split by stage")
         max_pos = getattr(text_config, "max_position_embeddings", None) or 2048
@@ -337,7 +344,42 @@ class EngineArgs:
             parallel_config=parallel_config,
             structured_outputs_backend=self.structured_outputs_backend,
             lora_config=LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras) if self.enable_lora else None,
+            speculative_config=self._speculative_config(pooling, model_config),
         )
+
+    def _speculative_config(self, pooling: bool, target: ModelConfig) -> Optional[SpeculativeConfig]:
+        spec = SpeculativeConfig.from_dict(self.speculative_config)
+        if spec is not None and pooling:
+            raise ValueError("speculative_config speeds up generation; it cannot be used with runner='pooling'")
+        if spec is not None:  # combinations not built yet, refused rather than run wrong
+            from pagedllm.model_executor.kv_cache_groups import kv_cache_groups_for
+
+            if self.pipeline_parallel_size > 1:
+                raise ValueError("speculative_config with pipeline_parallel_size > 1 is not supported yet")
+            if target.is_multimodal:
+                raise ValueError("speculative_config with a vision-language model is not supported yet")
+            if any(g.sliding_window is not None for g in kv_cache_groups_for(target.text_config)):
+                raise ValueError("speculative_config with sliding-window (local) layers is not supported yet: "
+                                 "their KV-cache groups do not release rejected drafts' blocks")
+        if spec is None or spec.method != "draft_model":
+            return spec
+        if self.tensor_parallel_size > 1:
+            raise ValueError("speculative_config method 'draft_model' runs with tensor_parallel_size=1 only")
+        from pagedllm.model_executor.model_source import resolve_model
+
+        path = resolve_model(spec.model).path
+        hf_config = load_hf_config(path, self.trust_remote_code)
+        if hf_config.vocab_size != target.vocab_size:
+            raise ValueError(f"speculative_config model {spec.model!r} has a vocabulary of {hf_config.vocab_size} "
+                             f"tokens, the target {target.vocab_size}: a draft model must share the tokenizer")
+        max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
+        if max_pos < target.max_model_len:
+            raise ValueError(f"speculative_config model {spec.model!r} handles {max_pos} positions, fewer than "
+                             f"max_model_len ({target.max_model_len})")
+        draft = ModelConfig(model=path, tokenizer=target.tokenizer, hf_config=hf_config, dtype=target.dtype,
+                            max_model_len=target.max_model_len, vocab_size=hf_config.vocab_size, seed=target.seed,
+                            enforce_eager=target.enforce_eager, trust_remote_code=self.trust_remote_code)
+        return dataclasses.replace(spec, draft_model_config=draft)
 
     def _generation_config_folder(self, model_path: str) -> Optional[str]:
         if self.generation_config == "vllm":
@@ -389,11 +431,24 @@ def _parse_domains(value: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
-def _value_type(f: dataclasses.Field) -> type:
+def _value_type(f: dataclasses.Field) -> Any:
+    if f.type == "Optional[dict]":
+        return _json_object
     for name, kind in (("int", int), ("float", float)):
         if f.type in (name, f"Optional[{name}]"):
             return kind
     return str
+
+
+def _json_object(text: str) -> dict:
+    """A flag whose value is a JSON object (vLLM's `--speculative-config '{...}'`)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 # ----- vLLM's arguments that pagedllm does not implement (yet) -------------------------------------
@@ -420,7 +475,6 @@ _MM = "image, audio and video inputs"
 VLLM_ONLY_ARGS: dict[str, VllmOnlyArg] = {
     "fully_sharded_loras": VllmOnlyArg((False,), _LORA),
     "lora_dtype": VllmOnlyArg(("auto",), _LORA),
-    "speculative_config": VllmOnlyArg((None, {}), _SPEC),
     "spec_method": VllmOnlyArg((None,), _SPEC),
     "spec_model": VllmOnlyArg((None,), _SPEC),
     "spec_tokens": VllmOnlyArg((None,), _SPEC),

@@ -37,7 +37,7 @@ from pagedllm.logger import init_logger
 from pagedllm.model_executor.kv_cache_groups import kv_cache_groups_for, max_blocks_per_request
 from pagedllm.request import EngineCoreRequest, Request, RequestStatus
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from pagedllm.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
 from pagedllm.structured_output.manager import StructuredOutputManager
 
 logger = init_logger(__name__)
@@ -80,7 +80,8 @@ class EngineCore:
             lambda: load_tokenizer(mc.tokenizer), mc.vocab_size, config.structured_outputs_backend)
         self.scheduler = Scheduler(config.scheduler_config, self.kv_cache_manager,
                                    make_tracer(config.scheduler_config.trace), self.structured_output_manager,
-                                   max_loras=config.lora_config.max_loras if config.lora_config else None)
+                                   max_loras=config.lora_config.max_loras if config.lora_config else None,
+                                   num_lookahead_tokens=_num_lookahead_tokens(config))
         self.prompt_tokens = self.generation_tokens = self.requests_finished = self.num_steps = 0
         self.history = StateHistory()
         self.preemptions = PreemptionLog()
@@ -199,8 +200,7 @@ class EngineCore:
             if not self.suspects:  # the round is over
                 self._last_round_unexplained = not self._round_found_culprit
         self.num_steps += 1
-        updated = scheduler.update_from_output(sched_out, runner_out)
-        return self._step_outputs(updated, runner_out)
+        return self._apply_step(sched_out, runner_out)
 
     def _step_pipelined(self) -> list[EngineCoreOutput]:
         """One call either puts a new batch into the pipeline (and returns nothing yet, while there is
@@ -236,11 +236,16 @@ class EngineCore:
         runner_out = self.model_executor.wait_step()
         scheduler.in_flight.difference_update(s.request_id for s in sched_out.scheduled)
         self.num_steps += 1
-        updated = scheduler.update_from_output(sched_out, runner_out)
-        return self._step_outputs(updated, runner_out)
+        return self._apply_step(sched_out, runner_out)
 
-    def _step_outputs(self, updated: list[Request], runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
-        """What each updated sequence got in a step (tokens, logprobs, finish), and the counters."""
+    def _apply_step(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Update the sequences from a step's output; what each got (tokens, logprobs, finish), and the
+        counters. With speculative decoding a step can emit several tokens per sequence: they are
+        counted from the output tokens each had before."""
+        scheduler = self.scheduler
+        num_before = {s.request_id: scheduler.requests[s.request_id].num_output_tokens
+                      for s in sched_out.scheduled if s.request_id in scheduler.requests}
+        updated = scheduler.update_from_output(sched_out, runner_out)
         outputs: dict[str, EngineCoreOutput] = {}
         for request in updated:
             if request.pooling_params is not None:
@@ -249,15 +254,20 @@ class EngineCore:
                 outputs[request.request_id] = EngineCoreOutput(
                     request.request_id, [], finish_reason="stop", pooling_output=request.pooler_output)
                 continue
-            if request.num_output_tokens == 1:
+            num_new = request.num_output_tokens - num_before[request.request_id]
+            if num_before[request.request_id] == 0:
                 self.prompt_tokens += request.num_prompt_tokens
-            self.generation_tokens += 1
+            self.generation_tokens += num_new
             if request.status in _SUCCESS:
                 self.requests_finished += 1
+            logprobs = runner_out.logprobs.get(request.request_id)
+            if logprobs is not None and len(logprobs.token_ids) > num_new:  # a stop inside an accepted run
+                logprobs = TokenLogprobs(logprobs.token_ids[:num_new], logprobs.logprobs[:num_new],
+                                         logprobs.ranks[:num_new])
             outputs[request.request_id] = EngineCoreOutput(
                 request_id=request.request_id,
-                new_token_ids=request.output_token_ids[-1:],
-                new_logprobs=runner_out.logprobs.get(request.request_id),
+                new_token_ids=request.output_token_ids[-num_new:],
+                new_logprobs=logprobs,
                 finish_reason=request.status.finish_reason,
                 stop_reason=request.stop_reason,
             )
@@ -335,6 +345,10 @@ class EngineCore:
             running_lora_adapters=_count_adapters(scheduler.running),
             waiting_lora_adapters=_count_adapters(scheduler.waiting),
             max_lora=self.config.lora_config.max_loras if self.config.lora_config else 0,
+            spec_decode_num_drafts=scheduler.spec_decoding_stats.num_drafts,
+            spec_decode_num_draft_tokens=scheduler.spec_decoding_stats.num_draft_tokens,
+            spec_decode_num_accepted_tokens=scheduler.spec_decoding_stats.num_accepted_tokens,
+            spec_decode_num_accepted_tokens_per_pos=list(scheduler.spec_decoding_stats.num_accepted_tokens_per_pos),
         )
 
     def get_engine_state(self) -> EngineState:
@@ -370,6 +384,12 @@ class EngineCore:
             self.structured_output_manager.shutdown()
         if executor is not None:
             executor.shutdown()
+
+
+def _num_lookahead_tokens(config: EngineConfig) -> int:
+    """Slots a request keeps past its tokens: a draft model's k proposals (n-gram drafts need none)."""
+    spec = config.speculative_config
+    return spec.num_speculative_tokens if spec is not None and spec.method == "draft_model" else 0
 
 
 def _count_adapters(requests: Iterable[Request]) -> dict[str, int]:

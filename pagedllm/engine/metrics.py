@@ -40,6 +40,11 @@ class EngineStats:
     running_lora_adapters: dict[str, int] = field(default_factory=dict)
     waiting_lora_adapters: dict[str, int] = field(default_factory=dict)
     max_lora: int = 0
+    # Speculative decoding (vLLM's spec_decode_* counters; all 0 without a speculative_config)
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,15 @@ ENGINE_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("generation_tokens", "counter", "generation_tokens", "Number of generation tokens processed."),
     MetricSpec("request_success", "counter", "requests_finished", "Count of successfully processed requests.",
                counted_by_server=True),
+    MetricSpec("spec_decode_num_drafts", "counter", "spec_decode_num_drafts", "Number of spec decoding drafts."),
+    MetricSpec("spec_decode_num_draft_tokens", "counter", "spec_decode_num_draft_tokens", "Number of draft tokens."),
+    MetricSpec("spec_decode_num_accepted_tokens", "counter", "spec_decode_num_accepted_tokens",
+               "Number of accepted tokens."),
 )
+# vLLM's per-position acceptance counter, one sample per draft position (label `position`).
+SPEC_DECODE_PER_POS = MetricSpec("spec_decode_num_accepted_tokens_per_pos", "counter",
+                                 "spec_decode_num_accepted_tokens_per_pos",
+                                 "Accepted tokens per draft position.")
 
 
 @dataclass
@@ -89,7 +102,10 @@ class Gauge(Metric):
 def collect_metrics(stats: EngineStats) -> list[Metric]:
     """`ENGINE_METRICS` read off one snapshot, as `LLM.get_metrics()` returns them."""
     kinds = {"gauge": Gauge, "counter": Counter}
-    return [kinds[spec.kind](PREFIX + spec.name, getattr(stats, spec.stat)) for spec in ENGINE_METRICS]
+    metrics = [kinds[spec.kind](PREFIX + spec.name, getattr(stats, spec.stat)) for spec in ENGINE_METRICS]
+    metrics += [Counter(PREFIX + SPEC_DECODE_PER_POS.name, count, {"position": str(pos)})
+                for pos, count in enumerate(stats.spec_decode_num_accepted_tokens_per_pos)]
+    return metrics
 
 
 class StatLogger:
@@ -109,15 +125,30 @@ class StatLogger:
         hits = stats.prefix_cache_hits - last.prefix_cache_hits
         logger.info(
             "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
-            "Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
+            "Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%%s",
             (stats.prompt_tokens - last.prompt_tokens) / max(elapsed, 1e-9),
             (stats.generation_tokens - last.generation_tokens) / max(elapsed, 1e-9),
             stats.num_running,
             stats.num_waiting,
             stats.kv_cache_usage * 100,
             100.0 * hits / queries if queries else 0.0,
+            _spec_decode_summary(stats, last),
         )
         self._last = EngineStats(time=now, prompt_tokens=stats.prompt_tokens,
                                  generation_tokens=stats.generation_tokens,
                                  prefix_cache_queries=stats.prefix_cache_queries,
-                                 prefix_cache_hits=stats.prefix_cache_hits)
+                                 prefix_cache_hits=stats.prefix_cache_hits,
+                                 spec_decode_num_drafts=stats.spec_decode_num_drafts,
+                                 spec_decode_num_draft_tokens=stats.spec_decode_num_draft_tokens,
+                                 spec_decode_num_accepted_tokens=stats.spec_decode_num_accepted_tokens)
+
+
+def _spec_decode_summary(stats: EngineStats, last: EngineStats) -> str:
+    """', Spec decode acceptance: ...' over the interval, as vLLM logs it; '' when nothing was drafted."""
+    drafts = stats.spec_decode_num_drafts - last.spec_decode_num_drafts
+    draft_tokens = stats.spec_decode_num_draft_tokens - last.spec_decode_num_draft_tokens
+    if not drafts:
+        return ""
+    accepted = stats.spec_decode_num_accepted_tokens - last.spec_decode_num_accepted_tokens
+    return (f", Spec decode acceptance rate: {100.0 * accepted / draft_tokens:.1f}%, mean acceptance length: "
+            f"{1 + accepted / drafts:.2f}")

@@ -164,8 +164,13 @@ class OutputProcessor:
             seq.cumulative_logprob += sum(row[0] for row in output.new_logprobs.logprobs)
         stop_string = None
         if seq.detokenizer is not None:
+            num_decoded = seq.detokenizer.num_tokens
             stop_string = seq.detokenizer.update(new_token_ids, output.finish_reason == "stop")
         if stop_string is not None:
+            # Several tokens can arrive at once (speculative decoding): the ones after the stop string's go.
+            del seq.token_ids[len(seq.token_ids) - len(new_token_ids) + seq.detokenizer.num_tokens - num_decoded:]
+            if seq.logprobs is not None:
+                del seq.logprobs[len(seq.token_ids):]
             seq.finish_reason, seq.stop_reason = "stop", stop_string
             # Ended by its text while the core may still hold it (it ends there only on a stop id).
             return output.finish_reason is None

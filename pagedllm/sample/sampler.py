@@ -63,13 +63,7 @@ class Sampler:
         greedy = logits.max(dim=-1).indices
         if meta.all_greedy:
             return greedy
-        temperature = torch.where(meta.temperature > 0, meta.temperature, 1.0)
-        logits = logits / temperature[:, None]
-        if meta.min_p is not None:
-            logits = apply_min_p(logits, meta.min_p)
-        if meta.top_k is not None or meta.top_p is not None:
-            logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
-        probs = torch.softmax(logits, dim=-1)
+        probs = random_sampling_probs(logits, meta)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for row, gen in meta.generators.items():
             noise[row].exponential_(generator=gen)
@@ -77,6 +71,19 @@ class Sampler:
         if meta.all_random:
             return random
         return torch.where(meta.temperature > 0, random, greedy)
+
+
+def random_sampling_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """The distribution a random row draws from: processed logits (`apply_processors`) over the
+    temperature, filtered by min-p, top-k and top-p. Speculative decoding's rejection sampler reads the
+    same one, so that what it keeps is distributed exactly as what this sampler draws."""
+    temperature = torch.where(meta.temperature > 0, meta.temperature, 1.0)
+    logits = logits / temperature[:, None]
+    if meta.min_p is not None:
+        logits = apply_min_p(logits, meta.min_p)
+    if meta.top_k is not None or meta.top_p is not None:
+        logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
+    return torch.softmax(logits, dim=-1)
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,9 @@ from pagedllm.model_executor.model_loader import load_model
 from pagedllm.sample.metadata import build_sampling_metadata
 from pagedllm.sample.sampler import Sampler, gather_logprobs, seeded_generator
 from pagedllm.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
+from pagedllm.spec_decode.draft_model_proposer import DraftModelProposer
+from pagedllm.spec_decode.ngram_proposer import NgramProposer
+from pagedllm.spec_decode.rejection_sampler import RejectionSampler, accepted_runs, expand_rows
 from pagedllm.utils import async_tensor_h2d, cdiv
 from pagedllm.worker.cpu_malloc import keep_freed_memory_in_heap, release_free_heap
 from pagedllm.multimodal.inputs import MultiModalFeature
@@ -99,6 +102,7 @@ class ModelRunner:
         ctx = BuildContext.for_engine(mc.dtype, mc.max_model_len, self.device, mc.quantization, mc.compile_fused_ops,
                                       self.attn_backend, self.tp_group, self.pp_group,
                                       config.parallel_config.enable_expert_parallel, mc.quant_config)
+        base_ctx = ctx
         lora_config = config.lora_config
         self.punica: PunicaWrapper | None = None
         if lora_config is not None:  # the decoder layers' projections add their adapters' terms
@@ -113,6 +117,13 @@ class ModelRunner:
             release_free_heap()  # loading's peak (checkpoint tensors, replaced plain weights) is not needed again
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(mc.seed))
         self.generators: dict[str, torch.Generator] = {}  # per-request, for seeded requests
+        # Speculative decoding: the proposer of each request's next drafts, and the sampler that verifies them.
+        spec = config.speculative_config
+        self.drafter: NgramProposer | DraftModelProposer | None = None
+        if spec is not None:
+            self.drafter = (DraftModelProposer(config, base_ctx, self.attn_metadata_builder)
+                            if spec.method == "draft_model" else NgramProposer(spec))
+        self.rejection_sampler = RejectionSampler(self.sampler.generator)
         self.is_pooling_model = mc.runner_type == "pooling"
         self.is_encoder_only = bool(getattr(self.model, "is_encoder_only", False))
         # A vision-language model's encoder outputs, per image (budget: a few steps' worth of rows).
@@ -123,6 +134,7 @@ class ModelRunner:
         use_graphs = use_graphs and lora_config is None  # graphs would replay without the step's LoRA mapping
         use_graphs = use_graphs and self.pp_group.world_size == 1  # a stage's forward sends and receives
         use_graphs = use_graphs and self.num_kv_cache_groups == 1  # a graph's buffers hold one block table
+        use_graphs = use_graphs and not isinstance(self.drafter, DraftModelProposer)  # its mirror needs the inputs
         self.graph_sizes = capture_sizes(config.scheduler_config.max_num_seqs) if use_graphs else []
         self.num_blocks = 0  # until initialize_kv_cache
         self.kv_caches: KVCaches = []
@@ -137,6 +149,9 @@ class ModelRunner:
         # of a CUDA-graph replay write to (never a live sequence's block).
         self.kv_caches = allocate_kv_cache(self.config.model_config, num_blocks + 1, self.block_size, self.device,
                                            self.tp_group.world_size, self.config.kv_cache_dtype, self.stage_layers)
+        if isinstance(self.drafter, DraftModelProposer):  # the draft's own K/V under the same block ids
+            self.drafter.kv_caches = allocate_kv_cache(self.drafter.model_config, num_blocks + 1, self.block_size,
+                                                       self.device, 1, self.config.kv_cache_dtype)
         if self.graph_sizes:
             self.cuda_graphs = DecodeGraphRunner(
                 self.model, self.kv_caches, self.block_size, self.config.model_config.max_model_len, self.graph_sizes,
@@ -173,8 +188,8 @@ class ModelRunner:
                 block_ids = np.asarray(table[: cdiv(start + n, bs)], dtype=np.int64)
                 group_slots.append(block_ids[pos // bs] * bs + pos % bs)
             mm_placements.extend((row, start, n, feature) for feature in req.mm_features)
-            if req.sample:
-                sample_rows.append(row + n - 1)
+            if req.sample:  # the last row, and before it one row per draft token
+                sample_rows.extend(range(row + n - 1 - len(req.spec_token_ids), row + n))
                 sample_requests.append(req)
             if req.pooling_params is not None and start == 0 and n == len(req.prompt_token_ids):  # the whole prompt
                 pooling_ids.append(req.request_id)
@@ -256,6 +271,8 @@ class ModelRunner:
         else:
             inputs = self.prepare_inputs(sched)
             hidden = self._forward(inputs, self.kv_caches)
+            if isinstance(self.drafter, DraftModelProposer):
+                self.drafter.mirror(inputs.input_ids, inputs.positions, inputs.attn_metadata)
         out = ModelRunnerOutput()
         if not self.pp_group.is_last:
             return out  # this stage's hidden states went on to the next one
@@ -309,6 +326,15 @@ class ModelRunner:
             if seed is not None and req.request_id not in self.generators:
                 self.generators[req.request_id] = seeded_generator(seed, self.device)
         logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        if any(req.spec_token_ids for req in requests):
+            self._verify_drafts(logits, requests, out, grammar)
+        else:
+            self._sample_logits(logits, requests, out, grammar)
+        if self.drafter is not None:
+            self._propose_drafts(requests, out)
+
+    def _sample_logits(self, logits: torch.Tensor, requests: list[ScheduledRequest], out: ModelRunnerOutput,
+                       grammar: tuple[Optional[np.ndarray], dict[str, int]]) -> None:
         meta = build_sampling_metadata(requests, self.generators, self.vocab_size, self.device, grammar)
         result = self.sampler(logits, meta)
         sampled = result.sampled_token_ids.tolist()
@@ -319,6 +345,47 @@ class ModelRunner:
             if req.sampling_params.logprobs is not None:
                 k = self._num_logprobs(req.sampling_params.logprobs)
                 out.logprobs[req.request_id] = TokenLogprobs([ids[i][: k + 1]], [lps[i][: k + 1]], [ranks[i][: k + 1]])
+
+    def _verify_drafts(self, logits: torch.Tensor, requests: list[ScheduledRequest], out: ModelRunnerOutput,
+                       grammar: tuple[Optional[np.ndarray], dict[str, int]]) -> None:
+        """Speculative decoding: keep each request's drafts up to the first one the rejection sampler rejects,
+        then the token sampled after them (`spec_decode/rejection_sampler.py`)."""
+        rows, drafts = expand_rows(requests)
+        meta = build_sampling_metadata(rows, self.generators, self.vocab_size, self.device, grammar)
+        result = self.rejection_sampler(logits, meta, torch.tensor(drafts, device=self.device))
+        accepted, tokens = result.accepted.tolist(), result.output_token_ids.tolist()
+        if result.logprobs is not None:
+            ids, lps, ranks = result.logprob_token_ids.tolist(), result.logprobs.tolist(), result.ranks.tolist()
+        for req, (first, num_accepted) in zip(requests, accepted_runs(requests, accepted)):
+            last = first + num_accepted
+            out.sampled_token_ids[req.request_id] = tokens[last]
+            if req.spec_token_ids:
+                out.num_accepted_tokens[req.request_id] = num_accepted
+            if req.sampling_params.logprobs is not None:
+                k = self._num_logprobs(req.sampling_params.logprobs) + 1
+                out.logprobs[req.request_id] = TokenLogprobs([r[:k] for r in ids[first : last + 1]],
+                                                             [r[:k] for r in lps[first : last + 1]],
+                                                             [r[:k] for r in ranks[first : last + 1]])
+
+    def _propose_drafts(self, requests: list[ScheduledRequest], out: ModelRunnerOutput) -> None:
+        """Each sampled request's drafts for its next step, from its tokens after this one (none for a request
+        whose grammar constrains it: the scheduler would drop them)."""
+        requests = [req for req in requests if req.sampling_params.structured_outputs is None]
+        if isinstance(self.drafter, DraftModelProposer):
+            # The sampled token sits at position num_computed_tokens + real tokens fed + drafts accepted.
+            num_tokens = [req.num_computed_tokens + len(req.token_ids) - len(req.spec_token_ids) + 1
+                          + out.num_accepted_tokens.get(req.request_id, 0) for req in requests]
+            proposals = self.drafter.propose(requests, [out.sampled_token_ids[r.request_id] for r in requests],
+                                             num_tokens)
+            out.draft_token_ids.update({r.request_id: d for r, d in zip(requests, proposals) if d})
+            return
+        for req in requests:
+            new = req.spec_token_ids[: out.num_accepted_tokens.get(req.request_id, 0)]
+            new.append(out.sampled_token_ids[req.request_id])
+            context = np.array(req.prompt_token_ids + req.output_token_ids + new, dtype=np.int64)
+            drafts = self.drafter.propose(context)
+            if drafts:
+                out.draft_token_ids[req.request_id] = drafts
 
     def _num_logprobs(self, k: int) -> int:
         """vLLM's -1 means the whole vocabulary."""

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from pagedllm.engine.async_llm import AsyncLLM, RequestStats
-from pagedllm.engine.metrics import ENGINE_METRICS, PREFIX
+from pagedllm.engine.metrics import ENGINE_METRICS, PREFIX, SPEC_DECODE_PER_POS
 
 # vLLM's buckets (seconds), cut at what a CPU engine can take.
 _TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -48,6 +48,13 @@ class _EngineCollector(Collector):
             for index, stats in per_engine:
                 family.add_metric([self.model_name, str(index)], getattr(stats, spec.stat))
             yield family
+        if any(stats.spec_decode_num_accepted_tokens_per_pos for _, stats in per_engine):
+            per_pos = CounterMetricFamily(PREFIX + SPEC_DECODE_PER_POS.name, SPEC_DECODE_PER_POS.help,
+                                          labels=labels + ["position"])
+            for index, stats in per_engine:
+                for pos, count in enumerate(stats.spec_decode_num_accepted_tokens_per_pos):
+                    per_pos.add_metric([self.model_name, str(index), str(pos)], count)
+            yield per_pos
         lora_stats = [stats for _, stats in per_engine if stats.max_lora]
         if lora_stats:  # vLLM's: the adapters with running and waiting requests, as labels; the value a time
             info = GaugeMetricFamily(PREFIX + "lora_requests_info", "Running stats on lora requests.",
