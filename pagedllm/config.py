@@ -26,7 +26,7 @@ _DTYPES = {
 KV_CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16}
 
 # vLLM's `quantization` values this engine implements (None: the checkpoint's weights as loaded).
-QUANTIZATION_METHODS = ("int8",)
+QUANTIZATION_METHODS = ("int8", "gguf")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -93,7 +93,8 @@ class ModelConfig:
     enforce_eager: bool = False
     # torch.compile of the elementwise ops between matmuls (layers/fused_ops.py)
     compile_fused_ops: bool = False
-    # vLLM's `quantization`: None, or "int8" (W8A8 on CPU: layers/quantization/int8.py)
+    # vLLM's `quantization`: None, "int8" (W8A8 on CPU: layers/quantization/int8.py) or "gguf" (a GGUF's
+    # blocks kept as they are: layers/quantization/gguf.py)
     quantization: Optional[str] = None
     # most logprobs a request may ask for (-1: no limit), checked by the input processor
     max_logprobs: int = 20
@@ -114,8 +115,7 @@ class ModelConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(
                 f"quantization must be one of {list(QUANTIZATION_METHODS)} or None, got {self.quantization!r} "
-                "(pre-quantised checkpoints such as AWQ, GPTQ or fp8 are not implemented; a GGUF file's "
-                "weights are dequantised to the model dtype when loaded)")
+                "(pre-quantised checkpoints such as AWQ, GPTQ or fp8 are not implemented)")
 
     @property
     def num_layers(self) -> int:

@@ -110,7 +110,8 @@ class EngineArgs:
                                       "the bytes decode attention reads)", choices=list(KV_CACHE_DTYPES))
     quantization: Optional[str] = arg(None, "'int8': W8A8 linear layers on CPU (int8 weights per channel, uint8 "
                                             "activations per token, oneDNN's int8 matmul); changes the numerics, see "
-                                            "docs/performance.md", flags=("-q", "--quantization"),
+                                            "docs/performance.md. 'gguf': a GGUF's quantised weights kept in their "
+                                            "blocks (CPU kernels, docs/quantization.md)", flags=("-q", "--quantization"),
                                       choices=list(QUANTIZATION_METHODS))
     enable_prefix_caching: bool = arg(True, "share the KV blocks of prompts with a common beginning")
     num_gpu_blocks_override: Optional[int] = arg(None, "exact number of KV-cache blocks (any device)")
@@ -207,7 +208,7 @@ class EngineArgs:
     def create_engine_config(self) -> EngineConfig:
         """Resolve the model (fetching a known short name), read its config, and build the engine's
         configs, each validated once with a clear `ValueError`."""
-        from pagedllm.model_executor.layers.quantization import verify_quantization
+        from pagedllm.model_executor.layers.quantization import resolve_quantization, verify_quantization
         from pagedllm.model_executor.model_source import resolve_model
         from pagedllm.model_executor.pooling_config import resolve_runner
 
@@ -262,7 +263,7 @@ class EngineArgs:
             enforce_eager=self.enforce_eager,
             compile_fused_ops=(self.compile_fused_ops if self.compile_fused_ops is not None
                                else device.type == "cuda" and not self.enforce_eager),
-            quantization=self.quantization,
+            quantization=resolve_quantization(self.quantization, model_path),
             max_logprobs=self.max_logprobs,
             generation_config=self._generation_config_folder(model_path),
             trust_remote_code=self.trust_remote_code,

@@ -182,7 +182,19 @@ class DecoderForCausalLM(nn.Module):
             if target == "lm_head.weight" and self.tie_word_embeddings:
                 continue
             if target not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in this model")
+                # a linear method that holds the weight in its own form (GGUF blocks) loads it itself
+                owner = self.get_submodule(target.rpartition(".")[0]) if target.endswith(".weight") else None
+                method = getattr(owner, "linear_method", None)
+                if not getattr(method, "loads_weight", False):
+                    raise ValueError(f"checkpoint tensor {name!r} has no place in this model")
+                try:
+                    method.load_weight(owner, tensor, shard)
+                except ValueError as e:
+                    raise ValueError(f"checkpoint tensor {name!r} {e}") from e
+                loaded.add(target if shard is None else f"{target}:{shard}")
+                continue
+            if not isinstance(tensor, torch.Tensor):  # still quantised, for a plain parameter
+                tensor = tensor.dequantize(params[target].dtype)
             param = params[target]
             weight_loader = getattr(self.get_submodule(target.rpartition(".")[0]), "weight_loader", None)
             with torch.no_grad():
