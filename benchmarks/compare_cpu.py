@@ -36,6 +36,7 @@ RESULTS = HERE / "results"
 RUNNERS = {"llamacpp_serial": ("llamacpp", ["--one-at-a-time"]),
            "pagedllm_kvbf16": ("pagedllm", ["--kv-cache-dtype", "bfloat16"]),
            "pagedllm_int8": ("pagedllm", ["--quantization", "int8"]),
+           "pagedllm_gguf": ("pagedllm", ["--quantization", "gguf"]),
            "pagedllm_int8_kvbf16": ("pagedllm", ["--quantization", "int8", "--kv-cache-dtype", "bfloat16"])}
 
 

@@ -35,6 +35,7 @@ namespace {
 constexpr int64_t kBlock = 32;
 constexpr int64_t kGroupBlocks = 4;
 constexpr int64_t kGroupBytes = kBlock * kGroupBlocks;  // activation bytes per group
+constexpr int64_t kPrefetchRows = 8;
 
 template <typename scalar_t>
 void quantize_blocks(at::Tensor& qa, at::Tensor& da, at::Tensor& sa, const at::Tensor& x) {
@@ -166,6 +167,14 @@ void gemm(at::Tensor& out, const at::Tensor& qa, const at::Tensor& da, const at:
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, w_stride * std::max<int64_t>(1, m_rows)));
   at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
+      if (n + kPrefetchRows < end) {  // a few rows ahead: more DRAM reads in flight than the prefetcher keeps
+        const uint8_t* ahead = qw + (n + kPrefetchRows) * w_stride;
+        for (int64_t off = 0; off < w_stride; off += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
+        for (int64_t off = 0; off < nb; off += 16) {
+          _mm_prefetch(reinterpret_cast<const char*>(ws + (n + kPrefetchRows) * nb + off), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(wm + (n + kPrefetchRows) * nb + off), _MM_HINT_T0);
+        }
+      }
       const uint8_t* wr = qw + n * w_stride;
       const float* wsr = ws + n * nb;
       const float* wmr = wm + n * nb;

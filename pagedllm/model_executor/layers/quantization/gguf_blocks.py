@@ -86,13 +86,14 @@ def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc.astype(np.float32), mn.astype(np.float32)
 
 
+# Q4_0 and Q4_1 bytes are already the kernel's 4-bit bytes: they are copied, not unpacked (`PACKED`).
 def _decode_q4_0(b: np.ndarray):
     d = _f16(b[..., 0:2])
-    return _nibbles_32(b[..., 2:18]), d, -8 * d
+    return b[..., 2:18], d, -8 * d
 
 
 def _decode_q4_1(b: np.ndarray):
-    return _nibbles_32(b[..., 4:20]), _f16(b[..., 0:2]), _f16(b[..., 2:4])
+    return b[..., 4:20], _f16(b[..., 0:2]), _f16(b[..., 2:4])
 
 
 def _decode_q5_0(b: np.ndarray):
@@ -106,8 +107,7 @@ def _decode_q5_1(b: np.ndarray):
 
 def _decode_q8_0(b: np.ndarray):
     d = _f16(b[..., 0:2])
-    q = (np.ascontiguousarray(b[..., 2:34]).view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-    return q, d, -128 * d
+    return b[..., 2:34] ^ np.uint8(0x80), d, -128 * d  # int8 x + 128, as a byte
 
 
 def _decode_k(b: np.ndarray, fifth_bit: bool):
@@ -136,6 +136,7 @@ _DECODERS = {
     "Q5_K": (176, 256, lambda b: _decode_k(b, True), 8),
 }
 KERNEL_TYPES = tuple(_DECODERS)
+PACKED = ("Q4_0", "Q4_1")
 
 
 def decode(raw: np.ndarray, type_name: str) -> BlockQuantizedWeight | None:
@@ -148,10 +149,10 @@ def decode(raw: np.ndarray, type_name: str) -> BlockQuantizedWeight | None:
     blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, -1, block_bytes)
     q, scale, mn = decoder(blocks)
     k = blocks.shape[1] * block_weights
-    q = np.ascontiguousarray(q, dtype=np.uint8).reshape(rows, k)
+    q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.uint8).reshape(rows, -1))
     return BlockQuantizedWeight(
         bits=bits,
-        qweight=pack(torch.from_numpy(q), bits),
+        qweight=q if type_name in PACKED else pack(q, bits),
         scales=torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(rows, k // BLOCK)),
         mins=torch.from_numpy(np.ascontiguousarray(mn, dtype=np.float32).reshape(rows, k // BLOCK)),
     )
