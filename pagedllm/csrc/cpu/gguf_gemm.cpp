@@ -37,6 +37,16 @@ constexpr int64_t kGroupBlocks = 4;
 constexpr int64_t kGroupBytes = kBlock * kGroupBlocks;  // activation bytes per group
 constexpr int64_t kPrefetchRows = 8;
 
+// Round to nearest, ties to even, as torch.round. Not std::nearbyint: under -ffast-math GCC
+// vectorises that as an add of 0.5 and a truncation, which turns -63.499996 into -64.
+inline int32_t round_half_even(float v) {
+#if defined(__SSE__)
+  return _mm_cvtss_si32(_mm_set_ss(v));  // the MXCSR's default mode: nearest even
+#else
+  return static_cast<int32_t>(std::nearbyint(v));
+#endif
+}
+
 template <typename scalar_t>
 void quantize_blocks(at::Tensor& qa, at::Tensor& da, at::Tensor& sa, const at::Tensor& x) {
   const int64_t rows = x.size(0), k = x.size(1), nb = k / kBlock;
@@ -57,13 +67,15 @@ void quantize_blocks(at::Tensor& qa, at::Tensor& da, at::Tensor& sa, const at::T
         // times the constant 1/127, not / 127: -ffast-math would turn a division into that
         // multiplication anyway, and the PyTorch reference must round the same way
         const float d = amax * (1.f / 127.f);
-        const float inv = d > 0.f ? 1.f / d : 0.f;
+        // inv must be 1 / d as rounded: without the volatile, -ffast-math folds it into 127 / amax
+        volatile float d_rounded = d;
+        const float inv = d > 0.f ? 1.f / d_rounded : 0.f;
         // group order: block b is slot i of group g; its halves go to the group's two halves
         int8_t* lo = qr + (b / kGroupBlocks) * kGroupBytes + (b % kGroupBlocks) * 16;
         int8_t* hi = lo + 64;
         int32_t sum = 0;
         for (int64_t i = 0; i < kBlock; ++i) {
-          const int32_t q = static_cast<int32_t>(std::nearbyint(to_float(xb[i]) * inv));
+          const int32_t q = round_half_even(to_float(xb[i]) * inv);
           (i < 16 ? lo[i] : hi[i - 16]) = static_cast<int8_t>(q);
           sum += q;
         }
