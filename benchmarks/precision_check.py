@@ -4,8 +4,10 @@ bfloat16 runs the matmuls on the CPU's bf16 units (AMX / AVX512-BF16 where prese
 times faster than float32, but it is a change of numerics like a quantisation: this script states
 the change; so is `quantization="int8"` (W8A8 linear layers). For each variant it computes, with the same engine and model:
 
-- the perplexity of a fixed text (this repository's `docs/architecture.md`, cut into windows of
-  `--window` tokens), from the prompt logprobs of the tokens that are actually there. Each window
+- the perplexity of a fixed text (`benchmarks/data/frozen_text.txt`, passages of public-domain
+  texts: Lincoln, Dickens, Austen, the Declaration of Independence, Melville; frozen, so figures
+  compare across runs; before 2026-12-04 it was docs/architecture.md), cut into windows of
+  `--window` tokens, from the prompt logprobs of the tokens that are actually there. Each window
   is prefilled in chunks of `--chunk` tokens, so that later chunks attend to K/V read back from
   the cache: otherwise a narrower KV cache (`float32/bfloat16`) would never be read in scoring,
   as a prompt's own attention uses its unrounded K/V;
@@ -28,7 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-TEXT = HERE.parent / "docs" / "architecture.md"
+TEXT = HERE / "data" / "frozen_text.txt"
 PROMPTS = [
     "The capital of France is",
     "Explain what a KV cache is in one paragraph.",
@@ -75,7 +77,7 @@ def main() -> None:
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--dtypes", default="float32,bfloat16,float32/bfloat16,float32+int8",
                    help="comma-separated; 'D/K' is dtype D with a K KV cache (kv_cache_dtype), 'D+Q' dtype D "
-                        "with quantization Q ('float32+int8')")
+                        "with quantization Q ('float32+int8', 'float32+gguf': the GGUF's own blocks)")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--chunk", type=int, default=64, help="prefill chunk (the engine's step budget)")
     p.add_argument("--max-tokens", type=int, default=64)

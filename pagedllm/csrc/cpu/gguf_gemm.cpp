@@ -245,6 +245,22 @@ void gguf_gemm(at::Tensor out, const at::Tensor& qa, const at::Tensor& da, const
   else gemm<8>(out, qa, da, sa, qweight, scales, mins, bp, vec);
 }
 
+at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const at::Tensor& mins, const c10::optional<at::Tensor>& bias, int64_t bits) {
+  // quantize_q8_blocks + gguf_gemm in one call: a decode step makes ~120 of these, and each op
+  // dispatched from Python (and each tensor allocated there) costs microseconds.
+  TORCH_CHECK(x.dim() == 2, "gguf_linear: x must be [rows, k]");
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  const int64_t rows = xc.size(0), k = xc.size(1), nb = k / kBlock;
+  const auto f32 = xc.options().dtype(at::kFloat);
+  at::Tensor qa = at::empty({rows, (nb + kGroupBlocks - 1) / kGroupBlocks * kGroupBytes}, xc.options().dtype(at::kChar));
+  at::Tensor da = at::empty({rows, nb}, f32), sa = at::empty({rows, nb}, f32);
+  quantize_q8_blocks(qa, da, sa, xc);
+  at::Tensor out = at::empty({rows, qweight.size(0)}, f32);
+  gguf_gemm(out, qa, da, sa, qweight, scales, mins, bias, bits, true);
+  return out;
+}
+
 bool gguf_gemm_has_vnni512() { return kHaveVnni512; }
 
 }  // namespace pagedllm

@@ -30,6 +30,9 @@ void gguf_gemm(at::Tensor out, const at::Tensor& qa, const at::Tensor& da, const
                const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
                const c10::optional<at::Tensor>& bias, int64_t bits, bool vectorised);
 
+at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const at::Tensor& mins, const c10::optional<at::Tensor>& bias, int64_t bits);
+
 bool gguf_gemm_has_vnni512();
 
 }  // namespace pagedllm

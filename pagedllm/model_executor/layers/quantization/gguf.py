@@ -157,9 +157,15 @@ def gguf_linear(x: torch.Tensor, segments: list[Segment], out_features: int,
     written into its columns of one float32 output."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
+    kernels = cpu_ops.cpu_kernels_available()
+    if kernels and len(segments) == 1 and isinstance(segments[0].weight, BlockQuantizedWeight):
+        # the common case in one op (activation quantisation, output allocation and product)
+        w = segments[0].weight
+        bias = bias if bias is None or bias.dtype == torch.float32 else bias.float()
+        out = torch.ops.pagedllm_cpu.gguf_linear(x2, w.qweight, w.scales, w.mins, bias, w.bits)
+        return (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*shape[:-1], out_features)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    kernels = cpu_ops.cpu_kernels_available()
     out = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
     activations = None
     for seg in segments:
