@@ -152,8 +152,60 @@ float dot_row_vnni(const uint8_t* qw, const float* ws, const float* wm, const in
   }
   return _mm512_reduce_add_ps(acc) + _mm512_reduce_add_ps(acc_min);
 }
+
+// The same for 4 activation rows against one weight row: the weights are loaded and unpacked once
+// for the 4 (a prefill's many rows would otherwise unpack every weight row once per token).
+template <int kBits>
+void dot4_rows_vnni(const uint8_t* qw, const float* ws, const float* wm, const int8_t* qa, int64_t qa_stride,
+                    const float* ad, const float* as, int64_t nb, float* out, int64_t out_stride) {
+  constexpr int kRows = 4;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  __m512 acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+  const int64_t groups = (nb + kGroupBlocks - 1) / kGroupBlocks;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t n_in = std::min<int64_t>(kGroupBlocks, nb - g * kGroupBlocks);
+    const __mmask16 smask = static_cast<__mmask16>((1u << n_in) - 1);
+    const __mmask64 wmask = n_in == 4 ? ~0ULL : ((1ULL << (n_in * 16)) - 1);
+    __m512i lo, hi;
+    if (kBits == 4) {
+      const __m512i w = _mm512_maskz_loadu_epi8(wmask, qw + g * 64);
+      lo = _mm512_and_si512(w, nibble);
+      hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
+    } else {
+      const uint8_t* base = qw + g * kGroupBytes;
+      lo = _mm512_maskz_loadu_epi8(wmask, base);
+      hi = _mm512_maskz_loadu_epi8(wmask, base + n_in * 16);
+    }
+    const __m512 wscale = _mm512_maskz_loadu_ps(smask, ws + g * kGroupBlocks);
+    for (int r = 0; r < kRows; ++r) {
+      const int8_t* a = qa + r * qa_stride + g * kGroupBytes;
+      __m512i sumi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(a));
+      sumi = _mm512_dpbusd_epi32(sumi, hi, _mm512_loadu_si512(a + 64));
+      const __m512 scale4 = _mm512_mul_ps(wscale, _mm512_maskz_loadu_ps(smask, ad + r * nb + g * kGroupBlocks));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_permutexvar_ps(spread, scale4), acc[r]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    __m512 acc_min = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b += 16) {
+      const __mmask16 m = nb - b >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (nb - b)) - 1);
+      acc_min = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, wm + b), _mm512_maskz_loadu_ps(m, as + r * nb + b), acc_min);
+    }
+    out[r * out_stride] = _mm512_reduce_add_ps(acc[r]) + _mm512_reduce_add_ps(acc_min);
+  }
+}
 #else
 constexpr bool kHaveVnni512 = false;
+
+template <int kBits>
+void dot4_rows_vnni(const uint8_t* qw, const float* ws, const float* wm, const int8_t* qa, int64_t qa_stride,
+                    const float* ad, const float* as, int64_t nb, float* out, int64_t out_stride) {
+  for (int r = 0; r < 4; ++r) {
+    out[r * out_stride] = dot_row_generic<kBits>(qw, ws, wm, qa + r * qa_stride, ad + r * nb, as + r * nb, nb);
+  }
+}
 
 template <int kBits>
 float dot_row_vnni(const uint8_t* qw, const float* ws, const float* wm, const int8_t* qa, const float* ad,
@@ -191,7 +243,15 @@ void gemm(at::Tensor& out, const at::Tensor& qa, const at::Tensor& da, const at:
       const float* wsr = ws + n * nb;
       const float* wmr = wm + n * nb;
       const float bn = bias ? bias[n] : 0.f;
-      for (int64_t m = 0; m < m_rows; ++m) {
+      int64_t m = 0;
+      if (vectorised) {
+        for (; m + 4 <= m_rows; m += 4) {
+          dot4_rows_vnni<kBits>(wr, wsr, wmr, qap + m * qa_stride, qa_stride, adp + m * nb, asp + m * nb, nb,
+                                op + m * o_stride + n, o_stride);
+          for (int r = 0; r < 4; ++r) op[(m + r) * o_stride + n] += bn;
+        }
+      }
+      for (; m < m_rows; ++m) {
         op[m * o_stride + n] = dot(wr, wsr, wmr, qap + m * qa_stride, adp + m * nb, asp + m * nb, nb) + bn;
       }
     }

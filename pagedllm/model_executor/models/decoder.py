@@ -146,7 +146,7 @@ class DecoderForCausalLM(nn.Module):
         # A tied embedding doubles as the LM head: its logits method keeps the plain matrix for the lookup.
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp_group,
                                                    logits_method=methods.tied_lm_head if self.tie_word_embeddings
-                                                   else None)
+                                                   else methods.embedding)
         self.layers = nn.ModuleList(DecoderLayer(config, flags, ctx) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.fused_ops)
         if not self.tie_word_embeddings:

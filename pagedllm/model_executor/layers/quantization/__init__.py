@@ -24,6 +24,9 @@ class LinearMethods:
     linear: LinearMethodBase  # the decoder layers' QKV, O, gate/up and down projections
     lm_head: LinearMethodBase  # an untied output projection
     tied_lm_head: LinearMethodBase  # the embedding's logits, where the LM head is tied to it
+    # an untied embedding, only looked up: None keeps the plain matrix; a method that loads the
+    # weight itself (GGUF blocks) holds it in its own form and looks rows up
+    embedding: LinearMethodBase | None = None
 
 
 def get_linear_methods(quantization: str | None, dtype: torch.dtype, device: torch.device) -> LinearMethods:
@@ -33,7 +36,7 @@ def get_linear_methods(quantization: str | None, dtype: torch.dtype, device: tor
         plain = tied = UNQUANTIZED
     if quantization == "gguf":  # every weight the file quantised stays so, the LM head too (as llama.cpp)
         gguf_method = GGUFLinearMethod()
-        return LinearMethods(linear=gguf_method, lm_head=gguf_method, tied_lm_head=gguf_method)
+        return LinearMethods(linear=gguf_method, lm_head=gguf_method, tied_lm_head=gguf_method, embedding=gguf_method)
     linear = Int8LinearMethod() if quantization == "int8" else plain
     return LinearMethods(linear=linear, lm_head=plain, tied_lm_head=tied)
 
