@@ -72,6 +72,24 @@ def evaluate(model: str | None, variant: str, window: int, chunk: int, max_token
             "greedy": [o.outputs[0].token_ids for o in greedy]}
 
 
+def llamacpp_perplexity(args: argparse.Namespace) -> dict:
+    """The same windows scored by llama.cpp, in its own interpreter."""
+    import subprocess
+    import tempfile
+
+    from pagedllm.model_executor.gguf_loader import load_gguf_tokenizer
+    from pagedllm.model_executor.model_source import resolve_model
+
+    path = resolve_model(args.model).path
+    ids = load_gguf_tokenizer(path).encode(TEXT.read_text())
+    windows = [ids[i : i + args.window] for i in range(0, len(ids) - 1, args.window) if len(ids[i : i + args.window]) > 1]
+    work = Path(tempfile.mkdtemp())
+    (work / "windows.json").write_text(json.dumps({"model": path, "windows": windows}))
+    subprocess.run([args.llamacpp_python, str(HERE / "peers" / "run_llamacpp_perplexity.py"), str(work / "windows.json"),
+                    str(work / "out.json")], check=True)
+    return json.loads((work / "out.json").read_text())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
@@ -81,10 +99,14 @@ def main() -> None:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--chunk", type=int, default=64, help="prefill chunk (the engine's step budget)")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--llamacpp-python", default=None,
+                   help="also score the same windows with llama.cpp on the same GGUF (its interpreter; "
+                        "benchmarks/peers/run_llamacpp_perplexity.py)")
     args = p.parse_args()
     results = [evaluate(args.model, d.strip(), args.window, args.chunk, args.max_tokens)
                for d in args.dtypes.split(",")]
     ref = results[0]
+    peer = llamacpp_perplexity(args) if args.llamacpp_python else None
     print(f"fixed text: {TEXT.name}, {ref['scored_tokens']} scored tokens; greedy: {len(PROMPTS)} prompts x "
           f"{args.max_tokens} tokens; reference {ref['dtype']}")
     print(f"{'variant':<26}{'perplexity':>12}{'change':>10}{'greedy tokens equal to ref':>30}")
@@ -95,11 +117,15 @@ def main() -> None:
         total = sum(len(g) for g in ref["greedy"])
         print(f"{r['dtype']:<26}{r['perplexity']:>12.3f}{r['perplexity_change_pct']:>9.2f}%   "
               f"{sum(agree)}/{total} (per prompt {agree})")
+    if peer is not None:
+        peer["perplexity_change_pct"] = 100 * (peer["perplexity"] / ref["perplexity"] - 1)
+        print(f"{'llama.cpp (same GGUF)':<26}{peer['perplexity']:>12.3f}{peer['perplexity_change_pct']:>9.2f}%")
     stamp = datetime.now(timezone.utc)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"precision_check-{stamp:%Y%m%d-%H%M}-{platform.node()}.json"
     out.write_text(json.dumps({"date": stamp.isoformat(), "machine": platform.node(), "text": TEXT.name,
-                               "window": args.window, "chunk": args.chunk, "results": results}, indent=2))
+                               "window": args.window, "chunk": args.chunk, "results": results,
+                               "llamacpp": peer}, indent=2))
     print(f"wrote {out}")
 
 

@@ -36,6 +36,28 @@ CATEGORIES = {
 OTHER = "other torch ops (views, allocations, KV writes, sampler)"
 
 
+def profiled(llm, prompt: list, params) -> tuple[dict[str, float], int, float]:
+    """(seconds per category, operators dispatched, wall seconds) of one profiled generate call."""
+    llm.reset_prefix_cache()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        llm.generate(prompt, params, use_tqdm=False)
+        wall = time.perf_counter() - start
+    totals: dict[str, float] = defaultdict(float)
+    ops = 0
+    for evt in prof.key_averages():
+        if not evt.key.startswith(("aten::", "pagedllm_cpu::", "mkldnn::", "onednn::")):
+            continue
+        ops += evt.count
+        for category, prefixes in CATEGORIES.items():
+            if any(evt.key.startswith(x) or x in evt.key for x in prefixes):
+                totals[category] += evt.self_cpu_time_total / 1e6
+                break
+        else:
+            totals[OTHER] += evt.self_cpu_time_total / 1e6
+    return totals, ops, wall
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct Q4_1 GGUF")
@@ -63,28 +85,17 @@ def main() -> None:
     start = time.perf_counter()
     llm.generate(prompt, params, use_tqdm=False)
     step_ms = (time.perf_counter() - start - prefill_s) / args.output_len * 1e3
-    llm.reset_prefix_cache()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        llm.generate(prompt, params, use_tqdm=False)
-        wall = time.perf_counter() - start
-    totals: dict[str, float] = defaultdict(float)
-    ops = 0
-    for evt in prof.key_averages():
-        if not evt.key.startswith(("aten::", "pagedllm_cpu::", "mkldnn::", "onednn::")):
-            continue
-        ops += evt.count
-        for category, prefixes in CATEGORIES.items():
-            if any(evt.key.startswith(x) or x in evt.key for x in prefixes):
-                totals[category] += evt.self_cpu_time_total / 1e6
-                break
-        else:
-            totals[OTHER] += evt.self_cpu_time_total / 1e6
+    # the decode steps' share: a profiled full run minus a profiled prefill-only run
+    full, full_ops, full_wall = profiled(llm, prompt, params)
+    pre, pre_ops, pre_wall = profiled(llm, prompt, first)
+    totals = {k: full[k] - pre.get(k, 0.0) for k in full}
+    wall = full_wall - pre_wall
     totals["Python and engine (remainder)"] = max(0.0, wall - sum(totals.values()))
-    steps = args.output_len + 1  # (the profiled run includes its prefill: shares are of the whole run)
+    ops = full_ops - pre_ops
+    steps = args.output_len
     print(f"W2 batch-1 decode, {args.quantization or 'float32'}, {args.threads} threads: "
           f"{step_ms:.1f} ms a decode step unprofiled ({1e3 / step_ms:.1f} tok/s), prefill {prefill_s * 1e3:.0f} ms")
-    print(f"under the profiler: {wall:.2f} s for the prefill and {args.output_len} steps; "
+    print(f"under the profiler: {wall:.2f} s for {args.output_len} decode steps; "
           f"{ops / steps:.0f} torch operators a step")
     for k, v in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"  {k:<58}{v / steps * 1e3:8.2f} ms/step {100 * v / wall:6.1f}%")
