@@ -183,7 +183,10 @@ class DecoderForCausalLM(nn.Module):
                 continue
             if target not in params:
                 # a linear method that holds the weight in its own form (GGUF blocks) loads it itself
-                owner = self.get_submodule(target.rpartition(".")[0]) if target.endswith(".weight") else None
+                try:
+                    owner = self.get_submodule(target.rpartition(".")[0]) if target.endswith(".weight") else None
+                except AttributeError:
+                    owner = None
                 method = getattr(owner, "linear_method", None)
                 if not getattr(method, "loads_weight", False):
                     raise ValueError(f"checkpoint tensor {name!r} has no place in this model")
