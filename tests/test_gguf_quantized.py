@@ -163,8 +163,9 @@ def tiny_quantized_gguf(request, tmp_path_factory) -> Path:
 PROMPTS = [[3, 70, 101, 200, 17], [260, 5, 9, 44, 88, 120, 31, 7, 250]]
 
 
-def greedy(path: Path, quantization: str | None, max_tokens: int = 12):
-    llm = LLM(model=str(path), quantization=quantization, max_model_len=128, kv_cache_memory_bytes=8 << 20)
+def greedy(path: Path, quantization: str | None, max_tokens: int = 12, dtype: str = "float32"):
+    llm = LLM(model=str(path), quantization=quantization, max_model_len=128, kv_cache_memory_bytes=8 << 20,
+              dtype=dtype)
     try:
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                             SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=1),
@@ -187,6 +188,16 @@ def test_tiny_models_kernels_give_the_reference_paths_tokens(tiny_quantized_gguf
         lp = [next(iter(d.values())).logprob for d in a.outputs[0].logprobs]
         ref = [next(iter(d.values())).logprob for d in b.outputs[0].logprobs]
         np.testing.assert_allclose(lp, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_model_kernels_give_the_reference_paths_tokens(tmp_path, monkeypatch):
+    """Between the matmuls the model runs in bfloat16; the blocks and their products are the same."""
+    kernels_or_skip()
+    path = tmp_path / "tiny-llama.gguf"
+    write_tiny_gguf(path, "llama", True, quant_type=T.Q4_1)
+    tokens, _, _ = greedy(path, "gguf", dtype="bfloat16")
+    monkeypatch.setattr(cpu_ops, "cpu_kernels_available", lambda: False)
+    assert greedy(path, "gguf", dtype="bfloat16")[0] == tokens
 
 
 def test_gguf_quantization_needs_a_gguf_file(llama_dir):
