@@ -1,4 +1,8 @@
-"""W1 on this machine: pagedllm against vLLM (CPU build), llama.cpp and transformers, in one run.
+"""W1 (or W2) on this machine: pagedllm against vLLM (CPU build), llama.cpp and transformers, in one run.
+
+`--workload w2`: one request, 128 prompt tokens, 128 greedy output tokens, 2 threads (issue #18's
+single-stream figure; `w2x8`: 8 such requests at once); the table ends with each pagedllm
+variant's ratio to llama.cpp. `pagedllm_gguf` runs quantization="gguf" (the GGUF's own blocks).
 
 Every engine gets the same prompts (random token ids), 64 greedy output tokens each with
 EOS ignored, all threads, and runs in its own process (vLLM and llama.cpp in their own
@@ -36,7 +40,16 @@ RESULTS = HERE / "results"
 RUNNERS = {"llamacpp_serial": ("llamacpp", ["--one-at-a-time"]),
            "pagedllm_kvbf16": ("pagedllm", ["--kv-cache-dtype", "bfloat16"]),
            "pagedllm_int8": ("pagedllm", ["--quantization", "int8"]),
+           "pagedllm_gguf": ("pagedllm", ["--quantization", "gguf"]),
            "pagedllm_int8_kvbf16": ("pagedllm", ["--quantization", "int8", "--kv-cache-dtype", "bfloat16"])}
+
+
+# Workload presets (flags given explicitly override them). W2 is issue #18's single-stream figure.
+WORKLOADS = {
+    "w1": dict(num_prompts=32, input_min=32, input_max=256, output_len=64, threads=os.cpu_count()),
+    "w2": dict(num_prompts=1, input_min=128, input_max=128, output_len=128, threads=2),
+    "w2x8": dict(num_prompts=8, input_min=128, input_max=128, output_len=128, threads=2),
+}
 
 
 def build_workload(args: argparse.Namespace, gguf_path: str, path: Path) -> dict:
@@ -106,16 +119,21 @@ def main() -> int:
     p.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--engines", default="pagedllm,vllm,llamacpp,llamacpp_serial,transformers",
                    help="comma-separated: pagedllm, pagedllm_kvbf16 (a bfloat16 KV cache), pagedllm_int8 "
-                        "(quantization='int8': W8A8 linear layers), pagedllm_int8_kvbf16, vllm, llamacpp "
+                        "(quantization='int8': W8A8 linear layers), pagedllm_int8_kvbf16, pagedllm_gguf "
+                        "(quantization='gguf': the file's blocks), vllm, llamacpp "
                         "(all sequences batched), llamacpp_serial (one request at a time), transformers")
     p.add_argument("--vllm-python", default=os.environ.get("PAGEDLLM_BENCH_VLLM_PYTHON"))
     p.add_argument("--llamacpp-python", default=os.environ.get("PAGEDLLM_BENCH_LLAMACPP_PYTHON"))
-    p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--input-min", type=int, default=32)
-    p.add_argument("--input-max", type=int, default=256)
-    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--workload", default="w1", choices=sorted(WORKLOADS),
+                   help="w1: 32 prompts of 32-256 tokens, 64 output tokens; w2: one request of 128 prompt tokens and "
+                        "128 output tokens on 2 threads (a person chatting); w2x8: the same, 8 requests at once. "
+                        "The flags below override the preset")
+    p.add_argument("--num-prompts", type=int, default=None)
+    p.add_argument("--input-min", type=int, default=None)
+    p.add_argument("--input-max", type=int, default=None)
+    p.add_argument("--output-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights and KV cache of the torch engines (W1 is float32; llama.cpp always reads Q4_1)")
     p.add_argument("--compile-fused-ops", action="store_true",
@@ -126,6 +144,9 @@ def main() -> int:
                    help="another pagedllm checkout; engines written NAME@baseline run NAME from it")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
+    for key, value in WORKLOADS[args.workload].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
     from pagedllm.model_executor.model_source import resolve_model
 
@@ -165,7 +186,7 @@ def main() -> int:
 
     ours = next((r for r in results if r["engine_key"] == "pagedllm" and "output_tok_s" in r), None)
     print()
-    print(f"W1: {args.num_prompts} prompts, {args.input_min}-{args.input_max} prompt tokens, "
+    print(f"{args.workload.upper()}: {args.num_prompts} prompts, {args.input_min}-{args.input_max} prompt tokens, "
           f"{args.output_len} output tokens, greedy, EOS ignored, {args.dtype}, {args.threads} threads, {platform.node()}")
     print(f"{'engine':<44}{'output tok/s':>14}{'total tok/s':>14}{'pagedllm x':>12}")
     for r in results:
@@ -186,6 +207,16 @@ def main() -> int:
                 r["ratio_to_best_peer"] = r["output_tok_s"] / best["output_tok_s"]
                 print(f"  {r.get('engine', r['engine_key']):<52}{r['ratio_to_best_peer']:>6.2f}x")
 
+    # W2's figure: each pagedllm variant against llama.cpp on the same GGUF, in the same run.
+    llamacpp = max((r for r in results if "output_tok_s" in r and r["engine_key"].startswith("llamacpp")),
+                   key=lambda r: r["output_tok_s"], default=None)
+    if llamacpp is not None:
+        print(f"\nagainst llama.cpp, {llamacpp.get('engine')} ({llamacpp['output_tok_s']:.1f} tok/s):")
+        for r in results:
+            if "output_tok_s" in r and r["engine_key"].startswith("pagedllm"):
+                r["ratio_to_llamacpp"] = r["output_tok_s"] / llamacpp["output_tok_s"]
+                print(f"  {r.get('engine', r['engine_key']):<52}{r['ratio_to_llamacpp']:>6.2f}x")
+
     # Each variant against the same variant of the baseline checkout, run in the same minutes.
     done = {r["engine_key"]: r for r in results if "output_tok_s" in r}
     pairs = [(r, done[key + "@baseline"]) for key, r in done.items() if key + "@baseline" in done]
@@ -198,12 +229,13 @@ def main() -> int:
     stamp = datetime.now(timezone.utc)
     record = {
         "date": stamp.isoformat(), "machine": platform.node(), "cpu_count": os.cpu_count(),
-        "workload": {k: getattr(args, k) for k in ("num_prompts", "input_min", "input_max", "output_len", "seed", "dtype",
+        "workload": {k: getattr(args, k) for k in ("workload", "threads", "num_prompts", "input_min", "input_max", "output_len", "seed", "dtype",
                                                    "compile_fused_ops", "repeats")},
         "input_tokens": in_tokens, "results": results,
         "best_peer": best["engine_key"] if best is not None else None,
     }
-    out = Path(args.output_json) if args.output_json else RESULTS / f"compare_cpu-{args.dtype}-{stamp:%Y%m%d-%H%M}-{platform.node()}.json"
+    name = "compare_cpu" if args.workload == "w1" else f"compare_cpu_{args.workload}"
+    out = Path(args.output_json) if args.output_json else RESULTS / f"{name}-{args.dtype}-{stamp:%Y%m%d-%H%M}-{platform.node()}.json"
     out.write_text(json.dumps(record, indent=2))
     print(f"\nwrote {out}")
     chart(results, out.with_suffix(".png"))

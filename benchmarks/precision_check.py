@@ -4,8 +4,10 @@ bfloat16 runs the matmuls on the CPU's bf16 units (AMX / AVX512-BF16 where prese
 times faster than float32, but it is a change of numerics like a quantisation: this script states
 the change; so is `quantization="int8"` (W8A8 linear layers). For each variant it computes, with the same engine and model:
 
-- the perplexity of a fixed text (this repository's `docs/architecture.md`, cut into windows of
-  `--window` tokens), from the prompt logprobs of the tokens that are actually there. Each window
+- the perplexity of a fixed text (`benchmarks/data/frozen_text.txt`, passages of public-domain
+  texts: Lincoln, Dickens, Austen, the Declaration of Independence, Melville; frozen, so figures
+  compare across runs; before 2026-12-04 it was docs/architecture.md), cut into windows of
+  `--window` tokens, from the prompt logprobs of the tokens that are actually there. Each window
   is prefilled in chunks of `--chunk` tokens, so that later chunks attend to K/V read back from
   the cache: otherwise a narrower KV cache (`float32/bfloat16`) would never be read in scoring,
   as a prompt's own attention uses its unrounded K/V;
@@ -28,7 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-TEXT = HERE.parent / "docs" / "architecture.md"
+TEXT = HERE / "data" / "frozen_text.txt"
 PROMPTS = [
     "The capital of France is",
     "Explain what a KV cache is in one paragraph.",
@@ -70,19 +72,41 @@ def evaluate(model: str | None, variant: str, window: int, chunk: int, max_token
             "greedy": [o.outputs[0].token_ids for o in greedy]}
 
 
+def llamacpp_perplexity(args: argparse.Namespace) -> dict:
+    """The same windows scored by llama.cpp, in its own interpreter."""
+    import subprocess
+    import tempfile
+
+    from pagedllm.model_executor.gguf_loader import load_gguf_tokenizer
+    from pagedllm.model_executor.model_source import resolve_model
+
+    path = resolve_model(args.model).path
+    ids = load_gguf_tokenizer(path).encode(TEXT.read_text())
+    windows = [ids[i : i + args.window] for i in range(0, len(ids) - 1, args.window) if len(ids[i : i + args.window]) > 1]
+    work = Path(tempfile.mkdtemp())
+    (work / "windows.json").write_text(json.dumps({"model": path, "windows": windows}))
+    subprocess.run([args.llamacpp_python, str(HERE / "peers" / "run_llamacpp_perplexity.py"), str(work / "windows.json"),
+                    str(work / "out.json")], check=True)
+    return json.loads((work / "out.json").read_text())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--dtypes", default="float32,bfloat16,float32/bfloat16,float32+int8",
                    help="comma-separated; 'D/K' is dtype D with a K KV cache (kv_cache_dtype), 'D+Q' dtype D "
-                        "with quantization Q ('float32+int8')")
+                        "with quantization Q ('float32+int8', 'float32+gguf': the GGUF's own blocks)")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--chunk", type=int, default=64, help="prefill chunk (the engine's step budget)")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--llamacpp-python", default=None,
+                   help="also score the same windows with llama.cpp on the same GGUF (its interpreter; "
+                        "benchmarks/peers/run_llamacpp_perplexity.py)")
     args = p.parse_args()
     results = [evaluate(args.model, d.strip(), args.window, args.chunk, args.max_tokens)
                for d in args.dtypes.split(",")]
     ref = results[0]
+    peer = llamacpp_perplexity(args) if args.llamacpp_python else None
     print(f"fixed text: {TEXT.name}, {ref['scored_tokens']} scored tokens; greedy: {len(PROMPTS)} prompts x "
           f"{args.max_tokens} tokens; reference {ref['dtype']}")
     print(f"{'variant':<26}{'perplexity':>12}{'change':>10}{'greedy tokens equal to ref':>30}")
@@ -93,11 +117,15 @@ def main() -> None:
         total = sum(len(g) for g in ref["greedy"])
         print(f"{r['dtype']:<26}{r['perplexity']:>12.3f}{r['perplexity_change_pct']:>9.2f}%   "
               f"{sum(agree)}/{total} (per prompt {agree})")
+    if peer is not None:
+        peer["perplexity_change_pct"] = 100 * (peer["perplexity"] / ref["perplexity"] - 1)
+        print(f"{'llama.cpp (same GGUF)':<26}{peer['perplexity']:>12.3f}{peer['perplexity_change_pct']:>9.2f}%")
     stamp = datetime.now(timezone.utc)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"precision_check-{stamp:%Y%m%d-%H%M}-{platform.node()}.json"
     out.write_text(json.dumps({"date": stamp.isoformat(), "machine": platform.node(), "text": TEXT.name,
-                               "window": args.window, "chunk": args.chunk, "results": results}, indent=2))
+                               "window": args.window, "chunk": args.chunk, "results": results,
+                               "llamacpp": peer}, indent=2))
     print(f"wrote {out}")
 
 

@@ -26,8 +26,9 @@ _DTYPES = {
 KV_CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16}
 
 # vLLM's `quantization` values this engine implements (None: the checkpoint's weights as loaded).
-# "gptq", "awq" and "compressed-tensors" name the format a pre-quantized checkpoint is saved in.
-QUANTIZATION_METHODS = ("int8", "gptq", "awq", "compressed-tensors")
+# "gguf" keeps a GGUF file's blocks as they are; "gptq", "awq" and "compressed-tensors" name the format a
+# pre-quantized checkpoint is saved in.
+QUANTIZATION_METHODS = ("int8", "gguf", "gptq", "awq", "compressed-tensors")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -94,8 +95,9 @@ class ModelConfig:
     enforce_eager: bool = False
     # torch.compile of the elementwise ops between matmuls (layers/fused_ops.py)
     compile_fused_ops: bool = False
-    # vLLM's `quantization`: None, "int8" (W8A8 on CPU: layers/quantization/int8.py), or a pre-quantized
-    # checkpoint's format, "gptq" / "awq" / "compressed-tensors" (layers/quantization/checkpoint.py)
+    # vLLM's `quantization`: None, "int8" (W8A8 on CPU: layers/quantization/int8.py), "gguf" (a GGUF's blocks
+    # kept as they are: layers/quantization/gguf.py), or a pre-quantized checkpoint's format, "gptq" / "awq" /
+    # "compressed-tensors" (layers/quantization/checkpoint.py)
     quantization: Optional[str] = None
     # that checkpoint's settings (group size, act order, ...: a GPTQConfig, AWQConfig, CompressedTensorsConfig)
     quant_config: Optional[Any] = None
@@ -125,8 +127,7 @@ class ModelConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(
                 f"quantization must be one of {list(QUANTIZATION_METHODS)} or None, got {self.quantization!r} "
-                "(fp8 checkpoints are not implemented; a GGUF file's weights are dequantised to the model dtype "
-                "when loaded)")
+                "(fp8 checkpoints are not implemented)")
 
     @property
     def text_config(self) -> Any:

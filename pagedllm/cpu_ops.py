@@ -37,7 +37,7 @@ CPU_KERNELS_ENV = "PAGEDLLM_CPU_KERNELS"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 _SOURCE_DIR = os.path.join(os.path.dirname(__file__), "csrc", "cpu")
 _SOURCES = ["registration.cpp", "paged_decode.cpp", "layernorm.cpp", "activation.cpp", "rotary.cpp",
-            "quantize.cpp"]
+            "quantize.cpp", "gguf_gemm.cpp"]
 # -ffast-math lets the compiler vectorise exp (glibc's vector math) and the float reductions; it
 # is a compile flag only, so the flush-to-zero start-up code it implies is never linked in.
 # -fopenmp because at::parallel_for is inline OpenMP (without it, it silently runs on one thread);
@@ -162,4 +162,26 @@ def dequantize_int8_output(out: torch.Tensor, acc: torch.Tensor, scale: torch.Te
                            wsum: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """out = scale * (acc - zero_point * wsum) + bias, row by row (`out` may be `acc` itself)."""
     torch.ops.pagedllm_cpu.dequantize_int8_output(out, acc, scale, zero_point, wsum, bias)
+    return out
+
+
+def quantize_q8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """llama.cpp's q8_1 of `x` [rows, k] per block of 32, in `gguf_gemm`'s byte order: (qa int8
+    [rows, k padded to 128], d float32 [rows, k/32], s = d * sum(q) float32 [rows, k/32])."""
+    rows, k = x.shape
+    qa = torch.empty(rows, -(-k // 128) * 128, dtype=torch.int8)
+    d = torch.empty(rows, k // 32, dtype=torch.float32)
+    s = torch.empty(rows, k // 32, dtype=torch.float32)
+    torch.ops.pagedllm_cpu.quantize_q8_blocks(qa, d, s, x)
+    return qa, d, s
+
+
+def gguf_gemm(out: torch.Tensor, activations: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qweight: torch.Tensor,
+              scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None, bits: int,
+              vectorised: bool = True) -> torch.Tensor:
+    """out [m, n] (float32, rows may be strided: a column slice of a wider output) = the quantised
+    activations times a block-quantised weight (`layers/quantization/gguf_blocks.py`), plus bias.
+    `vectorised=False` takes the portable loop instead of AVX-512 VNNI (for tests)."""
+    qa, d, s = activations
+    torch.ops.pagedllm_cpu.gguf_gemm(out, qa, d, s, qweight, scales, mins, bias, bits, vectorised)
     return out

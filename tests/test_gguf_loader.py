@@ -89,10 +89,12 @@ def _llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.n
     )
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", tie: bool = True) -> tuple[dict[str, torch.Tensor], set[str]]:
+def write_tiny_gguf(path: Path, arch: str = "llama", tie: bool = True,
+                    quant_type: gguf.GGMLQuantizationType | None = None) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Convert a random tiny model to a GGUF at `path`.
 
-    Returns the model's Hugging Face state_dict and the names of the tensors stored quantised.
+    Returns the model's Hugging Face state_dict and the names of the tensors stored quantised:
+    the four in QUANTISED as Q8_0, or with `quant_type` every matrix (as a quantised file has them).
     """
     model = _tiny_hf_model(arch, tie)
     config = model.config
@@ -135,10 +137,11 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tie: bool = True) -> tuple[
             data = _llama_cpp_permute(data, config.num_attention_heads, config.num_attention_heads)
         elif arch == "llama" and ".attn_k." in gguf_name:
             data = _llama_cpp_permute(data, config.num_attention_heads, config.num_key_value_heads)
-        if gguf_name in QUANTISED:
+        qtype = (quant_type if data.ndim == 2 else None) if quant_type is not None else (
+            gguf.GGMLQuantizationType.Q8_0 if gguf_name in QUANTISED else None)
+        if qtype is not None:
             quantised.add(hf_name)
-            writer.add_tensor(gguf_name, gguf.quantize(data, gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)  # fmt: skip
+            writer.add_tensor(gguf_name, gguf.quantize(data, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(gguf_name, np.ascontiguousarray(data))
     writer.write_header_to_file()

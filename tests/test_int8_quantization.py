@@ -177,8 +177,8 @@ def test_generation_matches_transformers_running_the_same_scheme(family, request
 
 
 def test_unsupported_quantization_is_a_clear_error(llama_dir):
-    with pytest.raises(ValueError, match="quantization must be one of \\['int8', 'gptq', 'awq', 'compressed-tensors'\\] "
-                                         "or None, got 'fp8'"):
+    with pytest.raises(ValueError, match="quantization must be one of \\['int8', 'gguf', 'gptq', 'awq', "
+                                         "'compressed-tensors'\\] or None, got 'fp8'"):
         LLM(model=llama_dir, quantization="fp8")
     with pytest.raises(ValueError, match="float32 or bfloat16 model, not float16"):
         LLM(model=llama_dir, quantization="int8", dtype="float16")

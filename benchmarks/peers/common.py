@@ -23,7 +23,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--compile-fused-ops", action="store_true", help="pagedllm only: torch.compile its elementwise ops")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16"],
                    help="pagedllm only: the KV cache's storage dtype")
-    p.add_argument("--quantization", default=None, choices=["int8"], help="pagedllm only: LLM(quantization=...)")
+    p.add_argument("--quantization", default=None, choices=["int8", "gguf"],
+                   help="pagedllm only: LLM(quantization=...)")
     p.add_argument("--one-at-a-time", action="store_true",
                    help="llama.cpp only: the high-level API, one request after another, instead of all sequences batched")
     p.add_argument("--repeats", type=int, default=1,

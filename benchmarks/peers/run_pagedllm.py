@@ -25,6 +25,6 @@ def run() -> int:
 
 extras = (", compiled ops" if args.compile_fused_ops else "") + (
     f", {args.kv_cache_dtype} KV cache" if args.kv_cache_dtype != "auto" else "") + (
-    f", {args.quantization} W8A8" if args.quantization else "")
+    {"int8": ", int8 W8A8", "gguf": ", GGUF blocks"}.get(args.quantization, ""))
 timed_run(run, args.out, repeats=args.repeats, before_each=llm.reset_prefix_cache,
           engine=f"pagedllm ({args.dtype}{extras})", dtype=args.dtype, threads=torch.get_num_threads())

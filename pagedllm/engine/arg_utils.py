@@ -115,9 +115,11 @@ class EngineArgs:
                                       "the bytes decode attention reads)", choices=list(KV_CACHE_DTYPES))
     quantization: Optional[str] = arg(None, "'int8': W8A8 linear layers on CPU (int8 weights per channel, uint8 "
                                             "activations per token, oneDNN's int8 matmul); changes the numerics, see "
-                                            "docs/performance.md. 'gptq', 'awq', 'compressed-tensors': a checkpoint "
-                                            "saved in that format (found from its config when unset; "
-                                            "docs/quantization_gptq_awq.md)", flags=("-q", "--quantization"),
+                                            "docs/performance.md. 'gguf': a GGUF's quantised weights kept in their "
+                                            "blocks (CPU kernels, docs/quantization.md). 'gptq', 'awq', "
+                                            "'compressed-tensors': a checkpoint saved in that format (found from "
+                                            "its config when unset; docs/quantization_gptq_awq.md)",
+                                            flags=("-q", "--quantization"),
                                       choices=list(QUANTIZATION_METHODS))
     enable_prefix_caching: bool = arg(True, "share the KV blocks of prompts with a common beginning")
     num_gpu_blocks_override: Optional[int] = arg(None, "exact number of KV-cache blocks (any device)")
@@ -234,7 +236,7 @@ class EngineArgs:
         """Resolve the model (fetching a known short name), read its config, and build the engine's
         configs, each validated once with a clear `ValueError`."""
         from pagedllm.model_executor.kv_cache_groups import kv_cache_groups_for
-        from pagedllm.model_executor.layers.quantization import verify_quantization
+        from pagedllm.model_executor.layers.quantization import resolve_quantization, verify_quantization
         from pagedllm.model_executor.layers.quantization.checkpoint import resolve_checkpoint_quantization
         from pagedllm.model_executor.model_source import resolve_model
         from pagedllm.model_executor.pooling_config import resolve_runner
@@ -290,7 +292,8 @@ class EngineArgs:
                              "a pooling request runs its whole prompt in one step")
         # transformers >= 4.56 calls it `dtype` and warns on every read of the old `torch_dtype`.
         config_dtype = hf_config.dtype if hasattr(hf_config, "dtype") else getattr(hf_config, "torch_dtype", None)
-        quantization, quant_config = resolve_checkpoint_quantization(self.quantization, hf_config, model_path)
+        quantization, quant_config = resolve_checkpoint_quantization(
+            resolve_quantization(self.quantization, model_path), hf_config, model_path)
         model_config = ModelConfig(
             model=model_path,
             tokenizer=self.tokenizer or model_path,

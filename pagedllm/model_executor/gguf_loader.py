@@ -10,6 +10,7 @@ loading path takes them unchanged), and one-line `ValueError`s instead of traceb
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import os
@@ -91,8 +92,31 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerFast
     return tokenizer
 
 
-def iterate_gguf_weights(path: str | os.PathLike[str], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+# GGML types that are plain floats: always handed over as tensors, never kept as blocks.
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+@dataclasses.dataclass
+class GGUFQuantizedTensor:
+    """A GGUF tensor left in its blocks (`quantization="gguf"`): `raw` is uint8 [rows, row bytes]
+    (a view of the mapped file) of the Hugging Face [out, in] matrix `shape`, rows already in
+    Hugging Face order. The GGUF linear method decodes it; anything else asks for `dequantize`."""
+
+    type_name: str
+    raw: np.ndarray
+    shape: tuple[int, int]
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        weights = _gguf().dequantize(self.raw, _gguf().GGMLQuantizationType[self.type_name])
+        return _to_torch(weights.reshape(self.shape), dtype)
+
+
+def iterate_gguf_weights(path: str | os.PathLike[str], dtype: torch.dtype,
+                         keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | GGUFQuantizedTensor]]:
     """Yield `(Hugging Face parameter name, tensor)` for every weight in the file, dequantised to `dtype`.
+
+    `keep_quantized`: quantised 2-D tensors come as `GGUFQuantizedTensor`s instead, undecoded
+    (`quantization="gguf"`: the layers keep them in blocks).
 
     Names and layouts are those of the matching transformers model's `state_dict()`. Only one tensor is
     materialised at a time (the file is memory-mapped), so peak memory is one dequantised tensor, not
@@ -109,7 +133,7 @@ def iterate_gguf_weights(path: str | os.PathLike[str], dtype: torch.dtype) -> It
     targets = _gguf_to_hf_names(architecture, config)
     # transformers' per-architecture fix-ups, e.g. undoing llama.cpp's interleaving of Q/K rows for RoPE
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
-    return _generate_weights(path, reader, targets, processor, dtype)
+    return _generate_weights(path, reader, targets, processor, dtype, keep_quantized)
 
 
 def _generate_weights(
@@ -118,7 +142,8 @@ def _generate_weights(
     targets: dict[str, tuple[str, tuple[int, ...]]],
     processor: TensorProcessor,
     dtype: torch.dtype,
-) -> Iterator[tuple[str, torch.Tensor]]:
+    keep_quantized: bool = False,
+) -> Iterator[tuple[str, torch.Tensor | GGUFQuantizedTensor]]:
     start = time.perf_counter()
     count = 0
     for tensor in reader.tensors:
@@ -128,6 +153,10 @@ def _generate_weights(
             logger.debug("%s: skipping GGUF tensor %s, which has no Hugging Face counterpart", path, tensor.name)
             continue
         hf_name, hf_shape = target
+        if keep_quantized and tensor.tensor_type.name not in FLOAT_TYPES and len(hf_shape) == 2:
+            count += 1
+            yield hf_name, _quantized_tensor(path, tensor, hf_shape, processor)
+            continue
         try:
             weights = _gguf().dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as exc:
@@ -144,6 +173,21 @@ def _generate_weights(
         count += 1
         yield hf_name, _to_torch(weights, dtype)
     logger.debug("Read %d tensors from %s in %.2f s", count, path, time.perf_counter() - start)
+
+
+def _quantized_tensor(path: str, tensor: gguf.ReaderTensor, hf_shape: tuple[int, ...],
+                      processor: TensorProcessor) -> GGUFQuantizedTensor:
+    """The tensor's rows of blocks, reordered as transformers' fix-ups reorder the dequantised rows
+    (they only ever permute rows, e.g. llama's Q/K, so the permutation is read off row indices)."""
+    raw = tensor.data
+    rows = raw.shape[0] if raw.ndim == 2 else 0
+    if raw.ndim != 2 or rows != hf_shape[0]:
+        raise ValueError(f"{path}: tensor {tensor.name} has {tuple(raw.shape)} rows of blocks but the config "
+                         f"needs {hf_shape}; the file's metadata and tensors disagree")
+    order = processor.process(weights=np.arange(rows).reshape(rows, 1), name=tensor.name).weights.reshape(rows)
+    if not np.array_equal(order, np.arange(rows)):
+        raw = raw[order]
+    return GGUFQuantizedTensor(tensor.tensor_type.name, raw, (hf_shape[0], hf_shape[1]))
 
 
 def _check_gguf_file(path: str | os.PathLike[str]) -> str:

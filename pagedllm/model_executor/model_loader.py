@@ -82,5 +82,6 @@ def _iterate_weights(model_config: ModelConfig):
     from pagedllm.model_executor.gguf_loader import is_gguf_file, iterate_gguf_weights
 
     if is_gguf_file(model_config.model):
-        return iterate_gguf_weights(model_config.model, model_config.dtype)
+        return iterate_gguf_weights(model_config.model, model_config.dtype,
+                                    keep_quantized=model_config.quantization == "gguf")
     return iterate_safetensors_weights(model_config.model, model_config.dtype)

@@ -25,4 +25,15 @@ void dequantize_int8_output(at::Tensor out, const at::Tensor& acc, const at::Ten
                             const at::Tensor& zero_point, const at::Tensor& wsum,
                             const c10::optional<at::Tensor>& bias);
 
+void quantize_q8_blocks(at::Tensor qa, at::Tensor da, at::Tensor sa, const at::Tensor& x);
+
+void gguf_gemm(at::Tensor out, const at::Tensor& qa, const at::Tensor& da, const at::Tensor& sa,
+               const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
+               const c10::optional<at::Tensor>& bias, int64_t bits, bool vectorised);
+
+at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const at::Tensor& mins, const c10::optional<at::Tensor>& bias, int64_t bits);
+
+bool gguf_gemm_has_vnni512();
+
 }  // namespace pagedllm

@@ -15,6 +15,11 @@ TORCH_LIBRARY(pagedllm_cpu, m) {
   m.def("quantize_per_token(Tensor(a!) q, Tensor(b!) scale, Tensor(c!) zero_point, Tensor x, int levels) -> ()");
   m.def("dequantize_int8_output(Tensor(a!) out, Tensor acc, Tensor scale, Tensor zero_point, Tensor wsum, "
         "Tensor? bias) -> ()");
+  m.def("quantize_q8_blocks(Tensor(a!) qa, Tensor(b!) da, Tensor(c!) sa, Tensor x) -> ()");
+  m.def("gguf_gemm(Tensor(a!) out, Tensor qa, Tensor da, Tensor sa, Tensor qweight, Tensor scales, Tensor mins, "
+        "Tensor? bias, int bits, bool vectorised) -> ()");
+  m.def("gguf_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, Tensor? bias, int bits) -> Tensor");
+  m.def("gguf_gemm_has_vnni512() -> bool");
 }
 
 TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
@@ -25,4 +30,11 @@ TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
   m.impl("rotary_embedding", &pagedllm::rotary_embedding);
   m.impl("quantize_per_token", &pagedllm::quantize_per_token);
   m.impl("dequantize_int8_output", &pagedllm::dequantize_int8_output);
+  m.impl("quantize_q8_blocks", &pagedllm::quantize_q8_blocks);
+  m.impl("gguf_gemm", &pagedllm::gguf_gemm);
+  m.impl("gguf_linear", &pagedllm::gguf_linear);
+}
+
+TORCH_LIBRARY_IMPL(pagedllm_cpu, CompositeExplicitAutograd, m) {
+  m.impl("gguf_gemm_has_vnni512", &pagedllm::gguf_gemm_has_vnni512);
 }

@@ -34,7 +34,14 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings_per_partition = -(-num_embeddings // tp_size)
         self.vocab_start_index = tp_rank * self.num_embeddings_per_partition
         self.vocab_end_index = min(self.vocab_start_index + self.num_embeddings_per_partition, num_embeddings)
-        self.weight = nn.Parameter(torch.empty(self.num_embeddings_per_partition, embedding_dim), requires_grad=False)
+        if getattr(self.linear_method, "loads_weight", False):
+            # the method holds the matrix in its own form (GGUF blocks) and looks rows up itself
+            self.dtype = torch.get_default_dtype()
+            self.linear_method.create_weights(self, embedding_dim, self.num_embeddings_per_partition)
+            self.register_parameter("weight", None)
+        else:
+            self.weight = nn.Parameter(torch.empty(self.num_embeddings_per_partition, embedding_dim),
+                                       requires_grad=False)
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         if loaded.shape[0] != self.num_embeddings:
@@ -44,6 +51,8 @@ class VocabParallelEmbedding(nn.Module):
         param[rows:].zero_()  # padding rows: never looked up, their logits are cut off
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            return self.linear_method.embedding(self, input_ids, self.dtype)
         if self.tp_group.world_size == 1:
             return F.embedding(input_ids, self.weight)
         outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)

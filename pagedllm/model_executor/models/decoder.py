@@ -193,7 +193,7 @@ class DecoderForCausalLM(nn.Module):
         if self.holds_embedding:
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp_group,
                                                        logits_method=methods.tied_lm_head if self.tie_word_embeddings
-                                                       else None)
+                                                       else methods.embedding)
         self.layers = nn.ModuleList(DecoderLayer(config, flags, ctx, i) if self.start_layer <= i < self.end_layer
                                     else MissingLayer() for i in range(config.num_hidden_layers))
         self.gemma_norms = flags.gemma_norms
@@ -260,9 +260,24 @@ class DecoderForCausalLM(nn.Module):
             if not is_stage_param(target, self.pp_group, (self.start_layer, self.end_layer), self.holds_embedding):
                 continue  # another pipeline stage's
             if target not in params:
-                if target.endswith(".bias") and not tensor.any():
+                if target.endswith(".bias") and isinstance(tensor, torch.Tensor) and not tensor.any():
                     continue  # GPTQ checkpoints save a zero bias for every layer, biased or not
-                raise ValueError(f"checkpoint tensor {name!r} has no place in this model")
+                # a linear method that holds the weight in its own form (GGUF blocks) loads it itself
+                try:
+                    owner = self.get_submodule(target.rpartition(".")[0]) if target.endswith(".weight") else None
+                except AttributeError:
+                    owner = None
+                method = getattr(owner, "linear_method", None)
+                if not getattr(method, "loads_weight", False):
+                    raise ValueError(f"checkpoint tensor {name!r} has no place in this model")
+                try:
+                    method.load_weight(owner, tensor, shard)
+                except ValueError as e:
+                    raise ValueError(f"checkpoint tensor {name!r} {e}") from e
+                loaded.add(target if shard is None else f"{target}:{shard}")
+                continue
+            if not isinstance(tensor, torch.Tensor):  # still quantised, for a plain parameter
+                tensor = tensor.dequantize(params[target].dtype)
             param = params[target]
             if self.gemma_norms and target.endswith("norm.weight"):
                 tensor = tensor + 1.0  # Gemma's RMSNorm multiplies by (1 + weight)

@@ -2,8 +2,9 @@
 
 The one place that knows every method: the layers take the method they are given, the model
 loader processes whatever methods the model holds. vLLM's `quantization` names the scheme
-(`config.QUANTIZATION_METHODS` lists the ones implemented here); the LM head is never quantized,
-as in vLLM, since in int8 it added about half again to the perplexity change (docs/performance.md).
+(`config.QUANTIZATION_METHODS` lists the ones implemented here). int8 never quantizes the LM head,
+as in vLLM, since it added about half again to the perplexity change (docs/performance.md); "gguf"
+keeps whatever the file holds, the LM head included, as llama.cpp does.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from pagedllm.model_executor.layers.cpu_packed_linear import CpuPackedLinearMethod, cpu_packing_available
 from pagedllm.model_executor.layers.linear_method import UNQUANTIZED, LinearMethodBase
 from pagedllm.model_executor.layers.quantization.checkpoint import CHECKPOINT_QUANTIZATION
+from pagedllm.model_executor.layers.quantization.gguf import GGUFLinearMethod, gguf_unavailable_reason
 from pagedllm.model_executor.layers.quantization.int8 import Int8LinearMethod, int8_unavailable_reason
 
 
@@ -24,6 +26,9 @@ class LinearMethods:
     linear: LinearMethodBase  # the decoder layers' QKV, O, gate/up and down projections
     lm_head: LinearMethodBase  # an untied output projection
     tied_lm_head: LinearMethodBase  # the embedding's logits, where the LM head is tied to it
+    # an untied embedding, only looked up: None keeps the plain matrix; a method that loads the
+    # weight itself (GGUF blocks) holds it in its own form and looks rows up
+    embedding: LinearMethodBase | None = None
 
 
 def get_linear_methods(quantization: str | None, dtype: torch.dtype, device: torch.device,
@@ -34,6 +39,9 @@ def get_linear_methods(quantization: str | None, dtype: torch.dtype, device: tor
         plain, tied = CpuPackedLinearMethod(), CpuPackedLinearMethod(keep_weight=True)
     else:
         plain = tied = UNQUANTIZED
+    if quantization == "gguf":  # every weight the file quantised stays so, the LM head too (as llama.cpp)
+        gguf_method = GGUFLinearMethod()
+        return LinearMethods(linear=gguf_method, lm_head=gguf_method, tied_lm_head=gguf_method, embedding=gguf_method)
     if quant_config is not None:  # kept packed for the Triton kernel on GPUs, dequantized once on CPU
         linear = quant_config.linear_method(plain, "triton" if device.type == "cuda" else "dequantized")
     else:
@@ -46,6 +54,16 @@ def verify_quantization(quantization: str | None, device: torch.device, dtype: t
     dtype (`ModelConfig` has already refused the names that are not implemented)."""
     if quantization is None or quantization in CHECKPOINT_QUANTIZATION:  # plain PyTorch: any device
         return
-    reason = int8_unavailable_reason(device, dtype)
+    reason = (gguf_unavailable_reason if quantization == "gguf" else int8_unavailable_reason)(device, dtype)
     if reason is not None:
         raise ValueError(f"quantization={quantization!r} cannot run here: {reason}")
+
+
+def resolve_quantization(quantization: str | None, model_path: str) -> str | None:
+    """The `quantization` to run: "gguf" needs a GGUF file."""
+    if quantization == "gguf":
+        from pagedllm.model_executor.gguf_loader import is_gguf_file
+
+        if not is_gguf_file(model_path):
+            raise ValueError(f"quantization='gguf' reads a GGUF file's own blocks, and {model_path} is not a GGUF file")
+    return quantization

@@ -1,0 +1,190 @@
+"""`GGUFLinearMethod`: a GGUF's quantised weights kept in their blocks (`quantization="gguf"`).
+
+A decode step at batch 1 reads every weight once, so its speed is the bytes of weights read:
+SmolLM2's Q4_1 file holds 5 bits a weight where the float32 model read 32 and int8 8. llama.cpp
+keeps a GGUF's blocks as they are and multiplies by them; so does this method. Each layer's
+tensors arrive undecoded (`gguf_loader.GGUFQuantizedTensor`, one per q/k/v or gate/up part),
+are decoded into `BlockQuantizedWeight`s (`gguf_blocks.py`) and multiplied by the C++ kernel
+(`cpu_ops.gguf_gemm`): activations quantised to int8 per block of 32 as llama.cpp's q8_1, exact
+integer block sums, float scales.
+
+A fused layer may mix types (Q4_K_M files store some V and down projections as Q6_K): it is then
+a few row *segments*, each with its own form, written into column slices of one output. Rows
+of a type the kernel does not take (Q6_K, the IQ types...) are held dequantised to float32.
+
+The embedding is kept in blocks too (a tied model's is also its LM head), and a lookup
+dequantises just the rows asked for (`embedding`), so the float32 matrix (113 MB for SmolLM2,
+544 MB for Qwen2.5-0.5B's untied one) is never made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pagedllm import cpu_ops
+from pagedllm.logger import init_logger
+from pagedllm.model_executor.layers.linear_method import LinearMethodBase
+from pagedllm.model_executor.layers.quantization import gguf_blocks
+from pagedllm.model_executor.layers.quantization.gguf_blocks import BlockQuantizedWeight
+
+logger = init_logger(__name__)
+
+GGUF_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def gguf_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `quantization="gguf"` cannot run here, or None when it can."""
+    if device.type != "cpu":
+        return f"its kernels run on CPU, not on {device.type}; pass device='cpu' (--device cpu)"
+    if dtype not in GGUF_DTYPES:
+        return f"it takes a float32 or bfloat16 model, not {str(dtype).removeprefix('torch.')}"
+    return None
+
+
+@dataclass
+class Segment:
+    """Output rows [start, end) of a layer, in one form: blocks for the kernel, or float32."""
+
+    start: int
+    end: int
+    weight: BlockQuantizedWeight | torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        w = self.weight
+        return w.nbytes if isinstance(w, BlockQuantizedWeight) else w.numel() * w.element_size()
+
+
+def _shard_rows(layer: nn.Module, shard: str | int | None, rows: int) -> int:
+    """The first output row of a fused layer's part (q/k/v, gate/up) in this layer."""
+    if shard is None:
+        return 0
+    if isinstance(shard, str):  # QKVParallelLinear
+        q, kv = layer.num_heads * layer.head_size, layer.num_kv_heads * layer.head_size
+        return {"q": 0, "k": q, "v": q + kv}[shard]
+    return sum(layer.output_sizes[:shard])  # MergedColumnParallelLinear
+
+
+def _to_segment(start: int, loaded) -> Segment:
+    if isinstance(loaded, torch.Tensor):
+        return Segment(start, start + loaded.shape[0], loaded.detach().float().contiguous())
+    weight = gguf_blocks.decode(loaded.raw, loaded.type_name)
+    if weight is None:
+        logger.debug("GGUF %s rows are held dequantised (no kernel for the type)", loaded.type_name)
+        weight = loaded.dequantize(torch.float32)
+    return Segment(start, start + loaded.shape[0], weight)
+
+
+def _merge(segments: list[Segment]) -> list[Segment]:
+    """Adjacent segments of the same form become one (one kernel call for q, k and v alike)."""
+    merged: list[Segment] = []
+    for seg in sorted(segments, key=lambda s: s.start):
+        prev = merged[-1] if merged else None
+        same_bits = (prev is not None and isinstance(prev.weight, BlockQuantizedWeight)
+                     and isinstance(seg.weight, BlockQuantizedWeight) and prev.weight.bits == seg.weight.bits)
+        both_float = prev is not None and isinstance(prev.weight, torch.Tensor) and isinstance(seg.weight, torch.Tensor)
+        if prev is not None and prev.end == seg.start and (same_bits or both_float):
+            if both_float:
+                weight = torch.cat([prev.weight, seg.weight])
+            else:
+                a, b = prev.weight, seg.weight
+                weight = BlockQuantizedWeight(a.bits, torch.cat([a.qweight, b.qweight]),
+                                              torch.cat([a.scales, b.scales]), torch.cat([a.mins, b.mins]))
+            merged[-1] = Segment(prev.start, seg.end, weight)
+        else:
+            merged.append(seg)
+    return merged
+
+
+class GGUFLinearMethod(LinearMethodBase):
+    """Holds a layer's weight as `layer.gguf_segments` (no `weight` parameter): the model's
+    `load_weights` hands it each checkpoint part (`load_weight`), as vLLM's GGUF layers load
+    their own `qweight`."""
+
+    description = "kept in GGUF blocks"
+    loads_weight = True
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
+        tp_group = getattr(layer, "tp_group", None)
+        if tp_group is not None and tp_group.world_size > 1:
+            raise ValueError("quantization='gguf' does not split layers over tensor-parallel ranks yet; "
+                             "use tensor_parallel_size=1 (or data parallelism)")
+        layer.gguf_input_size, layer.gguf_output_size = input_size, output_size
+        layer.gguf_segments = []
+
+    def load_weight(self, layer: nn.Module, loaded, shard: str | int | None = None) -> None:
+        rows, cols = tuple(loaded.shape)
+        if cols != layer.gguf_input_size:
+            raise ValueError(f"has shape {(rows, cols)}, expected {layer.gguf_input_size} columns")
+        layer.gguf_segments.append(_to_segment(_shard_rows(layer, shard, rows), loaded))
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        layer.gguf_segments = _merge(layer.gguf_segments)
+        covered = sum(s.end - s.start for s in layer.gguf_segments)
+        if covered != layer.gguf_output_size or any(a.end != b.start for a, b in
+                                                    zip(layer.gguf_segments, layer.gguf_segments[1:])):
+            raise ValueError(f"checkpoint is missing weights: {covered} of {layer.gguf_output_size} output rows of a "
+                             "GGUF layer were loaded")
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return gguf_linear(x, layer.gguf_segments, layer.gguf_output_size, bias)
+
+    def embedding(self, layer: nn.Module, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The rows of a blocks-held embedding for `input_ids`, dequantised."""
+        flat = input_ids.reshape(-1)
+        out = torch.empty(flat.shape[0], layer.gguf_input_size, dtype=dtype)
+        for seg in layer.gguf_segments:
+            inside = (flat >= seg.start) & (flat < seg.end)
+            ids = flat[inside] - seg.start
+            w = seg.weight
+            if isinstance(w, BlockQuantizedWeight):
+                rows = BlockQuantizedWeight(w.bits, w.qweight[ids], w.scales[ids], w.mins[ids]).dequantize()
+            else:
+                rows = w[ids]
+            out[inside] = rows.to(dtype)
+        return out.reshape(*input_ids.shape, layer.gguf_input_size)
+
+    def weight_bytes(self, layer: nn.Module) -> int:
+        return sum(s.nbytes for s in layer.gguf_segments)
+
+
+def gguf_linear(x: torch.Tensor, segments: list[Segment], out_features: int,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b over a layer's segments: activations quantised once, each segment's product
+    written into its columns of one float32 output."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    kernels = cpu_ops.cpu_kernels_available()
+    if kernels and len(segments) == 1 and isinstance(segments[0].weight, BlockQuantizedWeight):
+        # the common case in one op (activation quantisation, output allocation and product)
+        w = segments[0].weight
+        bias = bias if bias is None or bias.dtype == torch.float32 else bias.float()
+        out = torch.ops.pagedllm_cpu.gguf_linear(x2, w.qweight, w.scales, w.mins, bias, w.bits)
+        return (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*shape[:-1], out_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
+    activations = None
+    for seg in segments:
+        cols = out[:, seg.start:seg.end] if len(segments) > 1 else out
+        seg_bias = None if bias is None else bias[seg.start:seg.end].float().contiguous()
+        w = seg.weight
+        if isinstance(w, torch.Tensor):
+            torch.matmul(x2.float(), w.T, out=cols) if len(segments) == 1 else cols.copy_(x2.float() @ w.T)
+            if seg_bias is not None:
+                cols.add_(seg_bias)
+        elif kernels:
+            if activations is None:
+                activations = cpu_ops.quantize_q8_blocks(x2)
+            cpu_ops.gguf_gemm(cols, activations, w.qweight, w.scales, w.mins, seg_bias, w.bits)
+        else:
+            ref = gguf_blocks.block_linear_reference(x2, w)
+            cols.copy_(ref if seg_bias is None else ref + seg_bias)
+    out = out if x.dtype == torch.float32 else out.to(x.dtype)
+    return out.reshape(*shape[:-1], out_features)
+
+
+__all__ = ["GGUFLinearMethod", "gguf_linear", "gguf_unavailable_reason"]

@@ -1,0 +1,229 @@
+"""GGUF's quantised blocks decoded into one form the CPU kernels read, and the PyTorch reference.
+
+llama.cpp's types differ in how a block stores its numbers, not in what they mean: every one
+supported here is, per block of 32 weights, an unsigned integer q with a scale and a min,
+w = scale * q + min (Q4_0: d, -8d; Q4_1: d, m; Q8_0: q = qs + 128, d, -128d; Q5_0/Q5_1 as Q4_x
+with a fifth bit; Q4_K/Q5_K: the super-block's d and dmin times each sub-block's 6-bit scale and
+min). So they are decoded once at load (vectorised numpy, seconds for a 0.5 GB file) into
+`BlockQuantizedWeight`: q packed in 4 or 8 bits, scale and min as float32 (exact: a f16 times a
+6-bit integer). 4-bit rows keep GGUF's own byte order (byte j of a block: element j low, j + 16
+high); 8-bit rows are reordered in groups of 4 blocks (first halves, then second halves) so that
+both widths meet the same activation layout in the kernel (`csrc/cpu/gguf_gemm.cpp`).
+
+Q6_K (a scale per 16 weights) and the rarer types are not decoded here: `decode` returns None and
+the layer keeps those rows dequantised (`gguf.dequantize`, float32).
+
+The reference arithmetic (`quantize_activations`, `block_linear_reference`) is the kernel's,
+written with PyTorch ops: activations as llama.cpp's q8_1 (int8 per block of 32, d = amax / 127,
+s = d * sum q), exact int32 block sums, then the float scales. It is what the kernels are tested
+against, bit for bit on the integer parts, and the path taken where they cannot be built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BLOCK = 32
+GROUP = 4  # blocks per kernel step: 128 weights, one 512-bit vector of each half
+
+
+@dataclass
+class BlockQuantizedWeight:
+    """A [out, in] weight as blocks of 32: w[n, 32b + j] = scales[n, b] * q[n, 32b + j] + mins[n, b],
+    q held in `bits` bits (`qweight`, the kernel's byte order)."""
+
+    bits: int
+    qweight: torch.Tensor  # uint8 [out, in * bits / 8]
+    scales: torch.Tensor  # float32 [out, in / 32]
+    mins: torch.Tensor  # float32 [out, in / 32]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qweight.shape[0], self.scales.shape[1] * BLOCK
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.mins))
+
+    def unpacked(self) -> torch.Tensor:
+        """q as uint8 [out, in], in natural element order."""
+        return unpack(self.qweight, self.bits, self.shape[1])
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 [out, in] matrix this weight stands for."""
+        out, k = self.shape
+        q = self.unpacked().view(out, k // BLOCK, BLOCK).float()
+        return (q * self.scales[..., None] + self.mins[..., None]).view(out, k)
+
+
+# ----- decoding GGUF blocks ----------------------------------------------------------------------
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
+
+
+def _nibbles_32(qs: np.ndarray) -> np.ndarray:
+    """[..., 16] bytes -> [..., 32]: low nibbles are elements 0..15, high nibbles 16..31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """[..., 4] bytes of a little-endian uint32 -> [..., 32] bits."""
+    bits = np.ascontiguousarray(qh).view(np.uint32)
+    return ((bits >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+
+
+def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: 12 bytes -> 8 six-bit sub-block scales and 8 mins. Bytes 0-3 carry scales 0-3
+    in their low 6 bits, 4-7 mins 0-3; scales and mins 4-7 take their low 4 bits from bytes
+    8-11 and their high 2 bits from the top of bytes 0-3 (scales) and 4-7 (mins)."""
+    a, b, c = scales[..., 0:4], scales[..., 4:8], scales[..., 8:12]
+    sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 6) << 4)], axis=-1)
+    mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 6) << 4)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+# Q4_0 and Q4_1 bytes are already the kernel's 4-bit bytes: they are copied, not unpacked (`PACKED`).
+def _decode_q4_0(b: np.ndarray):
+    d = _f16(b[..., 0:2])
+    return b[..., 2:18], d, -8 * d
+
+
+def _decode_q4_1(b: np.ndarray):
+    return b[..., 4:20], _f16(b[..., 0:2]), _f16(b[..., 2:4])
+
+
+def _decode_q5_0(b: np.ndarray):
+    d = _f16(b[..., 0:2])
+    return _nibbles_32(b[..., 6:22]) | (_fifth_bits(b[..., 2:6]) << 4), d, -16 * d
+
+
+def _decode_q5_1(b: np.ndarray):
+    return _nibbles_32(b[..., 8:24]) | (_fifth_bits(b[..., 4:8]) << 4), _f16(b[..., 0:2]), _f16(b[..., 2:4])
+
+
+def _decode_q8_0(b: np.ndarray):
+    d = _f16(b[..., 0:2])
+    return b[..., 2:34] ^ np.uint8(0x80), d, -128 * d  # int8 x + 128, as a byte
+
+
+def _decode_k(b: np.ndarray, fifth_bit: bool):
+    """Q4_K (144 bytes) / Q5_K (176 bytes) super-blocks of 256 -> 8 sub-blocks of 32 each."""
+    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+    sc, mn = _k_scales(b[..., 4:16])
+    qh = b[..., 16:48] if fifth_bit else None
+    qs = b[..., 48:176] if fifth_bit else b[..., 16:144]
+    # 4 chunks of 32 bytes: the low nibbles are sub-block 2c, the high nibbles sub-block 2c + 1
+    chunks = qs.reshape(*qs.shape[:-1], 4, 1, 32)
+    q = ((chunks >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)) & 0x0F).reshape(*qs.shape[:-1], 8, 32)
+    if fifth_bit:  # bit i of qh[l] is the fifth bit of element l of sub-block i
+        high = (qh[..., None, :] >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1
+        q = q | (high << 4)
+    return q, d * sc, -(dmin * mn)
+
+
+# GGML type name -> (bytes per block, weights per block, decoder, bits the kernel holds q in)
+_DECODERS = {
+    "Q4_0": (18, 32, _decode_q4_0, 4),
+    "Q4_1": (20, 32, _decode_q4_1, 4),
+    "Q5_0": (22, 32, _decode_q5_0, 8),
+    "Q5_1": (24, 32, _decode_q5_1, 8),
+    "Q8_0": (34, 32, _decode_q8_0, 8),
+    "Q4_K": (144, 256, lambda b: _decode_k(b, False), 4),
+    "Q5_K": (176, 256, lambda b: _decode_k(b, True), 8),
+}
+KERNEL_TYPES = tuple(_DECODERS)
+PACKED = ("Q4_0", "Q4_1")
+
+
+def decode(raw: np.ndarray, type_name: str) -> BlockQuantizedWeight | None:
+    """A GGUF tensor's rows of blocks (uint8 [out, row bytes]) as a `BlockQuantizedWeight`, or None
+    for a type the kernels do not take."""
+    if type_name not in _DECODERS:
+        return None
+    block_bytes, block_weights, decoder, bits = _DECODERS[type_name]
+    rows = raw.shape[0]
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, -1, block_bytes)
+    q, scale, mn = decoder(blocks)
+    k = blocks.shape[1] * block_weights
+    q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.uint8).reshape(rows, -1))
+    return BlockQuantizedWeight(
+        bits=bits,
+        qweight=q if type_name in PACKED else pack(q, bits),
+        scales=torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(rows, k // BLOCK)),
+        mins=torch.from_numpy(np.ascontiguousarray(mn, dtype=np.float32).reshape(rows, k // BLOCK)),
+    )
+
+
+# ----- the kernel's byte order ---------------------------------------------------------------------
+
+def _group_order(k: int, padded: bool = False) -> torch.Tensor:
+    """Index i of the kernel's 8-bit order -> the element it holds: per group of 4 blocks, the
+    first 16 elements of each block, then the last 16 of each. `padded`: the activations' order,
+    where a last group of fewer blocks still takes 64 bytes a half (-1 marks the padding)."""
+    nb = k // BLOCK
+    order = []
+    for g in range(0, nb, GROUP):
+        blocks = list(range(g, min(g + GROUP, nb)))
+        for half in (0, 16):
+            order += [b * BLOCK + j for b in blocks for j in range(half, half + 16)]
+            if padded:
+                order += [-1] * (16 * (GROUP - len(blocks)))
+    return torch.tensor(order, dtype=torch.long)
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 q [out, in] (natural order) -> the kernel's bytes."""
+    out, k = q.shape
+    if bits == 4:
+        blocks = q.reshape(out, k // BLOCK, BLOCK)
+        return (blocks[..., :16] | (blocks[..., 16:] << 4)).reshape(out, k // 2).contiguous()
+    return q[:, _group_order(k)].contiguous()
+
+
+def unpack(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    out = qweight.shape[0]
+    if bits == 4:
+        blocks = qweight.reshape(out, k // BLOCK, 16)
+        return torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).reshape(out, k)
+    q = torch.empty(out, k, dtype=torch.uint8)
+    q[:, _group_order(k)] = qweight
+    return q
+
+
+# ----- the reference arithmetic -------------------------------------------------------------------
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """llama.cpp's q8_1 per block of 32: (q int8 [m, k], d float32 [m, k/32], s = d * sum q)."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // BLOCK, BLOCK)
+    d = blocks.abs().amax(dim=-1) * (1 / 127)  # the kernel's rounding: times float32(1/127)
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(blocks * inv[..., None]).to(torch.int8)
+    s = d * q.sum(dim=-1, dtype=torch.int32).float()
+    return q.reshape(m, k), d, s
+
+
+def block_sums(qa: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Exact int32 dot products per block: qa int8 [m, k], q uint8 [n, k] -> [m, n, k/32]."""
+    m, k = qa.shape
+    a = qa.reshape(m, k // BLOCK, BLOCK).to(torch.int32).transpose(0, 1)  # [nb, m, 32]
+    w = q.reshape(q.shape[0], k // BLOCK, BLOCK).to(torch.int32).permute(1, 2, 0)  # [nb, 32, n]
+    return torch.bmm(a.to(torch.float64), w.to(torch.float64)).to(torch.int32).permute(1, 2, 0)
+
+
+def block_linear_reference(x: torch.Tensor, weight: BlockQuantizedWeight, chunk: int = 4096) -> torch.Tensor:
+    """x W^T in float32, as the kernel computes it: q8 activations, exact block sums, float scales.
+    (Float64 products of small integers are exact, so the bmm's sums are the int32 ones.)"""
+    qa, d, s = quantize_activations(x)
+    q = weight.unpacked()
+    outs = []
+    for n0 in range(0, q.shape[0], chunk):
+        sl = slice(n0, n0 + chunk)
+        sumi = block_sums(qa, q[sl]).float()  # [m, n, nb]
+        scaled = (sumi * (weight.scales[sl][None] * d[:, None])).sum(-1)
+        outs.append(scaled + s @ weight.mins[sl].T)
+    return torch.cat(outs, dim=1)
