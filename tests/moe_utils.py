@@ -56,6 +56,7 @@ def write_tiny_moe_gguf(path: str, arch: str) -> dict[str, torch.Tensor]:
     import numpy as np
     from transformers import AutoModelForCausalLM, Qwen2MoeConfig, Qwen3MoeConfig
 
+    from gguf_utils import add_decoder_header, add_tokenizer
     from test_gguf_loader import CHAT_TEMPLATE, MERGED_TOKENS, SPECIAL_TOKENS, TOKENS
 
     common = dict(
@@ -69,34 +70,16 @@ def write_tiny_moe_gguf(path: str, arch: str) -> dict[str, torch.Tensor]:
     else:
         config = Qwen2MoeConfig(moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
                                 norm_topk_prob=False, **common)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     writer = gguf.GGUFWriter(path, arch)
-    writer.add_name(f"tiny-{arch}")
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
+    head_dim = add_decoder_header(writer, config, arch, rope_theta=config.rope_parameters["rope_theta"])
     writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     writer.add_expert_count(config.num_experts)
     writer.add_expert_used_count(config.num_experts_per_tok)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(TOKENS)
-    writer.add_token_types([gguf.TokenType.CONTROL if t in SPECIAL_TOKENS else gguf.TokenType.NORMAL for t in TOKENS])
-    writer.add_token_merges(list(MERGED_TOKENS))
-    writer.add_bos_token_id(config.bos_token_id)
-    writer.add_eos_token_id(config.eos_token_id)
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    add_tokenizer(writer, config, TOKENS, SPECIAL_TOKENS, MERGED_TOKENS, CHAT_TEMPLATE)
     model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     name_map = gguf.get_tensor_name_map(model_arch, config.num_hidden_layers)
     state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import gguf
+from gguf_utils import add_decoder_header, add_tokenizer
 import numpy as np
 import pytest
 import torch
@@ -98,30 +99,12 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tie: bool = True,
     """
     model = _tiny_hf_model(arch, tie)
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(f"tiny-{arch}")
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    head_dim = add_decoder_header(writer, config, arch)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_key_length(head_dim)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(TOKENS)
-    writer.add_token_types([gguf.TokenType.CONTROL if t in SPECIAL_TOKENS else gguf.TokenType.NORMAL for t in TOKENS])
-    writer.add_token_merges(list(MERGED_TOKENS))
-    writer.add_bos_token_id(config.bos_token_id)
-    writer.add_eos_token_id(config.eos_token_id)
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    add_tokenizer(writer, config, TOKENS, SPECIAL_TOKENS, MERGED_TOKENS, CHAT_TEMPLATE)
 
     name_map = gguf.get_tensor_name_map(
         next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), config.num_hidden_layers
