@@ -23,6 +23,7 @@ from pagedllm.model_executor.layers.quantization.packed_int import (
     add_packed_parameter,
     check_divisible,
     full_input_size,
+    group_tables,
     unpack_int32,
 )
 
@@ -81,12 +82,8 @@ class AWQLinearMethod(PackedIntLinearMethod):
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
         full_in = full_input_size(layer, input_size)
         check_divisible("an AWQ layer's output size on this rank", output_size, 8, "8 values per int32")
-        group = self.config.group_size if self.config.group_size != -1 else full_in
-        if self.config.group_size == -1:  # one group: the same table on every rank
-            rows, table_input_dim = 1, None
-        else:
-            check_divisible("an AWQ layer's input size on this rank", input_size, group, "the group size")
-            rows, table_input_dim = input_size // group, 0
+        group, rows, table_input_dim = group_tables("an AWQ layer's", self.config.group_size, False, input_size,
+                                                    full_in, 0)
         layer.model_dtype = torch.get_default_dtype()
         add_packed_parameter(layer, "qweight", (input_size, output_size // 8), torch.int32, output_dim=1, input_dim=0,
                              output_pack=8)

@@ -26,6 +26,7 @@ from pagedllm.model_executor.layers.quantization.packed_int import (
     add_packed_parameter,
     check_divisible,
     full_input_size,
+    group_tables,
     unpack_int32,
 )
 
@@ -103,13 +104,8 @@ class CompressedTensorsLinearMethod(PackedIntLinearMethod):
         full_in = full_input_size(layer, input_size)
         check_divisible("a compressed-tensors layer's input size on this rank", input_size, pack,
                         f"{pack} values per int32")
-        group = cfg.group_size if cfg.group_size != -1 else full_in
-        if cfg.group_size == -1 or (cfg.actorder and input_size != full_in):
-            rows, table_input_dim = full_in // group, None  # every rank holds the whole table
-        else:
-            check_divisible("a compressed-tensors layer's input size on this rank", input_size, group,
-                            "the group size")
-            rows, table_input_dim = input_size // group, 1
+        group, rows, table_input_dim = group_tables("a compressed-tensors layer's", cfg.group_size, cfg.actorder,
+                                                    input_size, full_in, 1)
         layer.model_dtype = torch.get_default_dtype()
         add_packed_parameter(layer, "weight_packed", (output_size, input_size // pack), torch.int32, output_dim=0,
                              input_dim=1, input_pack=pack)

@@ -27,6 +27,7 @@ from pagedllm.model_executor.layers.quantization.packed_int import (
     add_packed_parameter,
     check_divisible,
     full_input_size,
+    group_tables,
     unpack_int32,
 )
 
@@ -91,14 +92,9 @@ class GPTQLinearMethod(PackedIntLinearMethod):
         check_divisible("a GPTQ layer's input size on this rank", input_size, pack, f"{pack} values per int32")
         check_divisible("a GPTQ layer's output size on this rank", output_size, pack,
                         f"{pack} zero points per int32")
-        group = cfg.group_size if cfg.group_size != -1 else full_in
-        if cfg.group_size == -1 or (cfg.desc_act and input_size != full_in):
-            # One group, or act order split over ranks (a rank's inputs belong to any group): every
-            # rank holds the whole table and its g_idx slice indexes into it.
-            rows, table_input_dim = full_in // group, None
-        else:
-            check_divisible("a GPTQ layer's input size on this rank", input_size, group, "the group size")
-            rows, table_input_dim = input_size // group, 0
+        # With the whole table on every rank, a rank's g_idx slice indexes into it.
+        group, rows, table_input_dim = group_tables("a GPTQ layer's", cfg.group_size, cfg.desc_act, input_size,
+                                                    full_in, 0)
         layer.model_dtype = torch.get_default_dtype()
         add_packed_parameter(layer, "qweight", (input_size // pack, output_size), torch.int32, output_dim=1,
                              input_dim=0, input_pack=pack)

@@ -66,6 +66,19 @@ def full_input_size(layer: nn.Module, input_size: int) -> int:
     return getattr(layer, "input_size", input_size)
 
 
+def group_tables(layer_name: str, group_size: int, act_order: bool, input_size: int, full_input: int,
+                 table_input_dim: int) -> tuple[int, int, int | None]:
+    """How a layer's per-group tables (zero points, scales) are laid out on this rank: (the group size,
+    their rows here, the tables' input dimension for the loaders to slice by, or None when every rank
+    holds the whole table). `group_size` -1 is one group over the whole input; with act order split over
+    ranks a rank's inputs may belong to any group, so it holds the whole table too."""
+    group = group_size if group_size != -1 else full_input
+    if group_size == -1 or (act_order and input_size != full_input):
+        return group, full_input // group, None
+    check_divisible(f"{layer_name} input size on this rank", input_size, group, "the group size")
+    return group, input_size // group, table_input_dim
+
+
 class IntGroups(NamedTuple):
     """A layer's weight in the form every format reads into: w[n, k] = scales[g[k], n] * (q[k, n] - zeros[g[k], n])."""
 
