@@ -65,6 +65,20 @@ def build_tokenizer(path: str, extra_tokens: tuple[str, ...] = ()):
 DENSE_FAMILY_CONFIGS = ("mistral", "qwen2_sliding", "phi3", "phi3_partial", "phi3_longrope", "gemma2", "gemma3")
 
 
+def metric(llm, name: str) -> float:
+    """One of the engine's `pagedllm:` metrics, as `LLM.get_metrics()` reports it."""
+    return next(m.value for m in llm.get_metrics() if m.name == "pagedllm:" + name)
+
+
+def assert_preempted_hit_and_freed(llm) -> None:
+    """What the equivalence runs with a small cache rely on: the engine preempted, served a prefix from
+    the cache, and gave every block back once the requests ended."""
+    assert metric(llm, "num_preemptions") > 0
+    assert metric(llm, "prefix_cache_hits") > 0
+    pool = llm.llm_engine.engine_core.core.kv_cache_manager.block_pool
+    assert pool.num_free_blocks == pool.num_blocks
+
+
 def build_checkpoint(path: str, family: str, seed: int = 0, extra_tokens: tuple[str, ...] = (),
                      **overrides) -> str:
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config

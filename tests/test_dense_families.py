@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_preempted_hit_and_freed, metric
 from dense_families import SLIDING_WINDOW
 from transformers import AutoModelForCausalLM
 
@@ -53,10 +54,6 @@ def assert_matches_transformers(model_dir: str, prompts: list[list[int]], output
             assert math.isclose(ours[token].logprob, theirs[token].item(), abs_tol=1e-4)
 
 
-def metric(llm: LLM, name: str) -> float:
-    return next(m.value for m in llm.get_metrics() if m.name == "pagedllm:" + name)
-
-
 @pytest.mark.parametrize("family", ["mistral", "qwen2_sliding", "phi3", "phi3_partial", "gemma2", "gemma3"])
 def test_greedy_and_logprobs_match_transformers_with_chunks_preemption_and_prefix_hits(family, dense_checkpoint):
     model_dir = dense_checkpoint(family)
@@ -64,10 +61,7 @@ def test_greedy_and_logprobs_match_transformers_with_chunks_preemption_and_prefi
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
     try:
         rounds = [llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False) for _ in range(2)]
-        assert metric(llm, "num_preemptions") > 0
-        assert metric(llm, "prefix_cache_hits") > 0
-        pool = llm.llm_engine.engine_core.core.kv_cache_manager.block_pool
-        assert pool.num_free_blocks == pool.num_blocks
+        assert_preempted_hit_and_freed(llm)
     finally:
         llm.shutdown()
     for outputs in rounds:

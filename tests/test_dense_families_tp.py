@@ -5,7 +5,8 @@ and prefix-cache hits. Gemma 3 (local and global KV-cache groups) runs by defaul
 from __future__ import annotations
 
 import pytest
-from test_dense_families import ENGINE, NUM_BLOCKS, PROMPTS, assert_matches_transformers, metric
+from conftest import metric
+from test_dense_families import ENGINE, NUM_BLOCKS, PROMPTS, assert_matches_transformers
 
 from pagedllm import LLM, SamplingParams
 

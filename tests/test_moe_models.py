@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import assert_preempted_hit_and_freed
 from moe_utils import MOE_FAMILIES, build_moe_checkpoint, write_tiny_moe_gguf
 from pagedllm import LLM, SamplingParams
 
@@ -51,10 +52,6 @@ def hf_reference(model_dir: str) -> list[tuple[list[int], list[int], torch.Tenso
     return _HF_CACHE[model_dir]
 
 
-def metric(llm: LLM, name: str) -> float:
-    return next(m.value for m in llm.get_metrics() if m.name == "pagedllm:" + name)
-
-
 def run_engine(model_dir: str, **parallel) -> list:
     """Two rounds of the prompts (the second finds the shared prefix cached) on a small cache."""
     key = (model_dir, tuple(sorted(parallel.items())))
@@ -63,10 +60,7 @@ def run_engine(model_dir: str, **parallel) -> list:
         try:
             params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=TOP_K)
             rounds = [llm.generate(PROMPTS, params, use_tqdm=False) for _ in range(2)]
-            assert metric(llm, "num_preemptions") > 0
-            assert metric(llm, "prefix_cache_hits") > 0
-            pool = llm.llm_engine.engine_core.core.kv_cache_manager.block_pool
-            assert pool.num_free_blocks == pool.num_blocks
+            assert_preempted_hit_and_freed(llm)
         finally:
             llm.shutdown()
         _ENGINE_CACHE[key] = rounds

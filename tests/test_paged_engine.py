@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import metric
+
 from pagedllm import LLM, SamplingParams
 
 SHARED = "Continuous batching lets new requests join while others are still decoding. " * 3
@@ -18,10 +20,6 @@ def run(model_dir: str, prompts=PROMPTS, **kwargs) -> tuple[list[list[int]], LLM
     llm = LLM(model=model_dir, **{"max_model_len": 256, **kwargs})
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs], llm
-
-
-def metric(llm: LLM, name: str) -> float:
-    return next(m.value for m in llm.get_metrics() if m.name == "pagedllm:" + name)
 
 
 def assert_all_blocks_free(llm: LLM) -> None:

@@ -20,7 +20,8 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.config import ParallelConfig, parse_pp_layer_partition
 from pagedllm.distributed.parallel_state import get_pp_indices
 from pagedllm.executor import ExecutorDeadError
-from test_tensor_parallel import PROMPTS, SMALL_CACHE, assert_same, generate_twice, metric
+from conftest import assert_preempted_hit_and_freed
+from test_tensor_parallel import PROMPTS, SMALL_CACHE, assert_same, generate_twice
 
 # Chunks of 32 tokens: the longer prompts take several steps, some of them alongside decodes.
 SETTINGS = dict(SMALL_CACHE, max_num_batched_tokens=32)
@@ -78,11 +79,9 @@ def test_pp2_and_tp2_pp2_give_the_tokens_of_one_process(family, request):
         llm = LLM(model=model_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp, **SETTINGS)
         try:
             results[tp, pp] = generate_twice(llm)
-            assert metric(llm, "num_preemptions") > 0
-            assert metric(llm, "prefix_cache_hits") > 0
+            assert_preempted_hit_and_freed(llm)
             core = llm.llm_engine.engine_core.core
-            pool = core.kv_cache_manager.block_pool
-            assert pool.num_free_blocks == pool.num_blocks and not core.batch_queue
+            assert not core.batch_queue
             if pp > 1:
                 executor = core.model_executor
                 assert type(executor).__name__ == "MultiprocExecutor" and len(executor.processes) == tp * pp

@@ -17,6 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import assert_preempted_hit_and_freed
+
 from pagedllm import LLM, SamplingParams
 from pagedllm.config import ParallelConfig
 from pagedllm.executor import ExecutorDeadError
@@ -29,10 +31,6 @@ PROMPTS = [SHARED + tail for tail in ("The capital", "Hello, my name", "Prefix c
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2)
 # 12 blocks of 16 tokens cannot hold the five requests at once: the engine must preempt.
 SMALL_CACHE = dict(max_model_len=192, num_gpu_blocks_override=12)
-
-
-def metric(llm: LLM, name: str) -> float:
-    return next(m.value for m in llm.get_metrics() if m.name == "pagedllm:" + name)
 
 
 def generate_twice(llm: LLM) -> list:
@@ -66,10 +64,7 @@ def test_tp2_gives_the_same_greedy_tokens_as_tp1_with_preemption_and_prefix_cach
             results[tp] = generate_twice(llm)
             executor = type(llm.llm_engine.engine_core.core.model_executor).__name__
             assert executor == {1: "UniProcExecutor", 2: "MultiprocExecutor"}[tp]
-            assert metric(llm, "num_preemptions") > 0
-            assert metric(llm, "prefix_cache_hits") > 0
-            pool = llm.llm_engine.engine_core.core.kv_cache_manager.block_pool
-            assert pool.num_free_blocks == pool.num_blocks
+            assert_preempted_hit_and_freed(llm)
         finally:
             llm.shutdown()
     assert_same(results[1], results[2])
