@@ -57,10 +57,6 @@ class Executor(ABC):
         """The output of the oldest submitted step, once it is done."""
         return self._pending.popleft()
 
-    @property
-    def num_pending_steps(self) -> int:
-        return len(self._pending)
-
     def check_health(self) -> None:
         """Raise `ExecutorDeadError` if a worker is known to be dead."""
 
