@@ -37,7 +37,8 @@ CPU_KERNELS_ENV = "PAGEDLLM_CPU_KERNELS"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 _SOURCE_DIR = os.path.join(os.path.dirname(__file__), "csrc", "cpu")
 _SOURCES = ["registration.cpp", "paged_decode.cpp", "layernorm.cpp", "activation.cpp", "rotary.cpp",
-            "quantize.cpp", "gguf_gemm.cpp"]
+            "quantize.cpp", "gguf_gemm.cpp", "decode_attention.cpp",
+            "gguf_decode_layers.cpp"]
 # -ffast-math lets the compiler vectorise exp (glibc's vector math) and the float reductions; it
 # is a compile flag only, so the flush-to-zero start-up code it implies is never linked in.
 # -fopenmp because at::parallel_for is inline OpenMP (without it, it silently runs on one thread);
@@ -118,6 +119,18 @@ def paged_decode(
     over its last `sliding_window` keys only, scores capped at `soft_cap` (Gemma 2)."""
     torch.ops.pagedllm_cpu.paged_decode(out, query, k_cache, v_cache, block_tables, seq_lens, scale,
                                         sliding_window or 0, soft_cap or 0.0)
+
+
+def decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, num_heads: int, num_kv_heads: int,
+                     scale: float, sliding_window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
+    """A decode-only step's attention from the fused QKV output `qkv` [seqs, (heads + 2 kv_heads) * dim]:
+    rotary on q and k (in place), k/v written at `slot_mapping`, then `paged_decode`; returns the
+    attention output [seqs, heads * dim] (o_proj's input). One op for what is ~15 per layer otherwise."""
+    return torch.ops.pagedllm_cpu.decode_attention(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping,
+                                                   block_tables, seq_lens, num_heads, num_kv_heads, scale,
+                                                   sliding_window or 0, soft_cap or 0.0)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 namespace pagedllm {
 
 void paged_decode(at::Tensor out, const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -35,5 +37,16 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
                        const at::Tensor& mins, const c10::optional<at::Tensor>& bias, int64_t bits);
 
 bool gguf_gemm_has_vnni512();
+
+at::Tensor decode_attention(at::Tensor qkv, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+                            at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slot_mapping,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t num_heads,
+                            int64_t num_kv_heads, double scale, int64_t sliding_window, double soft_cap);
+
+std::tuple<at::Tensor, at::Tensor> gguf_decode_layers(
+    const at::Tensor& hidden_in, const c10::optional<at::Tensor>& residual_in, const at::Tensor& positions,
+    at::TensorList weights, at::IntArrayRef bits, at::IntArrayRef sliding_windows, at::TensorList k_caches,
+    at::TensorList v_caches, const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+    int64_t num_heads, int64_t num_kv_heads, double scale, double eps);
 
 }  // namespace pagedllm
