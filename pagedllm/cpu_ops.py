@@ -11,7 +11,8 @@ The jobs where eager PyTorch is slow on CPU:
 They are built with PyTorch's own extension builder (`torch.utils.cpp_extension.load`: the
 system C++ compiler and ninja, about 20 s, once per machine; later processes load the cached
 library in well under a second), for this machine's CPU (`-march=native`), so the cache name
-carries a digest of the CPU's feature flags. Threads come from PyTorch's pool (`at::parallel_for`).
+carries a digest of the CPU's feature flags, and one of the sources (checkouts never share a
+build). Threads come from PyTorch's pool (`at::parallel_for`).
 
 Without a compiler, or with `PAGEDLLM_CPU_KERNELS=0`, everything keeps the PyTorch path (same
 results up to float rounding, slower) and the log says so once.
@@ -62,6 +63,18 @@ def _cpu_digest() -> str:
     return hashlib.sha256((platform.machine() + info).encode()).hexdigest()[:10]
 
 
+def _source_digest() -> str:
+    """A short digest of the kernels' sources: two checkouts (or versions) of pagedllm sharing one
+    extension cache get libraries of different names, so neither loads the other's build (torch's
+    builder rebuilds a same-named library whose sources changed, under a process that has it loaded)."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(_SOURCE_DIR)):
+        if name.endswith((".cpp", ".h")):
+            with open(os.path.join(_SOURCE_DIR, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    return digest.hexdigest()[:10]
+
+
 def _ensure_ninja_on_path() -> None:
     """torch's builder runs `ninja` from PATH; an un-activated venv has the pip one off PATH."""
     if shutil.which("ninja"):
@@ -94,7 +107,7 @@ def cpu_kernels_available() -> bool:
 
         _ensure_ninja_on_path()
         logger.debug("loading the CPU kernels (the first time on a machine builds them)")
-        load(name=f"pagedllm_cpu_kernels_{_cpu_digest()}", sources=[os.path.join(_SOURCE_DIR, f) for f in _SOURCES],
+        load(name=f"pagedllm_cpu_kernels_{_cpu_digest()}_{_source_digest()}", sources=[os.path.join(_SOURCE_DIR, f) for f in _SOURCES],
              extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, extra_include_paths=[_SOURCE_DIR], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, a read-only cache: fall back, never fail
         logger.warning("could not build the CPU kernels (%s: %s); attention and the elementwise ops use "
