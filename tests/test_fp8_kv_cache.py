@@ -76,6 +76,21 @@ def test_decode_kernel_reads_an_fp8_cache(kernel, cache_dtype, query_dtype):
 
 
 @pytest.mark.parametrize("cache_dtype", FP8)
+def test_decode_kernel_widens_every_fp8_value_as_pytorch(kernel, cache_dtype):
+    """One cached key, so the output is its value row times v_scale: a row holding every fp8 byte (NaN codes
+    excepted: writes saturate, so the cache never holds them) must read as PyTorch converts it."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    finite = torch.isfinite(codes.view(cache_dtype).float())
+    row = torch.where(finite, codes, torch.zeros_like(codes)).view(cache_dtype)  # head_dim 256
+    v_cache = row.view(1, 1, 1, 256).clone()
+    k_cache = torch.zeros_like(v_cache)
+    out = torch.empty(1, 1, 256)
+    cpu_ops.paged_decode(out, torch.randn(1, 1, 256), k_cache, v_cache, torch.zeros(1, 1, dtype=torch.long),
+                         torch.ones(1, dtype=torch.long), 0.0625, v_scale=2.0)
+    assert torch.equal(out[0, 0], row.float() * 2.0)
+
+
+@pytest.mark.parametrize("cache_dtype", FP8)
 @pytest.mark.parametrize("use_kernel", [True, False])
 @pytest.mark.parametrize("local", [False, True])
 def test_backend_mixed_batch_over_an_fp8_cache(kernel, monkeypatch, cache_dtype, use_kernel, local):
