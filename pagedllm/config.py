@@ -21,9 +21,10 @@ _DTYPES = {
     "half": torch.float16,
 }
 
-# vLLM's `kv_cache_dtype` values this engine can store ('auto': the model's dtype). vLLM's fp8
-# ones ('fp8', 'fp8_e4m3', 'fp8_e5m2', ...) need per-layer scales, which are not implemented.
-KV_CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16}
+# vLLM's `kv_cache_dtype` values this engine can store ('auto': the model's dtype). 'fp8' is e4m3, as
+# in vLLM; the fp8 ones keep a per-tensor scale per layer (`attention/kv_quant.py`).
+KV_CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn,
+                   "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 # vLLM's `quantization` values this engine implements (None: the checkpoint's weights as loaded).
 # "gguf" keeps a GGUF file's blocks as they are; "gptq", "awq" and "compressed-tensors" name the format a
@@ -170,13 +171,13 @@ class CacheConfig:
     kv_cache_memory_bytes: Optional[int] = None
     gpu_memory_utilization: float = 0.9
     # vLLM's kv_cache_dtype: 'auto' stores K/V in the model's dtype; 'bfloat16' halves a float32
-    # cache, whose reads bound decode attention on CPU (math stays float32; see docs/performance.md).
+    # cache, whose reads bound decode attention on CPU (math stays float32; see docs/performance.md);
+    # 'fp8' / 'fp8_e4m3' / 'fp8_e5m2' quarter it (8-bit floats with per-layer scales).
     cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.cache_dtype not in KV_CACHE_DTYPES:
-            hint = " (fp8 KV caches are not implemented)" if self.cache_dtype.startswith("fp8") else ""
-            raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {self.cache_dtype!r}{hint}")
+            raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {self.cache_dtype!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:

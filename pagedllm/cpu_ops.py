@@ -35,6 +35,8 @@ logger = init_logger(__name__)
 CPU_KERNELS_ENV = "PAGEDLLM_CPU_KERNELS"
 # The storage types every kernel takes (the math is float32 inside).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+# What the decode attention kernel reads a KV cache in: also vLLM's fp8 kv_cache_dtypes.
+KERNEL_CACHE_DTYPES = KERNEL_DTYPES + (torch.float8_e4m3fn, torch.float8_e5m2)
 _SOURCE_DIR = os.path.join(os.path.dirname(__file__), "csrc", "cpu")
 _SOURCES = ["registration.cpp", "paged_decode.cpp", "layernorm.cpp", "activation.cpp", "rotary.cpp",
             "quantize.cpp", "gguf_gemm.cpp"]
@@ -112,12 +114,15 @@ def paged_decode(
     scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Decode attention into `out` [seqs, heads, dim] for `query` (one token per sequence),
     over `seq_lens[i]` cached keys reached through `block_tables[i]` (both int64); a local layer's
-    over its last `sliding_window` keys only, scores capped at `soft_cap` (Gemma 2)."""
+    over its last `sliding_window` keys only, scores capped at `soft_cap` (Gemma 2). An fp8 cache
+    holds K / k_scale and V / v_scale."""
     torch.ops.pagedllm_cpu.paged_decode(out, query, k_cache, v_cache, block_tables, seq_lens, scale,
-                                        sliding_window or 0, soft_cap or 0.0)
+                                        sliding_window or 0, soft_cap or 0.0, k_scale, v_scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -112,7 +112,8 @@ class EngineArgs:
     enable_chunked_prefill: bool = arg(True, "split prompts longer than a step's token budget over several steps")
     block_size: int = arg(16, "tokens per KV-cache block")
     kv_cache_dtype: str = arg("auto", "KV-cache storage dtype ('auto': the model's; 'bfloat16' halves a float32 cache, "
-                                      "the bytes decode attention reads)", choices=list(KV_CACHE_DTYPES))
+                                      "the bytes decode attention reads; 'fp8' (= 'fp8_e4m3') and 'fp8_e5m2' quarter it)",
+                                      choices=list(KV_CACHE_DTYPES))
     quantization: Optional[str] = arg(None, "'int8': W8A8 linear layers on CPU (int8 weights per channel, uint8 "
                                             "activations per token, oneDNN's int8 matmul); changes the numerics, see "
                                             "docs/performance.md. 'gguf': a GGUF's quantised weights kept in their "

@@ -7,7 +7,7 @@ namespace pagedllm {
 
 void paged_decode(at::Tensor out, const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t sliding_window,
-                  double soft_cap);
+                  double soft_cap, double k_scale, double v_scale);
 
 void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps);
 

@@ -6,7 +6,8 @@
 
 TORCH_LIBRARY(pagedllm_cpu, m) {
   m.def("paged_decode(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor seq_lens, float scale, int sliding_window=0, float soft_cap=0.0) -> ()");
+        "Tensor seq_lens, float scale, int sliding_window=0, float soft_cap=0.0, float k_scale=1.0, "
+        "float v_scale=1.0) -> ()");
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
   m.def("add_rms_norm(Tensor(a!) out, Tensor(b!) residual_out, Tensor x, Tensor residual, Tensor weight, "
         "float eps) -> ()");
