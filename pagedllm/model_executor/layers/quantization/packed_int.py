@@ -29,6 +29,7 @@ from torch import nn
 
 from pagedllm.logger import init_logger
 from pagedllm.model_executor.layers.linear_method import UNQUANTIZED, LinearMethodBase
+from pagedllm.model_executor.layers.quantization.gguf import Segment, gguf_linear
 
 logger = init_logger(__name__)
 
@@ -164,15 +165,14 @@ class PackedIntLinearMethod(LinearMethodBase):
 
     def _to_blocks(self, layer: nn.Module) -> None:
         """`layer.int_blocks` (and its kernel segment), or nothing where the blocks cannot hold the layer."""
-        from pagedllm.model_executor.layers.quantization.gguf import Segment
-        from pagedllm.model_executor.layers.quantization.int4_blocks import blocked_form
+        from pagedllm.model_executor.layers.quantization.int4_blocks import blocked_form  # it imports this module
 
         held = blocked_form(self.unpack(layer), self.bits)
         if isinstance(held, str):
             if held not in self._fallback_reasons:
                 self._fallback_reasons.add(held)
-                logger.info("%s layers with %s are held dequantized to float: the CPU blocks kernel takes "
-                            "groups of whole blocks of 32 inputs", self.format_name, held)
+                logger.info("%s layers with %s are held dequantized to float, not in the CPU kernel's blocks",
+                            self.format_name, held)
             return
         layer.int_blocks = held
         layer.int_segments = [Segment(0, held.weight.shape[0], held.weight)]
@@ -180,8 +180,6 @@ class PackedIntLinearMethod(LinearMethodBase):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         form = self.layer_form(layer)
         if form == "blocks":
-            from pagedllm.model_executor.layers.quantization.gguf import gguf_linear
-
             perm = layer.int_blocks.input_perm
             return gguf_linear(x if perm is None else x.index_select(-1, perm), layer.int_segments,
                                layer.int_segments[0].end, bias)
