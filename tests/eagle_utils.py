@@ -22,6 +22,7 @@ def build_eagle_head(path: str, target_dir: str, seed: int = 0, fc_bias: bool = 
     MLP outputs zeroed); `fc`: the projection's weight."""
     with open(os.path.join(target_dir, "config.json")) as f:
         target = json.load(f)
+    rope_theta = target.get("rope_theta") or (target.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     hidden, inter = target["hidden_size"], target["intermediate_size"]
     heads, kv_heads = target["num_attention_heads"], target["num_key_value_heads"]
     head_dim = hidden // heads
@@ -29,7 +30,7 @@ def build_eagle_head(path: str, target_dir: str, seed: int = 0, fc_bias: bool = 
                                      "num_key_value_heads", "max_position_embeddings", "rms_norm_eps",
                                      "bos_token_id", "eos_token_id", "hidden_act") if k in target}
     config.update(architectures=["LlamaForCausalLM"], model_type="llama", num_hidden_layers=1,
-                  rope_theta=target.get("rope_theta", 10000.0), torch_dtype="float32", bias=fc_bias)
+                  rope_theta=rope_theta, torch_dtype="float32", bias=fc_bias)
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape):

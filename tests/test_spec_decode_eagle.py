@@ -234,3 +234,42 @@ def test_a_head_that_guesses_right_has_every_draft_kept(loopy_dir, loopy_head):
     assert metric(llm, "spec_decode_num_drafts") < 0.3 * 2 * len(PROMPTS) * GREEDY.max_tokens
     assert_all_blocks_free(llm)
     llm.shutdown()
+
+
+@pytest.mark.real_model
+@pytest.mark.slow  # SmolLM2 twice: about a minute on one busy thread
+def test_default_model_greedy_is_unchanged_with_a_head(smollm2_gguf, tmp_path):
+    """SmolLM2 with an untrained head of its shape (random weights: few drafts kept), copying and writing freely,
+    greedy, n=2, with a sampled neighbour, a 48-token step budget, a cache too small for all (preemption),
+    then again from the prefix cache: the tokens of the run without speculation."""
+    import json
+
+    from pagedllm.model_executor.gguf_loader import load_gguf_config
+
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "config.json").write_text(json.dumps(load_gguf_config(str(smollm2_gguf)).to_dict()))
+    head = build_eagle_head(str(tmp_path / "head"), str(tmp_path / "target"), seed=0)
+    text = ("The committee met on Tuesday to review the budget for the coming year. After a long discussion, the "
+            "members agreed to increase the funding for the public library by ten percent.")
+    chats = [[{"role": "user", "content": f"Copy this text word for word:\n\n{text}"}],
+             [{"role": "user", "content": "Write a short poem about the ocean."}]]
+    greedy = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    params = [greedy, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True, n=2),
+              SamplingParams(temperature=0.8, top_p=0.9, max_tokens=64, ignore_eos=True, seed=0)]
+    kwargs = dict(max_model_len=256, max_num_batched_tokens=48, num_gpu_blocks_override=16)
+    results = []
+    for spec in (None, eagle(head)):
+        llm = LLM(speculative_config=spec, **kwargs)
+        render = llm.get_tokenizer().apply_chat_template
+        prompts = [{"prompt_token_ids": render(c, add_generation_prompt=True, tokenize=True, return_dict=False)}
+                   for c in chats + chats[:1]]
+        first = llm.generate(prompts, params, use_tqdm=False)
+        again = llm.generate(prompts[:2], params[:2], use_tqdm=False)
+        results.append((token_ids(first[:2]), token_ids(again)))
+        assert metric(llm, "num_preemptions") > 0 and metric(llm, "prefix_cache_hits") > 0
+        if spec is not None:
+            assert metric(llm, "spec_decode_num_drafts") > 0
+        assert_all_blocks_free(llm)
+        llm.shutdown()
+    assert results[1] == results[0]
+    assert results[0][0] == results[0][1]
