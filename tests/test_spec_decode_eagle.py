@@ -13,6 +13,9 @@ tokens: every greedy draft is kept, which exercises the accept path end to end.
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -83,7 +86,6 @@ def loopy_head(loopy_dir, tmp_path_factory) -> str:
 # ----- configuration ---------------------------------------------------------------------------------------
 def test_heads_eagle1_cannot_run_are_refused(llama_dir, random_head, tmp_path):
     import json
-    import shutil
 
     def head_with(name: str, **config) -> str:
         path = tmp_path / name
@@ -119,16 +121,28 @@ def test_heads_eagle1_cannot_run_are_refused(llama_dir, random_head, tmp_path):
 
 
 # ----- the head's forward --------------------------------------------------------------------------------
-@pytest.mark.parametrize("own_parts", [False, True])
-def test_the_head_computes_eagle1s_forward(llama_dir, tmp_path, own_parts):
+@pytest.mark.parametrize("variant", ["shared", "own_parts", "pytorch_bin"])
+def test_the_head_computes_eagle1s_forward(llama_dir, tmp_path, variant):
     """The loaded head, run over one sequence through its paged K/V, against the reference written from
-    EAGLE's definition on the same safetensors: hidden states and logits (the target's LM head). With
-    `own_parts` the head has an fc bias and its own embedding."""
+    EAGLE's definition on the same weights: hidden states and logits (the target's LM head). `own_parts`:
+    the head has an fc bias and its own embedding; `pytorch_bin`: the weights come as EAGLE's own
+    `pytorch_model.bin`, with a first-layer input norm that EAGLE-1 skips."""
     target = hf_target(llama_dir)
     vocab = target.config.vocab_size
+    own_parts = variant == "own_parts"
     embed = torch.randn(vocab, 64, generator=torch.Generator().manual_seed(5)) if own_parts else None
     head_dir = build_eagle_head(str(tmp_path / "head"), llama_dir, seed=2, fc_bias=own_parts, embed_tokens=embed)
-    llm = LLM(model=llama_dir, max_model_len=128, speculative_config=eagle(head_dir))
+    load_dir = head_dir
+    if variant == "pytorch_bin":
+        from safetensors.torch import load_file
+
+        load_dir = str(tmp_path / "bin")
+        shutil.copytree(head_dir, load_dir)
+        tensors = load_file(f"{load_dir}/model.safetensors")
+        tensors["layers.0.input_layernorm.weight"] = torch.full((64,), 7.0)  # to be ignored: EAGLE-1 skips it
+        os.remove(f"{load_dir}/model.safetensors")
+        torch.save(tensors, f"{load_dir}/pytorch_model.bin")
+    llm = LLM(model=llama_dir, max_model_len=128, speculative_config=eagle(load_dir))
     runner = llm.llm_engine.model_runner
     head = runner.drafter.model
     assert ("embed_tokens" in head._modules) == own_parts and head.shared_logits is not None
