@@ -235,8 +235,8 @@ class LoRAConfig:
 
 
 # vLLM's speculative methods: the ones implemented, and the others it has (refused by name).
-SPECULATIVE_METHODS = ("ngram", "draft_model")
-VLLM_SPECULATIVE_METHODS = ("eagle", "eagle3", "mtp", "medusa", "mlp_speculator", "suffix",
+SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle")
+VLLM_SPECULATIVE_METHODS = ("eagle3", "mtp", "medusa", "mlp_speculator", "suffix",
                             "ngram_gpu")
 # `speculative_config` keys vLLM defines that only its other methods or tuning use: accepted at None.
 _VLLM_ONLY_SPECULATIVE_KEYS = ("quantization", "max_model_len", "revision", "code_revision",
@@ -251,7 +251,9 @@ class SpeculativeConfig:
     longest earlier match, between `prompt_lookup_min` and `prompt_lookup_max` tokens long, of the sequence's
     last tokens (both default to 5 when neither is given, as in vLLM). `method="draft_model"` runs `model`, a
     small model of the target's tokenizer, k times per step to propose its greedy continuation; its config
-    (`draft_model_config`, a `ModelConfig`) is filled in by `EngineArgs`, which reads the checkpoint. Built
+    (`draft_model_config`, a `ModelConfig`) is filled in by `EngineArgs`, which reads the checkpoint.
+    `method="eagle"` runs `model`, an EAGLE-1 head (one Llama decoder layer on the target's hidden states,
+    `model_executor/models/eagle.py`), whose config goes in `draft_model_config` the same way. Built
     from the user's dict by `from_dict`, which names the key or value it refuses."""
 
     method: str
@@ -259,7 +261,7 @@ class SpeculativeConfig:
     prompt_lookup_min: Optional[int] = None
     prompt_lookup_max: Optional[int] = None
     model: Optional[str] = None  # the draft model (draft_model / eagle methods)
-    draft_model_config: Optional["ModelConfig"] = None  # draft_model: the draft checkpoint, resolved
+    draft_model_config: Optional["ModelConfig"] = None  # draft_model / eagle: the draft checkpoint, resolved
 
     def __post_init__(self) -> None:
         if self.method in VLLM_SPECULATIVE_METHODS:
@@ -271,9 +273,10 @@ class SpeculativeConfig:
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"speculative_config num_speculative_tokens must be a positive integer, got {k!r}")
-        if self.method == "draft_model":
+        if self.method in ("draft_model", "eagle"):
             if not self.model:
-                raise ValueError("speculative_config method 'draft_model' needs 'model', the draft checkpoint")
+                what = "the draft checkpoint" if self.method == "draft_model" else "the EAGLE head's checkpoint"
+                raise ValueError(f"speculative_config method {self.method!r} needs 'model', {what}")
             return
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
         for name, value in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
