@@ -202,7 +202,14 @@ void dot_rows_vnni(const uint8_t* qw, const float* ws, const float* wm, const in
       const __m512 wscale = _mm512_maskz_loadu_ps(smask, ws + g * kGroupBlocks);
       for (int r = 0; r < kRows; ++r) {
         const int8_t* a = qa + r * qa_stride + g * kGroupBytes * kPlanes;
-        const __m512i sumi = half_sums<kPlanes>(half_sums<kPlanes>(_mm512_setzero_si512(), lo, a), hi, a + 64);
+        __m512i sumi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(a)), hi,
+                                           _mm512_loadu_si512(a + 64));
+        if (kPlanes == 2) {  // both halves of each plane first, then one shift and add
+          const __m512i low = _mm512_dpbusd_epi32(
+              _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(a + kGroupBytes)), hi,
+              _mm512_loadu_si512(a + kGroupBytes + 64));
+          sumi = _mm512_add_epi32(_mm512_slli_epi32(sumi, 7), low);
+        }
         const __m512 scale4 = _mm512_mul_ps(wscale, _mm512_maskz_loadu_ps(smask, ad + r * nb + g * kGroupBlocks));
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_permutexvar_ps(spread, scale4), acc[r]);
       }

@@ -7,7 +7,7 @@ tensors arrive undecoded (`gguf_loader.GGUFQuantizedTensor`, one per q/k/v or ga
 are decoded into `BlockQuantizedWeight`s (`gguf_blocks.py`) and multiplied by the C++ kernel
 (`cpu_ops.gguf_gemm`): activations quantised per block of 32, exact integer block sums, float
 scales. The activations are 15-bit by default (`PAGEDLLM_GGUF_ACT_BITS`, 15 or 8): llama.cpp's
-8-bit q8_1 cost SmolLM2 +1.1% perplexity over the same weights in float32, 15 bits +0.0x%, for a
+8-bit q8_1 cost SmolLM2 +1.1% perplexity over the same weights in float32, 15 bits -0.01%, for a
 few percent of a batch-1 step (docs/quantization.md, *Quality*).
 
 A fused layer may mix types (Q4_K_M files store some V and down projections as Q6_K): it is then
@@ -170,9 +170,10 @@ class GGUFLinearMethod(LinearMethodBase):
 
 
 def gguf_linear(x: torch.Tensor, segments: list[Segment], out_features: int,
-                bias: torch.Tensor | None, act_bits: int = DEFAULT_ACT_BITS) -> torch.Tensor:
+                bias: torch.Tensor | None, act_bits: int = 8) -> torch.Tensor:
     """x W^T + b over a layer's segments: activations quantised once (to `act_bits`, 8 or 15), each
-    segment's product written into its columns of one float32 output."""
+    segment's product written into its columns of one float32 output. (8 unless asked: GGUF layers
+    pass their `PAGEDLLM_GGUF_ACT_BITS`; the int4 blocks of packed_int.py keep q8 for now.)"""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     kernels = cpu_ops.cpu_kernels_available()
