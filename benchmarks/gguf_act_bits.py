@@ -5,8 +5,9 @@ two int8 planes, so twice the vpdpbusd of q8 per group of weights. A batch-1 dec
 every weight once, so the question is how much of that extra arithmetic hides under the weight
 reads. Measures, interleaving the two settings repeat by repeat (the machine is shared):
 
-- each of SmolLM2-135M-Instruct's GEMV shapes (one activation row) on its own, from its real
-  Q4_1 / Q8_0 blocks;
+- each of SmolLM2-135M-Instruct's layer shapes on its own, from its real Q4_1 / Q8_0 blocks, with
+  one activation row (a batch-1 decode step) and with `--rows` (a prefill chunk: there the kernel
+  is bound by arithmetic and by re-reading the activations for every weight row);
 - W2's batch-1 decode (one request, `--prompt-len` prompt tokens, `--output-len` greedy tokens)
   through `LLM.generate`, output tokens per second.
 
@@ -33,8 +34,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ACT_BITS = (8, 15)
 
 
-def gemv_times(repeats: int, iters: int) -> dict:
-    """Seconds per call of each distinct layer shape of the default model, per act_bits."""
+def gemv_times(repeats: int, iters: int, rows: int) -> dict:
+    """Microseconds per call of each distinct layer shape of the default model, per act_bits and
+    number of activation rows (1 and `rows`)."""
     from pagedllm import LLM
 
     llm = LLM(model=None, quantization="gguf", max_model_len=256, kv_cache_memory_bytes=16 << 20)
@@ -46,19 +48,23 @@ def gemv_times(repeats: int, iters: int) -> dict:
     out: dict = {}
     for name, mod in shapes.items():
         w = mod.gguf_segments[0].weight
-        x = torch.randn(1, mod.gguf_input_size)
-        samples = {b: [] for b in ACT_BITS}
-        for _ in range(repeats):
-            for bits in ACT_BITS:
-                for _ in range(3):
+        out[name] = {"shape": list(w.shape), "bits": w.bits}
+        for m in (1, rows):
+            if name == "lm_head" and m > 1:
+                continue  # a prefill computes the head for its last token only
+            x = torch.randn(m, mod.gguf_input_size)
+            n = max(1, iters // m)
+            samples = {b: [] for b in ACT_BITS}
+            for _ in range(repeats):
+                for bits in ACT_BITS:
                     torch.ops.pagedllm_cpu.gguf_linear(x, w.qweight, w.scales, w.mins, None, w.bits, bits)
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    torch.ops.pagedllm_cpu.gguf_linear(x, w.qweight, w.scales, w.mins, None, w.bits, bits)
-                samples[bits].append((time.perf_counter() - t0) / iters)
-        # the best of the repeats: the kernel's own cost, with the least of other jobs' time in it
-        out[name] = {"samples_us": {b: [1e6 * t for t in samples[b]] for b in ACT_BITS}, "shape": list(w.shape), "bits": w.bits,
-                     **{f"act{b}_us": 1e6 * min(samples[b]) for b in ACT_BITS}}
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        torch.ops.pagedllm_cpu.gguf_linear(x, w.qweight, w.scales, w.mins, None, w.bits, bits)
+                    samples[bits].append(1e6 * (time.perf_counter() - t0) / n)
+            # the best of the repeats: the kernel's own cost, with the least of other jobs' time in it
+            out[name][f"rows{m}"] = {f"act{b}_us": min(samples[b]) for b in ACT_BITS} | {
+                f"act{b}_samples_us": samples[b] for b in ACT_BITS}
     llm.shutdown()
     return out
 
@@ -94,19 +100,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--iters", type=int, default=200, help="GEMV calls per timed sample")
+    p.add_argument("--iters", type=int, default=200, help="GEMV calls per timed sample (divided by the rows)")
+    p.add_argument("--rows", type=int, default=64, help="activation rows of the prefill-shaped calls")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
-    gemv = gemv_times(args.repeats, args.iters)
+    gemv = gemv_times(args.repeats, args.iters, args.rows)
     decode = decode_tok_s(args.repeats, args.prompt_len, args.output_len)
     print(f"threads {args.threads}, load average at start {load[0]:.2f}")
-    print(f"{'GEMV (1 row)':<14}{'shape':>14}{'q8 us':>10}{'15-bit us':>11}{'ratio':>8}")
+    print(f"{'layer':<14}{'shape':>14}{'rows':>6}{'q8 us':>10}{'15-bit us':>11}{'ratio':>8}")
     for name, r in gemv.items():
-        print(f"{name:<14}{str(tuple(r['shape'])):>14}{r['act8_us']:>10.1f}{r['act15_us']:>11.1f}"
-              f"{r['act15_us'] / r['act8_us']:>8.2f}")
+        for m in (1, args.rows):
+            if f"rows{m}" in r:
+                t = r[f"rows{m}"]
+                print(f"{name:<14}{str(tuple(r['shape'])):>14}{m:>6}{t['act8_us']:>10.1f}{t['act15_us']:>11.1f}"
+                      f"{t['act15_us'] / t['act8_us']:>8.2f}")
     ratio = decode["act15_tok_s"] / decode["act8_tok_s"]
     print(f"W2 decode (batch 1): q8 {decode['act8_tok_s']:.1f} tok/s, 15-bit {decode['act15_tok_s']:.1f} tok/s, "
           f"ratio {ratio:.3f} (best of each); median of the repeats' paired ratios {decode['median_paired_ratio']:.3f}")
