@@ -7,8 +7,9 @@ tensors arrive undecoded (`gguf_loader.GGUFQuantizedTensor`, one per q/k/v or ga
 are decoded into `BlockQuantizedWeight`s (`gguf_blocks.py`) and multiplied by the C++ kernel
 (`cpu_ops.gguf_gemm`): activations quantised per block of 32, exact integer block sums, float
 scales. The activations are 15-bit by default (`PAGEDLLM_GGUF_ACT_BITS`, 15 or 8): llama.cpp's
-8-bit q8_1 cost SmolLM2 +1.1% perplexity over the same weights in float32, 15 bits -0.01%, for a
-few percent of a batch-1 step (docs/quantization.md, *Quality*).
+8-bit q8_1 cost SmolLM2 +1.2% perplexity over the same weights in float32, 15 bits -0.01%, for
+~2% of a batch-1 decode step and ~1.5x the matmul time of a 64-token prefill chunk
+(docs/performance.md, *Quality*).
 
 A fused layer may mix types (Q4_K_M files store some V and down projections as Q6_K): it is then
 a few row *segments*, each with its own form, written into column slices of one output. Rows
@@ -42,7 +43,8 @@ DEFAULT_ACT_BITS = 15
 
 def activation_bits() -> int:
     """Bits the GGUF kernels quantise activations to: `PAGEDLLM_GGUF_ACT_BITS` (8: llama.cpp's q8_1,
-    faster by a few percent; 15: the default, within ~0.1% of float32's perplexity)."""
+    SmolLM2 +1.2% perplexity over float32, ~2% faster at batch 1 and ~1.5x in prefill; 15: the
+    default, -0.01%). Read when a layer is built."""
     raw = os.environ.get(ACT_BITS_ENV, "").strip()
     if not raw:
         return DEFAULT_ACT_BITS
