@@ -170,11 +170,14 @@ def dequantize_int8_output(out: torch.Tensor, acc: torch.Tensor, scale: torch.Te
     return out
 
 
-def quantize_q8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_q8_blocks(x: torch.Tensor, act_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """llama.cpp's q8_1 of `x` [rows, k] per block of 32, in `gguf_gemm`'s byte order: (qa int8
-    [rows, k padded to 128], d float32 [rows, k/32], s = d * sum(q) float32 [rows, k/32])."""
+    [rows, k padded to 128], d float32 [rows, k/32], s = d * sum(q) float32 [rows, k/32]).
+    `act_bits=15`: d = amax / 16383 and q in two int8 planes (q = 128 h + l), qa twice as wide."""
+    if act_bits not in (8, 15):
+        raise ValueError(f"act_bits must be 8 or 15, not {act_bits}")
     rows, k = x.shape
-    qa = torch.empty(rows, -(-k // 128) * 128, dtype=torch.int8)
+    qa = torch.empty(rows, -(-k // 128) * 128 * (2 if act_bits == 15 else 1), dtype=torch.int8)
     d = torch.empty(rows, k // 32, dtype=torch.float32)
     s = torch.empty(rows, k // 32, dtype=torch.float32)
     torch.ops.pagedllm_cpu.quantize_q8_blocks(qa, d, s, x)
@@ -185,7 +188,8 @@ def gguf_gemm(out: torch.Tensor, activations: tuple[torch.Tensor, torch.Tensor, 
               scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None, bits: int,
               vectorised: bool = True) -> torch.Tensor:
     """out [m, n] (float32, rows may be strided: a column slice of a wider output) = the quantised
-    activations times a block-quantised weight (`layers/quantization/gguf_blocks.py`), plus bias.
+    activations (8 or 15-bit, as `quantize_q8_blocks` made them) times a block-quantised weight
+    (`layers/quantization/gguf_blocks.py`, scales per 32 or per 16), plus bias.
     `vectorised=False` takes the portable loop instead of AVX-512 VNNI (for tests)."""
     qa, d, s = activations
     torch.ops.pagedllm_cpu.gguf_gemm(out, qa, d, s, qweight, scales, mins, bias, bits, vectorised)

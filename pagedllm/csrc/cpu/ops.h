@@ -32,7 +32,8 @@ void gguf_gemm(at::Tensor out, const at::Tensor& qa, const at::Tensor& da, const
                const c10::optional<at::Tensor>& bias, int64_t bits, bool vectorised);
 
 at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                       const at::Tensor& mins, const c10::optional<at::Tensor>& bias, int64_t bits);
+                       const at::Tensor& mins, const c10::optional<at::Tensor>& bias, int64_t bits,
+                       int64_t act_bits);
 
 bool gguf_gemm_has_vnni512();
 

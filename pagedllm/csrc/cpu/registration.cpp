@@ -19,7 +19,7 @@ TORCH_LIBRARY(pagedllm_cpu, m) {
   m.def("quantize_q8_blocks(Tensor(a!) qa, Tensor(b!) da, Tensor(c!) sa, Tensor x) -> ()");
   m.def("gguf_gemm(Tensor(a!) out, Tensor qa, Tensor da, Tensor sa, Tensor qweight, Tensor scales, Tensor mins, "
         "Tensor? bias, int bits, bool vectorised) -> ()");
-  m.def("gguf_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, Tensor? bias, int bits) -> Tensor");
+  m.def("gguf_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, Tensor? bias, int bits, int act_bits=8) -> Tensor");
   m.def("gguf_gemm_has_vnni512() -> bool");
 }
 
