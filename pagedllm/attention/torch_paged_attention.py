@@ -181,8 +181,9 @@ class TorchPagedAttention(AttentionImpl):
     def forward_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     kv_cache: KVCache, meta: TorchAttentionMetadata) -> torch.Tensor | None:
         """A decode-only step in one C++ op (`cpu_ops.decode_attention`: rotary, the K/V write and the
-        decode kernel, local and soft-capped layers included); None for a step with prefills."""
-        if not meta.decode_only:
+        decode kernel, local and soft-capped layers included); None for a step with prefills, or over
+        an fp8 cache (its scaled write stays in `forward`)."""
+        if not meta.decode_only or kv_cache[0].dtype not in cpu_ops.KERNEL_DTYPES:
             return None
         return cpu_ops.decode_attention(qkv, positions, cos, sin, kv_cache[0], kv_cache[1], meta.slot_mapping,
                                         meta.decode_block_tables, meta.decode_seq_lens, self.num_heads,

@@ -86,7 +86,7 @@ at::Tensor decode_attention(at::Tensor qkv, const at::Tensor& positions, const a
   else write_kv<c10::BFloat16, c10::BFloat16>(k2, v, k_cache, v_cache, slots, row);
 
   at::Tensor out = at::empty({tokens, num_heads, head_dim}, qkv.options());
-  paged_decode(out, q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, soft_cap);
+  paged_decode(out, q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, soft_cap, 1.0, 1.0);
   return out.view({tokens, q_size});
 }
 

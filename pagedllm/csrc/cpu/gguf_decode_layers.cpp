@@ -9,7 +9,8 @@
 //
 // `weights` holds, per layer, kWeightsPerLayer tensors: input_layernorm.weight, cos, sin (the
 // layer's rotary tables), qkv (qweight, scales, mins), o_proj (3), post_attention_layernorm.weight,
-// gate_up (3), down (3); `bits` the four projections' bits per layer; `sliding_windows` each
+// gate_up (3), down (3); `bits` the four projections' (weight bits, activation bits) per layer
+// (gguf_linear's `bits` and `act_bits`); `sliding_windows` each
 // layer's window (0: full attention). Activations and the model are float32 (gguf_linear's output).
 #include <ATen/ATen.h>
 
@@ -22,7 +23,7 @@ namespace pagedllm {
 namespace {
 
 constexpr int64_t kWeightsPerLayer = 16;
-constexpr int64_t kBitsPerLayer = 4;
+constexpr int64_t kBitsPerLayer = 8;  // (weight bits, activation bits) of each projection
 
 }  // namespace
 
@@ -58,17 +59,17 @@ std::tuple<at::Tensor, at::Tensor> gguf_decode_layers(
       hidden = normed;
       residual = summed;
     }
-    at::Tensor qkv = gguf_linear(hidden, w[3], w[4], w[5], c10::nullopt, b[0]);
+    at::Tensor qkv = gguf_linear(hidden, w[3], w[4], w[5], c10::nullopt, b[0], b[1]);
     at::Tensor attn = decode_attention(qkv, positions, w[1], w[2], k_caches[l], v_caches[l], slot_mapping,
                                        block_tables, seq_lens, num_heads, num_kv_heads, scale, sliding_windows[l], 0.0);
-    at::Tensor o = gguf_linear(attn, w[6], w[7], w[8], c10::nullopt, b[1]);
+    at::Tensor o = gguf_linear(attn, w[6], w[7], w[8], c10::nullopt, b[2], b[3]);
     at::Tensor normed = at::empty_like(o), summed = at::empty_like(o);
     add_rms_norm(normed, summed, o, residual, w[9], eps);
     residual = summed;
-    at::Tensor gate_up = gguf_linear(normed, w[10], w[11], w[12], c10::nullopt, b[2]);
+    at::Tensor gate_up = gguf_linear(normed, w[10], w[11], w[12], c10::nullopt, b[4], b[5]);
     at::Tensor act = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
     silu_and_mul(act, gate_up);
-    hidden = gguf_linear(act, w[13], w[14], w[15], c10::nullopt, b[3]);
+    hidden = gguf_linear(act, w[13], w[14], w[15], c10::nullopt, b[6], b[7]);
   }
   return {hidden, residual};
 }

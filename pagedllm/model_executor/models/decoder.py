@@ -240,7 +240,7 @@ class DecoderForCausalLM(nn.Module):
         else:
             hidden, residual = receive_hidden(pp, positions.shape[0], self.config.hidden_size, self.dtype,
                                               positions.device)
-        step = self._whole_step(hidden, meta)
+        step = self._whole_step(hidden, meta, kv_caches)
         if step is not None:  # every layer in one C++ op
             hidden, residual = step(positions, hidden, residual, kv_caches, meta)
         else:
@@ -255,14 +255,14 @@ class DecoderForCausalLM(nn.Module):
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
-    def _whole_step(self, hidden: torch.Tensor, meta: Any) -> GGUFDecodeStep | None:
+    def _whole_step(self, hidden: torch.Tensor, meta: Any, kv_caches: list[KVCache]) -> GGUFDecodeStep | None:
         """The one-op path through this stage's layers when this step can take it (a decode-only CPU
         step of a GGUF model: `gguf_decode_step.py`); built at the first forward, after loading."""
         if self._gguf_decode_step is _NOT_BUILT:
             layers = list(islice(self.layers, self.start_layer, self.end_layer))
             self._gguf_decode_step = GGUFDecodeStep.for_model(layers, self.dtype)
         step = self._gguf_decode_step
-        return step if step is not None and step.runs(hidden, meta) else None
+        return step if step is not None and step.runs(hidden, meta, kv_caches) else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits, the same on every tensor-parallel rank."""

@@ -68,8 +68,8 @@ class GGUFDecodeStep:
                     or layer.input_layernorm.eps != layers[0].input_layernorm.eps
                     or layer.post_attention_layernorm.eps != layers[0].input_layernorm.eps):
                 return None
-            projections = [_blocks(attn.qkv_proj), _blocks(attn.o_proj), _blocks(mlp.gate_up_proj),
-                           _blocks(mlp.down_proj)]
+            linears = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+            projections = [_blocks(linear) for linear in linears]
             if any(w is None for w in projections):
                 return None
             qkv, o, gate_up, down = projections
@@ -77,14 +77,17 @@ class GGUFDecodeStep:
             weights += [layer.input_layernorm.weight.detach(), rope.cos, rope.sin, qkv.qweight, qkv.scales, qkv.mins,
                         o.qweight, o.scales, o.mins, layer.post_attention_layernorm.weight.detach(),
                         gate_up.qweight, gate_up.scales, gate_up.mins, down.qweight, down.scales, down.mins]
-            bits += [w.bits for w in projections]
+            for w, linear in zip(projections, linears):  # gguf_linear's bits and act_bits
+                bits += [w.bits, linear.gguf_act_bits]
             windows.append(impl.sliding_window or 0)
         return cls(layers, weights, bits, windows, layers[0].input_layernorm.eps)
 
-    def runs(self, hidden: torch.Tensor, meta: Any) -> bool:
-        """Whether this step is one it takes: decodes only, one metadata for every layer, and the
-        rotary the kernel does at this many rows (not the compiled one, above its row threshold)."""
+    def runs(self, hidden: torch.Tensor, meta: Any, kv_caches: list[KVCache]) -> bool:
+        """Whether this step is one it takes: decodes only, one metadata for every layer, a float32 or
+        bfloat16 cache (not fp8), and the rotary the kernel does at this many rows (not the compiled
+        one, above its row threshold)."""
         return (type(meta) is TorchAttentionMetadata and meta.decode_only
+                and kv_caches[0][0].dtype in cpu_ops.KERNEL_DTYPES
                 and self.rotary_ops.rotates_in_kernel(hidden.shape[0]))
 
     def __call__(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
