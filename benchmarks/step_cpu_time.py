@@ -102,12 +102,12 @@ def main() -> None:
         ms["LM head"] = best_ms(lambda: runner.model.compute_logits(hidden[inputs.sample_rows]))
         if args.quantization == "gguf":
             op = torch.ops.pagedllm_cpu.gguf_linear
-            weights = [(torch.randn(1, m.gguf_input_size), m.gguf_segments[0].weight)
+            weights = [(torch.randn(1, m.gguf_input_size), m.gguf_segments[0].weight, getattr(m, "gguf_act_bits", 8))
                        for m in runner.model.modules() if getattr(m, "gguf_segments", None)]
 
             def kernels() -> None:
-                for x, w in weights:
-                    op(x, w.qweight, w.scales, w.mins, None, w.bits)
+                for x, w, act_bits in weights:
+                    op(x, w.qweight, w.scales, w.mins, None, w.bits, act_bits)
 
             ms[f"the {len(weights)} GGUF linear kernels alone"] = best_ms(kernels)
     if args.llamacpp_python:
