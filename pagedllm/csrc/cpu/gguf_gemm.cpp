@@ -380,7 +380,7 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   at::Tensor da = at::empty({rows, nb}, f32), sa = at::empty({rows, nb}, f32);
   quantize_q8_blocks(qa, da, sa, xc);
   at::Tensor out = at::empty({rows, qweight.size(0)}, f32);
-  gguf_gemm(out, qa, da, sa, qweight, scales, mins, bias, bits, true);
+  gguf_gemm_auto(out, qa, da, sa, qweight, scales, mins, bias, bits);  // many rows: gguf_gemm_tiled.cpp
   return out;
 }
 
