@@ -120,6 +120,13 @@ void pack_tile(uint8_t* dst, float* ws_t, float* wm_t, const uint8_t* qw, const 
   }
 }
 
+// The next tile's weight bytes, requested while this one is computed: the pack reads 16 rows at
+// once, more streams than the hardware prefetcher follows, and a weight matrix larger than the
+// caches (an LM head) was otherwise read at a few GB/s.
+inline void prefetch_rows(const uint8_t* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(p + off), _MM_HINT_T0);
+}
+
 // Activation rows [0, rows) (rows <= 8) of quantize_q8_blocks' output, block after block: per block
 // the 8 rows' 32 bytes (the low half, then the high half), d and s as [block][8 rows]. Every address
 // in the kernel's loop is then a constant offset from three pointers.
@@ -185,20 +192,16 @@ void gemm_tiled(at::Tensor& out, const at::Tensor& qa, const at::Tensor& da, con
   const int64_t a_ints = nb * kTileM * 8, a_floats = nb * kTileM;
   std::vector<int32_t> pa(m_tiles * a_ints);
   std::vector<float> pd(m_tiles * a_floats), ps(m_tiles * a_floats);
-  {
-    const int8_t* qap = qa.data_ptr<int8_t>();
-    const float* adp = da.data_ptr<float>();
-    const float* asp = sa.data_ptr<float>();
-    const int64_t qa_stride = qa.size(1);
-    at::parallel_for(0, m_tiles, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, nb * kBlock * kTileM)),
-                     [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t m0 = t * kTileM;
-        pack_activations(pa.data() + t * a_ints, pd.data() + t * a_floats, ps.data() + t * a_floats,
-                         qap + m0 * qa_stride, qa_stride, adp + m0 * nb, asp + m0 * nb,
-                         std::min<int64_t>(kTileM, m_rows - m0), nb);
-      }
-    });
+  // on this thread: a copy of m_rows * k bytes is cheap next to the product, and every parallel
+  // region costs a wake-up of the pool (and much more when the machine's cores are oversubscribed)
+  const int8_t* qap = qa.data_ptr<int8_t>();
+  const float* adp = da.data_ptr<float>();
+  const float* asp = sa.data_ptr<float>();
+  for (int64_t t = 0; t < m_tiles; ++t) {
+    const int64_t m0 = t * kTileM;
+    pack_activations(pa.data() + t * a_ints, pd.data() + t * a_floats, ps.data() + t * a_floats,
+                     qap + m0 * qa.size(1), qa.size(1), adp + m0 * nb, asp + m0 * nb,
+                     std::min<int64_t>(kTileM, m_rows - m0), nb);
   }
   const int64_t tiles = (n_rows + kTileN - 1) / kTileN;
   // a task of at least ~1M multiply-adds: small matrices at a few rows stay on one thread
@@ -212,6 +215,12 @@ void gemm_tiled(at::Tensor& out, const at::Tensor& qa, const at::Tensor& da, con
       const int64_t c1 = std::min(m_tiles, c0 + chunk_tiles);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n0 = t * kTileN, rows = std::min<int64_t>(kTileN, n_rows - n0);
+        if (t + 1 < end) {
+          const int64_t next = std::min<int64_t>(kTileN, n_rows - n0 - kTileN);
+          prefetch_rows(reinterpret_cast<const uint8_t*>(ws + (n0 + kTileN) * nb), next * nb * 4);
+          prefetch_rows(reinterpret_cast<const uint8_t*>(wm + (n0 + kTileN) * nb), next * nb * 4);
+          prefetch_rows(qw + (n0 + kTileN) * w_stride, next * w_stride);
+        }
         pack_tile<kBits>(reinterpret_cast<uint8_t*>(packed.data()), ws_t.data(), wm_t.data(), qw + n0 * w_stride,
                          ws + n0 * nb, wm + n0 * nb, w_stride, rows, nb);
         const __mmask16 nmask = static_cast<__mmask16>((1u << rows) - 1);
