@@ -210,12 +210,14 @@ def gguf_gemm_tiled(out: torch.Tensor, activations: tuple[torch.Tensor, torch.Te
 def gguf_gemm_auto(out: torch.Tensor, activations: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                    qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None,
                    bits: int) -> torch.Tensor:
-    """`gguf_gemm` for a few rows, `gguf_gemm_tiled` from `gguf_gemm_tiled_min_rows()` rows on."""
+    """`gguf_gemm` for a few rows, `gguf_gemm_tiled` from `gguf_gemm_tiled_min_rows()` rows on (from
+    16 rows for a weight of more than 8 MiB, which the GEMV streams from memory faster)."""
     qa, d, s = activations
     torch.ops.pagedllm_cpu.gguf_gemm_auto(out, qa, d, s, qweight, scales, mins, bias, bits)
     return out
 
 
 def gguf_gemm_tiled_min_rows() -> int:
-    """The row count from which `gguf_linear` takes the tiled kernel; 0 where it is not built."""
+    """The row count from which `gguf_linear` takes the tiled kernel on a weight of up to 8 MiB;
+    0 where it is not built."""
     return int(torch.ops.pagedllm_cpu.gguf_gemm_tiled_min_rows())

@@ -68,21 +68,28 @@ def test_tiled_matches_the_reference_path(type_name):
         assert wide[:, :4].isnan().all() and wide[:, 4 + n:].isnan().all()  # nothing written outside the slice
 
 
+def auto_matches(weight: gguf_blocks.BlockQuantizedWeight, rows: int) -> str:
+    """Which kernel `gguf_gemm_auto` (what gguf_linear calls) ran for `rows`, judged by bit-equal output."""
+    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows))
+    acts = cpu_ops.quantize_q8_blocks(x)
+    n, args = weight.shape[0], (weight.qweight, weight.scales, weight.mins, None, weight.bits)
+    auto = cpu_ops.gguf_gemm_auto(torch.empty(rows, n), acts, *args)
+    tiled = cpu_ops.gguf_gemm_tiled(torch.empty(rows, n), acts, *args)
+    gemv = cpu_ops.gguf_gemm(torch.empty(rows, n), acts, *args, vectorised=True)
+    torch.testing.assert_close(tiled, gemv, rtol=1e-5, atol=1e-4)
+    assert not torch.equal(tiled, gemv)  # float sums in another order: the two are told apart
+    return "tiled" if torch.equal(auto, tiled) else "gemv" if torch.equal(auto, gemv) else "neither"
+
+
 def test_gguf_linear_takes_the_tiled_kernel_from_its_row_threshold():
-    """`gguf_gemm_auto` (what gguf_linear calls) gives the GEMV's output bit for bit below the
-    threshold and the tiled kernel's from it on."""
+    """The GEMV below the threshold, the tiled kernel from it on; for a weight over 8 MiB (an LM
+    head, streamed from memory) from 16 rows."""
     tiled_or_skip()
     threshold = cpu_ops.gguf_gemm_tiled_min_rows()
-    weight = gguf_blocks.decode(quantized("Q4_1", 48, 576, seed=2), "Q4_1")
-    for rows in (threshold - 1, threshold, threshold + 5):
-        x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
-        acts = cpu_ops.quantize_q8_blocks(x)
-        outs = {}
-        for name, fn in [("auto", cpu_ops.gguf_gemm_auto), ("tiled", cpu_ops.gguf_gemm_tiled),
-                         ("gemv", lambda *a: cpu_ops.gguf_gemm(*a, vectorised=True))]:
-            outs[name] = fn(torch.empty(rows, 48), acts, weight.qweight, weight.scales, weight.mins, None, 4)
-        assert torch.equal(outs["auto"], outs["tiled" if rows >= threshold else "gemv"])
-        torch.testing.assert_close(outs["tiled"], outs["gemv"], rtol=1e-5, atol=1e-4)
+    small = gguf_blocks.decode(quantized("Q4_1", 48, 576, seed=2), "Q4_1")
+    assert [auto_matches(small, r) for r in (threshold - 1, threshold, threshold + 5)] == ["gemv", "tiled", "tiled"]
+    large = gguf_blocks.decode(quantized("Q8_0", 16400, 576, seed=3), "Q8_0")  # 9.4 MB of bytes
+    assert [auto_matches(large, r) for r in (threshold, 15, 16)] == ["gemv", "gemv", "tiled"]
 
 
 def test_tiled_rejects_mismatched_activations():

@@ -41,8 +41,12 @@ constexpr int64_t kGroupBlocks = 4;
 constexpr int64_t kGroupBytes = kBlock * kGroupBlocks;
 constexpr int64_t kTileN = 16;       // weight rows per tile: the 16 int32 lanes of a vector
 constexpr int64_t kChunkM = 256;     // activation rows per pass over a packed tile (kept in L2)
-// Fewer rows than this take the GEMV (no repack): measured with benchmarks/gguf_gemm.py
+// Fewer rows than this take the GEMV (no repack): measured with benchmarks/gguf_gemm.py. A matrix
+// larger than the caches (SmolLM2's 28 MB Q8_0 LM head) is streamed from DRAM, which the GEMV's
+// row-by-row prefetching does faster than the 16-row pack: it keeps the GEMV up to 16 rows.
 constexpr int64_t kTiledMinRows = 4;
+constexpr int64_t kTiledMinRowsLarge = 16;
+constexpr int64_t kLargeWeightBytes = 8 << 20;
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 constexpr bool kHaveTiled = true;
@@ -279,7 +283,8 @@ int64_t gguf_gemm_tiled_min_rows() { return kHaveTiled ? kTiledMinRows : 0; }
 void gguf_gemm_auto(at::Tensor out, const at::Tensor& qa, const at::Tensor& da, const at::Tensor& sa,
                     const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
                     const c10::optional<at::Tensor>& bias, int64_t bits) {
-  if (kHaveTiled && qa.size(0) >= kTiledMinRows) gguf_gemm_tiled(out, qa, da, sa, qweight, scales, mins, bias, bits);
+  const int64_t min_rows = qweight.numel() > kLargeWeightBytes ? kTiledMinRowsLarge : kTiledMinRows;
+  if (kHaveTiled && qa.size(0) >= min_rows) gguf_gemm_tiled(out, qa, da, sa, qweight, scales, mins, bias, bits);
   else gguf_gemm(out, qa, da, sa, qweight, scales, mins, bias, bits, true);
 }
 
