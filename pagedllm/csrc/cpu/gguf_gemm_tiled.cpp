@@ -124,9 +124,9 @@ void pack_tile(uint8_t* dst, float* ws_t, float* wm_t, const uint8_t* qw, const 
   }
 }
 
-// The next tile's weight bytes, requested while this one is computed: the pack reads 16 rows at
-// once, more streams than the hardware prefetcher follows, and a weight matrix larger than the
-// caches (an LM head) was otherwise read at a few GB/s.
+// The next tile's scales and mins, requested while this one is computed (its weights: a few lines a
+// block in tile_kernel). The pack reads 16 rows at once, more streams than the hardware prefetcher
+// follows: a weight larger than the caches (an LM head) was read at a few GB/s without these.
 inline void prefetch_rows(const uint8_t* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(p + off), _MM_HINT_T0);
 }
@@ -155,11 +155,19 @@ void pack_activations(int32_t* dst, float* d_t, float* s_t, const int8_t* qa, in
 // out[m, 0..16) = bias + the packed tile times packed activation rows [0, kRows).
 template <int kRows>
 void tile_kernel(const __m512i* pw, const float* ws_t, const float* wm_t, const int32_t* pa, const float* pd,
-                 const float* ps, int64_t nb, float* out, int64_t o_stride, __mmask16 nmask, const float* bias) {
+                 const float* ps, int64_t nb, float* out, int64_t o_stride, __mmask16 nmask, const float* bias,
+                 const uint8_t* pf, int64_t pf_lines) {
   __m512 acc[kRows];
+  // the next tile's weights, a few cache lines a block: spread over the compute, as a burst would
+  // overrun the core's outstanding misses
+  const int64_t pf_per_block = (pf_lines + nb - 1) / std::max<int64_t>(1, nb);
+  int64_t pf_next = 0;
   const __m512 b16 = bias ? _mm512_maskz_loadu_ps(nmask, bias) : _mm512_setzero_ps();
   for (int m = 0; m < kRows; ++m) acc[m] = b16;
   for (int64_t b = 0; b < nb; ++b, pw += 8, pa += kTileM * 8, pd += kTileM, ps += kTileM) {
+    for (int64_t q = 0; q < pf_per_block && pf_next < pf_lines; ++q, ++pf_next) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf + pf_next * 64), _MM_HINT_T0);
+    }
     __m512i w[8];
     for (int c = 0; c < 8; ++c) w[c] = _mm512_loadu_si512(pw + c);
     const __m512 wsv = _mm512_loadu_ps(ws_t + b * kTileN);
@@ -177,7 +185,7 @@ void tile_kernel(const __m512i* pw, const float* ws_t, const float* wm_t, const 
 }
 
 using TileKernel = void (*)(const __m512i*, const float*, const float*, const int32_t*, const float*, const float*,
-                            int64_t, float*, int64_t, __mmask16, const float*);
+                            int64_t, float*, int64_t, __mmask16, const float*, const uint8_t*, int64_t);
 constexpr TileKernel kTileKernels[kTileM + 1] = {nullptr,         tile_kernel<1>, tile_kernel<2>,
                                                  tile_kernel<3>,  tile_kernel<4>, tile_kernel<5>,
                                                  tile_kernel<6>,  tile_kernel<7>, tile_kernel<8>};
@@ -219,12 +227,13 @@ void gemm_tiled(at::Tensor& out, const at::Tensor& qa, const at::Tensor& da, con
       const int64_t c1 = std::min(m_tiles, c0 + chunk_tiles);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n0 = t * kTileN, rows = std::min<int64_t>(kTileN, n_rows - n0);
-        if (t + 1 < end) {
-          const int64_t next = std::min<int64_t>(kTileN, n_rows - n0 - kTileN);
+        const int64_t next = t + 1 < end ? std::min<int64_t>(kTileN, n_rows - n0 - kTileN) : 0;
+        if (next > 0) {
           prefetch_rows(reinterpret_cast<const uint8_t*>(ws + (n0 + kTileN) * nb), next * nb * 4);
           prefetch_rows(reinterpret_cast<const uint8_t*>(wm + (n0 + kTileN) * nb), next * nb * 4);
-          prefetch_rows(qw + (n0 + kTileN) * w_stride, next * w_stride);
         }
+        const uint8_t* pf = qw + (n0 + kTileN) * w_stride;
+        const int64_t pf_lines = (next * w_stride + 63) / 64, n_mt = c1 - c0;
         pack_tile<kBits>(reinterpret_cast<uint8_t*>(packed.data()), ws_t.data(), wm_t.data(), qw + n0 * w_stride,
                          ws + n0 * nb, wm + n0 * nb, w_stride, rows, nb);
         const __mmask16 nmask = static_cast<__mmask16>((1u << rows) - 1);
@@ -232,7 +241,9 @@ void gemm_tiled(at::Tensor& out, const at::Tensor& qa, const at::Tensor& da, con
         for (int64_t mt = c0; mt < c1; ++mt) {
           const int64_t mr = std::min<int64_t>(kTileM, m_rows - mt * kTileM);
           kTileKernels[mr](packed.data(), ws_t.data(), wm_t.data(), pa.data() + mt * a_ints, pd.data() + mt * a_floats,
-                           ps.data() + mt * a_floats, nb, op + mt * kTileM * o_stride + n0, o_stride, nmask, bt);
+                           ps.data() + mt * a_floats, nb, op + mt * kTileM * o_stride + n0, o_stride, nmask, bt,
+                           pf + (mt - c0) * pf_lines / n_mt * 64,
+                           (mt - c0 + 1) * pf_lines / n_mt - (mt - c0) * pf_lines / n_mt);
         }
       }
     }
