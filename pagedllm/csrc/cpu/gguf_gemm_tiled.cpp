@@ -134,17 +134,21 @@ inline void prefetch_rows(const uint8_t* p, int64_t bytes) {
 // Activation rows [0, rows) (rows <= 8) of quantize_q8_blocks' output, block after block: per block
 // the 8 rows' 32 bytes (the low half, then the high half), d and s as [block][8 rows]. Every address
 // in the kernel's loop is then a constant offset from three pointers.
+// With 15-bit activations (2 planes) each row's block is its high plane's 32 bytes, then its low
+// plane's.
 void pack_activations(int32_t* dst, float* d_t, float* s_t, const int8_t* qa, int64_t qa_stride, const float* ad,
-                      const float* as, int64_t rows, int64_t nb) {
+                      const float* as, int64_t rows, int64_t nb, int64_t planes) {
   for (int64_t b = 0; b < nb; ++b) {
-    const int64_t off = (b / kGroupBlocks) * kGroupBytes + (b % kGroupBlocks) * 16;
+    const int64_t off = (b / kGroupBlocks) * kGroupBytes * planes + (b % kGroupBlocks) * 16;
     for (int64_t m = 0; m < kTileM; ++m) {
-      int32_t* o = dst + (b * kTileM + m) * 8;
-      if (m < rows) {
-        std::memcpy(o, qa + m * qa_stride + off, 16);
-        std::memcpy(o + 4, qa + m * qa_stride + off + 64, 16);
-      } else {
-        std::memset(o, 0, 32);
+      int32_t* o = dst + (b * kTileM + m) * 8 * planes;
+      for (int64_t p = 0; p < planes; ++p, o += 8) {
+        if (m < rows) {
+          std::memcpy(o, qa + m * qa_stride + off + p * kGroupBytes, 16);
+          std::memcpy(o + 4, qa + m * qa_stride + off + p * kGroupBytes + 64, 16);
+        } else {
+          std::memset(o, 0, 32);
+        }
       }
       d_t[b * kTileM + m] = m < rows ? ad[m * nb + b] : 0.f;
       s_t[b * kTileM + m] = m < rows ? as[m * nb + b] : 0.f;
@@ -153,7 +157,7 @@ void pack_activations(int32_t* dst, float* d_t, float* s_t, const int8_t* qa, in
 }
 
 // out[m, 0..16) = bias + the packed tile times packed activation rows [0, kRows).
-template <int kRows>
+template <int kPlanes, int kRows>
 void tile_kernel(const __m512i* pw, const float* ws_t, const float* wm_t, const int32_t* pa, const float* pd,
                  const float* ps, int64_t nb, float* out, int64_t o_stride, __mmask16 nmask, const float* bias,
                  const uint8_t* pf, int64_t pf_lines) {
@@ -164,7 +168,7 @@ void tile_kernel(const __m512i* pw, const float* ws_t, const float* wm_t, const 
   int64_t pf_next = 0;
   const __m512 b16 = bias ? _mm512_maskz_loadu_ps(nmask, bias) : _mm512_setzero_ps();
   for (int m = 0; m < kRows; ++m) acc[m] = b16;
-  for (int64_t b = 0; b < nb; ++b, pw += 8, pa += kTileM * 8, pd += kTileM, ps += kTileM) {
+  for (int64_t b = 0; b < nb; ++b, pw += 8, pa += kTileM * 8 * kPlanes, pd += kTileM, ps += kTileM) {
     for (int64_t q = 0; q < pf_per_block && pf_next < pf_lines; ++q, ++pf_next) {
       _mm_prefetch(reinterpret_cast<const char*>(pf + pf_next * 64), _MM_HINT_T0);
     }
@@ -173,9 +177,14 @@ void tile_kernel(const __m512i* pw, const float* ws_t, const float* wm_t, const 
     const __m512 wsv = _mm512_loadu_ps(ws_t + b * kTileN);
     const __m512 wmv = _mm512_loadu_ps(wm_t + b * kTileN);
     for (int m = 0; m < kRows; ++m) {
-      const int32_t* a = pa + m * 8;
+      const int32_t* a = pa + m * 8 * kPlanes;
       __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(a[0]));
       for (int c = 1; c < 8; ++c) s = _mm512_dpbusd_epi32(s, w[c], _mm512_set1_epi32(a[c]));
+      if (kPlanes == 2) {  // 15-bit: (high plane's sums << 7) + the low plane's, exact in int32
+        __m512i l = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(a[8]));
+        for (int c = 1; c < 8; ++c) l = _mm512_dpbusd_epi32(l, w[c], _mm512_set1_epi32(a[8 + c]));
+        s = _mm512_add_epi32(_mm512_slli_epi32(s, 7), l);
+      }
       const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(pd[m]));
       acc[m] = _mm512_fmadd_ps(t, wsv, acc[m]);
       acc[m] = _mm512_fmadd_ps(wmv, _mm512_set1_ps(ps[m]), acc[m]);
@@ -186,11 +195,12 @@ void tile_kernel(const __m512i* pw, const float* ws_t, const float* wm_t, const 
 
 using TileKernel = void (*)(const __m512i*, const float*, const float*, const int32_t*, const float*, const float*,
                             int64_t, float*, int64_t, __mmask16, const float*, const uint8_t*, int64_t);
-constexpr TileKernel kTileKernels[kTileM + 1] = {nullptr,         tile_kernel<1>, tile_kernel<2>,
-                                                 tile_kernel<3>,  tile_kernel<4>, tile_kernel<5>,
-                                                 tile_kernel<6>,  tile_kernel<7>, tile_kernel<8>};
+template <int kPlanes>
+constexpr TileKernel kTileKernels[kTileM + 1] = {
+    nullptr, tile_kernel<kPlanes, 1>, tile_kernel<kPlanes, 2>, tile_kernel<kPlanes, 3>, tile_kernel<kPlanes, 4>,
+    tile_kernel<kPlanes, 5>, tile_kernel<kPlanes, 6>, tile_kernel<kPlanes, 7>, tile_kernel<kPlanes, 8>};
 
-template <int kBits>
+template <int kBits, int kPlanes>
 void gemm_tiled(at::Tensor& out, const at::Tensor& qa, const at::Tensor& da, const at::Tensor& sa,
                 const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins, const float* bias) {
   const int64_t m_rows = qa.size(0), n_rows = qweight.size(0), nb = scales.size(1);
@@ -201,7 +211,7 @@ void gemm_tiled(at::Tensor& out, const at::Tensor& qa, const at::Tensor& da, con
   const int64_t w_stride = qweight.size(1), o_stride = out.stride(0);
   // the activations, packed once per call for every tile (m_rows * k bytes and two floats a block)
   const int64_t m_tiles = (m_rows + kTileM - 1) / kTileM;
-  const int64_t a_ints = nb * kTileM * 8, a_floats = nb * kTileM;
+  const int64_t a_ints = nb * kTileM * 8 * kPlanes, a_floats = nb * kTileM;
   std::vector<int32_t> pa(m_tiles * a_ints);
   std::vector<float> pd(m_tiles * a_floats), ps(m_tiles * a_floats);
   // on this thread: a copy of m_rows * k bytes is cheap next to the product, and every parallel
@@ -213,7 +223,7 @@ void gemm_tiled(at::Tensor& out, const at::Tensor& qa, const at::Tensor& da, con
     const int64_t m0 = t * kTileM;
     pack_activations(pa.data() + t * a_ints, pd.data() + t * a_floats, ps.data() + t * a_floats,
                      qap + m0 * qa.size(1), qa.size(1), adp + m0 * nb, asp + m0 * nb,
-                     std::min<int64_t>(kTileM, m_rows - m0), nb);
+                     std::min<int64_t>(kTileM, m_rows - m0), nb, kPlanes);
   }
   const int64_t tiles = (n_rows + kTileN - 1) / kTileN;
   // a task of at least ~1M multiply-adds: small matrices at a few rows stay on one thread
@@ -240,7 +250,7 @@ void gemm_tiled(at::Tensor& out, const at::Tensor& qa, const at::Tensor& da, con
         const float* bt = bias ? bias + n0 : nullptr;
         for (int64_t mt = c0; mt < c1; ++mt) {
           const int64_t mr = std::min<int64_t>(kTileM, m_rows - mt * kTileM);
-          kTileKernels[mr](packed.data(), ws_t.data(), wm_t.data(), pa.data() + mt * a_ints, pd.data() + mt * a_floats,
+          kTileKernels<kPlanes>[mr](packed.data(), ws_t.data(), wm_t.data(), pa.data() + mt * a_ints, pd.data() + mt * a_floats,
                            ps.data() + mt * a_floats, nb, op + mt * kTileM * o_stride + n0, o_stride, nmask, bt,
                            pf + (mt - c0) * pf_lines / n_mt * 64,
                            (mt - c0 + 1) * pf_lines / n_mt - (mt - c0) * pf_lines / n_mt);
@@ -260,17 +270,19 @@ void gguf_gemm_tiled(at::Tensor out, const at::Tensor& qa, const at::Tensor& da,
                      const c10::optional<at::Tensor>& bias, int64_t bits) {
   TORCH_CHECK(kHaveTiled, "gguf_gemm_tiled: this build has no AVX-512 VNNI (use gguf_gemm)");
   TORCH_CHECK(bits == 4 || bits == 8, "gguf_gemm_tiled: bits must be 4 or 8, got ", bits);
-  const int64_t n = qweight.size(0), nb = scales.size(1), m = qa.size(0);
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous() && qweight.dim() == 2 &&
-                  qweight.size(1) == nb * kBlock * bits / 8,
+                  qweight.size(1) * 8 % (bits * kBlock) == 0,
               "gguf_gemm_tiled: qweight must be contiguous uint8 [n, k * bits / 8]");
+  const int64_t n = qweight.size(0), nb = qweight.size(1) * 8 / bits / kBlock, m = qa.size(0);
   for (const at::Tensor* t : {&scales, &mins}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == n &&
                     t->size(1) == nb,
-                "gguf_gemm_tiled: scales and mins must be contiguous float32 [n, k / 32]");
+                "gguf_gemm_tiled: scales and mins must be contiguous float32 [n, k / 32] (no per-16 scales: "
+                "those take gguf_gemm)");
   }
-  TORCH_CHECK(qa.scalar_type() == at::kChar && qa.is_contiguous() && qa.dim() == 2 &&
-                  qa.size(1) == (nb + kGroupBlocks - 1) / kGroupBlocks * kGroupBytes,
+  const int64_t padded = (nb + kGroupBlocks - 1) / kGroupBlocks * kGroupBytes;  // a plane's bytes a row
+  const int64_t planes = qa.dim() == 2 && qa.size(1) == 2 * padded ? 2 : 1;     // q8 or 15-bit
+  TORCH_CHECK(qa.scalar_type() == at::kChar && qa.is_contiguous() && qa.dim() == 2 && qa.size(1) == planes * padded,
               "gguf_gemm_tiled: qa must come from quantize_q8_blocks for this k");
   for (const at::Tensor* t : {&da, &sa}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == m * nb,
@@ -284,8 +296,10 @@ void gguf_gemm_tiled(at::Tensor out, const at::Tensor& qa, const at::Tensor& da,
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   if (m == 0 || n == 0) return;
-  if (bits == 4) gemm_tiled<4>(out, qa, da, sa, qweight, scales, mins, bp);
-  else gemm_tiled<8>(out, qa, da, sa, qweight, scales, mins, bp);
+  if (bits == 4 && planes == 1) gemm_tiled<4, 1>(out, qa, da, sa, qweight, scales, mins, bp);
+  else if (bits == 4) gemm_tiled<4, 2>(out, qa, da, sa, qweight, scales, mins, bp);
+  else if (planes == 1) gemm_tiled<8, 1>(out, qa, da, sa, qweight, scales, mins, bp);
+  else gemm_tiled<8, 2>(out, qa, da, sa, qweight, scales, mins, bp);
 #endif
 }
 
@@ -295,7 +309,9 @@ void gguf_gemm_auto(at::Tensor out, const at::Tensor& qa, const at::Tensor& da, 
                     const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
                     const c10::optional<at::Tensor>& bias, int64_t bits) {
   const int64_t min_rows = qweight.numel() > kLargeWeightBytes ? kTiledMinRowsLarge : kTiledMinRows;
-  if (kHaveTiled && qa.size(0) >= min_rows) gguf_gemm_tiled(out, qa, da, sa, qweight, scales, mins, bias, bits);
+  // per-16 scales (Q6_K) have no tiled kernel yet
+  const bool per32 = (bits == 4 || bits == 8) && scales.dim() == 2 && scales.size(1) * kBlock * bits / 8 == qweight.size(1);
+  if (kHaveTiled && per32 && qa.size(0) >= min_rows) gguf_gemm_tiled(out, qa, da, sa, qweight, scales, mins, bias, bits);
   else gguf_gemm(out, qa, da, sa, qweight, scales, mins, bias, bits, true);
 }
 
