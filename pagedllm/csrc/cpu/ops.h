@@ -37,4 +37,15 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
 
 bool gguf_gemm_has_vnni512();
 
+// gguf_gemm_tiled.cpp: the many-row GEMM on the same operands; _auto picks it or the GEMV by rows.
+void gguf_gemm_tiled(at::Tensor out, const at::Tensor& qa, const at::Tensor& da, const at::Tensor& sa,
+                     const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
+                     const c10::optional<at::Tensor>& bias, int64_t bits);
+
+void gguf_gemm_auto(at::Tensor out, const at::Tensor& qa, const at::Tensor& da, const at::Tensor& sa,
+                    const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
+                    const c10::optional<at::Tensor>& bias, int64_t bits);
+
+int64_t gguf_gemm_tiled_min_rows();  // 0 where the build has no tiled kernel
+
 }  // namespace pagedllm

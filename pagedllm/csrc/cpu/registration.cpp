@@ -21,6 +21,11 @@ TORCH_LIBRARY(pagedllm_cpu, m) {
         "Tensor? bias, int bits, bool vectorised) -> ()");
   m.def("gguf_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, Tensor? bias, int bits, int act_bits=8) -> Tensor");
   m.def("gguf_gemm_has_vnni512() -> bool");
+  m.def("gguf_gemm_tiled(Tensor(a!) out, Tensor qa, Tensor da, Tensor sa, Tensor qweight, Tensor scales, "
+        "Tensor mins, Tensor? bias, int bits) -> ()");
+  m.def("gguf_gemm_auto(Tensor(a!) out, Tensor qa, Tensor da, Tensor sa, Tensor qweight, Tensor scales, "
+        "Tensor mins, Tensor? bias, int bits) -> ()");
+  m.def("gguf_gemm_tiled_min_rows() -> int");
 }
 
 TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
@@ -34,8 +39,11 @@ TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
   m.impl("quantize_q8_blocks", &pagedllm::quantize_q8_blocks);
   m.impl("gguf_gemm", &pagedllm::gguf_gemm);
   m.impl("gguf_linear", &pagedllm::gguf_linear);
+  m.impl("gguf_gemm_tiled", &pagedllm::gguf_gemm_tiled);
+  m.impl("gguf_gemm_auto", &pagedllm::gguf_gemm_auto);
 }
 
 TORCH_LIBRARY_IMPL(pagedllm_cpu, CompositeExplicitAutograd, m) {
   m.impl("gguf_gemm_has_vnni512", &pagedllm::gguf_gemm_has_vnni512);
+  m.impl("gguf_gemm_tiled_min_rows", &pagedllm::gguf_gemm_tiled_min_rows);
 }

@@ -200,7 +200,7 @@ def gguf_linear(x: torch.Tensor, segments: list[Segment], out_features: int,
         elif kernels:
             if activations is None:
                 activations = cpu_ops.quantize_q8_blocks(x2, act_bits)
-            cpu_ops.gguf_gemm(cols, activations, w.qweight, w.scales, w.mins, seg_bias, w.bits)
+            cpu_ops.gguf_gemm_auto(cols, activations, w.qweight, w.scales, w.mins, seg_bias, w.bits)
         else:
             ref = gguf_blocks.block_linear_reference(x2, w, act_bits=act_bits)
             cols.copy_(ref if seg_bias is None else ref + seg_bias)
