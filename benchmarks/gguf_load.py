@@ -20,8 +20,10 @@ timed by phase with wrappers around the loader's functions:
   other       the rest of `LLM()` (engine arguments, processes, the kernels' import)
   first_token a 16-token prompt and one output token, after `LLM()` returns
 
-Memory: process RSS (anonymous and file-backed) after `LLM()` minus before it (after imports),
-against the file size plus the KV cache's bytes.
+Memory: process RSS after `LLM()` minus before it (after imports), against the file size plus
+the KV cache's bytes; "warm" is the same in a process whose engine already ran once on a tiny
+model, so the one-off costs of a first engine (libraries, the kernels' module, thread pools)
+are left out and what remains is the model's (weights, tokenizer, what the load left allocated).
 
     python benchmarks/gguf_load.py                       # Qwen2.5-0.5B-shaped, gguf and float32
     python benchmarks/gguf_load.py --smollm2             # also the SmolLM2-135M Q4_1 file
@@ -78,6 +80,25 @@ def _rss() -> dict[str, int]:
     return out
 
 
+def warm_child(path: str, quantization: str | None, threads: int, tiny: str) -> dict:
+    """RSS growth of a load in a process whose engine already ran once (on a tiny model): the
+    model's own memory, without the one-off costs of a first engine (libraries, kernels, pools)."""
+    import gc
+
+    import torch
+
+    torch.set_num_threads(threads)
+    from pagedllm import LLM
+
+    LLM(model=tiny, quantization=quantization, max_model_len=128, kv_cache_memory_bytes=8 << 20).shutdown()
+    gc.collect()
+    before = _rss()
+    llm = LLM(model=path, quantization=quantization, max_model_len=1024, kv_cache_memory_bytes=KV_BYTES)
+    after = _rss()
+    llm.shutdown()
+    return {"rss_delta_warm": after["VmRSS"] - before["VmRSS"]}
+
+
 def child(path: str, quantization: str | None, threads: int) -> dict:
     """One load in this (fresh) process; returns its phases and memory."""
     import torch
@@ -112,7 +133,7 @@ def child(path: str, quantization: str | None, threads: int) -> dict:
 
     before = _rss()
     start = time.perf_counter()
-    llm = LLM(model=path, quantization=quantization, max_model_len=2048, kv_cache_memory_bytes=KV_BYTES)
+    llm = LLM(model=path, quantization=quantization, max_model_len=1024, kv_cache_memory_bytes=KV_BYTES)
     total = time.perf_counter() - start
     after = _rss()
     # the reader and the decode run inside load_model: what is left of it is building and copying in
@@ -138,10 +159,11 @@ def child(path: str, quantization: str | None, threads: int) -> dict:
     }
 
 
-def run_child(path: Path, quantization: str, threads: int) -> dict:
+def run_child(path: Path, quantization: str, threads: int, tiny: Path | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    proc = subprocess.run([sys.executable, __file__, "--child", str(path), quantization, "--threads", str(threads)],
-                          env=env, capture_output=True, text=True)
+    extra = ["--warm", str(tiny)] if tiny else []
+    proc = subprocess.run([sys.executable, __file__, "--child", str(path), quantization, "--threads", str(threads),
+                           *extra], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"load of {path} ({quantization}) failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -157,10 +179,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tag", default="")
     parser.add_argument("--child", nargs=2, metavar=("PATH", "QUANTIZATION"), help=argparse.SUPPRESS)
+    parser.add_argument("--warm", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         path, quantization = args.child
-        print(json.dumps(child(path, None if quantization == "none" else quantization, args.threads)))
+        quantization = None if quantization == "none" else quantization
+        result = warm_child(path, quantization, args.threads, args.warm) if args.warm else \
+            child(path, quantization, args.threads)
+        print(json.dumps(result))
         return
 
     files = [qwen_file(args.cache_dir)] + ([smollm2_file()] if args.smollm2 else [])
@@ -171,15 +197,25 @@ def main() -> None:
             result = run_child(f, q, args.threads)
             if (f, q) not in best or result["load_s"] < best[(f, q)]["load_s"]:
                 best[(f, q)] = result
+    from test_gguf_loader import write_tiny_gguf
+
+    tiny = args.cache_dir / "tiny-qwen2.gguf"
+    if not tiny.exists():
+        write_tiny_gguf(tiny, "qwen2", True)
+    for f, q in runs:
+        r = best[(f, q)]
+        r.update(run_child(f, q, args.threads, tiny))
+        r["rss_ratio_warm"] = r["rss_delta_warm"] / (r["file_bytes"] + r["kv_cache_bytes"])
     load = os.getloadavg()
     print(f"load average {load[0]:.1f}, {args.threads} threads, best of {args.repeats}")
     header = f"{'file':<42} {'quant':<5} {'load s':>7} " + " ".join(f"{p:>9}" for p in PHASES)
-    print(header + f" {'1st tok':>7} {'MiB file':>8} {'MiB KV':>6} {'MiB RSS+':>8} {'ratio':>5}")
+    print(header + f" {'1st tok':>7} {'MiB file':>8} {'MiB KV':>6} {'MiB RSS+':>8} {'ratio':>5} {'warm':>6} {'ratio':>5}")
     for (f, q), r in best.items():
         print(f"{r['file'][:42]:<42} {q:<5} {r['load_s']:>7.2f} "
               + " ".join(f"{r['phases_s'][p]:>9.2f}" for p in PHASES)
               + f" {r['first_token_s']:>7.2f} {r['file_bytes'] / 2**20:>8.0f} {r['kv_cache_bytes'] / 2**20:>6.0f}"
-              f" {r['rss_delta'] / 2**20:>8.0f} {r['rss_ratio']:>5.2f}")
+              f" {r['rss_delta'] / 2**20:>8.0f} {r['rss_ratio']:>5.2f}"
+              f" {r['rss_delta_warm'] / 2**20:>6.0f} {r['rss_ratio_warm']:>5.2f}")
     stamp = datetime.now(timezone.utc)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"gguf_load-{stamp:%Y%m%d-%H%M}{'-' + args.tag if args.tag else ''}-{platform.node()}.json"
