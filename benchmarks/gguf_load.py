@@ -197,10 +197,10 @@ def main() -> None:
             result = run_child(f, q, args.threads)
             if (f, q) not in best or result["load_s"] < best[(f, q)]["load_s"]:
                 best[(f, q)] = result
-    from test_gguf_loader import write_tiny_gguf
-
     tiny = args.cache_dir / "tiny-qwen2.gguf"
     if not tiny.exists():
+        from test_gguf_loader import write_tiny_gguf
+
         write_tiny_gguf(tiny, "qwen2", True)
     for f, q in runs:
         r = best[(f, q)]

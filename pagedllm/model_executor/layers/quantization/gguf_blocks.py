@@ -154,27 +154,27 @@ def _small_pages() -> Iterator[None]:
     """NumPy asks for transparent huge pages on large arrays; where the kernel's THP defrag is
     `madvise`, each first touch of one then waits on memory compaction. Decoding touches fresh
     memory all the time: without huge pages Qwen2.5-0.5B's Q5_0 rows decode in half the time."""
-    previous = np._core.multiarray._set_madvise_hugepage(False)
+    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray  # NumPy 2 / 1
+    previous = multiarray._set_madvise_hugepage(False)
     try:
         yield
     finally:
-        np._core.multiarray._set_madvise_hugepage(previous)
+        multiarray._set_madvise_hugepage(previous)
 
 
 def _decode(raw: np.ndarray, type_name: str) -> BlockQuantizedWeight:
-    block_bytes, block_weights, decoder, bits = _DECODERS[type_name]
+    block_bytes, _, decoder, bits = _DECODERS[type_name]
     rows = raw.shape[0]
     blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, -1, block_bytes)
     q, scale, mn = decoder(blocks)
-    k = blocks.shape[1] * block_weights
     q = np.asarray(q, dtype=np.uint8).reshape(rows, -1)
     if type_name not in PACKED:
         q = _pack_numpy(q, bits)
     return BlockQuantizedWeight(
         bits=bits,
         qweight=torch.from_numpy(np.ascontiguousarray(q)),
-        scales=torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(rows, k // BLOCK)),
-        mins=torch.from_numpy(np.ascontiguousarray(mn, dtype=np.float32).reshape(rows, k // BLOCK)),
+        scales=torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(rows, -1)),
+        mins=torch.from_numpy(np.ascontiguousarray(mn, dtype=np.float32).reshape(rows, -1)),
     )
 
 
