@@ -12,8 +12,11 @@ step), and checks that the speculative output equals the plain one token for tok
 
 With `--draft-layers N` a `draft_model` run joins them: there is no smaller model of SmolLM2's tokenizer
 on PyPI, so the draft is SmolLM2 cut to its first N decoder layers (its own embeddings, final norm and
-tied LM head; written as a safetensors checkpoint in a temporary folder, nothing downloaded). Writes
-benchmarks/results/spec_decode-<date>-vm.json.
+tied LM head; written as a safetensors checkpoint in a temporary folder, nothing downloaded). With
+`--eagle-head DIR` an `eagle` run joins them: DIR is an EAGLE-1 head for SmolLM2 (hidden size 576), e.g.
+the one `benchmarks/train_eagle_head.py` trains on this CPU, or `--eagle-head random` / `zero`, a random
+head or one whose layer adds nothing (it then proposes the token the target just emitted), written to a
+temporary folder. Writes benchmarks/results/spec_decode-<date>-vm.json.
 """
 
 from __future__ import annotations
@@ -98,6 +101,40 @@ def truncated_draft(num_layers: int, folder: str) -> str:
     return folder
 
 
+def untrained_eagle_head(kind: str, folder: str) -> str:
+    """An EAGLE-1 head of SmolLM2's shape with random weights (`random`), or whose fc passes the target's hidden
+    state through and whose layer adds nothing (`zero`: the target's LM head then reads h_p again, so the head
+    guesses the token the target just emitted, a repetition)."""
+    from safetensors.torch import save_file
+
+    from pagedllm.model_executor.gguf_loader import load_gguf_config
+    from pagedllm.model_executor.model_source import resolve_model
+
+    config = load_gguf_config(resolve_model(None).path)
+    h, inter = config.hidden_size, config.intermediate_size
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    d = h // heads
+    g = torch.Generator().manual_seed(0)
+    shapes = {"fc.weight": (h, 2 * h), "layers.0.self_attn.q_proj.weight": (heads * d, h),
+              "layers.0.self_attn.k_proj.weight": (kv * d, h), "layers.0.self_attn.v_proj.weight": (kv * d, h),
+              "layers.0.self_attn.o_proj.weight": (h, heads * d), "layers.0.mlp.gate_proj.weight": (inter, h),
+              "layers.0.mlp.up_proj.weight": (inter, h), "layers.0.mlp.down_proj.weight": (h, inter)}
+    tensors = {name: torch.randn(*shape, generator=g) * 0.02 for name, shape in shapes.items()}
+    tensors["layers.0.post_attention_layernorm.weight"] = torch.ones(h)
+    if kind == "zero":
+        tensors["fc.weight"] = torch.cat((torch.zeros(h, h), torch.eye(h)), dim=1)
+        tensors["layers.0.self_attn.o_proj.weight"].zero_()
+        tensors["layers.0.mlp.down_proj.weight"].zero_()
+    save_file(tensors, f"{folder}/model.safetensors")
+    rope = getattr(config, "rope_theta", None) or (config.rope_parameters or {}).get("rope_theta", 1e4)
+    with open(f"{folder}/config.json", "w") as f:
+        json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": config.vocab_size,
+                   "hidden_size": h, "intermediate_size": inter, "num_hidden_layers": 1,
+                   "num_attention_heads": heads, "num_key_value_heads": kv, "rms_norm_eps": config.rms_norm_eps,
+                   "rope_theta": rope, "max_position_embeddings": config.max_position_embeddings}, f)
+    return folder
+
+
 def run(llm: LLM, prompt: str, params: SamplingParams) -> tuple[float, list[int]]:
     start = time.perf_counter()
     out = llm.chat([{"role": "user", "content": prompt}], params, use_tqdm=False)[0]
@@ -122,6 +159,10 @@ def main() -> None:
                    help="also run method draft_model with the default model cut to this many layers, half from "
                         "the bottom and half from the top (0: no draft_model run)")
     p.add_argument("--draft-k", type=int, default=3, help="num_speculative_tokens of the draft_model run")
+    p.add_argument("--eagle-head", default=None,
+                   help="also run method eagle with this EAGLE-1 head directory, or 'random' / 'zero' (an untrained "
+                        "head written to a temporary folder)")
+    p.add_argument("--eagle-k", type=int, default=3, help="num_speculative_tokens of the eagle run")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: steady figures on a shared machine, where spinning threads thrash)")
     p.add_argument("--show-text", action="store_true", help="print each task's answer once")
@@ -140,6 +181,13 @@ def main() -> None:
         configs[f"draft {args.draft_layers}L k={args.draft_k}"] = {
             "method": "draft_model", "num_speculative_tokens": args.draft_k,
             "model": truncated_draft(args.draft_layers, draft_folder.name)}
+    eagle_folder = tempfile.TemporaryDirectory(prefix="spec-eagle-")
+    if args.eagle_head:
+        head = (untrained_eagle_head(args.eagle_head, eagle_folder.name) if args.eagle_head in ("random", "zero")
+                else args.eagle_head)
+        label = args.eagle_head if args.eagle_head in ("random", "zero") else "trained"
+        configs[f"eagle {label} k={args.eagle_k}"] = {"method": "eagle", "num_speculative_tokens": args.eagle_k,
+                                                      "model": head}
     engines = {name: LLM(model=args.model, max_model_len=2048, speculative_config=spec, disable_log_stats=True)
                for name, spec in configs.items()}
     for llm in engines.values():  # warm-up: kernels built, first-step costs paid
@@ -178,16 +226,17 @@ def main() -> None:
             "identical_to_none": all(tokens[name, t] == tokens["none", t] for t in range(len(TASKS))),
         })
     base = rows[0]["output_tok_per_s"]
-    print(f"{'config':<16}{'out tok/s':>11}{'speed-up':>10}{'accept %':>10}{'mean len':>10}{'same tokens':>13}")
+    print(f"{'config':<22}{'out tok/s':>11}{'speed-up':>10}{'accept %':>10}{'mean len':>10}{'same tokens':>13}")
     for row in rows:
         row["speedup"] = row["output_tok_per_s"] / base
         acc = f"{100 * row['acceptance_rate']:.1f}" if row["acceptance_rate"] is not None else "-"
         mlen = f"{row['mean_acceptance_length']:.2f}" if row["mean_acceptance_length"] is not None else "-"
-        print(f"{row['config']:<16}{row['output_tok_per_s']:>11.1f}{row['speedup']:>9.2f}x{acc:>10}{mlen:>10}"
+        print(f"{row['config']:<22}{row['output_tok_per_s']:>11.1f}{row['speedup']:>9.2f}x{acc:>10}{mlen:>10}"
               f"{str(row['identical_to_none']):>13}")
     for llm in engines.values():
         llm.shutdown()
     draft_folder.cleanup()
+    eagle_folder.cleanup()
     result = {"benchmark": "spec_decode", "date": datetime.now(timezone.utc).isoformat(), "machine": platform.node(),
               "processor": platform.processor() or platform.machine(), "args": vars(args),
               "tasks": [t[:80] for t in TASKS], "rows": rows}

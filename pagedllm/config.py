@@ -21,9 +21,10 @@ _DTYPES = {
     "half": torch.float16,
 }
 
-# vLLM's `kv_cache_dtype` values this engine can store ('auto': the model's dtype). vLLM's fp8
-# ones ('fp8', 'fp8_e4m3', 'fp8_e5m2', ...) need per-layer scales, which are not implemented.
-KV_CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16}
+# vLLM's `kv_cache_dtype` values this engine can store ('auto': the model's dtype). 'fp8' is e4m3, as
+# in vLLM; the fp8 ones keep a per-tensor scale per layer (`attention/kv_quant.py`).
+KV_CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn,
+                   "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 # vLLM's `quantization` values this engine implements (None: the checkpoint's weights as loaded).
 # "gguf" keeps a GGUF file's blocks as they are; "gptq", "awq" and "compressed-tensors" name the format a
@@ -170,13 +171,13 @@ class CacheConfig:
     kv_cache_memory_bytes: Optional[int] = None
     gpu_memory_utilization: float = 0.9
     # vLLM's kv_cache_dtype: 'auto' stores K/V in the model's dtype; 'bfloat16' halves a float32
-    # cache, whose reads bound decode attention on CPU (math stays float32; see docs/performance.md).
+    # cache, whose reads bound decode attention on CPU (math stays float32; see docs/performance.md);
+    # 'fp8' / 'fp8_e4m3' / 'fp8_e5m2' quarter it (8-bit floats with per-layer scales).
     cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.cache_dtype not in KV_CACHE_DTYPES:
-            hint = " (fp8 KV caches are not implemented)" if self.cache_dtype.startswith("fp8") else ""
-            raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {self.cache_dtype!r}{hint}")
+            raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {self.cache_dtype!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
@@ -234,8 +235,8 @@ class LoRAConfig:
 
 
 # vLLM's speculative methods: the ones implemented, and the others it has (refused by name).
-SPECULATIVE_METHODS = ("ngram", "draft_model")
-VLLM_SPECULATIVE_METHODS = ("eagle", "eagle3", "mtp", "medusa", "mlp_speculator", "suffix",
+SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle")
+VLLM_SPECULATIVE_METHODS = ("eagle3", "mtp", "medusa", "mlp_speculator", "suffix",
                             "ngram_gpu")
 # `speculative_config` keys vLLM defines that only its other methods or tuning use: accepted at None.
 _VLLM_ONLY_SPECULATIVE_KEYS = ("quantization", "max_model_len", "revision", "code_revision",
@@ -250,7 +251,9 @@ class SpeculativeConfig:
     longest earlier match, between `prompt_lookup_min` and `prompt_lookup_max` tokens long, of the sequence's
     last tokens (both default to 5 when neither is given, as in vLLM). `method="draft_model"` runs `model`, a
     small model of the target's tokenizer, k times per step to propose its greedy continuation; its config
-    (`draft_model_config`, a `ModelConfig`) is filled in by `EngineArgs`, which reads the checkpoint. Built
+    (`draft_model_config`, a `ModelConfig`) is filled in by `EngineArgs`, which reads the checkpoint.
+    `method="eagle"` runs `model`, an EAGLE-1 head (one Llama decoder layer on the target's hidden states,
+    `model_executor/models/eagle.py`), whose config goes in `draft_model_config` the same way. Built
     from the user's dict by `from_dict`, which names the key or value it refuses."""
 
     method: str
@@ -258,7 +261,7 @@ class SpeculativeConfig:
     prompt_lookup_min: Optional[int] = None
     prompt_lookup_max: Optional[int] = None
     model: Optional[str] = None  # the draft model (draft_model / eagle methods)
-    draft_model_config: Optional["ModelConfig"] = None  # draft_model: the draft checkpoint, resolved
+    draft_model_config: Optional["ModelConfig"] = None  # draft_model / eagle: the draft checkpoint, resolved
 
     def __post_init__(self) -> None:
         if self.method in VLLM_SPECULATIVE_METHODS:
@@ -270,9 +273,10 @@ class SpeculativeConfig:
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"speculative_config num_speculative_tokens must be a positive integer, got {k!r}")
-        if self.method == "draft_model":
+        if self.method in ("draft_model", "eagle"):
             if not self.model:
-                raise ValueError("speculative_config method 'draft_model' needs 'model', the draft checkpoint")
+                what = "the draft checkpoint" if self.method == "draft_model" else "the EAGLE head's checkpoint"
+                raise ValueError(f"speculative_config method {self.method!r} needs 'model', {what}")
             return
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
         for name, value in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):

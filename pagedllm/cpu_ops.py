@@ -35,6 +35,8 @@ logger = init_logger(__name__)
 CPU_KERNELS_ENV = "PAGEDLLM_CPU_KERNELS"
 # The storage types every kernel takes (the math is float32 inside).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+# What the decode attention kernel reads a KV cache in: also vLLM's fp8 kv_cache_dtypes.
+KERNEL_CACHE_DTYPES = KERNEL_DTYPES + (torch.float8_e4m3fn, torch.float8_e5m2)
 _SOURCE_DIR = os.path.join(os.path.dirname(__file__), "csrc", "cpu")
 _SOURCES = ["registration.cpp", "paged_decode.cpp", "layernorm.cpp", "activation.cpp", "rotary.cpp",
             "quantize.cpp", "gguf_gemm.cpp"]
@@ -112,12 +114,15 @@ def paged_decode(
     scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Decode attention into `out` [seqs, heads, dim] for `query` (one token per sequence),
     over `seq_lens[i]` cached keys reached through `block_tables[i]` (both int64); a local layer's
-    over its last `sliding_window` keys only, scores capped at `soft_cap` (Gemma 2)."""
+    over its last `sliding_window` keys only, scores capped at `soft_cap` (Gemma 2). An fp8 cache
+    holds K / k_scale and V / v_scale."""
     torch.ops.pagedllm_cpu.paged_decode(out, query, k_cache, v_cache, block_tables, seq_lens, scale,
-                                        sliding_window or 0, soft_cap or 0.0)
+                                        sliding_window or 0, soft_cap or 0.0, k_scale, v_scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -165,11 +170,14 @@ def dequantize_int8_output(out: torch.Tensor, acc: torch.Tensor, scale: torch.Te
     return out
 
 
-def quantize_q8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_q8_blocks(x: torch.Tensor, act_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """llama.cpp's q8_1 of `x` [rows, k] per block of 32, in `gguf_gemm`'s byte order: (qa int8
-    [rows, k padded to 128], d float32 [rows, k/32], s = d * sum(q) float32 [rows, k/32])."""
+    [rows, k padded to 128], d float32 [rows, k/32], s = d * sum(q) float32 [rows, k/32]).
+    `act_bits=15`: d = amax / 16383 and q in two int8 planes (q = 128 h + l), qa twice as wide."""
+    if act_bits not in (8, 15):
+        raise ValueError(f"act_bits must be 8 or 15, not {act_bits}")
     rows, k = x.shape
-    qa = torch.empty(rows, -(-k // 128) * 128, dtype=torch.int8)
+    qa = torch.empty(rows, -(-k // 128) * 128 * (2 if act_bits == 15 else 1), dtype=torch.int8)
     d = torch.empty(rows, k // 32, dtype=torch.float32)
     s = torch.empty(rows, k // 32, dtype=torch.float32)
     torch.ops.pagedllm_cpu.quantize_q8_blocks(qa, d, s, x)
@@ -180,7 +188,8 @@ def gguf_gemm(out: torch.Tensor, activations: tuple[torch.Tensor, torch.Tensor, 
               scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None, bits: int,
               vectorised: bool = True) -> torch.Tensor:
     """out [m, n] (float32, rows may be strided: a column slice of a wider output) = the quantised
-    activations times a block-quantised weight (`layers/quantization/gguf_blocks.py`), plus bias.
+    activations (8 or 15-bit, as `quantize_q8_blocks` made them) times a block-quantised weight
+    (`layers/quantization/gguf_blocks.py`, scales per 32 or per 16), plus bias.
     `vectorised=False` takes the portable loop instead of AVX-512 VNNI (for tests)."""
     qa, d, s = activations
     torch.ops.pagedllm_cpu.gguf_gemm(out, qa, d, s, qweight, scales, mins, bias, bits, vectorised)

@@ -1,7 +1,8 @@
 """Writing tiny GGUF files in llama.cpp's layout: the metadata every test file shares.
 
 The model-specific parts (which tensors, quantised or not, a family's extra keys) stay with each
-test; the header of a decoder and the small byte-level BPE tokenizer with its chat template are here.
+test; the header of a decoder, the small byte-level BPE tokenizer with its chat template and a Q6_K
+writer (the gguf package only reads that type) are here.
 """
 
 from __future__ import annotations
@@ -189,3 +190,25 @@ def write_random_qwen2_gguf(path: str, shape: Qwen2Shape = Qwen2Shape(), mix: st
     writer.write_tensors_to_file()
     writer.close()
     return sizes
+
+def quantize_q6_k(w: np.ndarray) -> np.ndarray:
+    """float32 [rows, k] -> Q6_K blocks (uint8 [rows, k / 256 * 210]), as llama.cpp lays them out
+    (the gguf package only reads Q6_K): per 16 weights an int8 scale sc, per 256 a float16 d,
+    w ~ d * sc * (q - 32) with q in [0, 63]. Plain absmax rounding, not llama.cpp's search."""
+    rows, k = w.shape
+    sb = w.reshape(rows, k // 256, 16, 16).astype(np.float32)
+    sub_scale = np.abs(sb).max(-1) / 31  # per 16
+    d = (np.abs(sub_scale).max(-1, keepdims=True) / 127).astype(np.float16)  # per 256
+    d32 = np.where(d == 0, 1, d.astype(np.float32))
+    sc = np.clip(np.round(sub_scale / d32), -128, 127).astype(np.int8)
+    step = d32[..., None] * sc.astype(np.float32)[..., None]
+    q = np.clip(np.round(sb / np.where(step == 0, 1, step)), -32, 31).astype(np.int32) + 32
+    q = q.reshape(rows, k // 256, 2, 4, 32)  # [half, i, l]: element 128 h + 32 i + l
+    ql = np.zeros((rows, k // 256, 2, 64), dtype=np.uint8)
+    ql[..., :32] = (q[..., 0, :] & 0xF) | ((q[..., 2, :] & 0xF) << 4)
+    ql[..., 32:] = (q[..., 1, :] & 0xF) | ((q[..., 3, :] & 0xF) << 4)
+    qh = ((q[..., 0, :] >> 4) | ((q[..., 1, :] >> 4) << 2) | ((q[..., 2, :] >> 4) << 4)
+          | ((q[..., 3, :] >> 4) << 6)).astype(np.uint8)
+    out = np.concatenate([ql.reshape(rows, k // 256, 128), qh.reshape(rows, k // 256, 64),
+                          sc.reshape(rows, k // 256, 16).view(np.uint8), d.view(np.uint8)], axis=-1)
+    return out.reshape(rows, -1)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import gguf
-from gguf_utils import add_decoder_header, add_tokenizer
+from gguf_utils import add_decoder_header, add_tokenizer, quantize_q6_k
 import numpy as np
 import pytest
 import torch
@@ -57,11 +57,11 @@ def _byte_level_alphabet() -> list[str]:
 TOKENS = _byte_level_alphabet() + list(MERGED_TOKENS.values()) + SPECIAL_TOKENS
 
 
-def _tiny_hf_model(arch: str, tie: bool) -> torch.nn.Module:
+def _tiny_hf_model(arch: str, tie: bool, hidden_size: int = 64, intermediate_size: int = 128) -> torch.nn.Module:
     common = dict(
         vocab_size=len(TOKENS),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         max_position_embeddings=256,
         rms_norm_eps=1e-6,
@@ -93,13 +93,17 @@ def _llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.n
 
 
 def write_tiny_gguf(path: Path, arch: str = "llama", tie: bool = True,
-                    quant_type: gguf.GGMLQuantizationType | None = None) -> tuple[dict[str, torch.Tensor], set[str]]:
+                    quant_type: gguf.GGMLQuantizationType | None = None, hidden_size: int = 64,
+                    intermediate_size: int = 128, overrides: dict[str, gguf.GGMLQuantizationType] | None = None,
+                    ) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Convert a random tiny model to a GGUF at `path`.
 
     Returns the model's Hugging Face state_dict and the names of the tensors stored quantised:
     the four in QUANTISED as Q8_0, or with `quant_type` every matrix (as a quantised file has them).
+    `overrides` ({"ffn_down": Q6_K}, say) gives the matrices whose GGUF name holds a key that type
+    instead, as a Q4_K_M file mixes types (Q6_K needs sizes that are multiples of 256).
     """
-    model = _tiny_hf_model(arch, tie)
+    model = _tiny_hf_model(arch, tie, hidden_size, intermediate_size)
     config = model.config
     writer = gguf.GGUFWriter(str(path), arch)
     head_dim = add_decoder_header(writer, config, arch)
@@ -124,9 +128,12 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tie: bool = True,
             data = _llama_cpp_permute(data, config.num_attention_heads, config.num_key_value_heads)
         qtype = (quant_type if data.ndim == 2 else None) if quant_type is not None else (
             gguf.GGMLQuantizationType.Q8_0 if gguf_name in QUANTISED else None)
+        if qtype is not None and data.ndim == 2:
+            qtype = next((t for key, t in (overrides or {}).items() if key in gguf_name), qtype)
         if qtype is not None:
             quantised.add(hf_name)
-            writer.add_tensor(gguf_name, gguf.quantize(data, qtype), raw_dtype=qtype)
+            blocks = quantize_q6_k(data) if qtype == gguf.GGMLQuantizationType.Q6_K else gguf.quantize(data, qtype)
+            writer.add_tensor(gguf_name, blocks, raw_dtype=qtype)
         else:
             writer.add_tensor(gguf_name, np.ascontiguousarray(data))
     writer.write_header_to_file()

@@ -85,7 +85,7 @@ def assert_all_blocks_free(llm: LLM) -> None:
     ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 0}, ValueError, "prompt_lookup_max"),
     ({"method": "ngram", "num_speculative_tokens": 3, "num_lookahead": 2}, ValueError, "unknown keys"),
     ({"method": "magic", "num_speculative_tokens": 3}, ValueError, "method must be one of"),
-    ({"method": "eagle", "model": "head", "num_speculative_tokens": 3}, NotImplementedError, "'eagle'"),
+    ({"method": "eagle3", "model": "head", "num_speculative_tokens": 3}, NotImplementedError, "'eagle3'"),
     ({"method": "ngram", "num_speculative_tokens": 3, "quantization": "fp8"}, NotImplementedError, "quantization"),
 ])
 def test_bad_speculative_configs_are_refused_before_loading(config, error, message):
@@ -355,17 +355,24 @@ def greedy_chains(model_dir: str) -> list[int]:
     return prompt
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
-def test_sampled_distribution_with_speculation_matches_without(loopy_dir, method):
+@pytest.mark.parametrize("method", ["ngram", "draft_model", "eagle"])
+def test_sampled_distribution_with_speculation_matches_without(loopy_dir, method, tmp_path):
     """Temperature 1 with top-p, 1500 seeded requests per engine, on a prompt where drafts are kept about a
-    quarter of the time (ngram) or about half (the loopy model as its own draft: its greedy guess); the tokens
+    quarter of the time (ngram) or about half (the loopy model as its own draft, or an EAGLE head that guesses
+    its greedy token: `eagle_utils.perfect_head`); the tokens
     at output positions 1..3 (drafted ones: position 0 comes from the prompt step) are compared by a
     chi-square test of homogeneity. (A sampler that drew rejected positions from the full distribution
     instead of the residual fails it with p ~ 1e-8.)"""
     prompt = {"prompt_token_ids": greedy_chains(loopy_dir)}
     params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=4, ignore_eos=True, seed=i) for i in range(1500)]
-    spec_config = ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1, "prompt_lookup_max": 1}
-                   if method == "ngram" else {"method": "draft_model", "model": loopy_dir, "num_speculative_tokens": 2})
+    spec_config = {"ngram": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1,
+                             "prompt_lookup_max": 1},
+                   "draft_model": {"method": "draft_model", "model": loopy_dir, "num_speculative_tokens": 2}}.get(method)
+    if method == "eagle":
+        from eagle_utils import perfect_head
+
+        spec_config = {"method": "eagle", "model": perfect_head(str(tmp_path / "head"), loopy_dir),
+                       "num_speculative_tokens": 2}
     samples = []
     for spec in (None, spec_config):
         outputs, llm = run(loopy_dir, [prompt] * len(params), params, spec, max_model_len=1024)

@@ -196,6 +196,22 @@ def test_backend_reads_and_writes_a_bfloat16_cache(query_dtype):
     assert torch.equal(flat[slot_mapping].to(query_dtype), key)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_backend_reads_and_writes_an_fp8_cache(cache_dtype):
+    """kv_cache_dtype='fp8' / 'fp8_e5m2' with per-layer scales: this step's K/V are stored divided by
+    k_scale / v_scale, and every kernel reads them back times the scales."""
+    seqs = [(40, 1), (9, 1), (0, 23), (16, 6), (19, 11)]
+    batch = PagedBatch(seqs, 4, 2, 32, 16, device=DEVICE, cache_dtype=cache_dtype, k_scale=0.5, v_scale=2.0)
+    key, value, slot_mapping = batch.take_new_kv()
+    attn = TritonPagedAttention(4, 2, 32, 32**-0.5)
+    attn.k_scale, attn.v_scale = 0.5, 2.0
+    out = attn.forward(batch.query, key, value, (batch.k_cache, batch.v_cache),
+                       batch.metadata(slot_mapping, TritonPagedAttentionBackend))
+    assert_close(out, batch.reference(), torch.float32)
+    assert torch.equal(batch.k_cache.view(-1, 2, 32)[slot_mapping].float(), key / 0.5)
+    assert torch.equal(batch.v_cache.view(-1, 2, 32)[slot_mapping].float(), value / 2.0)
+
+
 # ----- local (sliding-window) and soft-capped layers (Mistral, Gemma 2/3) ------------------------
 LOCAL = [(20, None), (None, 5.0), (20, 5.0)]  # (sliding_window, soft_cap)
 

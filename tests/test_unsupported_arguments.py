@@ -19,7 +19,7 @@ MISSING_MODEL = "/nonexistent/model"  # loading it would be a ValueError: the ch
 
 @pytest.mark.parametrize(("name", "value"), [
     ("fully_sharded_loras", True),
-    ("speculative_config", {"method": "eagle", "model": "path/to/eagle-head", "num_speculative_tokens": 3}),
+    ("speculative_config", {"method": "eagle3", "model": "path/to/eagle3-head", "num_speculative_tokens": 3}),
     ("cpu_offload_gb", 4),
     ("hf_token", "hf_secret"),
     ("scheduling_policy", "priority"),

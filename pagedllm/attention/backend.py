@@ -104,6 +104,10 @@ class AttentionImpl(ABC):
         self.scale = scale
         self.sliding_window = sliding_window
         self.logits_soft_cap = logits_soft_cap
+        # Per-tensor scales of an fp8 KV cache (`attention/kv_quant.py`): the cache holds K / k_scale and
+        # V / v_scale. 1.0 unless the checkpoint carries the layer's scales; unused for wider caches.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     @abstractmethod
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache,

@@ -6,7 +6,8 @@ ones this step (1 for a decode). Every sequence's K/V sit in a shuffled paged ca
 sequence owns hold `fill` (NaN by default), so a kernel that reads past its mask returns NaN.
 The cache may be stored in another dtype than the queries (`cache_dtype`, as `kv_cache_dtype`
 does); K/V are then drawn already representable in it, so the reference stays exact whichever
-path (fresh K/V or read back from the cache) a backend takes.
+path (fresh K/V or read back from the cache) a backend takes. An fp8 cache has per-tensor scales
+(`k_scale`, `v_scale`: powers of two keep "representable" exact through the division).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pagedllm.attention.backend import AttentionBackend, CommonAttentionMetadata, sequence_tensors
+from pagedllm.attention.kv_quant import byte_view, from_cache, to_cache
 from pagedllm.attention.torch_paged_attention import TorchPagedAttentionBackend
 from pagedllm.utils import cdiv
 
@@ -37,15 +39,18 @@ class PagedBatch:
         seed: int = 0,
         fill: float = float("nan"),
         cache_dtype: torch.dtype | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> None:
         self.seqs, self.block_size, self.head_dim = seqs, block_size, head_dim
+        self.k_scale, self.v_scale = k_scale, v_scale
         self.num_heads, self.num_kv_heads, self.device = num_heads, num_kv_heads, torch.device(device)
         gen = torch.Generator(self.device).manual_seed(seed)
         num_blocks = sum(cdiv(c + q, block_size) for c, q in seqs) + 2
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         cache_dtype = cache_dtype or dtype
-        self.k_cache = torch.full(shape, fill, dtype=cache_dtype, device=self.device)
-        self.v_cache = torch.full(shape, fill, dtype=cache_dtype, device=self.device)
+        self.k_cache = torch.full(shape, fill, dtype=torch.float32, device=self.device).to(cache_dtype)
+        self.v_cache = torch.full(shape, fill, dtype=torch.float32, device=self.device).to(cache_dtype)
         free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
         self.tables: list[list[int]] = []
         self.keys: list[torch.Tensor] = []
@@ -54,11 +59,12 @@ class PagedBatch:
         for context_len, query_len in seqs:
             seq_len = context_len + query_len
             table = [free.pop() for _ in range(cdiv(seq_len, block_size))]
-            k, v = (torch.randn(seq_len, num_kv_heads, head_dim, generator=gen, device=self.device)
-                    .to(cache_dtype).to(dtype) for _ in range(2))
+            k, v = (from_cache(to_cache(torch.randn(seq_len, num_kv_heads, head_dim, generator=gen,
+                                                    device=self.device), cache_dtype, scale), dtype, scale)
+                    for scale in (k_scale, v_scale))
             slots = self.slots(table, 0, seq_len)
-            self.k_cache.view(-1, num_kv_heads, head_dim)[slots] = k.to(cache_dtype)
-            self.v_cache.view(-1, num_kv_heads, head_dim)[slots] = v.to(cache_dtype)
+            self._store(self.k_cache, slots, to_cache(k, cache_dtype, k_scale))
+            self._store(self.v_cache, slots, to_cache(v, cache_dtype, v_scale))
             self.tables.append(table)
             self.keys.append(k)
             self.values.append(v)
@@ -66,6 +72,13 @@ class PagedBatch:
         self.query_start_loc, self.seq_lens, self.block_tables = sequence_tensors(
             [q for _, q in seqs], [c + q for c, q in seqs], self.tables, block_size, self.device
         )
+
+    def _store(self, cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor | float) -> None:
+        """cache's `slots` := rows (already in the cache dtype) or a constant, through the bytes for fp8,
+        which PyTorch cannot index-put into on CPU."""
+        if not isinstance(rows, torch.Tensor):
+            rows = torch.full((len(slots), self.num_kv_heads, self.head_dim), rows, device=self.device).to(cache.dtype)
+        byte_view(cache).view(-1, self.num_kv_heads, self.head_dim)[slots] = byte_view(rows)
 
     def slots(self, table: list[int], start: int, end: int) -> torch.Tensor:
         """Flat cache slots of positions start .. end - 1 of a sequence with this block table."""
@@ -111,8 +124,9 @@ class PagedBatch:
         query, as the KV-cache manager frees them: a local layer's kernel must not read them."""
         for (context_len, _), table in zip(self.seqs, self.tables):
             for block in table[: max(0, context_len - sliding_window + 1) // self.block_size]:
-                self.k_cache[block] = float("nan")
-                self.v_cache[block] = float("nan")
+                block_slots = torch.arange(block * self.block_size, (block + 1) * self.block_size, device=self.device)
+                self._store(self.k_cache, block_slots, float("nan"))
+                self._store(self.v_cache, block_slots, float("nan"))
 
     def take_new_kv(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This step's `(key, value, slot_mapping)`, with their slots blanked (to `nan`) in the
@@ -120,8 +134,8 @@ class PagedBatch:
         keys, values, slots = [], [], []
         for (context_len, query_len), table, k, v in zip(self.seqs, self.tables, self.keys, self.values):
             slot = self.slots(table, context_len, context_len + query_len)
-            self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[slot] = float("nan")
-            self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[slot] = float("nan")
+            self._store(self.k_cache, slot, float("nan"))
+            self._store(self.v_cache, slot, float("nan"))
             keys.append(k[context_len:])
             values.append(v[context_len:])
             slots.append(slot)

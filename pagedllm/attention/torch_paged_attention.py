@@ -13,11 +13,13 @@ decides which once, when it is built, and prepares only what that path reads.
 The cache may hold a narrower dtype than the model computes in (`kv_cache_dtype="bfloat16"`
 under float32 weights): K/V are rounded once, when written, and read back into the query's
 dtype. A prompt with nothing cached before it attends over its own K/V as computed, unrounded
-(the Triton backend reads every key back from the cache, rounded).
+(the Triton backend reads every key back from the cache, rounded). An fp8 cache also scales
+them by the layer's k_scale / v_scale (`attention/kv_quant.py`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +34,7 @@ from pagedllm.attention.backend import (
     CommonAttentionMetadata,
     KVCache,
 )
+from pagedllm.attention.kv_quant import from_cache, write_scaled
 from pagedllm.utils import async_tensor_h2d, cdiv
 
 # Decode batches on the gather path are split into up to this many length groups (one SDPA call each).
@@ -88,7 +91,7 @@ def decode_groups(sorted_lens: list[int], block_size: int) -> list[tuple[int, in
 def decode_kernel_usable(device: torch.device, model_dtype: torch.dtype, kv_cache_dtype: torch.dtype) -> bool:
     """Whether decodes can go through the CPU kernel (built, and both dtypes among its types)."""
     return (device.type == "cpu" and model_dtype in cpu_ops.KERNEL_DTYPES
-            and kv_cache_dtype in cpu_ops.KERNEL_DTYPES and cpu_ops.cpu_kernels_available())
+            and kv_cache_dtype in cpu_ops.KERNEL_CACHE_DTYPES and cpu_ops.cpu_kernels_available())
 
 
 class TorchAttentionMetadataBuilder(AttentionMetadataBuilder):
@@ -124,11 +127,11 @@ class TorchAttentionMetadataBuilder(AttentionMetadataBuilder):
         return meta
 
 
-def write_to_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
-    """Scatter this step's K/V [num_tokens, num_kv_heads, head_dim] into their cache slots."""
-    k_cache, v_cache = kv_cache
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+def write_to_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor,
+                      k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Scatter this step's K/V [num_tokens, num_kv_heads, head_dim] into their cache slots (divided by the
+    layer's scales when the cache is fp8)."""
+    write_scaled(key, value, *kv_cache, slot_mapping, k_scale, v_scale)
 
 
 class TorchPagedAttention(AttentionImpl):
@@ -152,14 +155,14 @@ class TorchPagedAttention(AttentionImpl):
         kv_cache: KVCache,
         meta: TorchAttentionMetadata,
     ) -> torch.Tensor:
-        write_to_kv_cache(key, value, kv_cache, meta.slot_mapping)
+        write_to_kv_cache(key, value, kv_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         if self.masked:
             return self._forward_masked(query, key, value, kv_cache, meta)
         out = torch.empty_like(query)
         if meta.num_decodes and meta.decode_seq_lens is not None:
             n = meta.num_decodes  # decodes are rows 0 .. n - 1
             cpu_ops.paged_decode(out[:n], query[:n], *kv_cache, meta.decode_block_tables, meta.decode_seq_lens,
-                                 self.scale)
+                                 self.scale, k_scale=self.k_scale, v_scale=self.v_scale)
         elif meta.num_decodes:
             self._decode_groups(query, kv_cache, meta, out)
         for seq in meta.prefills:
@@ -168,7 +171,7 @@ class TorchPagedAttention(AttentionImpl):
                 # Nothing cached before: attend over this step's own K/V, no gather needed.
                 k, v = key[rows], value[rows]
             else:
-                k, v = (t.to(query.dtype) for t in self._gather(kv_cache, seq.block_ids, seq.seq_len))
+                k, v = self._widen(self._gather(kv_cache, seq.block_ids, seq.seq_len), query.dtype)
             out[rows] = self._prefill(query[rows], k, v, seq.context_len)
         return out
 
@@ -180,7 +183,7 @@ class TorchPagedAttention(AttentionImpl):
         n = meta.num_decodes
         if n and meta.decode_seq_lens is not None:  # the C++ kernel, from the window's first block
             cpu_ops.paged_decode(out[:n], query[:n], *kv_cache, meta.decode_block_tables, meta.decode_seq_lens,
-                                 self.scale, self.sliding_window, self.logits_soft_cap)
+                                 self.scale, self.sliding_window, self.logits_soft_cap, self.k_scale, self.v_scale)
         elif n:
             lens = meta.decode_key_mask.sum(1)
             out[:n] = self._decode_masked(query[:n], kv_cache, meta.decode_block_tables, lens)
@@ -194,8 +197,8 @@ class TorchPagedAttention(AttentionImpl):
                 if self.sliding_window is not None:
                     first_block = max(0, seq.context_len - self.sliding_window + 1) // block_size
                 first_key = first_block * block_size
-                k, v = (t.to(query.dtype) for t in self._gather(kv_cache, seq.block_ids[first_block:],
-                                                                seq.seq_len - first_key))
+                k, v = self._widen(self._gather(kv_cache, seq.block_ids[first_block:], seq.seq_len - first_key),
+                                   query.dtype)
             q_pos = torch.arange(seq.context_len, seq.seq_len, device=query.device)
             k_pos = torch.arange(first_key, seq.seq_len, device=query.device)
             mask = self._key_mask(q_pos[:, None], k_pos[None, :])
@@ -213,8 +216,7 @@ class TorchPagedAttention(AttentionImpl):
     def _decode_masked(self, q: torch.Tensor, kv_cache: KVCache, block_tables: torch.Tensor,
                        seq_lens: torch.Tensor) -> torch.Tensor:
         """Decodes of a local or capped layer; a local layer reads only the blocks its window spans."""
-        k_cache, v_cache = kv_cache
-        block_size = k_cache.shape[1]
+        block_size = kv_cache[0].shape[1]
         n, max_blocks = block_tables.shape
         block_idx = torch.arange(max_blocks, device=q.device).expand(n, max_blocks)
         if self.sliding_window is not None:
@@ -226,8 +228,8 @@ class TorchPagedAttention(AttentionImpl):
         k_pos = (block_idx[:, :, None] * block_size + torch.arange(block_size, device=q.device)).flatten(1)
         mask = self._key_mask((seq_lens - 1)[:, None], k_pos)
         flat = block_tables.reshape(-1)
-        k = k_cache.index_select(0, flat).view(n, -1, *k_cache.shape[2:]).transpose(1, 2).to(q.dtype)
-        v = v_cache.index_select(0, flat).view(n, -1, *v_cache.shape[2:]).transpose(1, 2).to(q.dtype)
+        k, v = self._widen((c.index_select(0, flat).view(n, -1, *c.shape[2:]).transpose(1, 2) for c in kv_cache),
+                           q.dtype)
         return self._attend(q.unsqueeze(2), k, v, mask[:, None, None, :]).squeeze(2)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -258,6 +260,11 @@ class TorchPagedAttention(AttentionImpl):
                 meta.decode_key_mask[start:end, : num_blocks * kv_cache[0].shape[1]],
             )
 
+    def _widen(self, kv: Iterable[torch.Tensor], dtype: torch.dtype) -> KVCache:
+        """Gathered K and V in the compute dtype (times the layer's scales when the cache is fp8)."""
+        k, v = kv
+        return from_cache(k, dtype, self.k_scale), from_cache(v, dtype, self.v_scale)
+
     def _gather(self, kv_cache: KVCache, block_ids: torch.Tensor, seq_len: int) -> KVCache:
         k_cache, v_cache = kv_cache
         # index_select is several times faster than advanced indexing for this gather on CPU.
@@ -281,12 +288,11 @@ class TorchPagedAttention(AttentionImpl):
     def _decode(
         self, q: torch.Tensor, kv_cache: KVCache, block_tables: torch.Tensor, key_mask: torch.Tensor
     ) -> torch.Tensor:
-        k_cache, v_cache = kv_cache
         n, num_blocks = block_tables.shape
         flat = block_tables.reshape(-1)
         # [n * blocks, block_size, kv_heads, dim] -> [n, kv_heads, keys, dim]
-        k = k_cache.index_select(0, flat).view(n, -1, *k_cache.shape[2:]).transpose(1, 2).to(q.dtype)
-        v = v_cache.index_select(0, flat).view(n, -1, *v_cache.shape[2:]).transpose(1, 2).to(q.dtype)
+        k, v = self._widen((c.index_select(0, flat).view(n, -1, *c.shape[2:]).transpose(1, 2) for c in kv_cache),
+                           q.dtype)
         mask = key_mask[:, None, None, :]
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2), k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.gqa

@@ -72,7 +72,8 @@ class TritonAttentionMetadataBuilder(AttentionMetadataBuilder):
 
 
 class TritonPagedAttention(AttentionImpl):
-    """Attention over a paged KV cache with Triton kernels (GQA, any head_dim, fp32/fp16/bf16)."""
+    """Attention over a paged KV cache with Triton kernels (GQA, any head_dim, fp32/fp16/bf16; the cache
+    also in fp8 with per-layer scales)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  sliding_window: int | None = None, logits_soft_cap: float | None = None) -> None:
@@ -89,7 +90,7 @@ class TritonPagedAttention(AttentionImpl):
         meta: TritonAttentionMetadata,
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache
-        reshape_and_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+        reshape_and_cache(key, value, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         out = torch.empty_like(query)
         num_decodes = meta.num_decodes
         if num_decodes:
@@ -97,6 +98,7 @@ class TritonPagedAttention(AttentionImpl):
                 out[:num_decodes], query[:num_decodes], k_cache, v_cache,
                 meta.block_tables[:num_decodes], meta.seq_lens[:num_decodes], meta.max_decode_seq_len, self.scale,
                 sliding_window=self.sliding_window, soft_cap=self.logits_soft_cap,
+                k_scale=self.k_scale, v_scale=self.v_scale,
             )
         if meta.max_prefill_query_len:
             prefix_prefill(
@@ -104,6 +106,7 @@ class TritonPagedAttention(AttentionImpl):
                 meta.block_tables[num_decodes:], meta.query_start_loc[num_decodes:], meta.seq_lens[num_decodes:],
                 meta.max_prefill_query_len, self.scale,
                 sliding_window=self.sliding_window, soft_cap=self.logits_soft_cap,
+                k_scale=self.k_scale, v_scale=self.v_scale,
             )
         return out
 

@@ -112,7 +112,8 @@ class EngineArgs:
     enable_chunked_prefill: bool = arg(True, "split prompts longer than a step's token budget over several steps")
     block_size: int = arg(16, "tokens per KV-cache block")
     kv_cache_dtype: str = arg("auto", "KV-cache storage dtype ('auto': the model's; 'bfloat16' halves a float32 cache, "
-                                      "the bytes decode attention reads)", choices=list(KV_CACHE_DTYPES))
+                                      "the bytes decode attention reads; 'fp8' (= 'fp8_e4m3') and 'fp8_e5m2' quarter it)",
+                                      choices=list(KV_CACHE_DTYPES))
     quantization: Optional[str] = arg(None, "'int8': W8A8 linear layers on CPU (int8 weights per channel, uint8 "
                                             "activations per token, oneDNN's int8 matmul); changes the numerics, see "
                                             "docs/performance.md. 'gguf': a GGUF's quantised weights kept in their "
@@ -364,13 +365,21 @@ class EngineArgs:
             if any(g.sliding_window is not None for g in kv_cache_groups_for(target.text_config)):
                 raise ValueError("speculative_config with sliding-window (local) layers is not supported yet: "
                                  "their KV-cache groups do not release rejected drafts' blocks")
-        if spec is None or spec.method != "draft_model":
+        if spec is None or spec.method not in ("draft_model", "eagle"):
             return spec
         if self.tensor_parallel_size > 1:
-            raise ValueError("speculative_config method 'draft_model' runs with tensor_parallel_size=1 only")
+            raise ValueError(f"speculative_config method {spec.method!r} runs with tensor_parallel_size=1 only")
         from pagedllm.model_executor.model_source import resolve_model
 
         path = resolve_model(spec.model).path
+        if spec.method == "eagle":
+            from pagedllm.model_executor.models.eagle import load_eagle_config
+
+            head = load_eagle_config(path, target.text_config)
+            return dataclasses.replace(spec, draft_model_config=ModelConfig(
+                model=path, tokenizer=target.tokenizer, hf_config=head, dtype=target.dtype,
+                max_model_len=target.max_model_len, vocab_size=head.vocab_size, seed=target.seed,
+                enforce_eager=target.enforce_eager))
         hf_config = load_hf_config(path, self.trust_remote_code)
         if hf_config.vocab_size != target.vocab_size:
             raise ValueError(f"speculative_config model {spec.model!r} has a vocabulary of {hf_config.vocab_size} "

@@ -387,9 +387,10 @@ class EngineCore:
 
 
 def _num_lookahead_tokens(config: EngineConfig) -> int:
-    """Slots a request keeps past its tokens: a draft model's k proposals (n-gram drafts need none)."""
+    """Slots a request keeps past its tokens: a draft model's k proposals, or an EAGLE head's chained steps
+    (n-gram drafts need none)."""
     spec = config.speculative_config
-    return spec.num_speculative_tokens if spec is not None and spec.method == "draft_model" else 0
+    return spec.num_speculative_tokens if spec is not None and spec.method in ("draft_model", "eagle") else 0
 
 
 def _count_adapters(requests: Iterable[Request]) -> dict[str, int]:

@@ -72,9 +72,11 @@ def process_weights_after_loading(model: nn.Module) -> dict[str, tuple[int, int]
         if method is None:
             continue
         method.process_weights_after_loading(module)
-        if method.description is not None:
-            counts[method.description] += 1
-            sizes[method.description] += method.weight_bytes(module)
+        # a method may hold some of its layers in another form (`describe`: GPTQ blocks that fall back)
+        description = method.describe(module) if hasattr(method, "describe") else method.description
+        if description is not None:
+            counts[description] += 1
+            sizes[description] += method.weight_bytes(module)
     return {what: (counts[what], sizes[what]) for what in counts}
 
 

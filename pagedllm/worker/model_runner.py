@@ -43,6 +43,7 @@ from pagedllm.sample.metadata import build_sampling_metadata
 from pagedllm.sample.sampler import Sampler, gather_logprobs, seeded_generator
 from pagedllm.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
 from pagedllm.spec_decode.draft_model_proposer import DraftModelProposer
+from pagedllm.spec_decode.eagle_proposer import EagleProposer
 from pagedllm.spec_decode.ngram_proposer import NgramProposer
 from pagedllm.spec_decode.rejection_sampler import RejectionSampler, accepted_runs, expand_rows
 from pagedllm.utils import async_tensor_h2d, cdiv
@@ -69,6 +70,8 @@ class ModelInputs:
     token_type_ids: Optional[torch.Tensor] = None  # an encoder's segment ids, when a request has two
     # images of the step: (first row of the request, its first position, its tokens, the image)
     mm_placements: list[tuple[int, int, int, MultiModalFeature]] = dataclasses.field(default_factory=list)
+    # the scheduled requests in row order (an EAGLE head re-reads the step's rows per request)
+    ordered: list[ScheduledRequest] = dataclasses.field(default_factory=list)
 
 
 class ModelRunner:
@@ -119,10 +122,13 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}  # per-request, for seeded requests
         # Speculative decoding: the proposer of each request's next drafts, and the sampler that verifies them.
         spec = config.speculative_config
-        self.drafter: NgramProposer | DraftModelProposer | None = None
-        if spec is not None:
-            self.drafter = (DraftModelProposer(config, base_ctx, self.attn_metadata_builder)
-                            if spec.method == "draft_model" else NgramProposer(spec))
+        self.drafter: NgramProposer | DraftModelProposer | EagleProposer | None = None
+        if spec is not None and spec.method == "draft_model":
+            self.drafter = DraftModelProposer(config, base_ctx, self.attn_metadata_builder)
+        elif spec is not None and spec.method == "eagle":
+            self.drafter = EagleProposer(config, base_ctx, self.attn_metadata_builder, self.model)
+        elif spec is not None:
+            self.drafter = NgramProposer(spec)
         self.rejection_sampler = RejectionSampler(self.sampler.generator)
         self.is_pooling_model = mc.runner_type == "pooling"
         self.is_encoder_only = bool(getattr(self.model, "is_encoder_only", False))
@@ -134,7 +140,8 @@ class ModelRunner:
         use_graphs = use_graphs and lora_config is None  # graphs would replay without the step's LoRA mapping
         use_graphs = use_graphs and self.pp_group.world_size == 1  # a stage's forward sends and receives
         use_graphs = use_graphs and self.num_kv_cache_groups == 1  # a graph's buffers hold one block table
-        use_graphs = use_graphs and not isinstance(self.drafter, DraftModelProposer)  # its mirror needs the inputs
+        # a draft model's mirror and an EAGLE head need the step's inputs (and the head every row's hidden state)
+        use_graphs = use_graphs and not isinstance(self.drafter, (DraftModelProposer, EagleProposer))
         self.graph_sizes = capture_sizes(config.scheduler_config.max_num_seqs) if use_graphs else []
         self.num_blocks = 0  # until initialize_kv_cache
         self.kv_caches: KVCaches = []
@@ -149,7 +156,7 @@ class ModelRunner:
         # of a CUDA-graph replay write to (never a live sequence's block).
         self.kv_caches = allocate_kv_cache(self.config.model_config, num_blocks + 1, self.block_size, self.device,
                                            self.tp_group.world_size, self.config.kv_cache_dtype, self.stage_layers)
-        if isinstance(self.drafter, DraftModelProposer):  # the draft's own K/V under the same block ids
+        if isinstance(self.drafter, (DraftModelProposer, EagleProposer)):  # its own K/V under the same block ids
             self.drafter.kv_caches = allocate_kv_cache(self.drafter.model_config, num_blocks + 1, self.block_size,
                                                        self.device, 1, self.config.kv_cache_dtype)
         if self.graph_sizes:
@@ -236,6 +243,7 @@ class ModelRunner:
             pooling_metadata=pooling if pooling_ids else None,
             token_type_ids=token_type_ids,
             mm_placements=mm_placements,
+            ordered=ordered,
         )
 
     def _block_tables(self, req: ScheduledRequest) -> tuple[list[int], ...]:
@@ -285,6 +293,11 @@ class ModelRunner:
             self._sample(hidden, inputs, out, (sched.grammar_bitmask, sched.structured_output_request_ids))
         for request_id, (rows, first_pos, targets, k) in inputs.prompt_logprob_rows.items():
             out.prompt_logprobs[request_id] = (first_pos, self._prompt_logprobs(hidden, rows, targets, k))
+        if isinstance(self.drafter, EagleProposer):  # every step, sampled or not: the head's K/V follows the target's
+            wanted = {r.request_id for r in inputs.sample_requests if r.sampling_params.structured_outputs is None}
+            out.draft_token_ids.update({rid: d for rid, d in self.drafter.propose(
+                inputs.ordered, inputs.input_ids, inputs.positions, inputs.attn_metadata, hidden,
+                out.sampled_token_ids, out.num_accepted_tokens, wanted).items() if d})
         return out
 
     @torch.inference_mode()
@@ -330,7 +343,7 @@ class ModelRunner:
             self._verify_drafts(logits, requests, out, grammar)
         else:
             self._sample_logits(logits, requests, out, grammar)
-        if self.drafter is not None:
+        if self.drafter is not None and not isinstance(self.drafter, EagleProposer):  # EAGLE: after sampling
             self._propose_drafts(requests, out)
 
     def _sample_logits(self, logits: torch.Tensor, requests: list[ScheduledRequest], out: ModelRunnerOutput,

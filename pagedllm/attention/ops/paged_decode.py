@@ -53,6 +53,7 @@ def _paged_decode_kernel(
     qk_scale,  # softmax scale * log2(e)
     scale,  # the softmax scale itself (soft-capping applies before the base change)
     soft_cap,  # SOFT_CAP: scores become soft_cap * tanh(score / soft_cap)
+    v_scale,  # an fp8 cache holds V / v_scale (and K / k_scale, folded into the scales above)
     sliding_window,  # SLIDING: the query sees only its last sliding_window keys (itself included)
     num_heads,
     num_splits,
@@ -149,6 +150,7 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
         m_i = m_new
 
+    acc = acc * v_scale
     if SPLIT:
         # Partial results, indexed [seq, head, split]; the reduction normalises.
         stat_offs = (seq * num_heads + heads) * num_splits + split
@@ -230,10 +232,12 @@ def paged_decode(
     tile_n: int | None = None,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Decode attention for sequences with one query token each; `num_splits`/`tile_n` override
     the heuristics (tests). A local layer (`sliding_window`) reads only its window's blocks;
-    `soft_cap` caps the scores (Gemma 2)."""
+    `soft_cap` caps the scores (Gemma 2). An fp8 cache holds K / k_scale and V / v_scale."""
     num_seqs, num_heads, head_dim = query.shape
     if num_seqs == 0:
         return
@@ -259,9 +263,10 @@ def paged_decode(
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, partial_out, partial_max, partial_sum,
         query, k_cache, v_cache, block_tables, seq_lens,
-        scale * LOG2E,
-        scale,
+        scale * k_scale * LOG2E,
+        scale * k_scale,
         soft_cap or 1.0,
+        v_scale,
         sliding_window or 0,
         num_heads,
         num_splits,

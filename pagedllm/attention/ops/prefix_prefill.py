@@ -46,6 +46,7 @@ def _prefix_prefill_kernel(
     qk_scale,  # softmax scale * log2(e)
     scale,  # the softmax scale itself (soft-capping applies before the base change)
     soft_cap,  # SOFT_CAP: scores become soft_cap * tanh(score / soft_cap)
+    v_scale,  # an fp8 cache holds V / v_scale (and K / k_scale, folded into the scales above)
     sliding_window,  # SLIDING: query at p sees keys p - sliding_window < j <= p
     stride_q_token,
     stride_q_head,
@@ -148,7 +149,7 @@ def _prefix_prefill_kernel(
 
     if SLIDING:  # padding rows past the query may see no key at all: 0 / 0, never stored
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_i[:, None]
+    out = acc * v_scale / l_i[:, None]
     tl.store(
         out_ptr + (q_start + rows)[:, None] * stride_o_token + head * stride_o_head + dims[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -170,9 +171,12 @@ def prefix_prefill(
     block_n: int | None = None,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Attention for every prefill sequence; `block_m`/`block_n` override the tile sizes (tests).
-    A local layer (`sliding_window`) reads only its window's blocks; `soft_cap` caps the scores."""
+    A local layer (`sliding_window`) reads only its window's blocks; `soft_cap` caps the scores.
+    An fp8 cache holds K / k_scale and V / v_scale."""
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0 or max_query_len == 0:
         return
@@ -189,7 +193,7 @@ def prefix_prefill(
     grid = (num_seqs, num_heads, triton.cdiv(max_query_len, block_m))
     _prefix_prefill_kernel[grid](
         out, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
-        scale * LOG2E, scale, soft_cap or 1.0, sliding_window or 0,
+        scale * k_scale * LOG2E, scale * k_scale, soft_cap or 1.0, v_scale, sliding_window or 0,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

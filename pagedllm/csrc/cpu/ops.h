@@ -7,7 +7,7 @@ namespace pagedllm {
 
 void paged_decode(at::Tensor out, const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t sliding_window,
-                  double soft_cap);
+                  double soft_cap, double k_scale, double v_scale);
 
 void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps);
 
@@ -32,7 +32,8 @@ void gguf_gemm(at::Tensor out, const at::Tensor& qa, const at::Tensor& da, const
                const c10::optional<at::Tensor>& bias, int64_t bits, bool vectorised);
 
 at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                       const at::Tensor& mins, const c10::optional<at::Tensor>& bias, int64_t bits);
+                       const at::Tensor& mins, const c10::optional<at::Tensor>& bias, int64_t bits,
+                       int64_t act_bits);
 
 bool gguf_gemm_has_vnni512();
 

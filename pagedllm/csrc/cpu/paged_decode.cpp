@@ -15,12 +15,18 @@
 // kv_cache_dtype): the kernel is bound by reading the cache, so half the bytes is most of the
 // time back. A local layer (sliding_window > 0) reads only its last sliding_window keys, from the
 // block holding the first of them (earlier blocks may have been freed); soft_cap > 0 caps each
-// score at soft_cap * tanh(score / soft_cap) before the softmax (Gemma 2).
+// score at soft_cap * tanh(score / soft_cap) before the softmax (Gemma 2). An fp8 cache (e4m3 or
+// e5m2, kv_cache_dtype="fp8*") holds K / k_scale and V / v_scale: each byte is widened through a
+// 256-entry table, k_scale is folded into the query's scale and v_scale into the output.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
+#include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -83,11 +89,48 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+template <typename cache_t>
+constexpr bool is_fp8 = std::is_same_v<cache_t, c10::Float8_e4m3fn> || std::is_same_v<cache_t, c10::Float8_e5m2>;
+
+// Every value an fp8 byte can hold, as float32 (c10's own conversion, so the same as PyTorch's).
+template <typename fp8_t>
+const std::array<float, 256>& fp8_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int b = 0; b < 256; ++b) t[b] = static_cast<float>(fp8_t(static_cast<uint8_t>(b), fp8_t::from_bits()));
+    return t;
+  }();
+  return table;
+}
+
 // A cache row as float32: the row itself for a float32 cache, else widened into `buf`.
 template <typename cache_t>
 inline const float* widened(const cache_t* src, std::vector<float>& buf, int64_t n) {
   if constexpr (std::is_same_v<cache_t, float>) {
     return src;
+  } else if constexpr (is_fp8<cache_t>) {
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(src);
+    float* dst = buf.data();
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    // 16 at a time through float16, which vcvtph2ps widens exactly (subnormals included): e5m2 is the top
+    // byte of a float16; e4m3's 4 exponent bits sit in float16's low ones (bias 7 against 15), so the
+    // float16 read is the value times 2^-8. (e4m3's one NaN code reads as 480 here; the cache never
+    // holds it, since writes saturate.)
+    for (; i + 16 <= n; i += 16) {
+      const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + i)));
+      if constexpr (std::is_same_v<cache_t, c10::Float8_e5m2>) {
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_slli_epi16(w, 8)));
+      } else {
+        const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8),
+                                          _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x7F)), 7));
+        _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f)));
+      }
+    }
+#endif
+    const float* table = fp8_table<cache_t>().data();
+    for (; i < n; ++i) dst[i] = table[bytes[i]];
+    return dst;
   } else {
     float* dst = buf.data();
     int64_t i = 0;
@@ -106,7 +149,7 @@ inline const float* widened(const cache_t* src, std::vector<float>& buf, int64_t
 template <typename scalar_t, typename cache_t>
 void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t sliding_window,
-            double soft_cap) {
+            double soft_cap, double k_scale, double v_scale) {
   const int64_t num_seqs = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
   const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
@@ -119,7 +162,9 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
   scalar_t* o = out.data_ptr<scalar_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
-  const float fscale = static_cast<float>(scale), cap = static_cast<float>(soft_cap);
+  // The scores are q . (k_scale * k_stored): fold k_scale into the query once.
+  const float fscale = static_cast<float>(scale * k_scale), cap = static_cast<float>(soft_cap);
+  const float out_scale = static_cast<float>(v_scale);
   const int64_t threads = at::get_num_threads();
   const int64_t kv_per_item = num_seqs >= 4 * threads ? num_kv_heads : 1;
   const int64_t items_per_seq = num_kv_heads / kv_per_item, items = num_seqs * items_per_seq;
@@ -196,7 +241,7 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
       });
       for (int64_t h = 0; h < heads_per_item; ++h) {
         scalar_t* oh = o + s * o_seq_stride + (h0 + h) * o_head_stride;
-        for (int64_t d = 0; d < head_dim; ++d) oh[d] = static_cast<scalar_t>(acc[h * head_dim + d]);
+        for (int64_t d = 0; d < head_dim; ++d) oh[d] = static_cast<scalar_t>(acc[h * head_dim + d] * out_scale);
       }
     }
   });
@@ -206,7 +251,7 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
 
 void paged_decode(at::Tensor out, const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t sliding_window,
-                  double soft_cap) {
+                  double soft_cap, double k_scale, double v_scale) {
   TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes(), "paged_decode: query and out must be [seqs, heads, dim]");
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1, "paged_decode: head_dim must be contiguous");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
@@ -232,12 +277,20 @@ void paged_decode(at::Tensor out, const at::Tensor& query, const at::Tensor& k_c
                   "paged_decode: block id ", tables[s * max_blocks + b], " outside the cache's ", num_blocks, " blocks");
   }
   check_float_or_bf16(query.scalar_type(), "paged_decode");
-  check_float_or_bf16(k_cache.scalar_type(), "paged_decode (cache)");
-  const bool q32 = query.scalar_type() == at::kFloat, c32 = k_cache.scalar_type() == at::kFloat;
+  const at::ScalarType cache_type = k_cache.scalar_type();
+  const bool fp8 = cache_type == at::kFloat8_e4m3fn || cache_type == at::kFloat8_e5m2;
+  if (!fp8) check_float_or_bf16(cache_type, "paged_decode (cache)");
+  const bool q32 = query.scalar_type() == at::kFloat, c32 = cache_type == at::kFloat;
   auto run = [&](auto kernel) {
-    kernel(out, query, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, soft_cap);
+    kernel(out, query, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, soft_cap, k_scale, v_scale);
   };
-  if (q32 && c32) run(decode<float, float>);
+  if (cache_type == at::kFloat8_e4m3fn) {
+    if (q32) run(decode<float, c10::Float8_e4m3fn>);
+    else run(decode<c10::BFloat16, c10::Float8_e4m3fn>);
+  } else if (cache_type == at::kFloat8_e5m2) {
+    if (q32) run(decode<float, c10::Float8_e5m2>);
+    else run(decode<c10::BFloat16, c10::Float8_e5m2>);
+  } else if (q32 && c32) run(decode<float, float>);
   else if (q32) run(decode<float, c10::BFloat16>);
   else if (c32) run(decode<c10::BFloat16, float>);
   else run(decode<c10::BFloat16, c10::BFloat16>);

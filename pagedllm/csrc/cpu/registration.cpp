@@ -6,7 +6,8 @@
 
 TORCH_LIBRARY(pagedllm_cpu, m) {
   m.def("paged_decode(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor seq_lens, float scale, int sliding_window=0, float soft_cap=0.0) -> ()");
+        "Tensor seq_lens, float scale, int sliding_window=0, float soft_cap=0.0, float k_scale=1.0, "
+        "float v_scale=1.0) -> ()");
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
   m.def("add_rms_norm(Tensor(a!) out, Tensor(b!) residual_out, Tensor x, Tensor residual, Tensor weight, "
         "float eps) -> ()");
@@ -18,7 +19,7 @@ TORCH_LIBRARY(pagedllm_cpu, m) {
   m.def("quantize_q8_blocks(Tensor(a!) qa, Tensor(b!) da, Tensor(c!) sa, Tensor x) -> ()");
   m.def("gguf_gemm(Tensor(a!) out, Tensor qa, Tensor da, Tensor sa, Tensor qweight, Tensor scales, Tensor mins, "
         "Tensor? bias, int bits, bool vectorised) -> ()");
-  m.def("gguf_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, Tensor? bias, int bits) -> Tensor");
+  m.def("gguf_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, Tensor? bias, int bits, int act_bits=8) -> Tensor");
   m.def("gguf_gemm_has_vnni512() -> bool");
 }
 

@@ -252,6 +252,10 @@ class DecoderForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
+            kv_scale = _map_kv_scale_name(name)
+            if kv_scale is not None:
+                self._load_kv_scale(*kv_scale, tensor)
+                continue
             target, shard = _map_hf_name(name)
             if target is None:
                 continue
@@ -294,6 +298,32 @@ class DecoderForCausalLM(nn.Module):
         missing = [n for n in params if not any(l == n or l.startswith(n + ":") for l in loaded)]
         if missing:
             raise ValueError(f"checkpoint is missing weights, e.g. {missing[:3]}")
+
+
+    def _load_kv_scale(self, attention: str, which: str, tensor) -> None:
+        """An fp8 KV cache's per-tensor scale of one layer (`attention/kv_quant.py`); kept whatever the cache
+        dtype (only an fp8 cache uses it). A layer of another pipeline stage has no attention here."""
+        try:
+            impl = self.get_submodule(attention).attn
+        except AttributeError:
+            return
+        value = float(tensor.float().max()) if isinstance(tensor, torch.Tensor) else float(tensor)
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"checkpoint KV-cache scale of {attention!r} must be positive and finite, got {value}")
+        for part in which:  # "k", "v" or, for the old single kv_scale, both
+            setattr(impl, f"{part}_scale", value)
+
+
+def _map_kv_scale_name(name: str) -> tuple[str, str] | None:
+    """'model.layers.3.self_attn.k_scale' (vLLM's name; compressed-tensors saves
+    'self_attn.k_proj.output_scale'; older checkpoints one 'self_attn.kv_scale') ->
+    ('layers.3.self_attn', 'k')."""
+    name = name.removeprefix("model.")
+    for suffix, which in ((".k_scale", "k"), (".v_scale", "v"), (".k_proj.output_scale", "k"),
+                          (".v_proj.output_scale", "v"), (".kv_scale", "kv")):
+        if name.endswith(suffix) and ".self_attn" in name:
+            return name[: -len(suffix)].removesuffix(".attn"), which
+    return None
 
 
 _FUSED = {

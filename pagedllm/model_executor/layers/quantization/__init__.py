@@ -19,6 +19,10 @@ from pagedllm.model_executor.layers.linear_method import UNQUANTIZED, LinearMeth
 from pagedllm.model_executor.layers.quantization.checkpoint import CHECKPOINT_QUANTIZATION
 from pagedllm.model_executor.layers.quantization.gguf import GGUFLinearMethod, gguf_unavailable_reason
 from pagedllm.model_executor.layers.quantization.int8 import Int8LinearMethod, int8_unavailable_reason
+from pagedllm.utils import env_flag
+
+# GPTQ/AWQ/compressed-tensors layers in the GGUF kernel's 4-bit blocks on CPU (`checkpoint_form`)
+CPU_INT4_BLOCKS_ENV = "PAGEDLLM_CPU_INT4_BLOCKS"
 
 
 @dataclass(frozen=True)
@@ -42,11 +46,23 @@ def get_linear_methods(quantization: str | None, dtype: torch.dtype, device: tor
     if quantization == "gguf":  # every weight the file quantised stays so, the LM head too (as llama.cpp)
         gguf_method = GGUFLinearMethod()
         return LinearMethods(linear=gguf_method, lm_head=gguf_method, tied_lm_head=gguf_method, embedding=gguf_method)
-    if quant_config is not None:  # kept packed for the Triton kernel on GPUs, dequantized once on CPU
-        linear = quant_config.linear_method(plain, "triton" if device.type == "cuda" else "dequantized")
+    if quant_config is not None:
+        linear = quant_config.linear_method(plain, checkpoint_form(device, dtype))
     else:
         linear = Int8LinearMethod() if quantization == "int8" else plain
     return LinearMethods(linear=linear, lm_head=plain, tied_lm_head=tied)
+
+
+def checkpoint_form(device: torch.device, dtype: torch.dtype) -> str:
+    """What a pre-quantized checkpoint's layers hold (`packed_int.FORMS`): packed for the Triton kernel
+    on GPUs; on CPU the float matrix, dequantized once, or with `PAGEDLLM_CPU_INT4_BLOCKS=1` the
+    integers in the GGUF kernel's blocks (q8 activations: not the dequantized model's numbers, see
+    docs/quantization.md)."""
+    if device.type == "cuda":
+        return "triton"
+    if env_flag(CPU_INT4_BLOCKS_ENV, default=False) and gguf_unavailable_reason(device, dtype) is None:
+        return "blocks"
+    return "dequantized"
 
 
 def verify_quantization(quantization: str | None, device: torch.device, dtype: torch.dtype) -> None:

@@ -5,12 +5,15 @@ SmolLM2's Q4_1 file holds 5 bits a weight where the float32 model read 32 and in
 keeps a GGUF's blocks as they are and multiplies by them; so does this method. Each layer's
 tensors arrive undecoded (`gguf_loader.GGUFQuantizedTensor`, one per q/k/v or gate/up part),
 are decoded into `BlockQuantizedWeight`s (`gguf_blocks.py`) and multiplied by the C++ kernel
-(`cpu_ops.gguf_gemm`): activations quantised to int8 per block of 32 as llama.cpp's q8_1, exact
-integer block sums, float scales.
+(`cpu_ops.gguf_gemm`): activations quantised per block of 32, exact integer block sums, float
+scales. The activations are 15-bit by default (`PAGEDLLM_GGUF_ACT_BITS`, 15 or 8): llama.cpp's
+8-bit q8_1 cost SmolLM2 +1.2% perplexity over the same weights in float32, 15 bits -0.01%, for
+~2% of a batch-1 decode step and ~1.5x the matmul time of a 64-token prefill chunk
+(docs/performance.md, *Quality*).
 
 A fused layer may mix types (Q4_K_M files store some V and down projections as Q6_K): it is then
 a few row *segments*, each with its own form, written into column slices of one output. Rows
-of a type the kernel does not take (Q6_K, the IQ types...) are held dequantised to float32.
+of a type the kernel does not take (Q2_K, Q3_K, the IQ types...) are held dequantised to float32.
 
 The embedding is kept in blocks too (a tied model's is also its LM head), and a lookup
 dequantises just the rows asked for (`embedding`), so the float32 matrix (113 MB for SmolLM2,
@@ -19,6 +22,7 @@ dequantises just the rows asked for (`embedding`), so the float32 matrix (113 MB
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +39,20 @@ from pagedllm.model_executor.layers.quantization.gguf_blocks import BlockQuantiz
 logger = init_logger(__name__)
 
 GGUF_DTYPES = (torch.float32, torch.bfloat16)
+ACT_BITS_ENV = "PAGEDLLM_GGUF_ACT_BITS"
+DEFAULT_ACT_BITS = 15
+
+
+def activation_bits() -> int:
+    """Bits the GGUF kernels quantise activations to: `PAGEDLLM_GGUF_ACT_BITS` (8: llama.cpp's q8_1,
+    SmolLM2 +1.2% perplexity over float32, ~2% faster at batch 1 and ~1.5x in prefill; 15: the
+    default, -0.01%). Read when a layer is built."""
+    raw = os.environ.get(ACT_BITS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_ACT_BITS
+    if raw not in ("8", "15"):
+        raise ValueError(f"{ACT_BITS_ENV} must be 8 or 15, not {raw!r}")
+    return int(raw)
 
 
 def gguf_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -103,7 +121,8 @@ def _merge(segments: list[Segment]) -> list[Segment]:
     for seg in sorted(segments, key=lambda s: s.start):
         prev = merged[-1] if merged else None
         same_bits = (prev is not None and isinstance(prev.weight, BlockQuantizedWeight)
-                     and isinstance(seg.weight, BlockQuantizedWeight) and prev.weight.bits == seg.weight.bits)
+                     and isinstance(seg.weight, BlockQuantizedWeight) and prev.weight.bits == seg.weight.bits
+                     and prev.weight.sub == seg.weight.sub)
         both_float = prev is not None and isinstance(prev.weight, torch.Tensor) and isinstance(seg.weight, torch.Tensor)
         if prev is not None and prev.end == seg.start and (same_bits or both_float):
             if both_float:
@@ -133,6 +152,7 @@ class GGUFLinearMethod(LinearMethodBase):
                              "use tensor_parallel_size=1 (or data parallelism)")
         layer.gguf_input_size, layer.gguf_output_size = input_size, output_size
         layer.gguf_segments = []
+        layer.gguf_act_bits = activation_bits()
 
     def load_weight(self, layer: nn.Module, loaded, shard: str | int | None = None) -> None:
         rows, cols = tuple(loaded.shape)
@@ -151,7 +171,7 @@ class GGUFLinearMethod(LinearMethodBase):
                              "GGUF layer were loaded")
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return gguf_linear(x, layer.gguf_segments, layer.gguf_output_size, bias)
+        return gguf_linear(x, layer.gguf_segments, layer.gguf_output_size, bias, layer.gguf_act_bits)
 
     def embedding(self, layer: nn.Module, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The rows of a blocks-held embedding for `input_ids`, dequantised."""
@@ -173,9 +193,10 @@ class GGUFLinearMethod(LinearMethodBase):
 
 
 def gguf_linear(x: torch.Tensor, segments: list[Segment], out_features: int,
-                bias: torch.Tensor | None) -> torch.Tensor:
-    """x W^T + b over a layer's segments: activations quantised once, each segment's product
-    written into its columns of one float32 output."""
+                bias: torch.Tensor | None, act_bits: int = 8) -> torch.Tensor:
+    """x W^T + b over a layer's segments: activations quantised once (to `act_bits`, 8 or 15), each
+    segment's product written into its columns of one float32 output. (8 unless asked: GGUF layers
+    pass their `PAGEDLLM_GGUF_ACT_BITS`; the int4 blocks of packed_int.py keep q8 for now.)"""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     kernels = cpu_ops.cpu_kernels_available()
@@ -183,7 +204,7 @@ def gguf_linear(x: torch.Tensor, segments: list[Segment], out_features: int,
         # the common case in one op (activation quantisation, output allocation and product)
         w = segments[0].weight
         bias = bias if bias is None or bias.dtype == torch.float32 else bias.float()
-        out = torch.ops.pagedllm_cpu.gguf_linear(x2, w.qweight, w.scales, w.mins, bias, w.bits)
+        out = torch.ops.pagedllm_cpu.gguf_linear(x2, w.qweight, w.scales, w.mins, bias, w.bits, act_bits)
         return (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*shape[:-1], out_features)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -199,10 +220,10 @@ def gguf_linear(x: torch.Tensor, segments: list[Segment], out_features: int,
                 cols.add_(seg_bias)
         elif kernels:
             if activations is None:
-                activations = cpu_ops.quantize_q8_blocks(x2)
+                activations = cpu_ops.quantize_q8_blocks(x2, act_bits)
             cpu_ops.gguf_gemm(cols, activations, w.qweight, w.scales, w.mins, seg_bias, w.bits)
         else:
-            ref = gguf_blocks.block_linear_reference(x2, w)
+            ref = gguf_blocks.block_linear_reference(x2, w, act_bits=act_bits)
             cols.copy_(ref if seg_bias is None else ref + seg_bias)
     out = out if x.dtype == torch.float32 else out.to(x.dtype)
     return out.reshape(*shape[:-1], out_features)

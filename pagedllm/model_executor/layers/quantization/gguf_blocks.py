@@ -10,12 +10,15 @@ min). So they are decoded once at load (vectorised numpy, seconds for a 0.5 GB f
 high); 8-bit rows are reordered in groups of 4 blocks (first halves, then second halves) so that
 both widths meet the same activation layout in the kernel (`csrc/cpu/gguf_gemm.cpp`).
 
-Q6_K (a scale per 16 weights) and the rarer types are not decoded here: `decode` returns None and
-the layer keeps those rows dequantised (`gguf.dequantize`, float32).
+Q6_K has a scale per 16 weights: its q (6 bits, in a byte) gets a scale and a min per 16,
+w = d * sc * q - 32 d * sc, and the kernel keeps the two halves of each block apart. The rarer
+types (Q2_K, Q3_K, IQ*) are not decoded here: `decode` returns None and the layer keeps those rows
+dequantised (`gguf.dequantize`, float32).
 
 The reference arithmetic (`quantize_activations`, `block_linear_reference`) is the kernel's,
 written with PyTorch ops: activations as llama.cpp's q8_1 (int8 per block of 32, d = amax / 127,
-s = d * sum q), exact int32 block sums, then the float scales. It is what the kernels are tested
+s = d * sum q) or, with `act_bits=15`, d = amax / 16383 and q in [-16383, 16383]; exact int32 block
+sums, then the float scales. It is what the kernels are tested
 against, bit for bit on the integer parts, and the path taken where they cannot be built.
 """
 
@@ -34,17 +37,23 @@ GROUP = 4  # blocks per kernel step: 128 weights, one 512-bit vector of each hal
 
 @dataclass
 class BlockQuantizedWeight:
-    """A [out, in] weight as blocks of 32: w[n, 32b + j] = scales[n, b] * q[n, 32b + j] + mins[n, b],
-    q held in `bits` bits (`qweight`, the kernel's byte order)."""
+    """A [out, in] weight as blocks of `sub` (32, or 16 for Q6_K): w[n, sub * b + j] =
+    scales[n, b] * q[n, sub * b + j] + mins[n, b], q held in `bits` bits (`qweight`, the kernel's
+    byte order, blocks of 32 either way)."""
 
     bits: int
     qweight: torch.Tensor  # uint8 [out, in * bits / 8]
-    scales: torch.Tensor  # float32 [out, in / 32]
-    mins: torch.Tensor  # float32 [out, in / 32]
+    scales: torch.Tensor  # float32 [out, in / sub]
+    mins: torch.Tensor  # float32 [out, in / sub]
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.qweight.shape[0], self.scales.shape[1] * BLOCK
+        return self.qweight.shape[0], self.qweight.shape[1] * 8 // self.bits
+
+    @property
+    def sub(self) -> int:
+        """Weights per scale and min: 32, or 16 (Q6_K)."""
+        return self.shape[1] // self.scales.shape[1]
 
     @property
     def nbytes(self) -> int:
@@ -57,7 +66,7 @@ class BlockQuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         """The float32 [out, in] matrix this weight stands for."""
         out, k = self.shape
-        q = self.unpacked().view(out, k // BLOCK, BLOCK).float()
+        q = self.unpacked().view(out, k // self.sub, self.sub).float()
         return (q * self.scales[..., None] + self.mins[..., None]).view(out, k)
 
 
@@ -126,6 +135,21 @@ def _decode_k(b: np.ndarray, fifth_bit: bool):
     return q, d * sc, -(dmin * mn)
 
 
+def _decode_q6_k(b: np.ndarray):
+    """Q6_K (210 bytes): ql[128] low 4 bits, qh[64] high 2 bits, 16 int8 scales, f16 d. Per half
+    (128 weights) h: element 32 i + l (i < 4, l < 32) has its low bits in ql[64 h + 32 (i % 2) + l]
+    (low nibble for i < 2, high for i >= 2) and its high bits at bit 2 i of qh[32 h + l]."""
+    ql, qh, sc = b[..., 0:128], b[..., 128:192], b[..., 192:208].view(np.int8).astype(np.float32)
+    d = _f16(b[..., 208:210])
+    ql = ql.reshape(*ql.shape[:-1], 2, 1, 2, 32)  # [half, nibble, i % 2, l]
+    low = (ql >> np.array([0, 4], dtype=np.uint8).reshape(2, 1, 1)) & 0x0F  # [half, i // 2, i % 2, l]
+    qh = qh.reshape(*qh.shape[:-1], 2, 1, 32)
+    high = (qh >> (2 * np.arange(4, dtype=np.uint8)).reshape(4, 1)) & 3  # [half, i, l]
+    q = low.reshape(*low.shape[:-4], 2, 4, 32) | (high << 4)
+    scale = d * sc
+    return q.reshape(*q.shape[:-3], 8, 32), scale, -32 * scale
+
+
 # GGML type name -> (bytes per block, weights per block, decoder, bits the kernel holds q in)
 _DECODERS = {
     "Q4_0": (18, 32, _decode_q4_0, 4),
@@ -135,6 +159,7 @@ _DECODERS = {
     "Q8_0": (34, 32, _decode_q8_0, 8),
     "Q4_K": (144, 256, lambda b: _decode_k(b, False), 4),
     "Q5_K": (176, 256, lambda b: _decode_k(b, True), 8),
+    "Q6_K": (210, 256, _decode_q6_k, 8),
 }
 KERNEL_TYPES = tuple(_DECODERS)
 PACKED = ("Q4_0", "Q4_1")
@@ -234,34 +259,53 @@ def unpack(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 
 # ----- the reference arithmetic -------------------------------------------------------------------
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """llama.cpp's q8_1 per block of 32: (q int8 [m, k], d float32 [m, k/32], s = d * sum q)."""
+ACT_BITS = (8, 15)
+
+
+def quantize_activations(x: torch.Tensor, act_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per block of 32: (q [m, k], d float32 [m, k/32], s = d * sum q). act_bits 8: llama.cpp's q8_1
+    (d = amax / 127, q int8); 15: d = amax / 16383, q int16 in [-16383, 16383]."""
+    if act_bits not in ACT_BITS:
+        raise ValueError(f"act_bits must be 8 or 15, not {act_bits}")
     m, k = x.shape
+    qmax = 127 if act_bits == 8 else 16383
     blocks = x.float().reshape(m, k // BLOCK, BLOCK)
-    d = blocks.abs().amax(dim=-1) * (1 / 127)  # the kernel's rounding: times float32(1/127)
+    d = blocks.abs().amax(dim=-1) * (1 / qmax)  # the kernel's rounding: times float32(1/qmax)
     inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-    q = torch.round(blocks * inv[..., None]).to(torch.int8)
+    q = torch.round(blocks * inv[..., None]).to(torch.int8 if act_bits == 8 else torch.int16)
     s = d * q.sum(dim=-1, dtype=torch.int32).float()
     return q.reshape(m, k), d, s
 
 
-def block_sums(qa: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Exact int32 dot products per block: qa int8 [m, k], q uint8 [n, k] -> [m, n, k/32]."""
+def block_sums(qa: torch.Tensor, q: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """Exact int32 dot products per block: qa [m, k], q uint8 [n, k] -> [m, n, k/block]."""
     m, k = qa.shape
-    a = qa.reshape(m, k // BLOCK, BLOCK).to(torch.int32).transpose(0, 1)  # [nb, m, 32]
-    w = q.reshape(q.shape[0], k // BLOCK, BLOCK).to(torch.int32).permute(1, 2, 0)  # [nb, 32, n]
+    a = qa.reshape(m, k // block, block).to(torch.int32).transpose(0, 1)  # [nb, m, block]
+    w = q.reshape(q.shape[0], k // block, block).to(torch.int32).permute(1, 2, 0)  # [nb, block, n]
     return torch.bmm(a.to(torch.float64), w.to(torch.float64)).to(torch.int32).permute(1, 2, 0)
 
 
-def block_linear_reference(x: torch.Tensor, weight: BlockQuantizedWeight, chunk: int = 4096) -> torch.Tensor:
-    """x W^T in float32, as the kernel computes it: q8 activations, exact block sums, float scales.
-    (Float64 products of small integers are exact, so the bmm's sums are the int32 ones.)"""
-    qa, d, s = quantize_activations(x)
+def block_linear_reference(x: torch.Tensor, weight: BlockQuantizedWeight, chunk: int = 4096,
+                           act_bits: int = 8) -> torch.Tensor:
+    """x W^T in float32, as the kernel computes it: quantised activations, exact block sums, float
+    scales. (Float64 products of small integers are exact, so the bmm's sums are the int32 ones.)
+    Per-16 weights (Q6_K) take each half block's sum and the activations' own per-16 integer sums
+    for the min term: d[b] * (scale * sumi + min * sum q) per half."""
+    qa, d, s = quantize_activations(x, act_bits)
     q = weight.unpacked()
+    sub = weight.sub
+    if sub != BLOCK:
+        m, k = qa.shape
+        d_sub = d.repeat_interleave(BLOCK // sub, dim=1)  # [m, k/16]
+        a_sums = qa.reshape(m, k // sub, sub).sum(-1, dtype=torch.int32).float()  # [m, k/16]
     outs = []
     for n0 in range(0, q.shape[0], chunk):
         sl = slice(n0, n0 + chunk)
-        sumi = block_sums(qa, q[sl]).float()  # [m, n, nb]
-        scaled = (sumi * (weight.scales[sl][None] * d[:, None])).sum(-1)
-        outs.append(scaled + s @ weight.mins[sl].T)
+        sumi = block_sums(qa, q[sl], sub).float()  # [m, n, k/sub]
+        if sub == BLOCK:
+            scaled = (sumi * (weight.scales[sl][None] * d[:, None])).sum(-1)
+            outs.append(scaled + s @ weight.mins[sl].T)
+        else:
+            t = sumi * weight.scales[sl][None] + a_sums[:, None] * weight.mins[sl][None]
+            outs.append((t * d_sub[:, None]).sum(-1))
     return torch.cat(outs, dim=1)

@@ -9,8 +9,10 @@ back into a float matrix (`dequantize`, written out in plain PyTorch: the refere
 What a layer holds after loading (`form`, picked in `quantization/__init__.py` by device):
 - "dequantized" (CPU): the matrix dequantized once to the model dtype, multiplied as an unquantized
   layer is (oneDNN-packed where available): the checkpoint's 4-bit download and load, but a float
-  model's memory and speed at run time. CPU kernels that read the int4 groups as they are (as the
-  GGUF kernels do) are the next step;
+  model's memory and speed at run time;
+- "blocks" (CPU): the integers re-expressed once in the GGUF kernel's blocks of 32 (`int4_blocks.py`),
+  4 bits a weight plus a float32 scale and min per block, multiplied by that kernel with q8
+  activations. A layer whose groups are not whole blocks of 32 is held "dequantized" instead;
 - "triton" (CUDA): the integers stay packed, a Triton kernel dequantizes tiles inside the matmul
   (`triton_int_matmul.py`);
 - "packed": the checkpoint's tensors as loaded, dequantized on every call: the reference.
@@ -25,7 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.logger import init_logger
 from pagedllm.model_executor.layers.linear_method import UNQUANTIZED, LinearMethodBase
+from pagedllm.model_executor.layers.quantization.gguf import Segment, gguf_linear
+
+logger = init_logger(__name__)
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int, order: Sequence[int] | None = None) -> torch.Tensor:
@@ -96,7 +102,7 @@ class IntGroups(NamedTuple):
 
 
 FORMS = {"dequantized": "dequantized at load", "triton": "kept packed, Triton kernel",
-         "packed": "dequantized per call"}
+         "packed": "dequantized per call", "blocks": "kept in blocks of 32, CPU kernel"}
 
 
 class PackedIntLinearMethod(LinearMethodBase):
@@ -116,6 +122,7 @@ class PackedIntLinearMethod(LinearMethodBase):
         self.dense = dense
         self.form = form
         self.description = f"{self.format_name}, {FORMS[form]}"
+        self._fallback_reasons: set[str] = set()  # logged once each ("blocks" layers held dequantized)
 
     @abstractmethod
     def unpack(self, layer: nn.Module) -> IntGroups:
@@ -124,6 +131,14 @@ class PackedIntLinearMethod(LinearMethodBase):
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         """The layer's float32 [output, input] weight."""
         return self.unpack(layer).dequantize()
+
+    def layer_form(self, layer: nn.Module) -> str:
+        """The form `layer` is held in: `form`, or "dequantized" where "blocks" could not hold it."""
+        return "blocks" if hasattr(layer, "int_blocks") else ("dequantized" if self.form == "blocks" else self.form)
+
+    def describe(self, layer: nn.Module) -> str:
+        """The start-up log's words for `layer` (a method in "blocks" form may hold some layers dequantized)."""
+        return f"{self.format_name}, {FORMS[self.layer_form(layer)]}"
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if self.form == "packed":  # kept, as plain tensors: `weight_bytes` counts them, not as parameters
@@ -137,17 +152,38 @@ class PackedIntLinearMethod(LinearMethodBase):
             from pagedllm.model_executor.layers.quantization.triton_int_matmul import IntGroupWeight
 
             layer.int_weight = IntGroupWeight.from_groups(*self.unpack(layer), self.bits, layer.model_dtype)
-        else:
+        elif self.form == "blocks":
+            self._to_blocks(layer)
+        if self.layer_form(layer) == "dequantized":
             weight = self.dequantize(layer).to(layer.model_dtype)
         for name in self.packed_names:
             if hasattr(layer, name):
                 delattr(layer, name)
-        if self.form == "dequantized":
+        if self.layer_form(layer) == "dequantized":
             layer.weight = nn.Parameter(weight, requires_grad=False)
             self.dense.process_weights_after_loading(layer)
 
+    def _to_blocks(self, layer: nn.Module) -> None:
+        """`layer.int_blocks` (and its kernel segment), or nothing where the blocks cannot hold the layer."""
+        from pagedllm.model_executor.layers.quantization.int4_blocks import blocked_form  # it imports this module
+
+        held = blocked_form(self.unpack(layer), self.bits)
+        if isinstance(held, str):
+            if held not in self._fallback_reasons:
+                self._fallback_reasons.add(held)
+                logger.info("%s layers with %s are held dequantized to float, not in the CPU kernel's blocks",
+                            self.format_name, held)
+            return
+        layer.int_blocks = held
+        layer.int_segments = [Segment(0, held.weight.shape[0], held.weight)]
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.form == "dequantized":
+        form = self.layer_form(layer)
+        if form == "blocks":
+            perm = layer.int_blocks.input_perm
+            return gguf_linear(x if perm is None else x.index_select(-1, perm), layer.int_segments,
+                               layer.int_segments[0].end, bias)
+        if form == "dequantized":
             return self.dense.apply(layer, x, bias)
         if self.form == "triton":
             from pagedllm.model_executor.layers.quantization.triton_int_matmul import int_group_linear
@@ -156,7 +192,10 @@ class PackedIntLinearMethod(LinearMethodBase):
         return F.linear(x, self.dequantize(layer).to(x.dtype), bias)
 
     def weight_bytes(self, layer: nn.Module) -> int:
-        if self.form == "dequantized":
+        form = self.layer_form(layer)
+        if form == "blocks":
+            return layer.int_blocks.nbytes
+        if form == "dequantized":
             return self.dense.weight_bytes(layer)
         if self.form == "triton":
             return layer.int_weight.nbytes
