@@ -100,6 +100,8 @@ def run_engine(name: str, python: str, model: str, workload: Path, threads: int,
     checkout = source if source is not None else HERE.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), str(HERE / "peers")]),
            "PAGEDLLM_LOGGING_LEVEL": "WARNING"}
+    if source is not None:  # its own kernel sources: a cache folder of its own, or each side rebuilds the other's
+        env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/torch_extensions") + "-baseline"
     label = name + (" (baseline)" if source is not None else "")
     print(f"[compare] running {label} ...", flush=True)
     start = time.perf_counter()
@@ -109,7 +111,8 @@ def run_engine(name: str, python: str, model: str, workload: Path, threads: int,
         print(f"[compare] {label} failed:\n  " + "\n  ".join(tail), flush=True)
         return {"engine": name, "error": "\n".join(tail)}
     result = json.loads(out.read_text())
-    print(f"[compare] {label}: {result['elapsed_s']:.1f} s generating ({time.perf_counter() - start:.0f} s with load)",
+    cpu = f", {result['cpu_s']:.1f} s CPU" if "cpu_s" in result else ""
+    print(f"[compare] {label}: {result['elapsed_s']:.1f} s generating{cpu} ({time.perf_counter() - start:.0f} s with load)",
           flush=True)
     return result
 

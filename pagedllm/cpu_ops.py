@@ -40,8 +40,8 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 KERNEL_CACHE_DTYPES = KERNEL_DTYPES + (torch.float8_e4m3fn, torch.float8_e5m2)
 _SOURCE_DIR = os.path.join(os.path.dirname(__file__), "csrc", "cpu")
 _SOURCES = ["registration.cpp", "paged_decode.cpp", "layernorm.cpp", "activation.cpp", "rotary.cpp",
-            "quantize.cpp", "gguf_gemm.cpp", "decode_attention.cpp",
-            "gguf_decode_layers.cpp"]
+            "quantize.cpp", "gguf_gemm.cpp", "gguf_gemm_tiled.cpp", "gguf_quantize_avx512.cpp",
+            "decode_attention.cpp", "gguf_decode_layers.cpp"]
 # -ffast-math lets the compiler vectorise exp (glibc's vector math) and the float reductions; it
 # is a compile flag only, so the flush-to-zero start-up code it implies is never linked in.
 # -fopenmp because at::parallel_for is inline OpenMP (without it, it silently runs on one thread);
@@ -220,3 +220,29 @@ def gguf_gemm(out: torch.Tensor, activations: tuple[torch.Tensor, torch.Tensor, 
     qa, d, s = activations
     torch.ops.pagedllm_cpu.gguf_gemm(out, qa, d, s, qweight, scales, mins, bias, bits, vectorised)
     return out
+
+
+def gguf_gemm_tiled(out: torch.Tensor, activations: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                    qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None,
+                    bits: int) -> torch.Tensor:
+    """`gguf_gemm`'s product by the many-row kernel (`csrc/cpu/gguf_gemm_tiled.cpp`: 16 weight rows
+    a vector, repacked per call), at any row count; needs AVX-512 VNNI (`gguf_gemm_tiled_min_rows() > 0`)."""
+    qa, d, s = activations
+    torch.ops.pagedllm_cpu.gguf_gemm_tiled(out, qa, d, s, qweight, scales, mins, bias, bits)
+    return out
+
+
+def gguf_gemm_auto(out: torch.Tensor, activations: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                   qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None,
+                   bits: int) -> torch.Tensor:
+    """`gguf_gemm` for a few rows, `gguf_gemm_tiled` from `gguf_gemm_tiled_min_rows()` rows on (from
+    16 rows for a weight of more than 8 MiB, which the GEMV streams from memory faster)."""
+    qa, d, s = activations
+    torch.ops.pagedllm_cpu.gguf_gemm_auto(out, qa, d, s, qweight, scales, mins, bias, bits)
+    return out
+
+
+def gguf_gemm_tiled_min_rows() -> int:
+    """The row count from which `gguf_linear` takes the tiled kernel on a weight of up to 8 MiB;
+    0 where it is not built."""
+    return int(torch.ops.pagedllm_cpu.gguf_gemm_tiled_min_rows())

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.ggml import _gguf_parse_value
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from pagedllm.model_executor.gguf_loader import (
@@ -25,6 +26,7 @@ from pagedllm.model_executor.gguf_loader import (
     load_gguf_config,
     load_gguf_tokenizer,
 )
+from pagedllm.model_executor.gguf_reader import FastGGUFReader, reads_fast
 
 torch.set_num_threads(1)
 
@@ -220,6 +222,30 @@ def test_config_from_gguf(tiny_gguf) -> None:
     assert load_gguf_config(path).hidden_size == 64
 
 
+def _same_fields_as_gguf_reader(path: Path) -> None:
+    fast, slow = FastGGUFReader(str(path)), gguf.GGUFReader(str(path))
+    assert list(fast.fields) == list(slow.fields)
+    for name, a in fast.fields.items():
+        b = slow.fields[name]
+        assert (a.offset, a.data, a.types, len(a.parts)) == (b.offset, b.data, b.types, len(b.parts)), name
+        assert a.contents() == b.contents(), name
+        # what transformers makes of each element
+        assert [_gguf_parse_value(a.parts[i], a.types) for i in a.data] == \
+            [_gguf_parse_value(b.parts[i], b.types) for i in b.data], name
+    assert [(t.name, t.tensor_type, t.data_offset, t.data.shape) for t in fast.tensors] == \
+        [(t.name, t.tensor_type, t.data_offset, t.data.shape) for t in slow.tensors]
+
+
+def test_fast_reader_reads_what_gguf_reads(tiny_gguf) -> None:
+    """`FastGGUFReader` parses metadata arrays in bulk; the fields must be gguf's, part for part,
+    and the config transformers builds through it (without the merges) transformers' own."""
+    path = tiny_gguf[0]
+    _same_fields_as_gguf_reader(path)
+    with reads_fast():
+        fast = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    assert fast.to_dict() == AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict()
+
+
 def test_tokenizer_from_gguf_matches_auto_tokenizer(tiny_gguf) -> None:
     path = tiny_gguf[0]
     tokenizer = load_gguf_tokenizer(path)
@@ -354,6 +380,7 @@ def test_smollm2_config_and_tokenizer(smollm2_gguf: Path) -> None:
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert tokenizer("Hello world").input_ids == [19556, 905]
     assert os.path.getsize(smollm2_gguf) == 98362432
+    _same_fields_as_gguf_reader(smollm2_gguf)  # a real 49k vocabulary, merges, token types
 
 
 def test_a_mixture_of_experts_gguf_is_refused_clearly(tmp_path: Path) -> None:

@@ -38,6 +38,7 @@
 #include <cstdint>
 
 #include "dtype_utils.h"
+#include "gguf_common.h"
 #include "ops.h"
 
 namespace pagedllm {
@@ -333,6 +334,7 @@ void quantize_q8_blocks(at::Tensor qa, at::Tensor da, at::Tensor sa, const at::T
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == rows * nb,
                 "quantize_q8_blocks: da and sa must be contiguous float32 [rows, k / 32]");
   }
+  if (quantize_q8_blocks_avx512(qa, da, sa, x, planes)) return;  // the same bytes, 16 at a time
   if (x.scalar_type() == at::kFloat) quantize_blocks<float>(qa, da, sa, x, planes);
   else quantize_blocks<c10::BFloat16>(qa, da, sa, x, planes);
 }
@@ -380,7 +382,7 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   at::Tensor da = at::empty({rows, nb}, f32), sa = at::empty({rows, nb}, f32);
   quantize_q8_blocks(qa, da, sa, xc);
   at::Tensor out = at::empty({rows, qweight.size(0)}, f32);
-  gguf_gemm(out, qa, da, sa, qweight, scales, mins, bias, bits, true);
+  gguf_gemm_auto(out, qa, da, sa, qweight, scales, mins, bias, bits);  // many rows: gguf_gemm_tiled.cpp
   return out;
 }
 

@@ -50,4 +50,15 @@ std::tuple<at::Tensor, at::Tensor> gguf_decode_layers(
     at::TensorList v_caches, const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& seq_lens,
     int64_t num_heads, int64_t num_kv_heads, double scale, double eps);
 
+// gguf_gemm_tiled.cpp: the many-row GEMM on the same operands; _auto picks it or the GEMV by rows.
+void gguf_gemm_tiled(at::Tensor out, const at::Tensor& qa, const at::Tensor& da, const at::Tensor& sa,
+                     const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
+                     const c10::optional<at::Tensor>& bias, int64_t bits);
+
+void gguf_gemm_auto(at::Tensor out, const at::Tensor& qa, const at::Tensor& da, const at::Tensor& sa,
+                    const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
+                    const c10::optional<at::Tensor>& bias, int64_t bits);
+
+int64_t gguf_gemm_tiled_min_rows();  // 0 where the build has no tiled kernel
+
 }  // namespace pagedllm

@@ -29,6 +29,11 @@ TORCH_LIBRARY(pagedllm_cpu, m) {
         "int[] sliding_windows, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slot_mapping, "
         "Tensor block_tables, Tensor seq_lens, int num_heads, int num_kv_heads, float scale, float eps) "
         "-> (Tensor, Tensor)");
+  m.def("gguf_gemm_tiled(Tensor(a!) out, Tensor qa, Tensor da, Tensor sa, Tensor qweight, Tensor scales, "
+        "Tensor mins, Tensor? bias, int bits) -> ()");
+  m.def("gguf_gemm_auto(Tensor(a!) out, Tensor qa, Tensor da, Tensor sa, Tensor qweight, Tensor scales, "
+        "Tensor mins, Tensor? bias, int bits) -> ()");
+  m.def("gguf_gemm_tiled_min_rows() -> int");
 }
 
 TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
@@ -44,8 +49,11 @@ TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
   m.impl("gguf_linear", &pagedllm::gguf_linear);
   m.impl("decode_attention", &pagedllm::decode_attention);
   m.impl("gguf_decode_layers", &pagedllm::gguf_decode_layers);
+  m.impl("gguf_gemm_tiled", &pagedllm::gguf_gemm_tiled);
+  m.impl("gguf_gemm_auto", &pagedllm::gguf_gemm_auto);
 }
 
 TORCH_LIBRARY_IMPL(pagedllm_cpu, CompositeExplicitAutograd, m) {
   m.impl("gguf_gemm_has_vnni512", &pagedllm::gguf_gemm_has_vnni512);
+  m.impl("gguf_gemm_tiled_min_rows", &pagedllm::gguf_gemm_tiled_min_rows);
 }
