@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from collections import defaultdict
@@ -26,11 +27,14 @@ from torch.profiler import ProfilerActivity, profile
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CATEGORIES = {
+    # a GGUF model's decode-only step: every layer (matmuls, attention, norms) in one C++ op
+    "all decoder layers in one op (gguf_decode_layers)": ("pagedllm_cpu::gguf_decode_layers",),
     "weight matmuls (linear layers, LM head)": ("pagedllm_cpu::gguf_linear", "pagedllm_cpu::gguf_gemm",
                                                 "pagedllm_cpu::quantize_q8_blocks", "mkldnn::_linear_pointwise",
                                                 "onednn::qlinear_pointwise", "pagedllm_cpu::quantize_per_token",
                                                 "pagedllm_cpu::dequantize_int8_output", "aten::mm", "aten::addmm"),
-    "attention (paged decode kernel)": ("pagedllm_cpu::paged_decode", "scaled_dot_product"),
+    "attention (paged decode kernel)": ("pagedllm_cpu::paged_decode", "pagedllm_cpu::decode_attention",
+                                        "scaled_dot_product"),
     "other CPU kernels (RMSNorm, SiLU, rotary)": ("pagedllm_cpu::",),
 }
 OTHER = "other torch ops (views, allocations, KV writes, sampler)"
@@ -64,10 +68,12 @@ def main() -> None:
     p.add_argument("--quantization", default=None, choices=["int8", "gguf"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs, best taken")
     p.add_argument("--label", default=None, help="a name for this configuration in the JSON (e.g. 'before')")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
+    import pagedllm
     from pagedllm import LLM, SamplingParams
 
     llm = LLM(model=args.model, max_model_len=512, quantization=args.quantization, disable_log_stats=True)
@@ -75,16 +81,25 @@ def main() -> None:
     warm = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     llm.generate(prompt, warm, use_tqdm=False)
     llm.reset_prefix_cache()
-    # time the prefill alone, then the whole run: the difference is the decode steps
+    # time the prefill alone, then the whole run: the difference is the decode steps. Best of
+    # `--repeats`, in wall time and in this process's CPU time (with one thread, the CPU time is
+    # much less sensitive to other jobs on the machine than the wall time).
     first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    start = time.perf_counter()
-    llm.generate(prompt, first, use_tqdm=False)
-    prefill_s = time.perf_counter() - start
-    llm.reset_prefix_cache()
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len + 1, ignore_eos=True)
-    start = time.perf_counter()
-    llm.generate(prompt, params, use_tqdm=False)
-    step_ms = (time.perf_counter() - start - prefill_s) / args.output_len * 1e3
+
+    def timed(p: SamplingParams) -> tuple[float, float]:
+        llm.reset_prefix_cache()
+        wall, cpu = time.perf_counter(), time.process_time()
+        llm.generate(prompt, p, use_tqdm=False)
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    pre_runs, full_runs = [], []
+    for _ in range(args.repeats):
+        pre_runs.append(timed(first))
+        full_runs.append(timed(params))
+    prefill_s = min(w for w, _ in pre_runs)
+    step_ms = (min(w for w, _ in full_runs) - prefill_s) / args.output_len * 1e3
+    step_cpu_ms = (min(c for _, c in full_runs) - min(c for _, c in pre_runs)) / args.output_len * 1e3
     # the decode steps' share: a profiled full run minus a profiled prefill-only run
     full, full_ops, full_wall = profiled(llm, prompt, params)
     pre, pre_ops, pre_wall = profiled(llm, prompt, first)
@@ -94,17 +109,20 @@ def main() -> None:
     ops = full_ops - pre_ops
     steps = args.output_len
     print(f"W2 batch-1 decode, {args.quantization or 'float32'}, {args.threads} threads: "
-          f"{step_ms:.1f} ms a decode step unprofiled ({1e3 / step_ms:.1f} tok/s), prefill {prefill_s * 1e3:.0f} ms")
+          f"{step_ms:.1f} ms a decode step unprofiled ({1e3 / step_ms:.1f} tok/s; {step_cpu_ms:.1f} ms of CPU time), "
+          f"prefill {prefill_s * 1e3:.0f} ms")
     print(f"under the profiler: {wall:.2f} s for {args.output_len} decode steps; "
           f"{ops / steps:.0f} torch operators a step")
     for k, v in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"  {k:<58}{v / steps * 1e3:8.2f} ms/step {100 * v / wall:6.1f}%")
     stamp = datetime.now(timezone.utc)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"profile_w2-{args.quantization or 'float32'}-{stamp:%Y%m%d-%H%M}-{platform.node()}.json"
+    label = f"-{args.label}" if args.label else ""
+    out = RESULTS / f"profile_w2-{args.quantization or 'float32'}{label}-{stamp:%Y%m%d-%H%M}-{platform.node()}.json"
     out.write_text(json.dumps({"date": stamp.isoformat(), "machine": platform.node(), "label": args.label,
                                "quantization": args.quantization, "threads": args.threads,
-                               "decode_step_ms": step_ms, "prefill_ms": prefill_s * 1e3,
+                               "decode_step_ms": step_ms, "decode_step_cpu_ms": step_cpu_ms,
+                               "load_average": os.getloadavg(), "pagedllm": pagedllm.__file__, "prefill_ms": prefill_s * 1e3,
                                "ops_per_step": ops / steps, "profiled_wall_s": wall,
                                "ms_per_step": {k: v / steps * 1e3 for k, v in totals.items()}}, indent=2))
     print(f"wrote {out}")

@@ -11,7 +11,8 @@ The jobs where eager PyTorch is slow on CPU:
 They are built with PyTorch's own extension builder (`torch.utils.cpp_extension.load`: the
 system C++ compiler and ninja, about 20 s, once per machine; later processes load the cached
 library in well under a second), for this machine's CPU (`-march=native`), so the cache name
-carries a digest of the CPU's feature flags. Threads come from PyTorch's pool (`at::parallel_for`).
+carries a digest of the CPU's feature flags, and one of the sources (checkouts never share a
+build). Threads come from PyTorch's pool (`at::parallel_for`).
 
 Without a compiler, or with `PAGEDLLM_CPU_KERNELS=0`, everything keeps the PyTorch path (same
 results up to float rounding, slower) and the log says so once.
@@ -39,8 +40,8 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 KERNEL_CACHE_DTYPES = KERNEL_DTYPES + (torch.float8_e4m3fn, torch.float8_e5m2)
 _SOURCE_DIR = os.path.join(os.path.dirname(__file__), "csrc", "cpu")
 _SOURCES = ["registration.cpp", "paged_decode.cpp", "layernorm.cpp", "activation.cpp", "rotary.cpp",
-            "quantize.cpp", "gguf_gemm.cpp", "gguf_gemm_tiled.cpp",
-            "gguf_quantize_avx512.cpp"]
+            "quantize.cpp", "gguf_gemm.cpp", "gguf_gemm_tiled.cpp", "gguf_quantize_avx512.cpp",
+            "decode_attention.cpp", "gguf_decode_layers.cpp"]
 # -ffast-math lets the compiler vectorise exp (glibc's vector math) and the float reductions; it
 # is a compile flag only, so the flush-to-zero start-up code it implies is never linked in.
 # -fopenmp because at::parallel_for is inline OpenMP (without it, it silently runs on one thread);
@@ -62,6 +63,18 @@ def _cpu_digest() -> str:
     except OSError:
         info = platform.processor()
     return hashlib.sha256((platform.machine() + info).encode()).hexdigest()[:10]
+
+
+def _source_digest() -> str:
+    """A short digest of the kernels' sources: two checkouts (or versions) of pagedllm sharing one
+    extension cache get libraries of different names, so neither loads the other's build (torch's
+    builder rebuilds a same-named library whose sources changed, under a process that has it loaded)."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(_SOURCE_DIR)):
+        if name.endswith((".cpp", ".h")):
+            with open(os.path.join(_SOURCE_DIR, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    return digest.hexdigest()[:10]
 
 
 def _ensure_ninja_on_path() -> None:
@@ -96,7 +109,7 @@ def cpu_kernels_available() -> bool:
 
         _ensure_ninja_on_path()
         logger.debug("loading the CPU kernels (the first time on a machine builds them)")
-        load(name=f"pagedllm_cpu_kernels_{_cpu_digest()}", sources=[os.path.join(_SOURCE_DIR, f) for f in _SOURCES],
+        load(name=f"pagedllm_cpu_kernels_{_cpu_digest()}_{_source_digest()}", sources=[os.path.join(_SOURCE_DIR, f) for f in _SOURCES],
              extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, extra_include_paths=[_SOURCE_DIR], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, a read-only cache: fall back, never fail
         logger.warning("could not build the CPU kernels (%s: %s); attention and the elementwise ops use "
@@ -124,6 +137,18 @@ def paged_decode(
     holds K / k_scale and V / v_scale."""
     torch.ops.pagedllm_cpu.paged_decode(out, query, k_cache, v_cache, block_tables, seq_lens, scale,
                                         sliding_window or 0, soft_cap or 0.0, k_scale, v_scale)
+
+
+def decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, num_heads: int, num_kv_heads: int,
+                     scale: float, sliding_window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
+    """A decode-only step's attention from the fused QKV output `qkv` [seqs, (heads + 2 kv_heads) * dim]:
+    rotary on q and k (in place), k/v written at `slot_mapping`, then `paged_decode`; returns the
+    attention output [seqs, heads * dim] (o_proj's input). One op for what is ~15 per layer otherwise."""
+    return torch.ops.pagedllm_cpu.decode_attention(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping,
+                                                   block_tables, seq_lens, num_heads, num_kv_heads, scale,
+                                                   sliding_window or 0, soft_cap or 0.0)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

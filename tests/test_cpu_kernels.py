@@ -10,6 +10,7 @@ kernel is a failure, since it is what every CPU step runs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -304,3 +305,43 @@ def test_backend_local_capped_layer_with_and_without_kernel(kernel, monkeypatch,
     assert (meta.decode_seq_lens is not None) == use_kernel
     out = attn.forward(batch.query, key, value, (batch.k_cache.nan_to_num(0.0), batch.v_cache.nan_to_num(0.0)), meta)
     torch.testing.assert_close(out, batch.reference(window, cap), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("dtype", "cache_dtype"), [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                                    (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize(("window", "cap"), [(None, None), (20, 5.0)])
+def test_fused_decode_step_equals_rotary_then_forward(kernel, dtype, cache_dtype, window, cap):
+    """`forward_qkv` (one C++ op: rotary in place, the K/V write, the decode kernel) gives the same
+    output and leaves the same cache as the op-by-op path (kernel rotary, then `forward`), exactly;
+    a step with a prefill in it is left to that path."""
+    heads, kv_heads, dim, max_pos = 6, 2, 32, 512
+    batch = PagedBatch([(5, 1), (16, 1), (47, 1), (130, 1)], heads, kv_heads, dim, 16, fill=float("nan"),
+                       dtype=dtype, cache_dtype=cache_dtype)
+    _, _, slots = batch.take_new_kv()
+    meta = batch.metadata(slots)
+    assert meta.decode_only
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(4, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    angles = torch.rand(max_pos, dim // 2, generator=gen) * 6.28
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    positions = torch.tensor([5, 16, 47, 130])
+    attn = TorchPagedAttention(heads, kv_heads, dim, dim**-0.5, sliding_window=window, logits_soft_cap=cap)
+
+    want_qkv, want_cache = qkv.clone(), (batch.k_cache.clone(), batch.v_cache.clone())
+    q, k, v = want_qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k = CpuKernelOps().rotary(positions, q.view(4, heads, dim), k.view(4, kv_heads, dim), cos, sin)
+    want = attn.forward(q, k, v.view(4, kv_heads, dim), want_cache, meta).flatten(1)
+
+    got_cache = (batch.k_cache.clone(), batch.v_cache.clone())
+    got = attn.forward_qkv(qkv, positions, cos, sin, got_cache, meta)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(qkv, want_qkv, rtol=0, atol=0)  # rotated in place, as the kernel rotary does
+    for got_c, want_c in zip(got_cache, want_cache):
+        torch.testing.assert_close(got_c, want_c, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(RuntimeError, match="slot"):
+        bad = dataclasses.replace(meta, slot_mapping=torch.full_like(meta.slot_mapping, got_cache[0].numel()))
+        attn.forward_qkv(qkv, positions, cos, sin, got_cache, bad)
+
+    mixed = PagedBatch([(5, 1), (0, 9)], heads, kv_heads, dim, 16)
+    assert attn.forward_qkv(qkv, positions, cos, sin, got_cache, mixed.metadata(mixed.take_new_kv()[2])) is None

@@ -273,6 +273,25 @@ def test_bfloat16_model_kernels_give_the_reference_paths_tokens(tmp_path, monkey
     assert greedy(path, "gguf", dtype="bfloat16")[0] == tokens
 
 
+def test_decode_steps_in_one_op_equal_the_layer_by_layer_path(tiny_quantized_gguf, monkeypatch):
+    """A decode-only step of a plain Llama-family GGUF model runs every layer in one C++ op
+    (`models/gguf_decode_step.py`): the same kernels in the same order, so the same tokens and the
+    same logprobs, bit for bit. Qwen2 (QKV bias) and Qwen3 (per-head norms) keep the layer loop."""
+    kernels_or_skip()
+    from pagedllm.model_executor.models.gguf_decode_step import GGUFDecodeStep
+
+    calls = []
+    original = GGUFDecodeStep.__call__
+    monkeypatch.setattr(GGUFDecodeStep, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+    _, outs, _ = greedy(tiny_quantized_gguf, "gguf")
+    assert bool(calls) == ("llama" in tiny_quantized_gguf.name)
+    monkeypatch.setattr(GGUFDecodeStep, "for_model", classmethod(lambda cls, layers, dtype: None))
+    _, ref_outs, _ = greedy(tiny_quantized_gguf, "gguf")
+    for a, b in zip(outs, ref_outs):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert [d for d in a.outputs[0].logprobs] == [d for d in b.outputs[0].logprobs]
+
+
 def test_gguf_quantization_needs_a_gguf_file(llama_dir):
     with pytest.raises(ValueError, match="not a GGUF file"):
         LLM(model=llama_dir, quantization="gguf")

@@ -114,6 +114,14 @@ class AttentionImpl(ABC):
                 meta: Any) -> torch.Tensor:
         """query [T, heads, dim], key/value [T, kv_heads, dim] -> [T, heads, dim]."""
 
+    def forward_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    kv_cache: KVCache, meta: Any) -> torch.Tensor | None:
+        """Rotary (half-split, full head_dim, tables [max_position, dim / 2]), the K/V write and attention
+        in one call, from the fused QKV projection's output [T, (heads + 2 kv_heads) * dim], returning
+        [T, heads * dim]; for steps where a backend has that fused path (the CPU one: decode-only steps),
+        else None and the caller rotates and calls `forward`. Its results equal that path's."""
+        return None
+
 
 class AttentionBackend(ABC):
     """A name, an implementation, its metadata builder, and what the engine may do with it."""

@@ -72,6 +72,8 @@ class TorchAttentionMetadata:
     # (first row, end row, blocks to read), so short sequences are not padded to the longest.
     decode_key_mask: torch.Tensor | None = None
     decode_groups: list[tuple[int, int, int]] = field(default_factory=list)
+    # Every row is a decode and the C++ kernel reads them: `forward_qkv` can take a layer's whole step.
+    decode_only: bool = False
 
 
 def decode_groups(sorted_lens: list[int], block_size: int) -> list[tuple[int, int, int]]:
@@ -124,6 +126,7 @@ class TorchAttentionMetadataBuilder(AttentionMetadataBuilder):
             meta.prefills.append(PrefillSequence(row, query_len, context_len,
                                                  async_tensor_h2d(torch.from_numpy(block_ids), torch.long, dev)))
             row += query_len
+        meta.decode_only = self.use_decode_kernel and n > 0 and not meta.prefills
         return meta
 
 
@@ -174,6 +177,17 @@ class TorchPagedAttention(AttentionImpl):
                 k, v = self._widen(self._gather(kv_cache, seq.block_ids, seq.seq_len), query.dtype)
             out[rows] = self._prefill(query[rows], k, v, seq.context_len)
         return out
+
+    def forward_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    kv_cache: KVCache, meta: TorchAttentionMetadata) -> torch.Tensor | None:
+        """A decode-only step in one C++ op (`cpu_ops.decode_attention`: rotary, the K/V write and the
+        decode kernel, local and soft-capped layers included); None for a step with prefills, or over
+        an fp8 cache (its scaled write stays in `forward`)."""
+        if not meta.decode_only or kv_cache[0].dtype not in cpu_ops.KERNEL_DTYPES:
+            return None
+        return cpu_ops.decode_attention(qkv, positions, cos, sin, kv_cache[0], kv_cache[1], meta.slot_mapping,
+                                        meta.decode_block_tables, meta.decode_seq_lens, self.num_heads,
+                                        self.num_kv_heads, self.scale, self.sliding_window, self.logits_soft_cap)
 
     # ----- local (sliding-window) and soft-capped layers ------------------------------------
     def _forward_masked(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache,

@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 namespace pagedllm {
 
 void paged_decode(at::Tensor out, const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -36,6 +38,17 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
                        int64_t act_bits);
 
 bool gguf_gemm_has_vnni512();
+
+at::Tensor decode_attention(at::Tensor qkv, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+                            at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slot_mapping,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t num_heads,
+                            int64_t num_kv_heads, double scale, int64_t sliding_window, double soft_cap);
+
+std::tuple<at::Tensor, at::Tensor> gguf_decode_layers(
+    const at::Tensor& hidden_in, const c10::optional<at::Tensor>& residual_in, const at::Tensor& positions,
+    at::TensorList weights, at::IntArrayRef bits, at::IntArrayRef sliding_windows, at::TensorList k_caches,
+    at::TensorList v_caches, const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+    int64_t num_heads, int64_t num_kv_heads, double scale, double eps);
 
 // gguf_gemm_tiled.cpp: the many-row GEMM on the same operands; _auto picks it or the GEMV by rows.
 void gguf_gemm_tiled(at::Tensor out, const at::Tensor& qa, const at::Tensor& da, const at::Tensor& sa,

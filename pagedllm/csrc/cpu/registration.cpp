@@ -21,6 +21,14 @@ TORCH_LIBRARY(pagedllm_cpu, m) {
         "Tensor? bias, int bits, bool vectorised) -> ()");
   m.def("gguf_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, Tensor? bias, int bits, int act_bits=8) -> Tensor");
   m.def("gguf_gemm_has_vnni512() -> bool");
+  // The one op above that allocates its output (as gguf_linear): q/k in qkv are rotated in place.
+  m.def("decode_attention(Tensor(a!) qkv, Tensor positions, Tensor cos, Tensor sin, Tensor(b!) k_cache, "
+        "Tensor(c!) v_cache, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, int num_heads, "
+        "int num_kv_heads, float scale, int sliding_window=0, float soft_cap=0.0) -> Tensor");
+  m.def("gguf_decode_layers(Tensor hidden, Tensor? residual, Tensor positions, Tensor[] weights, int[] bits, "
+        "int[] sliding_windows, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slot_mapping, "
+        "Tensor block_tables, Tensor seq_lens, int num_heads, int num_kv_heads, float scale, float eps) "
+        "-> (Tensor, Tensor)");
   m.def("gguf_gemm_tiled(Tensor(a!) out, Tensor qa, Tensor da, Tensor sa, Tensor qweight, Tensor scales, "
         "Tensor mins, Tensor? bias, int bits) -> ()");
   m.def("gguf_gemm_auto(Tensor(a!) out, Tensor qa, Tensor da, Tensor sa, Tensor qweight, Tensor scales, "
@@ -39,6 +47,8 @@ TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
   m.impl("quantize_q8_blocks", &pagedllm::quantize_q8_blocks);
   m.impl("gguf_gemm", &pagedllm::gguf_gemm);
   m.impl("gguf_linear", &pagedllm::gguf_linear);
+  m.impl("decode_attention", &pagedllm::decode_attention);
+  m.impl("gguf_decode_layers", &pagedllm::gguf_decode_layers);
   m.impl("gguf_gemm_tiled", &pagedllm::gguf_gemm_tiled);
   m.impl("gguf_gemm_auto", &pagedllm::gguf_gemm_auto);
 }

@@ -83,6 +83,11 @@ class FusedOps:
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return self._pick("rotate", rotate, x.shape[0])(x, cos, sin)
 
+    def rotates_in_kernel(self, rows: int) -> bool:
+        """Whether `rotary` of this many rows is the C++ kernel (`cpu_ops.rotary_embedding`), the
+        rotation an attention backend's fused path (`AttentionImpl.forward_qkv`) also does."""
+        return False
+
     def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor,
                sin_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q [T, heads, dim] and k [T, kv_heads, dim] by the table rows at `positions`."""
@@ -121,6 +126,9 @@ class CpuKernelOps(FusedOps):
         if self._takes_compiled(q) or q.dtype not in cpu_ops.KERNEL_DTYPES or q.stride(2) != 1 or k.stride(2) != 1:
             return super().rotary(positions, q, k, cos_table, sin_table)
         return cpu_ops.rotary_embedding(positions, q, k, cos_table, sin_table)  # in place
+
+    def rotates_in_kernel(self, rows: int) -> bool:
+        return not (self.compiled and rows >= self.min_rows)
 
     def _takes_compiled(self, x: torch.Tensor) -> bool:
         return self.compiled and x.shape[0] >= self.min_rows

@@ -22,6 +22,7 @@ method, the fused elementwise ops, the attention backend. What a constructor say
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from itertools import islice
 from typing import Any, Iterable
 
 import torch
@@ -39,9 +40,13 @@ from pagedllm.model_executor.layers.linear import (
 )
 from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from pagedllm.model_executor.models.gguf_decode_step import GGUFDecodeStep
 from pagedllm.model_executor.models.layer_types import layer_sliding_windows, layer_types
 from pagedllm.model_executor.models.moe import MOE_ARCHITECTURES, MoEFlags, SparseMoeBlock, map_expert_name
 from pagedllm.model_executor.models.pipeline import MissingLayer, is_stage_param, receive_hidden, send_hidden
+
+
+_NOT_BUILT = object()
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,9 @@ class Attention(nn.Module):
                                           layer_type=layer_types(config)[layer_idx])
         # Gemma scales queries by query_pre_attn_scalar, which need not be head_dim.
         scale = (getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
+        # Rotary, K/V write and attention may run as one op (`AttentionImpl.forward_qkv`) when the
+        # rotation is the plain full-width one the CPU kernel does; q/k-norm sits between QKV and rotary.
+        self.fuse_qkv_step = not flags.qk_norm and not self.rotary_emb.partial
         impl = ctx.attn_backend.get_impl_cls()
         self.attn = impl(self.num_heads, self.num_kv_heads, self.head_dim, scale,
                          sliding_window=layer_sliding_windows(config)[layer_idx],
@@ -106,6 +114,11 @@ class Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache, meta: Any) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
+        if self.fuse_qkv_step and self.rotary_emb.fused_ops.rotates_in_kernel(qkv.shape[0]):
+            rope = self.rotary_emb
+            out = self.attn.forward_qkv(qkv, positions, rope.cos, rope.sin, kv_cache, meta)
+            if out is not None:
+                return self.o_proj(out)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -198,6 +211,8 @@ class DecoderForCausalLM(nn.Module):
                                     else MissingLayer() for i in range(config.num_hidden_layers))
         self.gemma_norms = flags.gemma_norms
         self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
+        # A decode-only CPU step of a GGUF model runs every layer in one C++ op (`gguf_decode_step.py`).
+        self._gguf_decode_step: GGUFDecodeStep | None | object = _NOT_BUILT
         if pp.is_last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.fused_ops)
             if not self.tie_word_embeddings:
@@ -225,14 +240,29 @@ class DecoderForCausalLM(nn.Module):
         else:
             hidden, residual = receive_hidden(pp, positions.shape[0], self.config.hidden_size, self.dtype,
                                               positions.device)
-        metas = meta[self.start_layer : self.end_layer] if isinstance(meta, list) else [meta] * len(kv_caches)
-        for layer, kv_cache, layer_meta in zip(self.layers[self.start_layer : self.end_layer], kv_caches, metas):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, layer_meta)
+        step = self._whole_step(hidden, meta, kv_caches)
+        if step is not None:  # every layer in one C++ op
+            hidden, residual = step(positions, hidden, residual, kv_caches, meta)
+        else:
+            metas = meta[self.start_layer : self.end_layer] if isinstance(meta, list) else [meta] * len(kv_caches)
+            # islice, not self.layers[a:b], which builds a new ModuleList every step
+            layers = islice(self.layers, self.start_layer, self.end_layer)
+            for layer, kv_cache, layer_meta in zip(layers, kv_caches, metas):
+                hidden, residual = layer(positions, hidden, residual, kv_cache, layer_meta)
         if not pp.is_last:
             send_hidden(pp, hidden, residual)
             return hidden
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def _whole_step(self, hidden: torch.Tensor, meta: Any, kv_caches: list[KVCache]) -> GGUFDecodeStep | None:
+        """The one-op path through this stage's layers when this step can take it (a decode-only CPU
+        step of a GGUF model: `gguf_decode_step.py`); built at the first forward, after loading."""
+        if self._gguf_decode_step is _NOT_BUILT:
+            layers = list(islice(self.layers, self.start_layer, self.end_layer))
+            self._gguf_decode_step = GGUFDecodeStep.for_model(layers, self.dtype)
+        step = self._gguf_decode_step
+        return step if step is not None and step.runs(hidden, meta, kv_caches) else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits, the same on every tensor-parallel rank."""
