@@ -41,7 +41,10 @@ RUNNERS = {"llamacpp_serial": ("llamacpp", ["--one-at-a-time"]),
            "pagedllm_kvbf16": ("pagedllm", ["--kv-cache-dtype", "bfloat16"]),
            "pagedllm_int8": ("pagedllm", ["--quantization", "int8"]),
            "pagedllm_gguf": ("pagedllm", ["--quantization", "gguf"]),
-           "pagedllm_int8_kvbf16": ("pagedllm", ["--quantization", "int8", "--kv-cache-dtype", "bfloat16"])}
+           "pagedllm_int8_kvbf16": ("pagedllm", ["--quantization", "int8", "--kv-cache-dtype", "bfloat16"]),
+           "pagedllm_gguf_act8": ("pagedllm", ["--quantization", "gguf"])}
+# engine name -> environment it runs with (on top of this process's)
+RUNNER_ENV = {"pagedllm_gguf_act8": {"PAGEDLLM_GGUF_ACT_BITS": "8"}}  # llama.cpp's q8_1 activations
 
 
 # Workload presets (flags given explicitly override them). W2 is issue #18's single-stream figure.
@@ -99,7 +102,7 @@ def run_engine(name: str, python: str, model: str, workload: Path, threads: int,
     # pagedllm from the checkout this script is in (or the baseline's), whatever is installed
     checkout = source if source is not None else HERE.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), str(HERE / "peers")]),
-           "PAGEDLLM_LOGGING_LEVEL": "WARNING"}
+           "PAGEDLLM_LOGGING_LEVEL": "WARNING", **RUNNER_ENV.get(name, {})}
     if source is not None:  # its own kernel sources: a cache folder of its own, or each side rebuilds the other's
         env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/torch_extensions") + "-baseline"
     label = name + (" (baseline)" if source is not None else "")
@@ -123,7 +126,7 @@ def main() -> int:
     p.add_argument("--engines", default="pagedllm,vllm,llamacpp,llamacpp_serial,transformers",
                    help="comma-separated: pagedllm, pagedllm_kvbf16 (a bfloat16 KV cache), pagedllm_int8 "
                         "(quantization='int8': W8A8 linear layers), pagedllm_int8_kvbf16, pagedllm_gguf "
-                        "(quantization='gguf': the file's blocks), vllm, llamacpp "
+                        "(quantization='gguf': the file's blocks), pagedllm_gguf_act8 (the same with llama.cpp's 8-bit activations), vllm, llamacpp "
                         "(all sequences batched), llamacpp_serial (one request at a time), transformers")
     p.add_argument("--vllm-python", default=os.environ.get("PAGEDLLM_BENCH_VLLM_PYTHON"))
     p.add_argument("--llamacpp-python", default=os.environ.get("PAGEDLLM_BENCH_LLAMACPP_PYTHON"))
