@@ -162,6 +162,18 @@ def build_bert_checkpoint(path: str, architecture: str = "BertModel", seed: int 
 
 
 @pytest.fixture(scope="session")
+def kernel():
+    """The CPU kernels (`pagedllm/csrc/cpu/`), built: skipped locally without a C++ compiler, a failure
+    under CI (`CI=true`), since they are what every CPU step runs."""
+    from pagedllm import cpu_ops
+
+    if not cpu_ops.cpu_kernels_available():
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("CI must build the CPU kernels (is a C++ compiler installed?)")
+        pytest.skip("the CPU kernels could not be built here (no C++ compiler?)")
+
+
+@pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory) -> str:
     return build_checkpoint(str(tmp_path_factory.mktemp("llama")), "llama")
 

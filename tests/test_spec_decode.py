@@ -22,6 +22,7 @@ import torch
 from scipy.stats import chi2_contingency, chisquare
 
 from pagedllm import LLM, SamplingParams
+from spec_decode_utils import assert_all_blocks_free, metric, token_ids
 from pagedllm.config import SchedulerConfig, SpeculativeConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.scheduler import Scheduler
@@ -60,19 +61,6 @@ def run(model: str, prompts, params, spec: dict | None = None, **kwargs):
     llm = LLM(model=model, **{"max_model_len": 256, "speculative_config": spec, **kwargs})
     outputs = llm.generate(prompts, params, use_tqdm=False)
     return outputs, llm
-
-
-def token_ids(outputs) -> list[list[list[int]]]:
-    return [[c.token_ids for c in o.outputs] for o in outputs]
-
-
-def metric(llm: LLM, name: str) -> float:
-    return sum(m.value for m in llm.get_metrics() if m.name == "pagedllm:" + name)
-
-
-def assert_all_blocks_free(llm: LLM) -> None:
-    pool = llm.llm_engine.engine_core.core.kv_cache_manager.block_pool
-    assert all(b.ref_cnt == 0 for b in pool.blocks) and pool.num_free_blocks == pool.num_blocks
 
 
 # ----- configuration ---------------------------------------------------------------------------------
