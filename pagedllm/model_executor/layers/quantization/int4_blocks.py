@@ -2,7 +2,7 @@
 form the GGUF CPU kernel multiplies (`gguf_blocks.BlockQuantizedWeight`, `csrc/cpu/gguf_gemm.cpp`).
 
 The two forms mean the same numbers. A checkpoint's weight is w[n, k] = scale[g, n] * (q[k, n] - zero[g, n])
-with g the group of input k (`packed_int.IntGroups`); the kernel's is, per output row and block of 32
+with g the group of input k (`int_groups.IntGroups`); the kernel's is, per output row and block of 32
 inputs, w = scale * q + min with q unsigned. Where every block of 32 inputs lies in one group, the
 block takes its group's scale and min = -scale * zero, and q as it is (4-bit values stay 4 bits;
 8-bit ones go to the kernel's 8-bit rows). Both products are exact in float32 (a float16 or bfloat16
@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from pagedllm.model_executor.layers.quantization.gguf_blocks import BLOCK, BlockQuantizedWeight, pack
-from pagedllm.model_executor.layers.quantization.packed_int import IntGroups
+from pagedllm.model_executor.layers.quantization.int_groups import IntGroups
 
 KERNEL_BITS = (4, 8)
 

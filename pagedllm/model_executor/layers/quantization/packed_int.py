@@ -21,7 +21,7 @@ What a layer holds after loading (`form`, picked in `quantization/__init__.py` b
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from torch import nn
 from pagedllm.logger import init_logger
 from pagedllm.model_executor.layers.linear_method import UNQUANTIZED, LinearMethodBase
 from pagedllm.model_executor.layers.quantization.gguf import Segment, gguf_linear
+from pagedllm.model_executor.layers.quantization.int_groups import IntGroups
 
 logger = init_logger(__name__)
 
@@ -83,22 +84,6 @@ def group_tables(layer_name: str, group_size: int, act_order: bool, input_size: 
         return group, full_input // group, None
     check_divisible(f"{layer_name} input size on this rank", input_size, group, "the group size")
     return group, input_size // group, table_input_dim
-
-
-class IntGroups(NamedTuple):
-    """A layer's weight in the form every format reads into: w[n, k] = scales[g[k], n] * (q[k, n] - zeros[g[k], n])."""
-
-    q: torch.Tensor  # [in, out] unsigned integers
-    zeros: torch.Tensor  # [groups, out] integers
-    scales: torch.Tensor  # [groups, out]
-    g: torch.Tensor  # [in] each input's group (row of zeros and scales)
-
-    def dequantize(self) -> torch.Tensor:
-        """The float32 [out, in] matrix."""
-        g = self.g.long()
-        if g.numel() and (g.min() < 0 or g.max() >= self.scales.shape[0]):
-            raise ValueError(f"the group index holds groups outside 0..{self.scales.shape[0] - 1}")
-        return ((self.q - self.zeros[g]).float() * self.scales.float()[g]).t().contiguous()
 
 
 FORMS = {"dequantized": "dequantized at load", "triton": "kept packed, Triton kernel",
