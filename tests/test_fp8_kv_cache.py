@@ -105,6 +105,23 @@ def test_backend_mixed_batch_over_an_fp8_cache(kernel, monkeypatch, cache_dtype,
     assert torch.equal(stored, key / 2.0)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_scales_mean_nothing_to_a_wider_cache(kernel, monkeypatch, cache_dtype, use_kernel):
+    """A checkpoint's k_scale/v_scale are loaded whatever kv_cache_dtype is; a float32 or bfloat16 cache
+    must ignore them on every path (kernel, gather, masked)."""
+    if not use_kernel:
+        monkeypatch.setattr(cpu_ops, "cpu_kernels_available", lambda: False)
+    seqs = [(5, 1), (47, 1), (0, 9), (20, 7)]
+    for window in (None, 12):
+        batch = PagedBatch(seqs, 6, 2, 32, 16, fill=float("nan") if use_kernel else 0.0, cache_dtype=cache_dtype)
+        key, value, slots = batch.take_new_kv()
+        attn = TorchPagedAttention(6, 2, 32, 32**-0.5, sliding_window=window)
+        attn.k_scale, attn.v_scale = 0.03, 0.02
+        out = attn.forward(batch.query, key, value, (batch.k_cache, batch.v_cache), batch.metadata(slots))
+        torch.testing.assert_close(out, batch.reference(sliding_window=window), atol=1e-5, rtol=0)
+
+
 def _hf_fp8_logprobs(model_dir: str, token_ids: list[int], cache_dtype: torch.dtype, fresh: int,
                      k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """transformers' float32 log-softmax at every position, with attention reading K/V as the engine does:

@@ -275,3 +275,16 @@ def test_default_model_greedy_is_unchanged_with_a_head(smollm2_gguf, tmp_path):
         llm.shutdown()
     assert results[1] == results[0]
     assert results[0][0] == results[0][1]
+
+
+def test_the_head_keeps_plain_weights_under_a_quantized_target(loopy_dir, loopy_head):
+    """A head's checkpoint is plain whatever the target's weights are: under `-q int8` it is built with the
+    unquantized linear methods (not the target's W8A8), drafts are kept, and the tokens are the int8 target's."""
+    reference, plain = run(loopy_dir, PROMPTS[:3], GREEDY, max_model_len=192, quantization="int8")
+    plain.shutdown()
+    outputs, llm = run(loopy_dir, PROMPTS[:3], GREEDY, eagle(loopy_head), max_model_len=192, quantization="int8")
+    runner = llm.llm_engine.model_runner
+    target_method = type(runner.model.layers[0].self_attn.qkv_proj.linear_method)
+    assert "Int8" in target_method.__name__ and type(runner.drafter.model.fc.linear_method) is not target_method
+    assert token_ids(outputs) == token_ids(reference) and metric(llm, "spec_decode_num_accepted_tokens") > 0
+    llm.shutdown()

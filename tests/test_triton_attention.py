@@ -212,6 +212,18 @@ def test_backend_reads_and_writes_an_fp8_cache(cache_dtype):
     assert torch.equal(batch.v_cache.view(-1, 2, 32)[slot_mapping].float(), value / 2.0)
 
 
+def test_backend_ignores_kv_scales_for_a_wider_cache():
+    """k_scale/v_scale (loaded from a checkpoint whatever kv_cache_dtype is) mean nothing to a float cache."""
+    seqs = [(40, 1), (9, 1), (0, 23), (16, 6)]
+    batch = PagedBatch(seqs, 4, 2, 32, 16, device=DEVICE)
+    key, value, slot_mapping = batch.take_new_kv()
+    attn = TritonPagedAttention(4, 2, 32, 32**-0.5)
+    attn.k_scale, attn.v_scale = 0.03, 0.02
+    out = attn.forward(batch.query, key, value, (batch.k_cache, batch.v_cache),
+                       batch.metadata(slot_mapping, TritonPagedAttentionBackend))
+    assert_close(out, batch.reference(), torch.float32)
+
+
 # ----- local (sliding-window) and soft-capped layers (Mistral, Gemma 2/3) ------------------------
 LOCAL = [(20, None), (None, 5.0), (20, 5.0)]  # (sliding_window, soft_cap)
 

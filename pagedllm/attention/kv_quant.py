@@ -24,6 +24,12 @@ def is_fp8(dtype: torch.dtype) -> bool:
     return dtype in FP8_DTYPES
 
 
+def effective_scales(cache_dtype: torch.dtype, k_scale: float, v_scale: float) -> tuple[float, float]:
+    """The scales a kernel applies: the layer's for an fp8 cache, none for a wider one (a checkpoint's
+    k_scale/v_scale are loaded whatever kv_cache_dtype is, and mean nothing to a float cache)."""
+    return (k_scale, v_scale) if is_fp8(cache_dtype) else (1.0, 1.0)
+
+
 def to_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
     """`x` as the cache stores it: divided by `scale`, saturated and rounded for fp8; else just cast."""
     if not is_fp8(cache_dtype):

@@ -34,7 +34,7 @@ from pagedllm.attention.backend import (
     CommonAttentionMetadata,
     KVCache,
 )
-from pagedllm.attention.kv_quant import from_cache, write_scaled
+from pagedllm.attention.kv_quant import effective_scales, from_cache, write_scaled
 from pagedllm.utils import async_tensor_h2d, cdiv
 
 # Decode batches on the gather path are split into up to this many length groups (one SDPA call each).
@@ -164,8 +164,9 @@ class TorchPagedAttention(AttentionImpl):
         out = torch.empty_like(query)
         if meta.num_decodes and meta.decode_seq_lens is not None:
             n = meta.num_decodes  # decodes are rows 0 .. n - 1
+            k_scale, v_scale = effective_scales(kv_cache[0].dtype, self.k_scale, self.v_scale)
             cpu_ops.paged_decode(out[:n], query[:n], *kv_cache, meta.decode_block_tables, meta.decode_seq_lens,
-                                 self.scale, k_scale=self.k_scale, v_scale=self.v_scale)
+                                 self.scale, k_scale=k_scale, v_scale=v_scale)
         elif meta.num_decodes:
             self._decode_groups(query, kv_cache, meta, out)
         for seq in meta.prefills:
@@ -197,7 +198,8 @@ class TorchPagedAttention(AttentionImpl):
         n = meta.num_decodes
         if n and meta.decode_seq_lens is not None:  # the C++ kernel, from the window's first block
             cpu_ops.paged_decode(out[:n], query[:n], *kv_cache, meta.decode_block_tables, meta.decode_seq_lens,
-                                 self.scale, self.sliding_window, self.logits_soft_cap, self.k_scale, self.v_scale)
+                                 self.scale, self.sliding_window, self.logits_soft_cap,
+                                 *effective_scales(kv_cache[0].dtype, self.k_scale, self.v_scale))
         elif n:
             lens = meta.decode_key_mask.sum(1)
             out[:n] = self._decode_masked(query[:n], kv_cache, meta.decode_block_tables, lens)

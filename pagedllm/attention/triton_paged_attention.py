@@ -27,6 +27,7 @@ from pagedllm.attention.backend import (
     KVCache,
     sequence_tensors,
 )
+from pagedllm.attention.kv_quant import effective_scales
 from pagedllm.attention.ops import paged_decode, prefix_prefill, reshape_and_cache
 from pagedllm.attention.ops.utils import interpreting
 from pagedllm.utils import async_tensor_h2d
@@ -49,6 +50,14 @@ class TritonAttentionMetadata:
 
 
 class TritonAttentionMetadataBuilder(AttentionMetadataBuilder):
+    def __init__(self, device: torch.device, model_dtype: torch.dtype, kv_cache_dtype: torch.dtype) -> None:
+        super().__init__(device, model_dtype, kv_cache_dtype)
+        # Triton has e4m3 (`fp8e4nv`) only from compute capability 8.9 (Ada, Hopper); older GPUs have e5m2.
+        if (kv_cache_dtype == torch.float8_e4m3fn and device.type == "cuda"
+                and torch.cuda.get_device_capability(device) < (8, 9)):
+            raise ValueError("kv_cache_dtype='fp8' (e4m3) needs a GPU of compute capability 8.9 or newer for "
+                             "Triton's e4m3 type; use kv_cache_dtype='fp8_e5m2' on this GPU")
+
     def build(self, common: CommonAttentionMetadata) -> TritonAttentionMetadata:
         seq_lens = common.seq_lens
         n = common.num_decodes
@@ -90,7 +99,8 @@ class TritonPagedAttention(AttentionImpl):
         meta: TritonAttentionMetadata,
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache
-        reshape_and_cache(key, value, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        k_scale, v_scale = effective_scales(k_cache.dtype, self.k_scale, self.v_scale)
+        reshape_and_cache(key, value, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         out = torch.empty_like(query)
         num_decodes = meta.num_decodes
         if num_decodes:
@@ -98,7 +108,7 @@ class TritonPagedAttention(AttentionImpl):
                 out[:num_decodes], query[:num_decodes], k_cache, v_cache,
                 meta.block_tables[:num_decodes], meta.seq_lens[:num_decodes], meta.max_decode_seq_len, self.scale,
                 sliding_window=self.sliding_window, soft_cap=self.logits_soft_cap,
-                k_scale=self.k_scale, v_scale=self.v_scale,
+                k_scale=k_scale, v_scale=v_scale,
             )
         if meta.max_prefill_query_len:
             prefix_prefill(
@@ -106,7 +116,7 @@ class TritonPagedAttention(AttentionImpl):
                 meta.block_tables[num_decodes:], meta.query_start_loc[num_decodes:], meta.seq_lens[num_decodes:],
                 meta.max_prefill_query_len, self.scale,
                 sliding_window=self.sliding_window, soft_cap=self.logits_soft_cap,
-                k_scale=self.k_scale, v_scale=self.v_scale,
+                k_scale=k_scale, v_scale=v_scale,
             )
         return out
 

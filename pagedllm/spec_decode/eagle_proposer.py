@@ -18,6 +18,7 @@ block's last position as the request that filled it computed it, from that reque
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from pagedllm.attention.backend import CommonAttentionMetadata
 from pagedllm.config import EngineConfig
 from pagedllm.logger import init_logger
 from pagedllm.model_executor.layers.build_context import BuildContext
+from pagedllm.model_executor.layers.quantization import get_linear_methods
 from pagedllm.model_executor.models.eagle import load_eagle_head
 from pagedllm.scheduler_output import ScheduledRequest
 from pagedllm.utils import async_tensor_h2d
@@ -44,6 +46,9 @@ class EagleProposer:
         self.block_size = config.cache_config.block_size
         self.max_model_len = config.model_config.max_model_len
         self.metadata_builder = metadata_builder
+        # The head's checkpoint is a plain one whatever the target's weights are (GGUF blocks, GPTQ, int8):
+        # it gets the unquantized linear methods, not the target's.
+        ctx = dataclasses.replace(ctx, linear_methods=get_linear_methods(None, config.model_config.dtype, self.device))
         self.model = load_eagle_head(self.model_config.model, self.model_config.hf_config, config.model_config.dtype,
                                      self.device, ctx, target)
         logger.info("Speculative decoding: EAGLE head %s proposes %d tokens per step", self.model_config.model, self.k)

@@ -39,6 +39,7 @@ std::tuple<at::Tensor, at::Tensor> gguf_decode_layers(
                   static_cast<int64_t>(v_caches.size()) == layers,
               "gguf_decode_layers: expected ", kWeightsPerLayer, " weights, ", kBitsPerLayer,
               " bits and one window, K and V cache per layer");
+  TORCH_CHECK(layers > 0, "gguf_decode_layers: no layers");
   TORCH_CHECK(hidden_in.dim() == 2 && hidden_in.scalar_type() == at::kFloat && hidden_in.stride(1) == 1,
               "gguf_decode_layers: hidden must be float32 [tokens, hidden_size]");
   at::Tensor hidden = hidden_in;

@@ -332,7 +332,8 @@ class DecoderForCausalLM(nn.Module):
 
     def _load_kv_scale(self, attention: str, which: str, tensor) -> None:
         """An fp8 KV cache's per-tensor scale of one layer (`attention/kv_quant.py`); kept whatever the cache
-        dtype (only an fp8 cache uses it). A layer of another pipeline stage has no attention here."""
+        dtype, and applied only to an fp8 cache (`kv_quant.effective_scales`). A layer of another pipeline
+        stage has no attention here."""
         try:
             impl = self.get_submodule(attention).attn
         except AttributeError:

@@ -215,6 +215,9 @@ def load_eagle_config(path: str, target_config: Any) -> Any:
         raise ValueError(f"EAGLE head {path!r} has architectures {archs} (model_type {raw.get('model_type')!r}); "
                          f"pagedllm runs EAGLE-1 heads of Llama layers: {list(EAGLE_ARCHITECTURES)}")
     config = LlamaConfig.from_dict({**raw, "architectures": ["EagleLlamaForCausalLM"]})
+    if config.num_hidden_layers < 1:
+        raise ValueError(f"EAGLE head {path!r} has num_hidden_layers={config.num_hidden_layers}: it needs at least "
+                         "one decoder layer")
     target_hidden = target_config.hidden_size
     if config.hidden_size != target_hidden:
         raise ValueError(f"EAGLE head {path!r} has hidden size {config.hidden_size}, the target {target_hidden}: "

@@ -50,7 +50,11 @@ class GGUFDecodeStep:
     @classmethod
     def for_model(cls, layers: list[nn.Module], dtype: torch.dtype) -> GGUFDecodeStep | None:
         """The step for these (loaded) decoder layers, or None when some layer is not one it runs."""
-        if dtype != torch.float32 or not layers or not cpu_ops.cpu_kernels_available():
+        # The cheap checks first: any other model must not build the CPU kernels here (a GPU run's first step).
+        qkv = getattr(getattr(layers[0], "self_attn", None), "qkv_proj", None) if layers else None
+        if dtype != torch.float32 or qkv is None or _blocks(qkv) is None:
+            return None
+        if not cpu_ops.cpu_kernels_available():
             return None
         weights: list[torch.Tensor] = []
         bits: list[int] = []
