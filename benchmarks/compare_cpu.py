@@ -120,6 +120,18 @@ def run_engine(name: str, python: str, model: str, workload: Path, threads: int,
     return result
 
 
+def ratios_to(results: list[dict], reference: dict | None, key: str, title: str) -> None:
+    """Each pagedllm variant's output tok/s over `reference`'s, printed and stored under `key`."""
+    if reference is None:
+        return
+    print(f"\nagainst {title}, {reference.get('engine', reference['engine_key'])} "
+          f"({reference['output_tok_s']:.1f} tok/s):")
+    for r in results:
+        if "output_tok_s" in r and r["engine_key"].startswith("pagedllm"):
+            r[key] = r["output_tok_s"] / reference["output_tok_s"]
+            print(f"  {r.get('engine', r['engine_key']):<52}{r[key]:>6.2f}x")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
@@ -206,22 +218,11 @@ def main() -> int:
     # Each pagedllm variant against the fastest peer: the figure issue #5's target is stated in.
     peers = [r for r in results if "output_tok_s" in r and not r["engine_key"].startswith("pagedllm")]
     best = max(peers, key=lambda r: r["output_tok_s"], default=None)
-    if best is not None:
-        print(f"\nagainst the fastest peer, {best.get('engine', best['engine_key'])} ({best['output_tok_s']:.1f} tok/s):")
-        for r in results:
-            if "output_tok_s" in r and r["engine_key"].startswith("pagedllm"):
-                r["ratio_to_best_peer"] = r["output_tok_s"] / best["output_tok_s"]
-                print(f"  {r.get('engine', r['engine_key']):<52}{r['ratio_to_best_peer']:>6.2f}x")
+    ratios_to(results, best, "ratio_to_best_peer", "the fastest peer")
 
     # W2's figure: each pagedllm variant against llama.cpp on the same GGUF, in the same run.
-    llamacpp = max((r for r in results if "output_tok_s" in r and r["engine_key"].startswith("llamacpp")),
-                   key=lambda r: r["output_tok_s"], default=None)
-    if llamacpp is not None:
-        print(f"\nagainst llama.cpp, {llamacpp.get('engine')} ({llamacpp['output_tok_s']:.1f} tok/s):")
-        for r in results:
-            if "output_tok_s" in r and r["engine_key"].startswith("pagedllm"):
-                r["ratio_to_llamacpp"] = r["output_tok_s"] / llamacpp["output_tok_s"]
-                print(f"  {r.get('engine', r['engine_key']):<52}{r['ratio_to_llamacpp']:>6.2f}x")
+    ratios_to(results, max((r for r in peers if r["engine_key"].startswith("llamacpp")),
+                           key=lambda r: r["output_tok_s"], default=None), "ratio_to_llamacpp", "llama.cpp")
 
     # Each variant against the same variant of the baseline checkout, run in the same minutes.
     done = {r["engine_key"]: r for r in results if "output_tok_s" in r}
