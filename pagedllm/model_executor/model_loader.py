@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from typing import Callable
 
 import torch
 from torch import nn
@@ -26,23 +27,30 @@ from pagedllm.model_executor.weight_utils import iterate_safetensors_weights
 logger = init_logger(__name__)
 
 
-def load_model(model_config: ModelConfig, device: torch.device, ctx: BuildContext) -> nn.Module:
-    """The model, or this tensor-parallel rank's share of it (each rank reads the full checkpoint)."""
-    arch = get_architecture(model_config.hf_config)
-    start = time.perf_counter()
+def build_empty(make: Callable[[], nn.Module], dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """`make()`'s module in `dtype` on `device`, its parameters uninitialised (for load_weights to fill) and
+    its rotary tables computed. Built on the meta device: no time is spent on random initialisation that the
+    checkpoint overwrites anyway (load_weights checks every parameter is loaded)."""
     old_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(model_config.dtype)
+    torch.set_default_dtype(dtype)
     try:
-        # Built on the meta device: no time is spent on random initialisation that the
-        # checkpoint overwrites anyway (load_weights checks every parameter is loaded).
         with torch.device("meta"):
-            model = SUPPORTED_ARCHITECTURES[arch](model_config.hf_config, arch, ctx)
+            model = make()
     finally:
         torch.set_default_dtype(old_dtype)
     model = model.to_empty(device=device)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.init_cache()
+    return model
+
+
+def load_model(model_config: ModelConfig, device: torch.device, ctx: BuildContext) -> nn.Module:
+    """The model, or this tensor-parallel rank's share of it (each rank reads the full checkpoint)."""
+    arch = get_architecture(model_config.hf_config)
+    start = time.perf_counter()
+    model = build_empty(lambda: SUPPORTED_ARCHITECTURES[arch](model_config.hf_config, arch, ctx), model_config.dtype,
+                        device)
     model.load_weights(_iterate_weights(model_config))
     model.eval().requires_grad_(False)
     num_params = sum(p.numel() for p in model.parameters())

@@ -5,10 +5,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
+from torch import nn
+
+from pagedllm.model_executor.layers.linear import copy_weight
 
 
 def safetensors_files(model_dir: str) -> list[str]:
@@ -32,3 +35,27 @@ def iterate_safetensors_weights(model_dir: str, dtype: torch.dtype) -> Iterator[
             for name in f.keys():
                 tensor = f.get_tensor(name)
                 yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def load_param(model: nn.Module, params: dict[str, nn.Parameter], name: str, target: str, tensor: torch.Tensor,
+               shard, loaded: set[str], what: str = "checkpoint") -> None:
+    """Copy checkpoint tensor `name` into `params[target]` through its module's `weight_loader` (this
+    tensor-parallel rank's slice, one part of a fused matrix) or as it is, and note it in `loaded`
+    ('target:shard' for a part). A ValueError names the checkpoint tensor."""
+    weight_loader = getattr(model.get_submodule(target.rpartition(".")[0]), "weight_loader", None)
+    with torch.no_grad():
+        try:
+            if weight_loader is None:
+                copy_weight(params[target], tensor)
+            else:
+                weight_loader(params[target], tensor, shard)
+        except ValueError as e:
+            raise ValueError(f"{what} tensor {name!r} {e}") from e
+    loaded.add(target if shard is None else f"{target}:{shard}")
+
+
+def raise_if_missing(params: Iterable[str], loaded: set[str], what: str = "checkpoint") -> None:
+    """Every parameter must have been loaded, whole or (a fused one) in parts."""
+    missing = [n for n in params if not any(seen == n or seen.startswith(n + ":") for seen in loaded)]
+    if missing:
+        raise ValueError(f"{what} is missing weights, e.g. {missing[:3]}")

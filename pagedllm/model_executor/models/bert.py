@@ -19,6 +19,7 @@ from transformers.activations import ACT2FN
 from pagedllm.attention.encoder_attention import EncoderAttentionMetadata, encoder_attention
 from pagedllm.model_executor.layers.build_context import BuildContext
 from pagedllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, copy_weight
+from pagedllm.model_executor.weight_utils import raise_if_missing
 
 
 class BertEmbeddings(nn.Module):
@@ -156,6 +157,4 @@ def _load(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None
             else:
                 copy_weight(params[target], tensor)
         loaded.add(target if shard is None else f"{target}:{shard}")
-    missing = [n for n in params if not any(l == n or l.startswith(n + ":") for l in loaded)]
-    if missing:
-        raise ValueError(f"checkpoint is missing weights, e.g. {missing[:3]}")
+    raise_if_missing(params, loaded)

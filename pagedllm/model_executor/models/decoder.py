@@ -36,7 +36,6 @@ from pagedllm.model_executor.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
-    copy_weight,
 )
 from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
@@ -44,6 +43,7 @@ from pagedllm.model_executor.models.gguf_decode_step import GGUFDecodeStep
 from pagedllm.model_executor.models.layer_types import layer_sliding_windows, layer_types
 from pagedllm.model_executor.models.moe import MOE_ARCHITECTURES, MoEFlags, SparseMoeBlock, map_expert_name
 from pagedllm.model_executor.models.pipeline import MissingLayer, is_stage_param, receive_hidden, send_hidden
+from pagedllm.model_executor.weight_utils import load_param, raise_if_missing
 
 
 _NOT_BUILT = object()
@@ -312,22 +312,10 @@ class DecoderForCausalLM(nn.Module):
                 continue
             if not isinstance(tensor, torch.Tensor):  # still quantised, for a plain parameter
                 tensor = tensor.dequantize(params[target].dtype)
-            param = params[target]
             if self.gemma_norms and target.endswith("norm.weight"):
                 tensor = tensor + 1.0  # Gemma's RMSNorm multiplies by (1 + weight)
-            weight_loader = getattr(self.get_submodule(target.rpartition(".")[0]), "weight_loader", None)
-            with torch.no_grad():
-                try:
-                    if weight_loader is None:
-                        copy_weight(param, tensor)
-                    else:
-                        weight_loader(param, tensor, shard)
-                except ValueError as e:
-                    raise ValueError(f"checkpoint tensor {name!r} {e}") from e
-            loaded.add(target if shard is None else f"{target}:{shard}")
-        missing = [n for n in params if not any(l == n or l.startswith(n + ":") for l in loaded)]
-        if missing:
-            raise ValueError(f"checkpoint is missing weights, e.g. {missing[:3]}")
+            load_param(self, params, name, target, tensor, shard, loaded)
+        raise_if_missing(params, loaded)
 
 
     def _load_kv_scale(self, attention: str, which: str, tensor) -> None:

@@ -27,10 +27,10 @@ from torch import nn
 from pagedllm.attention.backend import KVCache
 from pagedllm.logger import init_logger
 from pagedllm.model_executor.layers.build_context import BuildContext
-from pagedllm.model_executor.layers.linear import ReplicatedLinear, copy_weight
-from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+from pagedllm.model_executor.layers.linear import ReplicatedLinear
 from pagedllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.model_executor.models.decoder import DecoderLayer, _map_hf_name, arch_flags
+from pagedllm.model_executor.weight_utils import load_param, raise_if_missing
 
 logger = init_logger(__name__)
 
@@ -97,20 +97,8 @@ class EagleHead(nn.Module):
                 continue  # EAGLE-1 skips the first layer's input norm (some checkpoints still ship it)
             if target not in params:
                 raise ValueError(f"EAGLE head tensor {name!r} has no place in an EAGLE-1 Llama head")
-            owner = self.get_submodule(target.rpartition(".")[0])
-            loader = getattr(owner, "weight_loader", None)
-            with torch.no_grad():
-                try:
-                    if loader is None:
-                        copy_weight(params[target], tensor)
-                    else:
-                        loader(params[target], tensor, shard)
-                except ValueError as e:
-                    raise ValueError(f"EAGLE head tensor {name!r} {e}") from e
-            loaded.add(target if shard is None else f"{target}:{shard}")
-        missing = [n for n in params if not any(seen == n or seen.startswith(n + ":") for seen in loaded)]
-        if missing:
-            raise ValueError(f"EAGLE head checkpoint is missing weights, e.g. {missing[:3]}")
+            load_param(self, params, name, target, tensor, shard, loaded, what="EAGLE head")
+        raise_if_missing(params, loaded, what="EAGLE head checkpoint")
 
 
 def _same_plain_weight(a: nn.Module, b: nn.Module) -> bool:
@@ -157,21 +145,12 @@ def iterate_head_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, t
 def load_eagle_head(path: str, config: Any, dtype: torch.dtype, device: torch.device, ctx: BuildContext,
                     target: nn.Module) -> EagleHead:
     """Build the head on the meta device, fill it from `path`, and share what it lacks with `target`."""
-    from pagedllm.model_executor.model_loader import process_weights_after_loading
+    from pagedllm.model_executor.model_loader import build_empty, process_weights_after_loading
 
     names = head_tensor_names(path)
-    old_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            head = EagleHead(config, ctx, fc_bias="fc.bias" in names, own_embedding="embed_tokens.weight" in names,
-                             own_lm_head="lm_head.weight" in names)
-    finally:
-        torch.set_default_dtype(old_dtype)
-    head = head.to_empty(device=device)
-    for module in head.modules():
-        if isinstance(module, RotaryEmbedding):
-            module.init_cache()
+    head = build_empty(lambda: EagleHead(config, ctx, fc_bias="fc.bias" in names,
+                                         own_embedding="embed_tokens.weight" in names,
+                                         own_lm_head="lm_head.weight" in names), dtype, device)
     head.load_weights(iterate_head_weights(path, dtype))
     head.eval().requires_grad_(False)
     head.share_with(target)  # before processing: compares the checkpoint's plain copies with the target's
