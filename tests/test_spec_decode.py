@@ -22,7 +22,7 @@ import torch
 from scipy.stats import chi2_contingency, chisquare
 
 from pagedllm import LLM, SamplingParams
-from spec_decode_utils import assert_all_blocks_free, metric, token_ids
+from spec_decode_utils import assert_all_blocks_free, default_model_under_pressure, metric, token_ids
 from pagedllm.config import SchedulerConfig, SpeculativeConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.scheduler import Scheduler
@@ -385,28 +385,12 @@ def test_default_model_greedy_is_unchanged_under_pressure(smollm2_gguf):
     """SmolLM2 copying text from its prompt (drafts mostly accepted) and writing freely (mostly rejected), in
     one batch with a sampled request, n=2, a 48-token step budget (chunked prefill), a cache too small for
     all of them (preemption), then again from the prefix cache."""
-    text = ("The committee met on Tuesday to review the budget for the coming year. After a long discussion, the "
-            "members agreed to increase the funding for the public library by ten percent.")
-    chats = [[{"role": "user", "content": f"Copy this text word for word:\n\n{text}"}],
-             [{"role": "user", "content": "Write a short poem about the ocean."}]]
-    greedy = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)
-    params = [greedy, SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True, n=2),
-              SamplingParams(temperature=0.8, top_p=0.9, max_tokens=80, ignore_eos=True, seed=0)]
-    kwargs = dict(max_model_len=256, max_num_batched_tokens=48, num_gpu_blocks_override=16)
-    results = []
-    for spec in (None, {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
-                        "prompt_lookup_min": 2}):
-        llm = LLM(speculative_config=spec, **kwargs)
-        render = llm.get_tokenizer().apply_chat_template
-        prompts = [{"prompt_token_ids": render(c, add_generation_prompt=True, tokenize=True, return_dict=False)} for c in chats + chats[:1]]
-        first = llm.generate(prompts, params, use_tqdm=False)
-        again = llm.generate(prompts[:2], params[:2], use_tqdm=False)
-        results.append((token_ids(first[:2]), token_ids(again)))
-        assert metric(llm, "num_preemptions") > 0 and metric(llm, "prefix_cache_hits") > 0
-        if spec is not None:
-            assert metric(llm, "spec_decode_num_accepted_tokens") > 0.5 * metric(llm, "spec_decode_num_draft_tokens")
-        assert_all_blocks_free(llm)
-        llm.shutdown()
+    ngram = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 2}
+
+    def most_drafts_kept(llm: LLM) -> None:
+        assert metric(llm, "spec_decode_num_accepted_tokens") > 0.5 * metric(llm, "spec_decode_num_draft_tokens")
+
+    results = [default_model_under_pressure(spec, 80, most_drafts_kept) for spec in (None, ngram)]
     assert results[1] == results[0]
     assert results[0][0] == results[0][1]
 

@@ -22,7 +22,7 @@ import torch
 
 from eagle_utils import build_eagle_head, perfect_head, reference_eagle_forward
 from pagedllm import LLM, SamplingParams
-from spec_decode_utils import assert_all_blocks_free, metric, token_ids
+from spec_decode_utils import assert_all_blocks_free, default_model_under_pressure, metric, token_ids
 from pagedllm.attention.backend import CommonAttentionMetadata
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.worker.kv_cache import allocate_kv_cache
@@ -251,28 +251,11 @@ def test_default_model_greedy_is_unchanged_with_a_head(smollm2_gguf, tmp_path):
     (tmp_path / "target").mkdir()
     (tmp_path / "target" / "config.json").write_text(json.dumps(load_gguf_config(str(smollm2_gguf)).to_dict()))
     head = build_eagle_head(str(tmp_path / "head"), str(tmp_path / "target"), seed=0)
-    text = ("The committee met on Tuesday to review the budget for the coming year. After a long discussion, the "
-            "members agreed to increase the funding for the public library by ten percent.")
-    chats = [[{"role": "user", "content": f"Copy this text word for word:\n\n{text}"}],
-             [{"role": "user", "content": "Write a short poem about the ocean."}]]
-    greedy = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
-    params = [greedy, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True, n=2),
-              SamplingParams(temperature=0.8, top_p=0.9, max_tokens=64, ignore_eos=True, seed=0)]
-    kwargs = dict(max_model_len=256, max_num_batched_tokens=48, num_gpu_blocks_override=16)
-    results = []
-    for spec in (None, eagle(head)):
-        llm = LLM(speculative_config=spec, **kwargs)
-        render = llm.get_tokenizer().apply_chat_template
-        prompts = [{"prompt_token_ids": render(c, add_generation_prompt=True, tokenize=True, return_dict=False)}
-                   for c in chats + chats[:1]]
-        first = llm.generate(prompts, params, use_tqdm=False)
-        again = llm.generate(prompts[:2], params[:2], use_tqdm=False)
-        results.append((token_ids(first[:2]), token_ids(again)))
-        assert metric(llm, "num_preemptions") > 0 and metric(llm, "prefix_cache_hits") > 0
-        if spec is not None:
-            assert metric(llm, "spec_decode_num_drafts") > 0
-        assert_all_blocks_free(llm)
-        llm.shutdown()
+
+    def drafts_proposed(llm: LLM) -> None:
+        assert metric(llm, "spec_decode_num_drafts") > 0
+
+    results = [default_model_under_pressure(spec, 64, drafts_proposed) for spec in (None, eagle(head))]
     assert results[1] == results[0]
     assert results[0][0] == results[0][1]
 
