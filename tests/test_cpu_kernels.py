@@ -133,6 +133,20 @@ def test_bad_inputs_raise_clear_errors(kernel):
     bad_table = torch.full_like(meta.decode_block_tables, batch.k_cache.shape[0])
     with pytest.raises(RuntimeError, match="block id"):
         cpu_ops.paged_decode(out, batch.query, batch.k_cache, batch.v_cache, bad_table, meta.decode_seq_lens, 0.1)
+    # The fused decode op refuses them before it rotates q/k or writes the cache: nothing changes.
+    seqs, heads, kv_heads, dim = batch.query.shape[0], 4, 2, 32
+    qkv = torch.randn(seqs, (heads + 2 * kv_heads) * dim)
+    positions = meta.decode_seq_lens - 1
+    cos, sin = torch.randn(64, dim // 2), torch.randn(64, dim // 2)
+    slots = torch.arange(seqs, dtype=torch.long)
+    before = qkv.clone(), batch.k_cache.clone(), batch.v_cache.clone()
+    for tables, lens, what in ((bad_table, meta.decode_seq_lens, "block id"),
+                               (meta.decode_block_tables, too_long.expand(seqs).contiguous(), "seq_lens")):
+        with pytest.raises(RuntimeError, match=what):
+            cpu_ops.decode_attention(qkv, positions, cos, sin, batch.k_cache, batch.v_cache, slots, tables, lens,
+                                     heads, kv_heads, 0.1)
+        for a, b in zip((qkv, batch.k_cache, batch.v_cache), before):
+            assert torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

@@ -70,6 +70,7 @@ at::Tensor decode_attention(at::Tensor qkv, const at::Tensor& positions, const a
   for (int64_t t = 0; t < tokens; ++t)
     TORCH_CHECK(slots[t] >= 0 && slots[t] < num_slots, "decode_attention: slot ", slots[t], " outside the cache's ",
                 num_slots, " slots");
+  check_block_tables(k_cache, block_tables, seq_lens, tokens, sliding_window, "decode_attention");
 
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
   at::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, num_heads, head_dim});

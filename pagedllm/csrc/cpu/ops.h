@@ -11,6 +11,11 @@ void paged_decode(at::Tensor out, const at::Tensor& query, const at::Tensor& k_c
                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t sliding_window,
                   double soft_cap, double k_scale, double v_scale);
 
+// Refuses block tables and lengths that would read outside the cache (paged_decode; decode_attention
+// calls it before it rotates or writes anything, so a refused call leaves the cache as it was).
+void check_block_tables(const at::Tensor& k_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                        int64_t seqs, int64_t sliding_window, const char* op);
+
 void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps);
 
 void add_rms_norm(at::Tensor out, at::Tensor residual_out, const at::Tensor& x, const at::Tensor& residual,

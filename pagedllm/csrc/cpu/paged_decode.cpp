@@ -249,6 +249,26 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
 
 }  // namespace
 
+void check_block_tables(const at::Tensor& k_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                        int64_t seqs, int64_t sliding_window, const char* op) {
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong &&
+                  block_tables.is_contiguous() && seq_lens.is_contiguous() && block_tables.dim() == 2 &&
+                  block_tables.size(0) == seqs && seq_lens.dim() == 1 && seq_lens.size(0) == seqs,
+              op, ": block_tables [seqs, max_blocks] and seq_lens [seqs] must be contiguous int64");
+  // A length or block id out of range would read outside the cache: refuse it here.
+  const int64_t num_blocks = k_cache.size(0), max_blocks = block_tables.size(1), block_size = k_cache.size(1);
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  for (int64_t s = 0; s < seqs; ++s) {
+    TORCH_CHECK(lens[s] > 0 && lens[s] <= max_blocks * block_size, op, ": seq_lens[", s, "] = ", lens[s],
+                " outside [1, ", max_blocks * block_size, "]");
+    const int64_t first_key = sliding_window > 0 ? std::max<int64_t>(0, lens[s] - sliding_window) : 0;
+    for (int64_t b = first_key / block_size; b < (lens[s] + block_size - 1) / block_size; ++b)
+      TORCH_CHECK(tables[s * max_blocks + b] >= 0 && tables[s * max_blocks + b] < num_blocks,
+                  op, ": block id ", tables[s * max_blocks + b], " outside the cache's ", num_blocks, " blocks");
+  }
+}
+
 void paged_decode(at::Tensor out, const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t sliding_window,
                   double soft_cap, double k_scale, double v_scale) {
@@ -258,24 +278,9 @@ void paged_decode(at::Tensor out, const at::Tensor& query, const at::Tensor& k_c
                   v_cache.sizes() == k_cache.sizes() && k_cache.size(3) == query.size(2),
               "paged_decode: caches must be contiguous [blocks, block_size, kv_heads, dim]");
   TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "paged_decode: heads must be a multiple of kv heads");
-  TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong &&
-                  block_tables.is_contiguous() && seq_lens.is_contiguous() &&
-                  block_tables.size(0) == query.size(0) && seq_lens.size(0) == query.size(0),
-              "paged_decode: block_tables [seqs, max_blocks] and seq_lens [seqs] must be contiguous int64");
   TORCH_CHECK(out.scalar_type() == query.scalar_type(), "paged_decode: query and out must share a dtype");
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "paged_decode: k_cache and v_cache must share a dtype");
-  // A length or block id out of range would read outside the cache: refuse it here.
-  const int64_t num_blocks = k_cache.size(0), max_blocks = block_tables.size(1), block_size = k_cache.size(1);
-  const int64_t* lens = seq_lens.data_ptr<int64_t>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  for (int64_t s = 0; s < query.size(0); ++s) {
-    TORCH_CHECK(lens[s] > 0 && lens[s] <= max_blocks * block_size, "paged_decode: seq_lens[", s, "] = ", lens[s],
-                " outside [1, ", max_blocks * block_size, "]");
-    const int64_t first_key = sliding_window > 0 ? std::max<int64_t>(0, lens[s] - sliding_window) : 0;
-    for (int64_t b = first_key / block_size; b < (lens[s] + block_size - 1) / block_size; ++b)
-      TORCH_CHECK(tables[s * max_blocks + b] >= 0 && tables[s * max_blocks + b] < num_blocks,
-                  "paged_decode: block id ", tables[s * max_blocks + b], " outside the cache's ", num_blocks, " blocks");
-  }
+  check_block_tables(k_cache, block_tables, seq_lens, query.size(0), sliding_window, "paged_decode");
   check_float_or_bf16(query.scalar_type(), "paged_decode");
   const at::ScalarType cache_type = k_cache.scalar_type();
   const bool fp8 = cache_type == at::kFloat8_e4m3fn || cache_type == at::kFloat8_e5m2;
