@@ -5,7 +5,8 @@ The blocked weight must stand for the checkpoint's dequantized matrix bit for bi
 included: the inputs are permuted once at load and the activations per call); the kernel must equal
 the PyTorch reference of the blocked form (`gguf_blocks.block_linear_reference`); layers whose groups
 the blocks cannot hold keep the dequantized form; whole tiny checkpoints through the kernel give the
-reference path's tokens and hold about a fifth of the float32 bytes."""
+reference path's tokens, the dequantized float32 model's tokens (logprobs within 5e-3), and hold
+about a fifth of the float32 bytes."""
 
 from __future__ import annotations
 
@@ -80,12 +81,13 @@ def test_blocks_stand_for_the_dequantized_matrix_and_the_kernel_for_its_referenc
 
     x = torch.randn(7, IN, generator=torch.Generator().manual_seed(1))
     x_in_block_order = x if held.input_perm is None else x[:, held.input_perm]
-    reference = block_linear_reference(x_in_block_order, held.weight) + blocks.bias
+    reference = block_linear_reference(x_in_block_order, held.weight, act_bits=blocks.int_act_bits) + blocks.bias
     for rows in (1, 4, 7):  # the kernel runs activation rows 4 at a time, and the rest one by one
         torch.testing.assert_close(blocks(x[:rows]), reference[:rows], rtol=1e-4, atol=1e-4)
-    # the q8 activations are the only difference from the float product: about 1% of its size
+    # the 15-bit activations are the only difference from the float product: a few 1e-5 of its size
+    # (q8 activations, PAGEDLLM_GGUF_ACT_BITS=8, are ~100x further off)
     exact = F.linear(x, expected, blocks.bias)
-    assert (blocks(x) - exact).norm() / exact.norm() < 1e-2
+    assert (blocks(x) - exact).norm() / exact.norm() < 2e-4
 
 
 def test_bfloat16_model_blocks_match_the_float32_ones():
@@ -170,18 +172,21 @@ def chosen_logprobs(outs: list) -> list[list[float]]:
     ("llama", "compressed-tensors", dict(sym=True)),
 ], ids=["gptq-asym-act-order", "awq-qwen2", "compressed-tensors-sym"])
 def test_checkpoint_in_blocks_gives_the_reference_paths_tokens(family, fmt, options, tmp_path, request, monkeypatch):
-    """Through the kernel and through the PyTorch reference of the blocked form: the same tokens and
-    logprobs; the weights a fifth of the float32 model's bytes. Against the
-    dequantized float32 model the q8 activations move these tiny random models' logprobs by up to
-    ~0.6 (measured 0.13-0.57), so that comparison (1e-3) holds for the default dequantized form only."""
+    """Through the kernel: the dequantized float32 model's tokens, logprobs within 5e-3 (the 15-bit
+    activations move these tiny random models' logprobs by up to ~3e-3; q8 ones, PAGEDLLM_GGUF_ACT_BITS=8,
+    moved them by 0.13-0.57, which is why the form is opt-in: the default dequantized form keeps 1e-3),
+    and the PyTorch reference of the blocked form's; the weights a fifth of the float32 model's bytes."""
     if not cpu_ops.cpu_kernels_available():
         pytest.skip("the CPU kernels could not be built here")
     source = request.getfixturevalue(f"{family}_dir")
     quantized = str(tmp_path / "quantized")
     write_quantized_checkpoint(source, quantized, str(tmp_path / "reference"), fmt, group_size=32, **options)
+    monkeypatch.delenv(CPU_INT4_BLOCKS_ENV, raising=False)
     dequantized, float_bytes = run(quantized)
     monkeypatch.setenv(CPU_INT4_BLOCKS_ENV, "1")
     kernel, block_bytes = run(quantized)
+    assert [o.outputs[0].token_ids for o in kernel] == [o.outputs[0].token_ids for o in dequantized]
+    np.testing.assert_allclose(sum(chosen_logprobs(kernel), []), sum(chosen_logprobs(dequantized), []), atol=5e-3)
     monkeypatch.setattr(cpu_ops, "cpu_kernels_available", lambda: False)
     reference, _ = run(quantized)
     assert [o.outputs[0].token_ids for o in kernel] == [o.outputs[0].token_ids for o in reference]
@@ -203,4 +208,6 @@ def test_tp2_blocks_equal_tp1_blocks(tmp_path, llama_dir, monkeypatch):
     one, _ = run(quantized)
     two, _ = run(quantized, tensor_parallel_size=2)
     assert [o.outputs[0].token_ids for o in one] == [o.outputs[0].token_ids for o in two]
-    np.testing.assert_allclose(sum(chosen_logprobs(one), []), sum(chosen_logprobs(two), []), rtol=1e-4, atol=1e-4)
+    # the ranks' partial sums meet in another float order, and at 15 bits an activation near a rounding
+    # step goes the other way more often than at 8 (measured up to 2.6e-4)
+    np.testing.assert_allclose(sum(chosen_logprobs(one), []), sum(chosen_logprobs(two), []), rtol=1e-3, atol=1e-3)

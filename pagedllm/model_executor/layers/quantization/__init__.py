@@ -55,9 +55,9 @@ def get_linear_methods(quantization: str | None, dtype: torch.dtype, device: tor
 
 def checkpoint_form(device: torch.device, dtype: torch.dtype) -> str:
     """What a pre-quantized checkpoint's layers hold (`packed_int.FORMS`): packed for the Triton kernel
-    on GPUs; on CPU the float matrix, dequantized once, or with `PAGEDLLM_CPU_INT4_BLOCKS=1` the
-    integers in the GGUF kernel's blocks (q8 activations: not the dequantized model's numbers, see
-    docs/quantization.md)."""
+    on GPUs; on CPU the float matrix, dequantized once (the dequantized model's numbers), or with
+    `PAGEDLLM_CPU_INT4_BLOCKS=1` the integers in the GGUF kernel's blocks, whose 15-bit activations
+    move tiny random models' logprobs by up to ~3e-3 (docs/quantization_gptq_awq.md)."""
     if device.type == "cuda":
         return "triton"
     if env_flag(CPU_INT4_BLOCKS_ENV, default=False) and gguf_unavailable_reason(device, dtype) is None:

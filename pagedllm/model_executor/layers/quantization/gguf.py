@@ -196,7 +196,7 @@ def gguf_linear(x: torch.Tensor, segments: list[Segment], out_features: int,
                 bias: torch.Tensor | None, act_bits: int = 8) -> torch.Tensor:
     """x W^T + b over a layer's segments: activations quantised once (to `act_bits`, 8 or 15), each
     segment's product written into its columns of one float32 output. (8 unless asked: GGUF layers
-    pass their `PAGEDLLM_GGUF_ACT_BITS`; the int4 blocks of packed_int.py keep q8 for now.)"""
+    and the int4 blocks of packed_int.py pass `activation_bits()`, read when they were built.)"""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     kernels = cpu_ops.cpu_kernels_available()

@@ -7,12 +7,13 @@ go (`create_weights`, with the layout attributes `layers/linear.py` slices by) a
 back into a float matrix (`dequantize`, written out in plain PyTorch: the reference).
 
 What a layer holds after loading (`form`, picked in `quantization/__init__.py` by device):
-- "dequantized" (CPU): the matrix dequantized once to the model dtype, multiplied as an unquantized
-  layer is (oneDNN-packed where available): the checkpoint's 4-bit download and load, but a float
-  model's memory and speed at run time;
-- "blocks" (CPU): the integers re-expressed once in the GGUF kernel's blocks of 32 (`int4_blocks.py`),
-  4 bits a weight plus a float32 scale and min per block, multiplied by that kernel with q8
-  activations. A layer whose groups are not whole blocks of 32 is held "dequantized" instead;
+- "dequantized" (CPU, the default): the matrix dequantized once to the model dtype, multiplied as an
+  unquantized layer is (oneDNN-packed where available): the checkpoint's 4-bit download and load,
+  but a float model's memory and speed at run time;
+- "blocks" (CPU with PAGEDLLM_CPU_INT4_BLOCKS=1): the integers re-expressed once in the GGUF kernel's
+  blocks of 32 (`int4_blocks.py`), 4 bits a weight plus a float32 scale and min per block, multiplied
+  by that kernel with the activations GGUF layers get (15 bits per block of 32 unless
+  PAGEDLLM_GGUF_ACT_BITS=8). A layer whose groups are not whole blocks of 32 is held "dequantized";
 - "triton" (CUDA): the integers stay packed, a Triton kernel dequantizes tiles inside the matmul
   (`triton_int_matmul.py`);
 - "packed": the checkpoint's tensors as loaded, dequantized on every call: the reference.
@@ -29,7 +30,7 @@ from torch import nn
 
 from pagedllm.logger import init_logger
 from pagedllm.model_executor.layers.linear_method import UNQUANTIZED, LinearMethodBase
-from pagedllm.model_executor.layers.quantization.gguf import Segment, gguf_linear
+from pagedllm.model_executor.layers.quantization.gguf import Segment, activation_bits, gguf_linear
 from pagedllm.model_executor.layers.quantization.int_groups import IntGroups
 
 logger = init_logger(__name__)
@@ -161,13 +162,14 @@ class PackedIntLinearMethod(LinearMethodBase):
             return
         layer.int_blocks = held
         layer.int_segments = [Segment(0, held.weight.shape[0], held.weight)]
+        layer.int_act_bits = activation_bits()  # as GGUF layers: 15 unless PAGEDLLM_GGUF_ACT_BITS=8
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         form = self.layer_form(layer)
         if form == "blocks":
             perm = layer.int_blocks.input_perm
             return gguf_linear(x if perm is None else x.index_select(-1, perm), layer.int_segments,
-                               layer.int_segments[0].end, bias)
+                               layer.int_segments[0].end, bias, layer.int_act_bits)
         if form == "dequantized":
             return self.dense.apply(layer, x, bias)
         if self.form == "triton":
