@@ -140,8 +140,9 @@ PROMPTS = [[3, 70, 101, 200, 17], [260, 5, 9, 44, 88, 120, 31, 7, 250]]
 
 
 def greedy(path, quantization: str | None) -> tuple[list, dict, list]:
+    # small steps: the interpreter's time grows with the rows of a step (and the start-up's dummy step)
     llm = LLM(model=str(path), quantization=quantization, max_model_len=64, kv_cache_memory_bytes=4 << 20,
-              device=DEVICE.type, enforce_eager=True)
+              device=DEVICE.type, enforce_eager=True, max_num_batched_tokens=64, max_num_seqs=2)
     try:
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                             SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1), use_tqdm=False)
@@ -154,17 +155,26 @@ def greedy(path, quantization: str | None) -> tuple[list, dict, list]:
         llm.shutdown()
 
 
-def test_tiny_model_on_the_triton_path_gives_the_float_models_tokens(tmp_path, monkeypatch):
-    """A tiny Qwen2 GGUF (Q4_1; QKV biases, a tied embedding that is also the LM head) held in blocks
-    and multiplied by the Triton kernel (on CPU: forced with `runs_triton`, and interpreted) gives the
-    tokens of the same file dequantised to float32, and logprobs within float rounding: the kernel does
-    not quantise activations, so that model is its reference."""
-    path = tmp_path / "tiny-qwen2.gguf"
-    write_tiny_gguf(path, "qwen2", True, quant_type=T.Q4_1)
+@pytest.mark.parametrize("arch,tie,type_name", [("qwen2", True, "Q4_1"), ("llama", False, "Q8_0")],
+                         ids=["qwen2-tied-Q4_1", "llama-untied-Q8_0"])
+def test_tiny_model_on_the_triton_path_gives_the_float_models_tokens(arch, tie, type_name, tmp_path, monkeypatch):
+    """A tiny GGUF held in blocks and multiplied by the Triton kernel (on CPU: forced with
+    `runs_triton`, and interpreted) gives the tokens of the same file dequantised to float32, and
+    logprobs within float rounding: the kernel does not quantise activations, so that model is its
+    reference. Qwen2: QKV biases, a 4-bit tied embedding that is also the LM head; Llama: 8-bit, an
+    untied LM head."""
+    from pagedllm.model_executor.models.gguf_decode_step import GGUFDecodeStep
+
+    path = tmp_path / f"tiny-{arch}.gguf"
+    write_tiny_gguf(path, arch, tie, quant_type=T[type_name])
     float_tokens, _, float_logprobs = greedy(path, None)
     monkeypatch.setattr(gguf_method, "runs_triton", lambda device: True)
+    # the one-op CPU decode step (C++, float32 Llama layers) would take the decode steps of CPU tensors;
+    # it never runs on CUDA (it needs the CPU kernels' fused ops)
+    monkeypatch.setattr(GGUFDecodeStep, "for_model", classmethod(lambda cls, layers, dtype: None))
     tokens, held, logprobs = greedy(path, "gguf")
     assert held and all(triton and kinds == ["BlockQuantizedWeight"] for triton, kinds in held.values())
-    assert any(name.endswith("embed_tokens") for name in held)  # the tied embedding: looked up and multiplied by in blocks
+    assert any(name.endswith("embed_tokens") for name in held)  # looked up (and, tied, multiplied by) in blocks
+    assert any(name.endswith("lm_head") for name in held) == (not tie)
     assert tokens == float_tokens
     np.testing.assert_allclose(logprobs, float_logprobs, rtol=1e-3, atol=1e-3)
