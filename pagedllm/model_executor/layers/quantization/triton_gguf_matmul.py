@@ -137,11 +137,11 @@ def _num_sms(device: torch.device) -> int:
 
 
 def default_split_k(m: int, n: int, k_bytes: int, device: torch.device) -> int:
-    """Splits of K so that a small batch still gives every SM a program or two: 1 once the output
-    tiles alone do, at most one split per 512 weight bytes of a row."""
+    """Splits of K so that a small batch still gives every SM a program: 1 once the output tiles
+    alone do, at most one split per 512 weight bytes of a row. (A first guess, not tuned.)"""
     block_m, block_n, _ = _tiles(m, 8)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    want = triton.cdiv(2 * _num_sms(device), tiles)
+    want = triton.cdiv(_num_sms(device), tiles)
     return max(1, min(want, k_bytes // 512))
 
 
