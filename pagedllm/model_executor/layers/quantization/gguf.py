@@ -167,6 +167,8 @@ class GGUFLinearMethod(LinearMethodBase):
     def __init__(self, device: torch.device | None = None) -> None:
         self.device = device if device is not None else torch.device("cpu")
         self.triton = runs_triton(self.device)  # decided once, for every layer this method builds
+        if self.triton:
+            self.description = "kept in GGUF blocks, Triton kernel"  # the start-up log's words
 
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
         tp_group = getattr(layer, "tp_group", None)
