@@ -24,6 +24,8 @@ is interrupted):
                    requests as pagedllm's subset run; the speed-up
   kernels          Triton attention vs an SDPA reference at model shapes (fp32, bf16, fp16)
   attention_bench  decode / prefill kernel time against the floor
+  gguf_kernels     the Triton GGUF kernel on random blocks of each type against the dequantized matmul,
+                   and its batch-1 and 256-row time (`gpu_check_gguf.py`)
   kernel_tests     tests/test_triton_attention.py etc. under pytest, on the real device
 Prints a table; writes gpu_check-<date>-<device>.json (after every section, so a run cut short
 still leaves its results) and the profile tables to --output-dir ($OUT when set, else
@@ -49,7 +51,8 @@ START = time.perf_counter()
 
 # Seconds each section is expected to need (quick mode on an H100-class GPU; guesses until measured).
 ESTIMATES = {"env": 5, "floor": 10, "hf_equivalence": 150, "throughput": 120, "cuda_graphs": 30, "sync_audit": 15,
-             "profile": 20, "transformers": 100, "kernels": 60, "attention_bench": 20, "kernel_tests": 120}
+             "profile": 20, "transformers": 100, "kernels": 60, "attention_bench": 20, "gguf_kernels": 60,
+             "kernel_tests": 120}
 
 
 def log(msg: str) -> None:
@@ -80,6 +83,7 @@ if "--dry-run" in sys.argv[1:]:
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing pagedllm (the bare GPU machines)
 
 import torch  # noqa: E402
+import gpu_check_gguf  # noqa: E402
 import gpu_check_sections as sections  # noqa: E402
 from gpu_check_reference import free_memory  # noqa: E402
 
@@ -198,8 +202,10 @@ def main() -> None:
     for name in ("hf_equivalence", "throughput", "cuda_graphs", "sync_audit", "profile"):
         run(name, getattr(sections, f"section_{name}"))
     ctx.close_engine()
-    for name in ("transformers", "kernels", "attention_bench", "kernel_tests"):
+    for name in ("transformers", "kernels", "attention_bench"):
         run(name, getattr(sections, f"section_{name}"))
+    run("gguf_kernels", gpu_check_gguf.section_gguf_kernels)
+    run("kernel_tests", sections.section_kernel_tests)
     report["total_seconds"] = time.perf_counter() - START
     write_report(report, path)
     print_table(report)
@@ -214,8 +220,9 @@ def print_table(report: dict) -> None:
     rows = []
     for name, entry in report["sections"].items():
         status = "skipped" if entry.get("skipped") else "ok" if entry.get("ok") else "FAILED"
+        headline = gpu_check_gguf.headline if name == "gguf_kernels" else lambda r: sections.headline(name, r)
         text = entry.get("skipped") or (entry.get("error", "") if entry.get("result") is None
-                                        else sections.headline(name, entry["result"]))
+                                        else headline(entry["result"]))
         rows.append((name, status, f"{entry['seconds']:.1f}s", text))
     widths = [max(len(r[i]) for r in rows + [("section", "status", "time", "")]) for i in range(3)]
     print()

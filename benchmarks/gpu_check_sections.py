@@ -517,7 +517,8 @@ def section_attention_bench(ctx: Context) -> dict:
 
 def section_kernel_tests(ctx: Context) -> dict:
     """The CPU test files that exercise the GPU path, run on the GPU (compiled kernels)."""
-    tests = ["test_triton_attention.py", "test_cuda_graph_runner.py", "test_memory_profiler.py"]
+    tests = ["test_triton_attention.py", "test_cuda_graph_runner.py", "test_memory_profiler.py",
+             "test_triton_gguf_matmul.py"]
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *(str(ROOT / "tests" / t) for t in tests)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)

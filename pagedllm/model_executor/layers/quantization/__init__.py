@@ -44,7 +44,7 @@ def get_linear_methods(quantization: str | None, dtype: torch.dtype, device: tor
     else:
         plain = tied = UNQUANTIZED
     if quantization == "gguf":  # every weight the file quantised stays so, the LM head too (as llama.cpp)
-        gguf_method = GGUFLinearMethod()
+        gguf_method = GGUFLinearMethod(device)
         return LinearMethods(linear=gguf_method, lm_head=gguf_method, tied_lm_head=gguf_method, embedding=gguf_method)
     if quant_config is not None:
         linear = quant_config.linear_method(plain, checkpoint_form(device, dtype))

@@ -18,6 +18,9 @@ of a type the kernel does not take (Q2_K, Q3_K, the IQ types...) are held dequan
 The embedding is kept in blocks too (a tied model's is also its LM head), and a lookup
 dequantises just the rows asked for (`embedding`), so the float32 matrix (113 MB for SmolLM2,
 544 MB for Qwen2.5-0.5B's untied one) is never made.
+
+On CUDA the same blocks are moved to the device and multiplied by a Triton kernel that
+dequantises them tile by tile, activations unquantised (`triton_gguf_matmul.py`; `runs_triton`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from pagedllm.model_executor.layers.quantization.gguf_blocks import BlockQuantiz
 logger = init_logger(__name__)
 
 GGUF_DTYPES = (torch.float32, torch.bfloat16)
+GGUF_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the Triton kernel's
 ACT_BITS_ENV = "PAGEDLLM_GGUF_ACT_BITS"
 DEFAULT_ACT_BITS = 15
 
@@ -57,11 +61,26 @@ def activation_bits() -> int:
 
 def gguf_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why `quantization="gguf"` cannot run here, or None when it can."""
+    if device.type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            return "on CUDA its kernel is a Triton kernel, and triton is not installed"
+        if dtype not in GGUF_CUDA_DTYPES:
+            return f"on CUDA it takes a float32, bfloat16 or float16 model, not {str(dtype).removeprefix('torch.')}"
+        return None
     if device.type != "cpu":
-        return f"its kernels run on CPU, not on {device.type}; pass device='cpu' (--device cpu)"
+        return (f"its kernels run on CPU (C++) and CUDA (Triton), not on {device.type}; "
+                "pass device='cpu' (--device cpu) or 'cuda'")
     if dtype not in GGUF_DTYPES:
         return f"it takes a float32 or bfloat16 model, not {str(dtype).removeprefix('torch.')}"
     return None
+
+
+def runs_triton(device: torch.device) -> bool:
+    """Whether layers for `device` take the Triton kernel (CUDA) rather than the C++ ones. (Tests
+    set it to True to run the Triton path on CPU tensors under TRITON_INTERPRET=1.)"""
+    return device.type == "cuda"
 
 
 @dataclass
@@ -145,6 +164,12 @@ class GGUFLinearMethod(LinearMethodBase):
     description = "kept in GGUF blocks"
     loads_weight = True
 
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device if device is not None else torch.device("cpu")
+        self.triton = runs_triton(self.device)  # decided once, for every layer this method builds
+        if self.triton:
+            self.description = "kept in GGUF blocks, Triton kernel"  # the start-up log's words
+
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
         tp_group = getattr(layer, "tp_group", None)
         if tp_group is not None and tp_group.world_size > 1:
@@ -153,6 +178,7 @@ class GGUFLinearMethod(LinearMethodBase):
         layer.gguf_input_size, layer.gguf_output_size = input_size, output_size
         layer.gguf_segments = []
         layer.gguf_act_bits = activation_bits()
+        layer.gguf_triton = self.triton
 
     def load_weight(self, layer: nn.Module, loaded, shard: str | int | None = None) -> None:
         rows, cols = tuple(loaded.shape)
@@ -169,12 +195,24 @@ class GGUFLinearMethod(LinearMethodBase):
                                                     zip(layer.gguf_segments, layer.gguf_segments[1:])):
             raise ValueError(f"checkpoint is missing weights: {covered} of {layer.gguf_output_size} output rows of a "
                              "GGUF layer were loaded")
+        if self.triton:  # the blocks were decoded on the host
+            from pagedllm.model_executor.layers.quantization.triton_gguf_matmul import segments_to
+
+            segments_to(layer.gguf_segments, self.device)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if layer.gguf_triton:
+            from pagedllm.model_executor.layers.quantization.triton_gguf_matmul import triton_gguf_linear
+
+            return triton_gguf_linear(x, layer.gguf_segments, layer.gguf_output_size, bias)
         return gguf_linear(x, layer.gguf_segments, layer.gguf_output_size, bias, layer.gguf_act_bits)
 
     def embedding(self, layer: nn.Module, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The rows of a blocks-held embedding for `input_ids`, dequantised."""
+        if layer.gguf_triton:
+            from pagedllm.model_executor.layers.quantization import triton_gguf_matmul
+
+            return triton_gguf_matmul.embedding(layer.gguf_segments, input_ids, layer.gguf_input_size, dtype)
         flat = input_ids.reshape(-1)
         out = torch.empty(flat.shape[0], layer.gguf_input_size, dtype=dtype)
         for seg in layer.gguf_segments:
@@ -229,4 +267,4 @@ def gguf_linear(x: torch.Tensor, segments: list[Segment], out_features: int,
     return out.reshape(*shape[:-1], out_features)
 
 
-__all__ = ["GGUFLinearMethod", "gguf_linear", "gguf_unavailable_reason"]
+__all__ = ["GGUFLinearMethod", "gguf_linear", "gguf_unavailable_reason", "runs_triton"]
