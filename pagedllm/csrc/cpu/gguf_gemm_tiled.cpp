@@ -45,6 +45,7 @@ constexpr int64_t kChunkM = 256;     // activation rows per pass over a packed t
 // larger than the caches (SmolLM2's 28 MB Q8_0 LM head) is streamed from DRAM, which the GEMV's
 // row-by-row prefetching does faster than the 16-row pack: it keeps the GEMV up to 16 rows.
 constexpr int64_t kTiledMinRows = 4;
+constexpr int64_t kTiledMinRowsPer16 = 6;  // Q6_K: the GEMV is still faster at 4 rows (0.87x), not at 6 (1.25x)
 constexpr int64_t kTiledMinRowsLarge = 16;
 constexpr int64_t kLargeWeightBytes = 8 << 20;
 
@@ -84,8 +85,8 @@ inline __mmask64 byte_mask(int64_t bytes) { return bytes >= 64 ? ~0ULL : ((1ULL 
 // Packs weight rows [0, rows) (rows <= 16; the rest of the tile is zeros) into `dst`, block after
 // block: 8 vectors a block, vector c's lane r = row r's 4 weights (as bytes) that meet the block's
 // activation int32 c (`pack_activations`: c < 4 the low half, c >= 4 the high half). The scales
-// and mins go to [block][16 rows].
-template <int kBits>
+// and mins go to [block][16 rows], or with a scale per 16 (Q6_K) to [block][half][16 rows].
+template <int kBits, int kSub>
 void pack_tile(uint8_t* dst, float* ws_t, float* wm_t, const uint8_t* qw, const float* ws, const float* wm,
                int64_t w_stride, int64_t rows, int64_t nb) {
   const int64_t groups = (nb + kGroupBlocks - 1) / kGroupBlocks;
@@ -116,10 +117,11 @@ void pack_tile(uint8_t* dst, float* ws_t, float* wm_t, const uint8_t* qw, const 
       }
     }
   }
-  for (int64_t b = 0; b < nb; ++b) {
+  constexpr int64_t kPerBlock = kBlock / kSub;  // scales a row holds per block: 1 or 2
+  for (int64_t j = 0; j < nb * kPerBlock; ++j) {
     for (int64_t i = 0; i < kTileN; ++i) {
-      ws_t[b * kTileN + i] = i < rows ? ws[i * nb + b] : 0.f;
-      wm_t[b * kTileN + i] = i < rows ? wm[i * nb + b] : 0.f;
+      ws_t[j * kTileN + i] = i < rows ? ws[i * nb * kPerBlock + j] : 0.f;
+      wm_t[j * kTileN + i] = i < rows ? wm[i * nb * kPerBlock + j] : 0.f;
     }
   }
 }
@@ -135,9 +137,10 @@ inline void prefetch_rows(const uint8_t* p, int64_t bytes) {
 // the 8 rows' 32 bytes (the low half, then the high half), d and s as [block][8 rows]. Every address
 // in the kernel's loop is then a constant offset from three pointers.
 // With 15-bit activations (2 planes) each row's block is its high plane's 32 bytes, then its low
-// plane's.
-void pack_activations(int32_t* dst, float* d_t, float* s_t, const int8_t* qa, int64_t qa_stride, const float* ad,
-                      const float* as, int64_t rows, int64_t nb, int64_t planes) {
+// plane's. With `s16_t` (weights with a scale and min per 16, Q6_K) the min term needs each half
+// block's own sum: s16_t [block][8 rows][half] = d * (the half's integer sum), as the GEMV takes it.
+void pack_activations(int32_t* dst, float* d_t, float* s_t, float* s16_t, const int8_t* qa, int64_t qa_stride,
+                      const float* ad, const float* as, int64_t rows, int64_t nb, int64_t planes) {
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t off = (b / kGroupBlocks) * kGroupBytes * planes + (b % kGroupBlocks) * 16;
     for (int64_t m = 0; m < kTileM; ++m) {
@@ -152,15 +155,63 @@ void pack_activations(int32_t* dst, float* d_t, float* s_t, const int8_t* qa, in
       }
       d_t[b * kTileM + m] = m < rows ? ad[m * nb + b] : 0.f;
       s_t[b * kTileM + m] = m < rows ? as[m * nb + b] : 0.f;
+      if (s16_t == nullptr) continue;
+      for (int64_t h = 0; h < 2; ++h) {
+        int32_t sum = 0;
+        if (m < rows) {
+          const int8_t* half = qa + m * qa_stride + off + h * 64;
+          for (int64_t i = 0; i < 16; ++i) sum += planes == 2 ? half[i] * 128 + half[i + kGroupBytes] : half[i];
+        }
+        s16_t[(b * kTileM + m) * 2 + h] = d_t[b * kTileM + m] * static_cast<float>(sum);
+      }
     }
   }
 }
 
-// out[m, 0..16) = bias + the packed tile times packed activation rows [0, kRows).
-template <int kPlanes, int kRows>
+// out[m, 0..16) = bias + the packed tile times packed activation rows [0, kRows). kSub 16 (Q6_K):
+// the low half's 4 vpdpbusd and the high half's go to separate sums, each with its own scale, and
+// the min term takes the halves' activation sums (`ps` is then [block][8 rows][half]).
+template <int kPlanes, int kSub, int kRows>
 void tile_kernel(const __m512i* pw, const float* ws_t, const float* wm_t, const int32_t* pa, const float* pd,
                  const float* ps, int64_t nb, float* out, int64_t o_stride, __mmask16 nmask, const float* bias,
                  const uint8_t* pf, int64_t pf_lines) {
+  if constexpr (kSub == 16) {
+    const int64_t pf_per_block = (pf_lines + nb - 1) / std::max<int64_t>(1, nb);
+    int64_t pf_next = 0;
+    __m512 acc[kRows];
+    const __m512 b16 = bias ? _mm512_maskz_loadu_ps(nmask, bias) : _mm512_setzero_ps();
+    for (int m = 0; m < kRows; ++m) acc[m] = b16;
+    for (int64_t b = 0; b < nb; ++b, pw += 8, pa += kTileM * 8 * kPlanes, pd += kTileM, ps += 2 * kTileM) {
+      for (int64_t q = 0; q < pf_per_block && pf_next < pf_lines; ++q, ++pf_next) {
+        _mm_prefetch(reinterpret_cast<const char*>(pf + pf_next * 64), _MM_HINT_T0);
+      }
+      __m512i w[8];
+      for (int c = 0; c < 8; ++c) w[c] = _mm512_loadu_si512(pw + c);
+      const __m512 ws_lo = _mm512_loadu_ps(ws_t + (2 * b) * kTileN), ws_hi = _mm512_loadu_ps(ws_t + (2 * b + 1) * kTileN);
+      const __m512 wm_lo = _mm512_loadu_ps(wm_t + (2 * b) * kTileN), wm_hi = _mm512_loadu_ps(wm_t + (2 * b + 1) * kTileN);
+      for (int m = 0; m < kRows; ++m) {
+        const int32_t* a = pa + m * 8 * kPlanes;
+        __m512i half[2];
+        for (int h = 0; h < 2; ++h) {
+          __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4 * h], _mm512_set1_epi32(a[4 * h]));
+          for (int c = 1; c < 4; ++c) s = _mm512_dpbusd_epi32(s, w[4 * h + c], _mm512_set1_epi32(a[4 * h + c]));
+          if (kPlanes == 2) {
+            __m512i l = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4 * h], _mm512_set1_epi32(a[8 + 4 * h]));
+            for (int c = 1; c < 4; ++c) l = _mm512_dpbusd_epi32(l, w[4 * h + c], _mm512_set1_epi32(a[8 + 4 * h + c]));
+            s = _mm512_add_epi32(_mm512_slli_epi32(s, 7), l);
+          }
+          half[h] = s;
+        }
+        __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(half[0]), ws_lo);
+        t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(half[1]), ws_hi, t);
+        acc[m] = _mm512_fmadd_ps(t, _mm512_set1_ps(pd[m]), acc[m]);
+        acc[m] = _mm512_fmadd_ps(wm_lo, _mm512_set1_ps(ps[2 * m]), acc[m]);
+        acc[m] = _mm512_fmadd_ps(wm_hi, _mm512_set1_ps(ps[2 * m + 1]), acc[m]);
+      }
+    }
+    for (int m = 0; m < kRows; ++m) _mm512_mask_storeu_ps(out + m * o_stride, nmask, acc[m]);
+    return;
+  }
   __m512 acc[kRows];
   // the next tile's weights, a few cache lines a block: spread over the compute, as a burst would
   // overrun the core's outstanding misses
@@ -195,15 +246,18 @@ void tile_kernel(const __m512i* pw, const float* ws_t, const float* wm_t, const 
 
 using TileKernel = void (*)(const __m512i*, const float*, const float*, const int32_t*, const float*, const float*,
                             int64_t, float*, int64_t, __mmask16, const float*, const uint8_t*, int64_t);
-template <int kPlanes>
+template <int kPlanes, int kSub>
 constexpr TileKernel kTileKernels[kTileM + 1] = {
-    nullptr, tile_kernel<kPlanes, 1>, tile_kernel<kPlanes, 2>, tile_kernel<kPlanes, 3>, tile_kernel<kPlanes, 4>,
-    tile_kernel<kPlanes, 5>, tile_kernel<kPlanes, 6>, tile_kernel<kPlanes, 7>, tile_kernel<kPlanes, 8>};
+    nullptr, tile_kernel<kPlanes, kSub, 1>, tile_kernel<kPlanes, kSub, 2>, tile_kernel<kPlanes, kSub, 3>,
+    tile_kernel<kPlanes, kSub, 4>, tile_kernel<kPlanes, kSub, 5>, tile_kernel<kPlanes, kSub, 6>,
+    tile_kernel<kPlanes, kSub, 7>, tile_kernel<kPlanes, kSub, 8>};
 
-template <int kBits, int kPlanes>
+template <int kBits, int kPlanes, int kSub>
 void gemm_tiled(at::Tensor& out, const at::Tensor& qa, const at::Tensor& da, const at::Tensor& sa,
                 const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins, const float* bias) {
-  const int64_t m_rows = qa.size(0), n_rows = qweight.size(0), nb = scales.size(1);
+  const int64_t m_rows = qa.size(0), n_rows = qweight.size(0), nb = qweight.size(1) * 8 / kBits / kBlock;
+  constexpr int64_t kPerBlock = kBlock / kSub;  // weight scales (and mins) a block: 1, or 2 for Q6_K
+  const int64_t ns = nb * kPerBlock;            // a weight row's scales
   const uint8_t* qw = qweight.data_ptr<uint8_t>();
   const float* ws = scales.data_ptr<float>();
   const float* wm = mins.data_ptr<float>();
@@ -213,7 +267,7 @@ void gemm_tiled(at::Tensor& out, const at::Tensor& qa, const at::Tensor& da, con
   const int64_t m_tiles = (m_rows + kTileM - 1) / kTileM;
   const int64_t a_ints = nb * kTileM * 8 * kPlanes, a_floats = nb * kTileM;
   std::vector<int32_t> pa(m_tiles * a_ints);
-  std::vector<float> pd(m_tiles * a_floats), ps(m_tiles * a_floats);
+  std::vector<float> pd(m_tiles * a_floats), ps(m_tiles * a_floats), ps16(kSub == 16 ? m_tiles * a_floats * 2 : 0);
   // on this thread: a copy of m_rows * k bytes is cheap next to the product, and every parallel
   // region costs a wake-up of the pool (and much more when the machine's cores are oversubscribed)
   const int8_t* qap = qa.data_ptr<int8_t>();
@@ -222,8 +276,8 @@ void gemm_tiled(at::Tensor& out, const at::Tensor& qa, const at::Tensor& da, con
   for (int64_t t = 0; t < m_tiles; ++t) {
     const int64_t m0 = t * kTileM;
     pack_activations(pa.data() + t * a_ints, pd.data() + t * a_floats, ps.data() + t * a_floats,
-                     qap + m0 * qa.size(1), qa.size(1), adp + m0 * nb, asp + m0 * nb,
-                     std::min<int64_t>(kTileM, m_rows - m0), nb, kPlanes);
+                     kSub == 16 ? ps16.data() + t * a_floats * 2 : nullptr, qap + m0 * qa.size(1), qa.size(1),
+                     adp + m0 * nb, asp + m0 * nb, std::min<int64_t>(kTileM, m_rows - m0), nb, kPlanes);
   }
   const int64_t tiles = (n_rows + kTileN - 1) / kTileN;
   // a task of at least ~1M multiply-adds: small matrices at a few rows stay on one thread
@@ -232,26 +286,27 @@ void gemm_tiled(at::Tensor& out, const at::Tensor& qa, const at::Tensor& da, con
   const int64_t chunk_tiles = kChunkM / kTileM;
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     std::vector<__m512i> packed(nb * 8);
-    std::vector<float> ws_t(nb * kTileN), wm_t(nb * kTileN);
+    std::vector<float> ws_t(ns * kTileN), wm_t(ns * kTileN);
     for (int64_t c0 = 0; c0 < m_tiles; c0 += chunk_tiles) {
       const int64_t c1 = std::min(m_tiles, c0 + chunk_tiles);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n0 = t * kTileN, rows = std::min<int64_t>(kTileN, n_rows - n0);
         const int64_t next = t + 1 < end ? std::min<int64_t>(kTileN, n_rows - n0 - kTileN) : 0;
         if (next > 0) {
-          prefetch_rows(reinterpret_cast<const uint8_t*>(ws + (n0 + kTileN) * nb), next * nb * 4);
-          prefetch_rows(reinterpret_cast<const uint8_t*>(wm + (n0 + kTileN) * nb), next * nb * 4);
+          prefetch_rows(reinterpret_cast<const uint8_t*>(ws + (n0 + kTileN) * ns), next * ns * 4);
+          prefetch_rows(reinterpret_cast<const uint8_t*>(wm + (n0 + kTileN) * ns), next * ns * 4);
         }
         const uint8_t* pf = qw + (n0 + kTileN) * w_stride;
         const int64_t pf_lines = (next * w_stride + 63) / 64, n_mt = c1 - c0;
-        pack_tile<kBits>(reinterpret_cast<uint8_t*>(packed.data()), ws_t.data(), wm_t.data(), qw + n0 * w_stride,
-                         ws + n0 * nb, wm + n0 * nb, w_stride, rows, nb);
+        pack_tile<kBits, kSub>(reinterpret_cast<uint8_t*>(packed.data()), ws_t.data(), wm_t.data(), qw + n0 * w_stride,
+                               ws + n0 * ns, wm + n0 * ns, w_stride, rows, nb);
         const __mmask16 nmask = static_cast<__mmask16>((1u << rows) - 1);
         const float* bt = bias ? bias + n0 : nullptr;
         for (int64_t mt = c0; mt < c1; ++mt) {
           const int64_t mr = std::min<int64_t>(kTileM, m_rows - mt * kTileM);
-          kTileKernels<kPlanes>[mr](packed.data(), ws_t.data(), wm_t.data(), pa.data() + mt * a_ints, pd.data() + mt * a_floats,
-                           ps.data() + mt * a_floats, nb, op + mt * kTileM * o_stride + n0, o_stride, nmask, bt,
+          const float* sums = kSub == 16 ? ps16.data() + mt * a_floats * 2 : ps.data() + mt * a_floats;
+          kTileKernels<kPlanes, kSub>[mr](packed.data(), ws_t.data(), wm_t.data(), pa.data() + mt * a_ints,
+                           pd.data() + mt * a_floats, sums, nb, op + mt * kTileM * o_stride + n0, o_stride, nmask, bt,
                            pf + (mt - c0) * pf_lines / n_mt * 64,
                            (mt - c0 + 1) * pf_lines / n_mt - (mt - c0) * pf_lines / n_mt);
         }
@@ -276,10 +331,10 @@ void gguf_gemm_tiled(at::Tensor out, const at::Tensor& qa, const at::Tensor& da,
   const int64_t n = qweight.size(0), nb = qweight.size(1) * 8 / bits / kBlock, m = qa.size(0);
   for (const at::Tensor* t : {&scales, &mins}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == n &&
-                    t->size(1) == nb,
-                "gguf_gemm_tiled: scales and mins must be contiguous float32 [n, k / 32] (no per-16 scales: "
-                "those take gguf_gemm)");
+                    (t->size(1) == nb || t->size(1) == 2 * nb) && t->size(1) == scales.size(1),
+                "gguf_gemm_tiled: scales and mins must be contiguous float32 [n, k / 32], or [n, k / 16] (Q6_K)");
   }
+  const bool per16 = scales.size(1) == 2 * nb;
   const int64_t padded = (nb + kGroupBlocks - 1) / kGroupBlocks * kGroupBytes;  // a plane's bytes a row
   const int64_t planes = qa.dim() == 2 && qa.size(1) == 2 * padded ? 2 : 1;     // q8 or 15-bit
   TORCH_CHECK(qa.scalar_type() == at::kChar && qa.is_contiguous() && qa.dim() == 2 && qa.size(1) == planes * padded,
@@ -296,10 +351,17 @@ void gguf_gemm_tiled(at::Tensor out, const at::Tensor& qa, const at::Tensor& da,
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   if (m == 0 || n == 0) return;
-  if (bits == 4 && planes == 1) gemm_tiled<4, 1>(out, qa, da, sa, qweight, scales, mins, bp);
-  else if (bits == 4) gemm_tiled<4, 2>(out, qa, da, sa, qweight, scales, mins, bp);
-  else if (planes == 1) gemm_tiled<8, 1>(out, qa, da, sa, qweight, scales, mins, bp);
-  else gemm_tiled<8, 2>(out, qa, da, sa, qweight, scales, mins, bp);
+  if (per16) {
+    if (bits == 4 && planes == 1) gemm_tiled<4, 1, 16>(out, qa, da, sa, qweight, scales, mins, bp);
+    else if (bits == 4) gemm_tiled<4, 2, 16>(out, qa, da, sa, qweight, scales, mins, bp);
+    else if (planes == 1) gemm_tiled<8, 1, 16>(out, qa, da, sa, qweight, scales, mins, bp);
+    else gemm_tiled<8, 2, 16>(out, qa, da, sa, qweight, scales, mins, bp);
+  } else {
+    if (bits == 4 && planes == 1) gemm_tiled<4, 1, 32>(out, qa, da, sa, qweight, scales, mins, bp);
+    else if (bits == 4) gemm_tiled<4, 2, 32>(out, qa, da, sa, qweight, scales, mins, bp);
+    else if (planes == 1) gemm_tiled<8, 1, 32>(out, qa, da, sa, qweight, scales, mins, bp);
+    else gemm_tiled<8, 2, 32>(out, qa, da, sa, qweight, scales, mins, bp);
+  }
 #endif
 }
 
@@ -308,10 +370,11 @@ int64_t gguf_gemm_tiled_min_rows() { return kHaveTiled ? kTiledMinRows : 0; }
 void gguf_gemm_auto(at::Tensor out, const at::Tensor& qa, const at::Tensor& da, const at::Tensor& sa,
                     const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
                     const c10::optional<at::Tensor>& bias, int64_t bits) {
-  const int64_t min_rows = qweight.numel() > kLargeWeightBytes ? kTiledMinRowsLarge : kTiledMinRows;
-  // per-16 scales (Q6_K) have no tiled kernel yet
-  const bool per32 = (bits == 4 || bits == 8) && scales.dim() == 2 && scales.size(1) * kBlock * bits / 8 == qweight.size(1);
-  if (kHaveTiled && per32 && qa.size(0) >= min_rows) gguf_gemm_tiled(out, qa, da, sa, qweight, scales, mins, bias, bits);
+  const bool per16 = scales.dim() == 2 && scales.size(1) * kBlock * bits / 8 == 2 * qweight.size(1);
+  const int64_t min_rows = qweight.numel() > kLargeWeightBytes ? kTiledMinRowsLarge
+                           : per16                              ? kTiledMinRowsPer16
+                                                                : kTiledMinRows;
+  if (kHaveTiled && (bits == 4 || bits == 8) && qa.size(0) >= min_rows) gguf_gemm_tiled(out, qa, da, sa, qweight, scales, mins, bias, bits);
   else gguf_gemm(out, qa, da, sa, qweight, scales, mins, bias, bits, true);
 }
 
