@@ -14,6 +14,12 @@ library in well under a second), for this machine's CPU (`-march=native`), so th
 carries a digest of the CPU's feature flags, and one of the sources (checkouts never share a
 build). Threads come from PyTorch's pool (`at::parallel_for`).
 
+`PAGEDLLM_CPU_ISA` picks the instruction set the kernels are built for: `native` (the default: all
+this CPU has), `avx2` (no AVX-512 and no AVX-VNNI, as on Haswell-Skylake client or Zen 2/3 CPUs:
+the GGUF kernels take their AVX2 paths) or `avxvnni` (AVX2 plus AVX-VNNI's 256-bit vpdpbusd, no
+AVX-512: Alder Lake-like). The choice is part of the library's cache name, so builds coexist; a
+narrower build runs and tests on a wider CPU, which is how the fallbacks are tested here.
+
 Without a compiler, or with `PAGEDLLM_CPU_KERNELS=0`, everything keeps the PyTorch path (same
 results up to float rounding, slower) and the log says so once.
 """
@@ -52,6 +58,17 @@ _SOURCES = ["registration.cpp", "paged_decode.cpp", "layernorm.cpp", "activation
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-mprefer-vector-width=512", "-funroll-loops",
            "-fvariable-expansion-in-unroller"]
 _LDFLAGS = ["-fopenmp"]
+CPU_ISA_ENV = "PAGEDLLM_CPU_ISA"
+# Flags added to -march=native: -mno-avx512f turns off every AVX-512 subset (VNNI, BW, BF16 ...).
+_ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f", "-mno-avxvnni"], "avxvnni": ["-mno-avx512f"]}
+
+
+def cpu_isa() -> str:
+    """The instruction set the kernels are built for, from `PAGEDLLM_CPU_ISA` (default `native`)."""
+    isa = os.environ.get(CPU_ISA_ENV, "").strip().lower() or "native"
+    if isa not in _ISA_FLAGS:
+        raise ValueError(f"{CPU_ISA_ENV}={os.environ[CPU_ISA_ENV]!r}: expected one of {', '.join(_ISA_FLAGS)}")
+    return isa
 
 
 def _cpu_digest() -> str:
@@ -104,13 +121,15 @@ def cpu_kernels_available() -> bool:
         return False
     if hasattr(torch.ops.pagedllm_cpu, "paged_decode"):
         return True
+    isa = cpu_isa()  # a wrong value is the user's error, raised; not a reason to fall back quietly
     try:
         from torch.utils.cpp_extension import load
 
         _ensure_ninja_on_path()
         logger.debug("loading the CPU kernels (the first time on a machine builds them)")
-        load(name=f"pagedllm_cpu_kernels_{_cpu_digest()}_{_source_digest()}", sources=[os.path.join(_SOURCE_DIR, f) for f in _SOURCES],
-             extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, extra_include_paths=[_SOURCE_DIR], is_python_module=False, verbose=False)
+        suffix = "" if isa == "native" else f"_{isa}"
+        load(name=f"pagedllm_cpu_kernels_{_cpu_digest()}_{_source_digest()}{suffix}", sources=[os.path.join(_SOURCE_DIR, f) for f in _SOURCES],
+             extra_cflags=_CFLAGS + _ISA_FLAGS[isa], extra_ldflags=_LDFLAGS, extra_include_paths=[_SOURCE_DIR], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, a read-only cache: fall back, never fail
         logger.warning("could not build the CPU kernels (%s: %s); attention and the elementwise ops use "
                        "the slower PyTorch path", type(e).__name__, " ".join(str(e).strip().splitlines()[-1:]))
@@ -216,7 +235,8 @@ def gguf_gemm(out: torch.Tensor, activations: tuple[torch.Tensor, torch.Tensor, 
     """out [m, n] (float32, rows may be strided: a column slice of a wider output) = the quantised
     activations (8 or 15-bit, as `quantize_q8_blocks` made them) times a block-quantised weight
     (`layers/quantization/gguf_blocks.py`, scales per 32 or per 16), plus bias.
-    `vectorised=False` takes the portable loop instead of AVX-512 VNNI (for tests)."""
+    `vectorised=False` takes the portable loop instead of the build's vector path (AVX-512 VNNI, or
+    AVX2 where the build has no AVX-512: `gguf_gemm_vector_isa()`) (for tests)."""
     qa, d, s = activations
     torch.ops.pagedllm_cpu.gguf_gemm(out, qa, d, s, qweight, scales, mins, bias, bits, vectorised)
     return out

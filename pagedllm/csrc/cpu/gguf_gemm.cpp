@@ -14,7 +14,8 @@
 //     sum_b scale_b * d_b * sumi_b + min_b * s_b,   sumi_b = sum_k q_w[k] * q_a[k]  (exact int32)
 // which AVX-512 VNNI's vpdpbusd (u8 x s8 -> int32, 4 products a lane) computes 128 weights at a
 // time: lanes 4i..4i+3 hold block i of the group, so the scales are applied lane-wise and the
-// lanes summed once per row. Elsewhere a plain loop does the same integer sums.
+// lanes summed once per row. Without AVX-512 VNNI, AVX2 does the same (gguf_gemm_avx2.h), and
+// elsewhere a plain loop does the same integer sums.
 //
 // Two refinements of that scheme, both exact in their integers:
 // - 15-bit activations (`act_bits` 15, the default for quantization="gguf"): per block of 32,
@@ -39,6 +40,7 @@
 
 #include "dtype_utils.h"
 #include "gguf_common.h"
+#include "gguf_gemm_avx2.h"
 #include "ops.h"
 
 namespace pagedllm {
@@ -247,8 +249,20 @@ void dot_rows_vnni(const uint8_t* qw, const float* ws, const float* wm, const in
     out[r * out_stride] = _mm512_reduce_add_ps(acc[r]) + _mm512_reduce_add_ps(acc_min);
   }
 }
+constexpr const char* kVectorIsa = "avx512-vnni";
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr bool kHaveVnni512 = false;
+constexpr const char* kVectorIsa = gguf_avx2::kVnni ? "avx-vnni" : "avx2";
+
+// no AVX-512: the same products 32 bytes at a time (gguf_gemm_avx2.h)
+template <int kBits, int kPlanes, int kSub, int kRows>
+void dot_rows_vnni(const uint8_t* qw, const float* ws, const float* wm, const int8_t* qa, int64_t qa_stride,
+                   const float* ad, const float* as, int64_t nb, float* out, int64_t out_stride) {
+  gguf_avx2::dot_rows<kBits, kPlanes, kSub, kRows>(qw, ws, wm, qa, qa_stride, ad, as, nb, out, out_stride);
+}
 #else
 constexpr bool kHaveVnni512 = false;
+constexpr const char* kVectorIsa = "";
 
 template <int kBits, int kPlanes, int kSub, int kRows>
 void dot_rows_vnni(const uint8_t* qw, const float* ws, const float* wm, const int8_t* qa, int64_t qa_stride,
@@ -362,7 +376,7 @@ void gguf_gemm(at::Tensor out, const at::Tensor& qa, const at::Tensor& da, const
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n),
               "gguf_gemm: bias must be float32 [n]");
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  const bool vec = vectorised && kHaveVnni512;
+  const bool vec = vectorised && kVectorIsa[0] != '\0';
   if (bits == 4 && planes == 1) gemm_sub<4, 1>(out, qa, da, sa, qweight, scales, mins, bp, nb, vec);
   else if (bits == 4) gemm_sub<4, 2>(out, qa, da, sa, qweight, scales, mins, bp, nb, vec);
   else if (planes == 1) gemm_sub<8, 1>(out, qa, da, sa, qweight, scales, mins, bp, nb, vec);
@@ -387,5 +401,7 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
 }
 
 bool gguf_gemm_has_vnni512() { return kHaveVnni512; }
+
+std::string gguf_gemm_vector_isa() { return kVectorIsa; }
 
 }  // namespace pagedllm

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
 #include <tuple>
 
 namespace pagedllm {
@@ -43,6 +44,8 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
                        int64_t act_bits);
 
 bool gguf_gemm_has_vnni512();
+// The GEMV's vector path in this build: "avx512-vnni", "avx-vnni", "avx2", or "" (the portable loop).
+std::string gguf_gemm_vector_isa();
 
 at::Tensor decode_attention(at::Tensor qkv, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
                             at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slot_mapping,
