@@ -72,6 +72,25 @@ inline __m256i dot(const WeightBytes<kBits>& w, __m256i a) {
 #endif
 }
 
+// dot(lo, a_lo) + dot(hi, a_hi): a block pair's two halves. Without VNNI the two halves' int16
+// pair sums are added before the one vpmaddwd (each at most 2 * 15 * 128, so their sum fits int16).
+template <int kBits>
+inline __m256i dot2(const WeightBytes<kBits>& lo, __m256i a_lo, const WeightBytes<kBits>& hi, __m256i a_hi) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo.v[0], a_lo), hi.v[0], a_hi);
+#else
+  const __m256i low = _mm256_madd_epi16(
+      _mm256_add_epi16(_mm256_maddubs_epi16(lo.v[0], a_lo), _mm256_maddubs_epi16(hi.v[0], a_hi)), _mm256_set1_epi16(1));
+  if constexpr (WeightBytes<kBits>::kParts == 1) {
+    return low;
+  } else {
+    const __m256i high = _mm256_madd_epi16(
+        _mm256_add_epi16(_mm256_maddubs_epi16(lo.v[1], a_lo), _mm256_maddubs_epi16(hi.v[1], a_hi)), _mm256_set1_epi16(16));
+    return _mm256_add_epi32(low, high);
+  }
+#endif
+}
+
 // The same for the activations' own sums (weights of 1), which per-16 scales' mins multiply.
 inline __m256i sum4(__m256i a) {
 #if defined(__AVXVNNI__)
@@ -102,6 +121,14 @@ inline __m256i plane_dot(const WeightBytes<kBits>& w, const int8_t* a) {
   const __m256i h = dot<kBits>(w, load_a(a));
   if constexpr (kPlanes == 1) return h;
   return _mm256_add_epi32(_mm256_slli_epi32(h, 7), dot<kBits>(w, load_a(a + kGroupBytes)));
+}
+
+// dot2 over kPlanes planes: the low halves' activations at a, the high halves' at a + 64.
+template <int kBits, int kPlanes>
+inline __m256i plane_dot2(const WeightBytes<kBits>& lo, const WeightBytes<kBits>& hi, const int8_t* a) {
+  const __m256i h = dot2<kBits>(lo, load_a(a), hi, load_a(a + 64));
+  if constexpr (kPlanes == 1) return h;
+  return _mm256_add_epi32(_mm256_slli_epi32(h, 7), dot2<kBits>(lo, load_a(a + kGroupBytes), hi, load_a(a + kGroupBytes + 64)));
 }
 
 template <int kPlanes>
@@ -157,7 +184,7 @@ void dot_rows(const uint8_t* qw, const float* ws, const float* wm, const int8_t*
       if constexpr (kSub == 32) {
         for (int r = 0; r < kRows; ++r) {
           const int8_t* a = qa + r * qa_stride + g * kGroupBytes * kPlanes + p * 32;
-          const __m256i sumi = _mm256_add_epi32(plane_dot<kBits, kPlanes>(lo, a), plane_dot<kBits, kPlanes>(hi, a + 64));
+          const __m256i sumi = plane_dot2<kBits, kPlanes>(lo, hi, a);
           const __m128 scale4 = _mm_mul_ps(wscale4, load4(ad + r * nb + b_first, n_in));
           acc[r][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi),
                                       _mm256_permutevar8x32_ps(_mm256_castps128_ps256(scale4), spread[p]), acc[r][p]);
