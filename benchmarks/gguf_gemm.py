@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,16 +36,15 @@ SHAPES = {"qkv": (960, 576, "Q4_1"), "o": (576, 576, "Q4_1"), "gate_up": (3072, 
           "down_q6k": (576, 1536, "Q6_K")}  # as Q4_K_M files hold some down projections: a scale per 16
 
 
-def file_blocks(w: np.ndarray, type_name: str, rng: np.random.Generator) -> np.ndarray:
-    """`w` quantised by gguf to `type_name`, as a file holds it; for Q6_K, which gguf cannot quantise,
-    random valid blocks of w's shape (210 bytes per 256 weights, the float16 d last): speed does not
-    depend on the values."""
+def file_blocks(w: np.ndarray, type_name: str) -> np.ndarray:
+    """`w` quantised to `type_name` as a file holds it: by gguf, or for Q6_K, which gguf cannot
+    quantise, by the tests' writer (`tests/gguf_utils.quantize_q6_k`, as gguf_gemm_isa.py does)."""
     if type_name != "Q6_K":
         return gguf.quantize(w, gguf.GGMLQuantizationType[type_name])
-    n, k = w.shape
-    raw = rng.integers(0, 256, (n, k // 256, 210), dtype=np.uint8)
-    raw[..., 208:210] = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
-    return raw.reshape(n, k // 256 * 210)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from gguf_utils import quantize_q6_k
+
+    return quantize_q6_k(w)
 
 
 def best_of(fn: Callable[[], object], repeats: int, clock: Callable[[], float], min_time: float = 0.02) -> float:
@@ -84,7 +84,7 @@ def main() -> None:
     for name in args.shapes.split(","):
         n, k, type_name = SHAPES[name]
         w = rng.standard_normal((n, k)).astype(np.float32) * k**-0.5
-        bw = gguf_blocks.decode(file_blocks(w, type_name, rng), type_name)
+        bw = gguf_blocks.decode(file_blocks(w, type_name), type_name)
         iw = int8.quantize_weight(bw.dequantize())
         for rows in rows_list:
             x = torch.randn(rows, k)
