@@ -168,50 +168,23 @@ void pack_activations(int32_t* dst, float* d_t, float* s_t, float* s16_t, const 
   }
 }
 
+// Four vpdpbusd of one half block: w[0..3] against the activation int32s a[0..3], broadcast. A block's
+// 8 run as two such chains (its low and its high half), not one of 8: a chain is bound by vpdpbusd's
+// latency, not its throughput.
+inline __m512i half_block_sums(const __m512i* w, const int32_t* a) {
+  __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(a[0]));
+  for (int c = 1; c < 4; ++c) s = _mm512_dpbusd_epi32(s, w[c], _mm512_set1_epi32(a[c]));
+  return s;
+}
+
 // out[m, 0..16) = bias + the packed tile times packed activation rows [0, kRows). kSub 16 (Q6_K):
-// the low half's 4 vpdpbusd and the high half's go to separate sums, each with its own scale, and
-// the min term takes the halves' activation sums (`ps` is then [block][8 rows][half]).
+// the two halves' sums keep their own scales, and the min term takes the halves' activation sums
+// (`ps` is then [block][8 rows][half]).
 template <int kPlanes, int kSub, int kRows>
 void tile_kernel(const __m512i* pw, const float* ws_t, const float* wm_t, const int32_t* pa, const float* pd,
                  const float* ps, int64_t nb, float* out, int64_t o_stride, __mmask16 nmask, const float* bias,
                  const uint8_t* pf, int64_t pf_lines) {
-  if constexpr (kSub == 16) {
-    const int64_t pf_per_block = (pf_lines + nb - 1) / std::max<int64_t>(1, nb);
-    int64_t pf_next = 0;
-    __m512 acc[kRows];
-    const __m512 b16 = bias ? _mm512_maskz_loadu_ps(nmask, bias) : _mm512_setzero_ps();
-    for (int m = 0; m < kRows; ++m) acc[m] = b16;
-    for (int64_t b = 0; b < nb; ++b, pw += 8, pa += kTileM * 8 * kPlanes, pd += kTileM, ps += 2 * kTileM) {
-      for (int64_t q = 0; q < pf_per_block && pf_next < pf_lines; ++q, ++pf_next) {
-        _mm_prefetch(reinterpret_cast<const char*>(pf + pf_next * 64), _MM_HINT_T0);
-      }
-      __m512i w[8];
-      for (int c = 0; c < 8; ++c) w[c] = _mm512_loadu_si512(pw + c);
-      const __m512 ws_lo = _mm512_loadu_ps(ws_t + (2 * b) * kTileN), ws_hi = _mm512_loadu_ps(ws_t + (2 * b + 1) * kTileN);
-      const __m512 wm_lo = _mm512_loadu_ps(wm_t + (2 * b) * kTileN), wm_hi = _mm512_loadu_ps(wm_t + (2 * b + 1) * kTileN);
-      for (int m = 0; m < kRows; ++m) {
-        const int32_t* a = pa + m * 8 * kPlanes;
-        __m512i half[2];
-        for (int h = 0; h < 2; ++h) {
-          __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4 * h], _mm512_set1_epi32(a[4 * h]));
-          for (int c = 1; c < 4; ++c) s = _mm512_dpbusd_epi32(s, w[4 * h + c], _mm512_set1_epi32(a[4 * h + c]));
-          if (kPlanes == 2) {
-            __m512i l = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4 * h], _mm512_set1_epi32(a[8 + 4 * h]));
-            for (int c = 1; c < 4; ++c) l = _mm512_dpbusd_epi32(l, w[4 * h + c], _mm512_set1_epi32(a[8 + 4 * h + c]));
-            s = _mm512_add_epi32(_mm512_slli_epi32(s, 7), l);
-          }
-          half[h] = s;
-        }
-        __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(half[0]), ws_lo);
-        t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(half[1]), ws_hi, t);
-        acc[m] = _mm512_fmadd_ps(t, _mm512_set1_ps(pd[m]), acc[m]);
-        acc[m] = _mm512_fmadd_ps(wm_lo, _mm512_set1_ps(ps[2 * m]), acc[m]);
-        acc[m] = _mm512_fmadd_ps(wm_hi, _mm512_set1_ps(ps[2 * m + 1]), acc[m]);
-      }
-    }
-    for (int m = 0; m < kRows; ++m) _mm512_mask_storeu_ps(out + m * o_stride, nmask, acc[m]);
-    return;
-  }
+  constexpr int kPerBlock = kBlock / kSub;  // weight scales (and mins) a block: 1, or 2 for Q6_K
   __m512 acc[kRows];
   // the next tile's weights, a few cache lines a block: spread over the compute, as a burst would
   // overrun the core's outstanding misses
@@ -219,36 +192,39 @@ void tile_kernel(const __m512i* pw, const float* ws_t, const float* wm_t, const 
   int64_t pf_next = 0;
   const __m512 b16 = bias ? _mm512_maskz_loadu_ps(nmask, bias) : _mm512_setzero_ps();
   for (int m = 0; m < kRows; ++m) acc[m] = b16;
-  for (int64_t b = 0; b < nb; ++b, pw += 8, pa += kTileM * 8 * kPlanes, pd += kTileM, ps += kTileM) {
+  for (int64_t b = 0; b < nb; ++b, pw += 8, pa += kTileM * 8 * kPlanes, pd += kTileM, ps += kPerBlock * kTileM) {
     for (int64_t q = 0; q < pf_per_block && pf_next < pf_lines; ++q, ++pf_next) {
       _mm_prefetch(reinterpret_cast<const char*>(pf + pf_next * 64), _MM_HINT_T0);
     }
     __m512i w[8];
     for (int c = 0; c < 8; ++c) w[c] = _mm512_loadu_si512(pw + c);
-    const __m512 wsv = _mm512_loadu_ps(ws_t + b * kTileN);
-    const __m512 wmv = _mm512_loadu_ps(wm_t + b * kTileN);
+    __m512 wsv[kPerBlock], wmv[kPerBlock];
+    for (int j = 0; j < kPerBlock; ++j) {
+      wsv[j] = _mm512_loadu_ps(ws_t + (b * kPerBlock + j) * kTileN);
+      wmv[j] = _mm512_loadu_ps(wm_t + (b * kPerBlock + j) * kTileN);
+    }
     for (int m = 0; m < kRows; ++m) {
       const int32_t* a = pa + m * 8 * kPlanes;
-      // two chains of 4 per plane, not one of 8: vpdpbusd's latency, not its throughput, bounds a chain
-      __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(a[0]));
-      __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], _mm512_set1_epi32(a[4]));
-      for (int c = 1; c < 4; ++c) {
-        s0 = _mm512_dpbusd_epi32(s0, w[c], _mm512_set1_epi32(a[c]));
-        s1 = _mm512_dpbusd_epi32(s1, w[4 + c], _mm512_set1_epi32(a[4 + c]));
-      }
-      __m512i s = _mm512_add_epi32(s0, s1);
-      if (kPlanes == 2) {  // 15-bit: (high plane's sums << 7) + the low plane's, exact in int32
-        __m512i l0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(a[8]));
-        __m512i l1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], _mm512_set1_epi32(a[12]));
-        for (int c = 1; c < 4; ++c) {
-          l0 = _mm512_dpbusd_epi32(l0, w[c], _mm512_set1_epi32(a[8 + c]));
-          l1 = _mm512_dpbusd_epi32(l1, w[4 + c], _mm512_set1_epi32(a[12 + c]));
+      __m512i lo = half_block_sums(w, a), hi = half_block_sums(w + 4, a + 4);
+      __m512i lo_l, hi_l;  // 15-bit: the low plane's, to add to the high plane's sums << 7 (exact in int32)
+      if (kPlanes == 2) lo_l = half_block_sums(w, a + 8), hi_l = half_block_sums(w + 4, a + 12);
+      if constexpr (kSub == 32) {
+        __m512i s = _mm512_add_epi32(lo, hi);
+        if (kPlanes == 2) s = _mm512_add_epi32(_mm512_slli_epi32(s, 7), _mm512_add_epi32(lo_l, hi_l));
+        const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(pd[m]));
+        acc[m] = _mm512_fmadd_ps(t, wsv[0], acc[m]);
+        acc[m] = _mm512_fmadd_ps(wmv[0], _mm512_set1_ps(ps[m]), acc[m]);
+      } else {
+        if (kPlanes == 2) {
+          lo = _mm512_add_epi32(_mm512_slli_epi32(lo, 7), lo_l);
+          hi = _mm512_add_epi32(_mm512_slli_epi32(hi, 7), hi_l);
         }
-        s = _mm512_add_epi32(_mm512_slli_epi32(s, 7), _mm512_add_epi32(l0, l1));
+        __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), wsv[0]);
+        t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), wsv[1], t);
+        acc[m] = _mm512_fmadd_ps(t, _mm512_set1_ps(pd[m]), acc[m]);
+        acc[m] = _mm512_fmadd_ps(wmv[0], _mm512_set1_ps(ps[2 * m]), acc[m]);
+        acc[m] = _mm512_fmadd_ps(wmv[1], _mm512_set1_ps(ps[2 * m + 1]), acc[m]);
       }
-      const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(pd[m]));
-      acc[m] = _mm512_fmadd_ps(t, wsv, acc[m]);
-      acc[m] = _mm512_fmadd_ps(wmv, _mm512_set1_ps(ps[m]), acc[m]);
     }
   }
   for (int m = 0; m < kRows; ++m) _mm512_mask_storeu_ps(out + m * o_stride, nmask, acc[m]);
