@@ -147,7 +147,7 @@ def greedy(path, quantization: str | None) -> tuple[list, dict, list]:
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                             SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1), use_tqdm=False)
         model = llm.llm_engine.engine_core.core.model_executor.model_runner.model
-        held = {name: (m.gguf_triton, [type(s.weight).__name__ for s in m.gguf_segments])
+        held = {name: (m.linear_method.triton, [type(s.weight).__name__ for s in m.gguf_segments])
                 for name, m in model.named_modules() if hasattr(m, "gguf_segments")}
         logprobs = [[next(iter(d.values())).logprob for d in o.outputs[0].logprobs] for o in outs]
         return [list(o.outputs[0].token_ids) for o in outs], held, logprobs

@@ -178,7 +178,6 @@ class GGUFLinearMethod(LinearMethodBase):
         layer.gguf_input_size, layer.gguf_output_size = input_size, output_size
         layer.gguf_segments = []
         layer.gguf_act_bits = activation_bits()
-        layer.gguf_triton = self.triton
 
     def load_weight(self, layer: nn.Module, loaded, shard: str | int | None = None) -> None:
         rows, cols = tuple(loaded.shape)
@@ -201,7 +200,7 @@ class GGUFLinearMethod(LinearMethodBase):
             segments_to(layer.gguf_segments, self.device)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if layer.gguf_triton:
+        if self.triton:
             from pagedllm.model_executor.layers.quantization.triton_gguf_matmul import triton_gguf_linear
 
             return triton_gguf_linear(x, layer.gguf_segments, layer.gguf_output_size, bias)
@@ -209,7 +208,7 @@ class GGUFLinearMethod(LinearMethodBase):
 
     def embedding(self, layer: nn.Module, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The rows of a blocks-held embedding for `input_ids`, dequantised."""
-        if layer.gguf_triton:
+        if self.triton:
             from pagedllm.model_executor.layers.quantization import triton_gguf_matmul
 
             return triton_gguf_matmul.embedding(layer.gguf_segments, input_ids, layer.gguf_input_size, dtype)
