@@ -19,7 +19,6 @@ from pagedllm.model_executor.layers.quantization import gguf as gguf_method
 from pagedllm.model_executor.layers.quantization import gguf_blocks
 from pagedllm.model_executor.layers.quantization.gguf import GGUFLinearMethod, Segment
 from pagedllm.model_executor.layers.quantization.triton_gguf_matmul import (
-    dequantize_rows,
     embedding,
     gguf_block_matmul,
     triton_gguf_linear,
@@ -113,7 +112,7 @@ def test_embedding_rows_are_the_dequantized_rows():
         assert rows.shape == (2, 3, k) and rows.dtype == dtype
         torch.testing.assert_close(rows, w_ref[ids].to(dtype), rtol=1e-6, atol=1e-6)
     local = torch.tensor([4, 0, 2, 4], device=DEVICE)  # rows of one segment, one twice
-    torch.testing.assert_close(dequantize_rows(parts[1][0], local), parts[1][1][local], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(parts[1][0].rows(local).dequantize(), parts[1][1][local], rtol=1e-6, atol=1e-6)
 
 
 def test_bad_shapes_are_refused():

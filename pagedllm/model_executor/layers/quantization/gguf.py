@@ -219,7 +219,7 @@ class GGUFLinearMethod(LinearMethodBase):
             ids = flat[inside] - seg.start
             w = seg.weight
             if isinstance(w, BlockQuantizedWeight):
-                rows = BlockQuantizedWeight(w.bits, w.qweight[ids], w.scales[ids], w.mins[ids]).dequantize()
+                rows = w.rows(ids).dequantize()
             else:
                 rows = w[ids]
             out[inside] = rows.to(dtype)

@@ -25,6 +25,7 @@ against, bit for bit on the integer parts, and the path taken where they cannot 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -63,8 +64,14 @@ class BlockQuantizedWeight:
         """q as uint8 [out, in], in natural element order."""
         return unpack(self.qweight, self.bits, self.shape[1])
 
+    def rows(self, ids: torch.Tensor) -> BlockQuantizedWeight:
+        """Output rows `ids` (int64, on the weight's device), still in blocks: an embedding lookup
+        dequantises only the rows asked for."""
+        return BlockQuantizedWeight(self.bits, self.qweight.index_select(0, ids), self.scales.index_select(0, ids),
+                                    self.mins.index_select(0, ids))
+
     def dequantize(self) -> torch.Tensor:
-        """The float32 [out, in] matrix this weight stands for."""
+        """The float32 [out, in] matrix this weight stands for, on its device."""
         out, k = self.shape
         q = self.unpacked().view(out, k // self.sub, self.sub).float()
         return (q * self.scales[..., None] + self.mins[..., None]).view(out, k)
@@ -205,10 +212,12 @@ def _decode(raw: np.ndarray, type_name: str) -> BlockQuantizedWeight:
 
 # ----- the kernel's byte order ---------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=64)
 def _group_order(k: int, padded: bool = False) -> torch.Tensor:
     """Index i of the kernel's 8-bit order -> the element it holds: per group of 4 blocks, the
     first 16 elements of each block, then the last 16 of each. `padded`: the activations' order,
-    where a last group of fewer blocks still takes 64 bytes a half (-1 marks the padding)."""
+    where a last group of fewer blocks still takes 64 bytes a half (-1 marks the padding). Cached
+    (an embedding lookup unpacks a row every step): callers must not write to it."""
     nb = k // BLOCK
     order = []
     for g in range(0, nb, GROUP):
@@ -252,9 +261,15 @@ def unpack(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     if bits == 4:
         blocks = qweight.reshape(out, k // BLOCK, 16)
         return torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).reshape(out, k)
-    q = torch.empty(out, k, dtype=torch.uint8)
-    q[:, _group_order(k)] = qweight
+    q = torch.empty(out, k, dtype=torch.uint8, device=qweight.device)
+    q[:, _group_order_on(k, qweight.device)] = qweight
     return q
+
+
+@functools.lru_cache(maxsize=64)
+def _group_order_on(k: int, device: torch.device) -> torch.Tensor:
+    """`_group_order(k)` on `device`, copied there once."""
+    return _group_order(k).to(device)
 
 
 # ----- the reference arithmetic -------------------------------------------------------------------

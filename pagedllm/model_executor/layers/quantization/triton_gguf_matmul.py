@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.attention.ops.utils import interpreting
-from pagedllm.model_executor.layers.quantization.gguf_blocks import BLOCK, BlockQuantizedWeight, _group_order
+from pagedllm.model_executor.layers.quantization.gguf_blocks import BLOCK, BlockQuantizedWeight
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -211,29 +211,6 @@ def segments_to(segments: list, device: torch.device) -> None:
             seg.weight = w.to(device)
 
 
-@functools.lru_cache(maxsize=16)
-def _element_of_byte(k: int, device: torch.device) -> torch.Tensor:
-    """The element each byte of an 8-bit row holds (`gguf_blocks._group_order`), on `device`."""
-    return _group_order(k).to(device)
-
-
-def dequantize_rows(weight: BlockQuantizedWeight, ids: torch.Tensor) -> torch.Tensor:
-    """Rows `ids` of W, float32, with torch ops on the weight's device (an embedding lookup dequantises
-    only the rows asked for, as the CPU path does)."""
-    k = weight.shape[1]
-    q = weight.qweight.index_select(0, ids)
-    if weight.bits == 4:
-        blocks = q.view(-1, k // BLOCK, 16)
-        q = torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).view(-1, k)
-    else:
-        natural = torch.empty_like(q)
-        natural[:, _element_of_byte(k, q.device)] = q
-        q = natural
-    sub = weight.sub
-    scales, mins = weight.scales.index_select(0, ids), weight.mins.index_select(0, ids)
-    return (q.view(-1, k // sub, sub).float() * scales[..., None] + mins[..., None]).view(-1, k)
-
-
 def embedding(segments: list, input_ids: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
     """The rows of a blocks-held embedding for `input_ids` on the segments' device, dequantised."""
     flat = input_ids.reshape(-1)
@@ -241,9 +218,9 @@ def embedding(segments: list, input_ids: torch.Tensor, width: int, dtype: torch.
     for seg in segments:
         ids = (flat - seg.start).clamp(0, seg.end - seg.start - 1)  # no host sync to count the ids inside
         w = seg.weight
-        rows = (dequantize_rows(w, ids) if isinstance(w, BlockQuantizedWeight) else w.index_select(0, ids)).to(dtype)
+        rows = (w.rows(ids).dequantize() if isinstance(w, BlockQuantizedWeight) else w.index_select(0, ids)).to(dtype)
         out = rows if out is None else torch.where(((flat >= seg.start) & (flat < seg.end))[:, None], rows, out)
     return out.reshape(*input_ids.shape, width)
 
 
-__all__ = ["dequantize_rows", "embedding", "gguf_block_matmul", "segments_to", "triton_gguf_linear"]
+__all__ = ["embedding", "gguf_block_matmul", "segments_to", "triton_gguf_linear"]
