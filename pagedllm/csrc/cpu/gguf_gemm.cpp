@@ -160,8 +160,6 @@ float dot_row_generic(const uint8_t* qw, const float* ws, const float* wm, const
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-constexpr bool kHaveVnni512 = true;
-
 // int32 lanes of w . a over one half of a group (64 weight bytes against the half's 64 activation
 // bytes in each plane): lane l sums 4 products of block l / 4.
 template <int kPlanes>
@@ -251,7 +249,6 @@ void dot_rows_vnni(const uint8_t* qw, const float* ws, const float* wm, const in
 }
 constexpr const char* kVectorIsa = "avx512-vnni";
 #elif defined(__AVX2__) && defined(__FMA__)
-constexpr bool kHaveVnni512 = false;
 constexpr const char* kVectorIsa = gguf_avx2::kVnni ? "avx-vnni" : "avx2";
 
 // no AVX-512: the same products 32 bytes at a time (gguf_gemm_avx2.h)
@@ -261,7 +258,6 @@ void dot_rows_vnni(const uint8_t* qw, const float* ws, const float* wm, const in
   gguf_avx2::dot_rows<kBits, kPlanes, kSub, kRows>(qw, ws, wm, qa, qa_stride, ad, as, nb, out, out_stride);
 }
 #else
-constexpr bool kHaveVnni512 = false;
 constexpr const char* kVectorIsa = "";
 
 template <int kBits, int kPlanes, int kSub, int kRows>
@@ -399,8 +395,6 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   gguf_gemm_auto(out, qa, da, sa, qweight, scales, mins, bias, bits);  // many rows: gguf_gemm_tiled.cpp
   return out;
 }
-
-bool gguf_gemm_has_vnni512() { return kHaveVnni512; }
 
 std::string gguf_gemm_vector_isa() { return kVectorIsa; }
 

@@ -43,7 +43,6 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
                        const at::Tensor& mins, const c10::optional<at::Tensor>& bias, int64_t bits,
                        int64_t act_bits);
 
-bool gguf_gemm_has_vnni512();
 // The GEMV's vector path in this build: "avx512-vnni", "avx-vnni", "avx2", or "" (the portable loop).
 std::string gguf_gemm_vector_isa();
 

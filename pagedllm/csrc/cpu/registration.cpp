@@ -20,7 +20,6 @@ TORCH_LIBRARY(pagedllm_cpu, m) {
   m.def("gguf_gemm(Tensor(a!) out, Tensor qa, Tensor da, Tensor sa, Tensor qweight, Tensor scales, Tensor mins, "
         "Tensor? bias, int bits, bool vectorised) -> ()");
   m.def("gguf_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, Tensor? bias, int bits, int act_bits=8) -> Tensor");
-  m.def("gguf_gemm_has_vnni512() -> bool");
   m.def("gguf_gemm_vector_isa() -> str");
   // The one op above that allocates its output (as gguf_linear): q/k in qkv are rotated in place.
   m.def("decode_attention(Tensor(a!) qkv, Tensor positions, Tensor cos, Tensor sin, Tensor(b!) k_cache, "
@@ -55,7 +54,6 @@ TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(pagedllm_cpu, CompositeExplicitAutograd, m) {
-  m.impl("gguf_gemm_has_vnni512", &pagedllm::gguf_gemm_has_vnni512);
   m.impl("gguf_gemm_vector_isa", &pagedllm::gguf_gemm_vector_isa);
   m.impl("gguf_gemm_tiled_min_rows", &pagedllm::gguf_gemm_tiled_min_rows);
 }
