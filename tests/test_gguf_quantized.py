@@ -207,9 +207,12 @@ def test_mixed_segments_write_their_own_columns(monkeypatch, act_bits):
 
 def test_activation_bits_setting(monkeypatch):
     monkeypatch.delenv(gguf_method.ACT_BITS_ENV, raising=False)
-    assert gguf_method.activation_bits() == 15
+    # unset: 15 bits where a QKV projection reads them, q8 elsewhere; 15 without a kind (GPTQ/AWQ blocks)
+    assert [gguf_method.activation_bits(k) for k in ("qkv", "linear", None)] == [15, 8, 15]
     monkeypatch.setenv(gguf_method.ACT_BITS_ENV, "8")
-    assert gguf_method.activation_bits() == 8
+    assert [gguf_method.activation_bits(k) for k in ("qkv", "linear", None)] == [8, 8, 8]
+    monkeypatch.setenv(gguf_method.ACT_BITS_ENV, "15")
+    assert [gguf_method.activation_bits(k) for k in ("qkv", "linear", None)] == [15, 15, 15]
     monkeypatch.setenv(gguf_method.ACT_BITS_ENV, "16")
     with pytest.raises(ValueError, match="must be 8 or 15"):
         gguf_method.activation_bits()
@@ -239,24 +242,34 @@ def greedy(path: Path, quantization: str | None, max_tokens: int = 12, dtype: st
                             use_tqdm=False)
         runner = llm.llm_engine.engine_core.core.model_executor.model_runner
         methods = {type(m.linear_method) for m in runner.model.modules() if hasattr(m, "linear_method")}
-        return [list(o.outputs[0].token_ids) for o in outs], outs, methods
+        widths = {(getattr(m, "kind", "head"), m.gguf_act_bits) for m in runner.model.modules()
+                  if hasattr(m, "gguf_act_bits")}
+        return [list(o.outputs[0].token_ids) for o in outs], outs, methods, widths
     finally:
         llm.shutdown()
 
 
-@pytest.mark.parametrize("act_bits", [8, 15])
+@pytest.mark.parametrize("act_bits", [8, 15, None], ids=["act8", "act15", "per-kind"])
 def test_tiny_models_kernels_give_the_reference_paths_tokens(tiny_quantized_gguf, monkeypatch, act_bits):
     kernels_or_skip()
-    monkeypatch.setenv(gguf_method.ACT_BITS_ENV, str(act_bits))
-    tokens, outs, methods = greedy(tiny_quantized_gguf, "gguf")
+    if act_bits is None:  # the default: QKV projections at 15 bits, the rest at 8
+        monkeypatch.delenv(gguf_method.ACT_BITS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(gguf_method.ACT_BITS_ENV, str(act_bits))
+    tokens, outs, methods, widths = greedy(tiny_quantized_gguf, "gguf")
     assert methods == {GGUFLinearMethod}  # every linear layer and the LM head held in blocks
+    if act_bits is None:
+        assert widths == {("qkv", 15), ("linear", 8), ("head", 8)}
+    else:
+        assert {bits for _, bits in widths} == {act_bits}
     monkeypatch.setattr(cpu_ops, "cpu_kernels_available", lambda: False)
-    ref_tokens, ref_outs, _ = greedy(tiny_quantized_gguf, "gguf")
+    ref_tokens, ref_outs, _, _ = greedy(tiny_quantized_gguf, "gguf")
     assert tokens == ref_tokens
     # the chosen tokens' logprobs agree to float rounding. The two paths' float32 sums differ in
     # the last bits; q8 activations mostly round such differences away, 15-bit ones 256x less
-    # often, and these random tiny models amplify what passes
-    tol = 1e-4 if act_bits == 8 else 5e-3
+    # often, and these random tiny models amplify what passes. Per kind, the 15-bit QKV outputs'
+    # last-bit differences reach q8 roundings downstream: one that flips moves a logprob ~0.02
+    tol = {8: 1e-4, 15: 5e-3, None: 5e-2}[act_bits]
     for a, b in zip(outs, ref_outs):
         lp = [next(iter(d.values())).logprob for d in a.outputs[0].logprobs]
         ref = [next(iter(d.values())).logprob for d in b.outputs[0].logprobs]
@@ -268,7 +281,7 @@ def test_bfloat16_model_kernels_give_the_reference_paths_tokens(tmp_path, monkey
     kernels_or_skip()
     path = tmp_path / "tiny-llama.gguf"
     write_tiny_gguf(path, "llama", True, quant_type=T.Q4_1)
-    tokens, _, _ = greedy(path, "gguf", dtype="bfloat16")
+    tokens, *_ = greedy(path, "gguf", dtype="bfloat16")
     monkeypatch.setattr(cpu_ops, "cpu_kernels_available", lambda: False)
     assert greedy(path, "gguf", dtype="bfloat16")[0] == tokens
 
@@ -283,10 +296,10 @@ def test_decode_steps_in_one_op_equal_the_layer_by_layer_path(tiny_quantized_ggu
     calls = []
     original = GGUFDecodeStep.__call__
     monkeypatch.setattr(GGUFDecodeStep, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
-    _, outs, _ = greedy(tiny_quantized_gguf, "gguf")
+    _, outs, *_ = greedy(tiny_quantized_gguf, "gguf")
     assert bool(calls) == ("llama" in tiny_quantized_gguf.name)
     monkeypatch.setattr(GGUFDecodeStep, "for_model", classmethod(lambda cls, layers, dtype: None))
-    _, ref_outs, _ = greedy(tiny_quantized_gguf, "gguf")
+    _, ref_outs, *_ = greedy(tiny_quantized_gguf, "gguf")
     for a, b in zip(outs, ref_outs):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert [d for d in a.outputs[0].logprobs] == [d for d in b.outputs[0].logprobs]
@@ -320,6 +333,7 @@ def test_tiny_model_with_q6_k_layers(tmp_path, monkeypatch):
     16 (not dequantised), decode as transformers loads them, and the kernels give the reference
     path's tokens and, with 15-bit activations, the float32 model's."""
     kernels_or_skip()
+    monkeypatch.setenv(gguf_method.ACT_BITS_ENV, "15")  # every layer: the comparison with float32 below
     path = tmp_path / "tiny-q6k.gguf"
     write_tiny_gguf(path, "llama", True, quant_type=T.Q8_0, hidden_size=256, intermediate_size=512,
                     overrides={"attn_v": T.Q6_K, "ffn_down": T.Q6_K})
@@ -337,11 +351,11 @@ def test_tiny_model_with_q6_k_layers(tmp_path, monkeypatch):
         torch.testing.assert_close(v, hf["model.layers.0.self_attn.v_proj.weight"], rtol=1e-6, atol=1e-6)
     finally:
         llm.shutdown()
-    tokens, outs, _ = greedy(path, "gguf")
-    float_tokens, float_outs, _ = greedy(path, None)
+    tokens, outs, *_ = greedy(path, "gguf")
+    float_tokens, float_outs, *_ = greedy(path, None)
     assert tokens == float_tokens
     monkeypatch.setattr(cpu_ops, "cpu_kernels_available", lambda: False)
-    ref_tokens, ref_outs, _ = greedy(path, "gguf")
+    ref_tokens, ref_outs, *_ = greedy(path, "gguf")
     assert tokens == ref_tokens
     for a, b, c in zip(outs, ref_outs, float_outs):
         lp = [next(iter(d.values())).logprob for d in a.outputs[0].logprobs]

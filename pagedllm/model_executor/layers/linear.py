@@ -84,6 +84,10 @@ def _copy_shared(param: torch.Tensor, loaded: torch.Tensor) -> None:
 class LinearBase(nn.Module):
     """This rank's [output, input] share of a linear layer; `linear_method` holds and applies it."""
 
+    # what the layer is in the model, for a method that treats kinds differently (the GGUF kernels
+    # quantise a QKV projection's input to 15 bits and the others' to 8: quantization/gguf.py)
+    kind = "linear"
+
     def __init__(self, input_size: int, output_size: int, bias: bool, tp_group: Optional[TensorParallelGroup],
                  linear_method: LinearMethodBase | None = None) -> None:
         super().__init__()
@@ -140,6 +144,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 class QKVParallelLinear(ColumnParallelLinear):
     """Q, K and V in one matrix, split by heads: rank r holds its query heads and their KV heads."""
+
+    kind = "qkv"
 
     def __init__(self, hidden_size: int, head_size: int, total_num_heads: int, total_num_kv_heads: int,
                  bias: bool = False, tp_group: Optional[TensorParallelGroup] = None,

@@ -6,10 +6,12 @@ keeps a GGUF's blocks as they are and multiplies by them; so does this method. E
 tensors arrive undecoded (`gguf_loader.GGUFQuantizedTensor`, one per q/k/v or gate/up part),
 are decoded into `BlockQuantizedWeight`s (`gguf_blocks.py`) and multiplied by the C++ kernel
 (`cpu_ops.gguf_gemm`): activations quantised per block of 32, exact integer block sums, float
-scales. The activations are 15-bit by default (`PAGEDLLM_GGUF_ACT_BITS`, 15 or 8): llama.cpp's
-8-bit q8_1 cost SmolLM2 +1.2% perplexity over the same weights in float32, 15 bits -0.01%, for
-~2% of a batch-1 decode step and ~1.5x the matmul time of a 64-token prefill chunk
-(docs/performance.md, *Quality*).
+scales. The activations are quantised per layer kind (`activation_bits`): 15 bits where a QKV
+projection reads them, llama.cpp's 8-bit q8_1 everywhere else. 15 bits cost two `vpdpbusd` per
+weight byte where q8 costs one, and of SmolLM2's layers only QKV is hurt much by q8: on 40k tokens
+of text, q8 everywhere moved perplexity +0.25% to +0.40%, q8 everywhere but QKV +0.20% to +0.26%,
+and QKV holds 14% of a W1 run's multiply-adds (docs/performance.md, *Quality*).
+`PAGEDLLM_GGUF_ACT_BITS` (8 or 15) puts every layer at one width.
 
 A fused layer may mix types (Q4_K_M files store some V and down projections as Q6_K): it is then
 a few row *segments*, each with its own form, written into column slices of one output. Rows
@@ -44,19 +46,25 @@ logger = init_logger(__name__)
 GGUF_DTYPES = (torch.float32, torch.bfloat16)
 GGUF_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the Triton kernel's
 ACT_BITS_ENV = "PAGEDLLM_GGUF_ACT_BITS"
-DEFAULT_ACT_BITS = 15
+SENSITIVE_ACT_BITS = 15  # the inputs of the layers below
+SENSITIVE_KINDS = ("qkv",)  # LinearBase.kind: whose q8 rounding moves the model's outputs most
+DEFAULT_ACT_BITS = 8  # llama.cpp's q8_1, for every other layer
 
 
-def activation_bits() -> int:
-    """Bits the GGUF kernels quantise activations to: `PAGEDLLM_GGUF_ACT_BITS` (8: llama.cpp's q8_1,
-    SmolLM2 +1.2% perplexity over float32, ~2% faster at batch 1 and ~1.5x in prefill; 15: the
-    default, -0.01%). Read when a layer is built."""
+def activation_bits(kind: str | None = None) -> int:
+    """Bits the GGUF kernels quantise a layer's activations to, read when the layer is built.
+
+    `PAGEDLLM_GGUF_ACT_BITS` (8 or 15) sets every layer. Unset, a layer of a kind in
+    `SENSITIVE_KINDS` takes 15 bits and any other kind 8; `kind=None` (a caller without a per-kind
+    policy, such as the GPTQ/AWQ blocks, held to 1e-3 logprob of their float model) takes 15."""
     raw = os.environ.get(ACT_BITS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_ACT_BITS
-    if raw not in ("8", "15"):
-        raise ValueError(f"{ACT_BITS_ENV} must be 8 or 15, not {raw!r}")
-    return int(raw)
+    if raw:
+        if raw not in ("8", "15"):
+            raise ValueError(f"{ACT_BITS_ENV} must be 8 or 15, not {raw!r}")
+        return int(raw)
+    if kind is None or kind in SENSITIVE_KINDS:
+        return SENSITIVE_ACT_BITS
+    return DEFAULT_ACT_BITS
 
 
 def gguf_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -177,7 +185,7 @@ class GGUFLinearMethod(LinearMethodBase):
                              "use tensor_parallel_size=1 (or data parallelism)")
         layer.gguf_input_size, layer.gguf_output_size = input_size, output_size
         layer.gguf_segments = []
-        layer.gguf_act_bits = activation_bits()
+        layer.gguf_act_bits = activation_bits(getattr(layer, "kind", "linear"))
 
     def load_weight(self, layer: nn.Module, loaded, shard: str | int | None = None) -> None:
         rows, cols = tuple(loaded.shape)

@@ -12,8 +12,9 @@ What a layer holds after loading (`form`, picked in `quantization/__init__.py` b
   but a float model's memory and speed at run time;
 - "blocks" (CPU with PAGEDLLM_CPU_INT4_BLOCKS=1): the integers re-expressed once in the GGUF kernel's
   blocks of 32 (`int4_blocks.py`), 4 bits a weight plus a float32 scale and min per block, multiplied
-  by that kernel with the activations GGUF layers get (15 bits per block of 32 unless
-  PAGEDLLM_GGUF_ACT_BITS=8). A layer whose groups are not whole blocks of 32 is held "dequantized";
+  by that kernel with activations of 15 bits per block of 32 in every layer (GGUF layers take q8
+  outside QKV; these blocks are held to 1e-3 logprob of their float model), or whatever
+  PAGEDLLM_GGUF_ACT_BITS says. A layer whose groups are not whole blocks of 32 is held "dequantized";
 - "triton" (CUDA): the integers stay packed, a Triton kernel dequantizes tiles inside the matmul
   (`triton_int_matmul.py`);
 - "packed": the checkpoint's tensors as loaded, dequantized on every call: the reference.
@@ -162,7 +163,7 @@ class PackedIntLinearMethod(LinearMethodBase):
             return
         layer.int_blocks = held
         layer.int_segments = [Segment(0, held.weight.shape[0], held.weight)]
-        layer.int_act_bits = activation_bits()  # as GGUF layers: 15 unless PAGEDLLM_GGUF_ACT_BITS=8
+        layer.int_act_bits = activation_bits(None)  # 15 bits for every kind, unless PAGEDLLM_GGUF_ACT_BITS
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         form = self.layer_form(layer)
