@@ -43,9 +43,11 @@ RUNNERS = {"llamacpp_serial": ("llamacpp", ["--one-at-a-time"]),
            "pagedllm_gguf": ("pagedllm", ["--quantization", "gguf"]),
            "pagedllm_int8_kvbf16": ("pagedllm", ["--quantization", "int8", "--kv-cache-dtype", "bfloat16"]),
            "pagedllm_gguf_act8": ("pagedllm", ["--quantization", "gguf"]),
+           "pagedllm_gguf_act15": ("pagedllm", ["--quantization", "gguf"]),
            "pagedllm_gguf_avx2": ("pagedllm", ["--quantization", "gguf"])}
 # engine name -> environment it runs with (on top of this process's)
-RUNNER_ENV = {"pagedllm_gguf_act8": {"PAGEDLLM_GGUF_ACT_BITS": "8"},  # llama.cpp's q8_1 activations
+RUNNER_ENV = {"pagedllm_gguf_act8": {"PAGEDLLM_GGUF_ACT_BITS": "8"},  # llama.cpp's q8_1 activations, every layer
+              "pagedllm_gguf_act15": {"PAGEDLLM_GGUF_ACT_BITS": "15"},  # 15 bits in every layer (before 2026-12-05)
               "pagedllm_gguf_avx2": {"PAGEDLLM_CPU_ISA": "avx2"}}  # the kernels as built for a CPU without AVX-512
 
 
@@ -140,7 +142,7 @@ def main() -> int:
     p.add_argument("--engines", default="pagedllm,vllm,llamacpp,llamacpp_serial,transformers",
                    help="comma-separated: pagedllm, pagedllm_kvbf16 (a bfloat16 KV cache), pagedllm_int8 "
                         "(quantization='int8': W8A8 linear layers), pagedllm_int8_kvbf16, pagedllm_gguf "
-                        "(quantization='gguf': the file's blocks), pagedllm_gguf_act8 (the same with llama.cpp's 8-bit activations), pagedllm_gguf_avx2 (the same, kernels built with PAGEDLLM_CPU_ISA=avx2), vllm, llamacpp "
+                        "(quantization='gguf': the file's blocks), pagedllm_gguf_act8 / pagedllm_gguf_act15 (the same with every layer's activations at 8 / 15 bits), pagedllm_gguf_avx2 (the same, kernels built with PAGEDLLM_CPU_ISA=avx2), vllm, llamacpp "
                         "(all sequences batched), llamacpp_serial (one request at a time), transformers")
     p.add_argument("--vllm-python", default=os.environ.get("PAGEDLLM_BENCH_VLLM_PYTHON"))
     p.add_argument("--llamacpp-python", default=os.environ.get("PAGEDLLM_BENCH_LLAMACPP_PYTHON"))

@@ -1,5 +1,7 @@
 """pagedllm on the workload: one LLM.generate call over all prompts, in the workload's dtype."""
 
+import os
+
 import torch
 from common import load_workload, parse_args, timed_run
 
@@ -25,6 +27,8 @@ def run() -> int:
 
 extras = (", compiled ops" if args.compile_fused_ops else "") + (
     f", {args.kv_cache_dtype} KV cache" if args.kv_cache_dtype != "auto" else "") + (
-    {"int8": ", int8 W8A8", "gguf": ", GGUF blocks"}.get(args.quantization, ""))
+    {"int8": ", int8 W8A8", "gguf": ", GGUF blocks"}.get(args.quantization, "")) + (
+    f", {os.environ['PAGEDLLM_GGUF_ACT_BITS']}-bit activations"
+    if args.quantization == "gguf" and os.environ.get("PAGEDLLM_GGUF_ACT_BITS") else "")
 timed_run(run, args.out, repeats=args.repeats, before_each=llm.reset_prefix_cache,
           engine=f"pagedllm ({args.dtype}{extras})", dtype=args.dtype, threads=torch.get_num_threads())
