@@ -6,11 +6,14 @@ the change; so is `quantization="int8"` (W8A8 linear layers). For each variant i
 
 - the perplexity of a fixed text (`benchmarks/data/frozen_text.txt`, passages of public-domain
   texts: Lincoln, Dickens, Austen, the Declaration of Independence, Melville; frozen, so figures
-  compare across runs; before 2026-12-04 it was docs/architecture.md), cut into windows of
+  compare across runs; before 2026-12-04 it was docs/architecture.md; `--text` scores another,
+  such as `kjv_excerpt.txt`, 25x longer: benchmarks/data/README.md), cut into windows of
   `--window` tokens, from the prompt logprobs of the tokens that are actually there. Each window
   is prefilled in chunks of `--chunk` tokens, so that later chunks attend to K/V read back from
   the cache: otherwise a narrower KV cache (`float32/bfloat16`) would never be read in scoring,
-  as a prompt's own attention uses its unrounded K/V;
+  as a prompt's own attention uses its unrounded K/V. Each change is printed with its standard
+  error (from the per-token logprob differences to the first variant's, on the same tokens): a
+  short text cannot resolve a small change;
 - greedy continuations of a few fixed prompts, and how many of their tokens agree with
   float32's before the first difference.
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,27 +53,39 @@ def first_divergence(a: list[int], b: list[int]) -> int:
     return n
 
 
-def evaluate(model: str | None, variant: str, window: int, chunk: int, max_tokens: int) -> dict:
+def evaluate(model: str | None, variant: str, window: int, chunk: int, max_tokens: int, text: Path = TEXT) -> dict:
     """`variant`: a dtype, optionally with a KV-cache dtype after a slash ('float32/bfloat16') and a
-    quantization after a plus ('float32+int8', 'float32/bfloat16+int8')."""
+    quantization after a plus ('float32+int8', 'float32/bfloat16+int8'); 'gguf:act8' / 'gguf:act15'
+    builds the GGUF layers with PAGEDLLM_GGUF_ACT_BITS set (every layer's activations at that width;
+    plain 'gguf' is the default, QKV at 15 bits and the rest at 8)."""
     from pagedllm import LLM, SamplingParams
+    from pagedllm.model_executor.layers.quantization.gguf import ACT_BITS_ENV
 
     rest, _, quantization = variant.partition("+")
+    quantization, _, act_bits = quantization.partition(":act")
     dtype, _, kv_cache_dtype = rest.partition("/")
-    llm = LLM(model=model, dtype=dtype, kv_cache_dtype=kv_cache_dtype or "auto", quantization=quantization or None,
-              max_model_len=max(1024, window + 8), max_num_batched_tokens=chunk)
-    ids = llm.get_tokenizer().encode(TEXT.read_text())
+    saved = os.environ.pop(ACT_BITS_ENV, None)
+    if act_bits:
+        os.environ[ACT_BITS_ENV] = act_bits  # read when the layers are built
+    try:
+        llm = LLM(model=model, dtype=dtype, kv_cache_dtype=kv_cache_dtype or "auto",
+                  quantization=quantization or None, max_model_len=max(1024, window + 8),
+                  max_num_batched_tokens=chunk)
+    finally:
+        os.environ.pop(ACT_BITS_ENV, None)
+        if saved is not None:
+            os.environ[ACT_BITS_ENV] = saved
+    ids = llm.get_tokenizer().encode(text.read_text())
     windows = [ids[i : i + window] for i in range(0, len(ids) - 1, window) if len(ids[i : i + window]) > 1]
     outs = llm.generate([{"prompt_token_ids": w} for w in windows],
                         SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-    nll, count = 0.0, 0
-    for w, out in zip(windows, outs):
-        for pos, entry in enumerate(out.prompt_logprobs[1:], start=1):
-            nll -= entry[w[pos]].logprob
-            count += 1
+    token_logprobs = [entry[w[pos]].logprob for w, out in zip(windows, outs)
+                      for pos, entry in enumerate(out.prompt_logprobs[1:], start=1)]
+    nll, count = -sum(token_logprobs), len(token_logprobs)
     greedy = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
+    llm.shutdown()
     return {"dtype": variant, "perplexity": math.exp(nll / count), "scored_tokens": count,
-            "greedy": [o.outputs[0].token_ids for o in greedy]}
+            "token_logprobs": token_logprobs, "greedy": [o.outputs[0].token_ids for o in greedy]}
 
 
 def llamacpp_perplexity(args: argparse.Namespace) -> dict:
@@ -81,7 +97,7 @@ def llamacpp_perplexity(args: argparse.Namespace) -> dict:
     from pagedllm.model_executor.model_source import resolve_model
 
     path = resolve_model(args.model).path
-    ids = load_gguf_tokenizer(path).encode(TEXT.read_text())
+    ids = load_gguf_tokenizer(path).encode(Path(args.text).read_text())
     windows = [ids[i : i + args.window] for i in range(0, len(ids) - 1, args.window) if len(ids[i : i + args.window]) > 1]
     work = Path(tempfile.mkdtemp())
     (work / "windows.json").write_text(json.dumps({"model": path, "windows": windows}))
@@ -99,31 +115,42 @@ def main() -> None:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--chunk", type=int, default=64, help="prefill chunk (the engine's step budget)")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--text", default=str(TEXT),
+                   help="the text to score (benchmarks/data/: frozen_text.txt, 940 tokens, or kjv_excerpt.txt, "
+                        "23,800; see benchmarks/data/README.md)")
     p.add_argument("--llamacpp-python", default=None,
                    help="also score the same windows with llama.cpp on the same GGUF (its interpreter; "
                         "benchmarks/peers/run_llamacpp_perplexity.py)")
     args = p.parse_args()
-    results = [evaluate(args.model, d.strip(), args.window, args.chunk, args.max_tokens)
+    text = Path(args.text)
+    results = [evaluate(args.model, d.strip(), args.window, args.chunk, args.max_tokens, text)
                for d in args.dtypes.split(",")]
     ref = results[0]
     peer = llamacpp_perplexity(args) if args.llamacpp_python else None
-    print(f"fixed text: {TEXT.name}, {ref['scored_tokens']} scored tokens; greedy: {len(PROMPTS)} prompts x "
+    print(f"fixed text: {text.name}, {ref['scored_tokens']} scored tokens; greedy: {len(PROMPTS)} prompts x "
           f"{args.max_tokens} tokens; reference {ref['dtype']}")
-    print(f"{'variant':<26}{'perplexity':>12}{'change':>10}{'greedy tokens equal to ref':>30}")
+    print(f"{'variant':<26}{'perplexity':>12}{'change':>10}{'+-1 s.e.':>10}{'greedy tokens equal to ref':>30}")
+    ref_logprobs = ref["token_logprobs"]
     for r in results:
         agree = [first_divergence(a, b) for a, b in zip(ref["greedy"], r["greedy"])]
         r["greedy_prefix_agreement"] = agree
         r["perplexity_change_pct"] = 100 * (r["perplexity"] / ref["perplexity"] - 1)
+        # the change's standard error, from the per-token logprob differences to the reference (the
+        # same tokens, so paired): how much of the change a text this long can resolve
+        diffs = [a - b for a, b in zip(r.pop("token_logprobs"), ref_logprobs)]
+        mean = sum(diffs) / len(diffs)
+        var = sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1)
+        r["perplexity_change_se_pct"] = 100 * math.sqrt(var / len(diffs))
         total = sum(len(g) for g in ref["greedy"])
-        print(f"{r['dtype']:<26}{r['perplexity']:>12.3f}{r['perplexity_change_pct']:>9.2f}%   "
-              f"{sum(agree)}/{total} (per prompt {agree})")
+        print(f"{r['dtype']:<26}{r['perplexity']:>12.3f}{r['perplexity_change_pct']:>9.2f}%"
+              f"{r['perplexity_change_se_pct']:>9.2f}%   {sum(agree)}/{total} (per prompt {agree})")
     if peer is not None:
         peer["perplexity_change_pct"] = 100 * (peer["perplexity"] / ref["perplexity"] - 1)
         print(f"{'llama.cpp (same GGUF)':<26}{peer['perplexity']:>12.3f}{peer['perplexity_change_pct']:>9.2f}%")
     stamp = datetime.now(timezone.utc)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"precision_check-{stamp:%Y%m%d-%H%M}-{platform.node()}.json"
-    out.write_text(json.dumps({"date": stamp.isoformat(), "machine": platform.node(), "text": TEXT.name,
+    out.write_text(json.dumps({"date": stamp.isoformat(), "machine": platform.node(), "text": text.name,
                                "window": args.window, "chunk": args.chunk, "results": results,
                                "llamacpp": peer}, indent=2))
     print(f"wrote {out}")
