@@ -247,6 +247,8 @@ def main() -> int:
     }
     name = "compare_cpu" if args.workload == "w1" else f"compare_cpu_{args.workload}"
     out = Path(args.output_json) if args.output_json else RESULTS / f"{name}-{args.dtype}-{stamp:%Y%m%d-%H%M}-{platform.node()}.json"
+    if out.exists() and not args.output_json:  # two runs in one minute: keep both
+        out = out.with_name(f"{name}-{args.dtype}-{stamp:%Y%m%d-%H%M%S}-{platform.node()}.json")
     out.write_text(json.dumps(record, indent=2))
     print(f"\nwrote {out}")
     chart(results, out.with_suffix(".png"))
