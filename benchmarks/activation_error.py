@@ -1,7 +1,9 @@
 """How much rounding error each way of quantising activations puts into SmolLM2's linear layers.
 
 The GGUF kernels quantise every linear layer's input per block of 32 (`PAGEDLLM_GGUF_ACT_BITS`):
-llama.cpp's q8 costs the default model +1.2% perplexity, 15 bits -0.01%, but 15 bits takes two
+llama.cpp's q8 cost the default model +1.2% perplexity on the 940-token frozen text (+0.40% on the
+longer KJV excerpt; `gguf_act_kinds.py` measures it per layer kind, which settled the default:
+15 bits into QKV only), 15 bits -0.01%, but 15 bits takes two
 `vpdpbusd` per weight byte where q8 takes one (docs/performance.md, *Why W1 at the default 15 bits
 ...*). This script asks whether a cheaper scheme gets most of the 15-bit accuracy: it runs
 transformers' float32 model of the GGUF on the frozen text, captures each projection's input and

@@ -1,7 +1,8 @@
 """What 15-bit activations cost against llama.cpp's q8 in the GGUF kernels, at batch 1.
 
-`quantization="gguf"` quantises activations to 15 bits by default (`PAGEDLLM_GGUF_ACT_BITS`):
-two int8 planes, so twice the vpdpbusd of q8 per group of weights. A batch-1 decode step reads
+`quantization="gguf"` quantises a QKV projection's activations to 15 bits and the other layers'
+to q8 by default; `PAGEDLLM_GGUF_ACT_BITS` (8 or 15) sets every layer, which is what this script
+compares. 15 bits are two int8 planes, so twice the vpdpbusd of q8 per group of weights. A batch-1 decode step reads
 every weight once, so the question is how much of that extra arithmetic hides under the weight
 reads. Measures, interleaving the two settings repeat by repeat (the machine is shared):
 

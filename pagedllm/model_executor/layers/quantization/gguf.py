@@ -8,10 +8,11 @@ are decoded into `BlockQuantizedWeight`s (`gguf_blocks.py`) and multiplied by th
 (`cpu_ops.gguf_gemm`): activations quantised per block of 32, exact integer block sums, float
 scales. The activations are quantised per layer kind (`activation_bits`): 15 bits where a QKV
 projection reads them, llama.cpp's 8-bit q8_1 everywhere else. 15 bits cost two `vpdpbusd` per
-weight byte where q8 costs one, and of SmolLM2's layers only QKV is hurt much by q8: on 40k tokens
-of text, q8 everywhere moved perplexity +0.25% to +0.40%, q8 everywhere but QKV +0.20% to +0.26%,
-and QKV holds 14% of a W1 run's multiply-adds (docs/performance.md, *Quality*).
-`PAGEDLLM_GGUF_ACT_BITS` (8 or 15) puts every layer at one width.
+weight byte where q8 costs one, and of SmolLM2's layer kinds q8 moves the model most in QKV, which
+holds 16% of a layer's multiply-adds: on benchmarks/data/kjv_excerpt.txt (23,959 tokens) q8
+everywhere costs +0.40% perplexity over float32, q8 everywhere but QKV +0.20%, and W1 runs 0.80x
+`-q int8` with 15 bits everywhere, level with it this way (docs/performance.md, *Activation widths
+per layer kind*). `PAGEDLLM_GGUF_ACT_BITS` (8 or 15) puts every layer at one width.
 
 A fused layer may mix types (Q4_K_M files store some V and down projections as Q6_K): it is then
 a few row *segments*, each with its own form, written into column slices of one output. Rows
