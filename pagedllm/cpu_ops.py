@@ -46,7 +46,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 KERNEL_CACHE_DTYPES = KERNEL_DTYPES + (torch.float8_e4m3fn, torch.float8_e5m2)
 _SOURCE_DIR = os.path.join(os.path.dirname(__file__), "csrc", "cpu")
 _SOURCES = ["registration.cpp", "paged_decode.cpp", "layernorm.cpp", "activation.cpp", "rotary.cpp",
-            "quantize.cpp", "gguf_gemm.cpp", "gguf_gemm_tiled.cpp", "gguf_quantize_avx512.cpp",
+            "quantize.cpp", "gguf_gemm.cpp", "gguf_gemm_tiled.cpp", "gguf_quantize_simd.cpp",
             "decode_attention.cpp", "gguf_decode_layers.cpp"]
 # -ffast-math lets the compiler vectorise exp (glibc's vector math) and the float reductions; it
 # is a compile flag only, so the flush-to-zero start-up code it implies is never linked in.

@@ -36,6 +36,8 @@ def run(cases: dict) -> dict:
                                                    c["act_bits"])
         layers.append({"acts": acts, "gemv": res, "fused": fused})
     out["layers"] = layers
+    # activation quantisation alone (bfloat16 inputs, ties): the bytes, scales and sums
+    out["quantize"] = [cpu_ops.quantize_q8_blocks(x, bits) for x, bits in cases.get("quantize", [])]
     out["models"] = [greedy_tokens(path) for path in cases["models"]]
     return out
 

@@ -58,6 +58,16 @@ def integer_cases() -> list[dict]:
     return cases
 
 
+def quantize_cases() -> list[tuple[torch.Tensor, int]]:
+    """Activation quantisation's own inputs: bfloat16 rows, and float32 rows whose products land on
+    exact halves (a block's amax 127 makes d = 1, so x + 0.5 rounds to even)."""
+    g = torch.Generator().manual_seed(7)
+    ties = torch.randint(-126, 126, (4, 224), generator=g).float() + 0.5
+    ties[:, ::32] = 127.0
+    rows = (torch.randn(5, 224, generator=g) * torch.linspace(0.05, 4, 224)).to(torch.bfloat16)
+    return [(x, bits) for x in (ties, rows) for bits in (8, 15)]
+
+
 def layer_cases() -> list[dict]:
     cases = []
     for i, type_name in enumerate(gguf_blocks.KERNEL_TYPES):
@@ -97,7 +107,7 @@ def test_avx2_build_matches_the_reference_and_the_native_build(tmp_path, monkeyp
     kernels_or_skip()
     layers = [{key: c[key] for key in ("x", "qweight", "scales", "mins", "bias", "bits", "act_bits")}
               for c in layer_cases()]
-    cases = dict(integer=integer_cases(), layers=layers, models=tiny_models(tmp_path))
+    cases = dict(integer=integer_cases(), layers=layers, models=tiny_models(tmp_path), quantize=quantize_cases())
     got = run_worker(cases, tmp_path, "avx2")
     assert got["isa"] == "avx2" and got["vector_isa"] == "avx2"
 
@@ -124,6 +134,10 @@ def test_avx2_build_matches_the_reference_and_the_native_build(tmp_path, monkeyp
             cpu_ops.gguf_gemm(native, native_acts, full["qweight"], full["scales"], full["mins"], full["bias"],
                               full["bits"])
             torch.testing.assert_close(out["gemv"], native, rtol=1e-5, atol=1e-4, msg=label)
+
+    for (x, bits), out in zip(cases["quantize"], got["quantize"]):
+        native = cpu_ops.quantize_q8_blocks(x, bits)
+        assert all(torch.equal(a, b) for a, b in zip(out, native)), (x.dtype, bits)
 
     monkeypatch.setattr(cpu_ops, "cpu_kernels_available", lambda: False)
     for path, tokens in zip(cases["models"], got["models"]):

@@ -344,7 +344,7 @@ void quantize_q8_blocks(at::Tensor qa, at::Tensor da, at::Tensor sa, const at::T
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == rows * nb,
                 "quantize_q8_blocks: da and sa must be contiguous float32 [rows, k / 32]");
   }
-  if (quantize_q8_blocks_avx512(qa, da, sa, x, planes)) return;  // the same bytes, 16 at a time
+  if (quantize_q8_blocks_simd(qa, da, sa, x, planes)) return;  // the same bytes, 8 or 16 at a time
   if (x.scalar_type() == at::kFloat) quantize_blocks<float>(qa, da, sa, x, planes);
   else quantize_blocks<c10::BFloat16>(qa, da, sa, x, planes);
 }
