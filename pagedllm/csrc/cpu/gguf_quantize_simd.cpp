@@ -19,13 +19,18 @@
 #include "ops.h"
 
 namespace pagedllm {
-
-#if defined(__AVX512F__) && defined(__AVX512BW__)
 namespace {
 
 constexpr int64_t kBlock = 32;
 constexpr int64_t kGroupBlocks = 4;
 constexpr int64_t kGroupBytes = kBlock * kGroupBlocks;
+
+}  // namespace
+
+// One quantize_rows per instruction set (the build's widest), one dispatcher after them.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define PAGEDLLM_QUANTIZE_SIMD 1
+namespace {
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 
@@ -74,23 +79,9 @@ void quantize_rows(int8_t* qp, float* dp, float* sp, const scalar_t* xp, int64_t
 
 }  // namespace
 
-bool quantize_q8_blocks_simd(at::Tensor& qa, at::Tensor& da, at::Tensor& sa, const at::Tensor& x, int64_t planes) {
-  const int64_t rows = x.size(0), nb = x.size(1) / kBlock;
-  int8_t* q = qa.data_ptr<int8_t>();
-  float *d = da.data_ptr<float>(), *s = sa.data_ptr<float>();
-  const bool f32 = x.scalar_type() == at::kFloat;
-  if (f32 && planes == 1) quantize_rows<float, 1>(q, d, s, x.data_ptr<float>(), x.stride(0), qa.size(1), rows, nb);
-  else if (f32) quantize_rows<float, 2>(q, d, s, x.data_ptr<float>(), x.stride(0), qa.size(1), rows, nb);
-  else if (planes == 1) quantize_rows<c10::BFloat16, 1>(q, d, s, x.data_ptr<c10::BFloat16>(), x.stride(0), qa.size(1), rows, nb);
-  else quantize_rows<c10::BFloat16, 2>(q, d, s, x.data_ptr<c10::BFloat16>(), x.stride(0), qa.size(1), rows, nb);
-  return true;
-}
 #elif defined(__AVX2__)
+#define PAGEDLLM_QUANTIZE_SIMD 1
 namespace {
-
-constexpr int64_t kBlock = 32;
-constexpr int64_t kGroupBlocks = 4;
-constexpr int64_t kGroupBytes = kBlock * kGroupBlocks;
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
@@ -163,6 +154,9 @@ void quantize_rows(int8_t* qp, float* dp, float* sp, const scalar_t* xp, int64_t
 
 }  // namespace
 
+#endif
+
+#ifdef PAGEDLLM_QUANTIZE_SIMD
 bool quantize_q8_blocks_simd(at::Tensor& qa, at::Tensor& da, at::Tensor& sa, const at::Tensor& x, int64_t planes) {
   const int64_t rows = x.size(0), nb = x.size(1) / kBlock;
   int8_t* q = qa.data_ptr<int8_t>();
