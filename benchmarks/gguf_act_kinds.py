@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from precision_check import scored_logprobs, text_windows  # this script's directory is on sys.path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -42,12 +43,7 @@ def layers_of_kind(model: torch.nn.Module, kind: str) -> list[torch.nn.Module]:
 
 
 def token_logprobs(llm, windows: list[list[int]]) -> torch.Tensor:
-    from pagedllm import SamplingParams
-
-    outs = llm.generate([{"prompt_token_ids": w} for w in windows],
-                        SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-    return torch.tensor([entry[w[pos]].logprob for w, out in zip(windows, outs)
-                         for pos, entry in enumerate(out.prompt_logprobs[1:], start=1)], dtype=torch.float64)
+    return torch.tensor(scored_logprobs(llm, windows), dtype=torch.float64)
 
 
 def main() -> None:
@@ -66,7 +62,7 @@ def main() -> None:
     common = dict(model=args.model, max_model_len=max(1024, args.window + 8), max_num_batched_tokens=args.chunk)
     ref_llm = LLM(**common)
     ids = ref_llm.get_tokenizer().encode(Path(args.text).read_text())
-    windows = [ids[i:i + args.window] for i in range(0, len(ids) - 1, args.window) if len(ids[i:i + args.window]) > 1]
+    windows = text_windows(ids, args.window)
     ref = token_logprobs(ref_llm, windows)
     ref_llm.shutdown()
     llm = LLM(quantization="gguf", **common)

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from precision_check import scored_logprobs, text_windows  # this script's directory is on sys.path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the GPTQ writer the tests use
@@ -121,11 +122,7 @@ def run_model(checkpoint: str, form: str, prompt_len: int, output_len: int, wind
     try:
         weight_bytes = llm.llm_engine.engine_core.core.model_executor.collective_rpc("weight_bytes")[0]
         ids = llm.get_tokenizer().encode(TEXT.read_text())
-        windows = [ids[i: i + window] for i in range(0, len(ids) - 1, window) if len(ids[i: i + window]) > 1]
-        outs = llm.generate([{"prompt_token_ids": w} for w in windows],
-                            SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-        logprobs = [entry[w[pos]].logprob for w, out in zip(windows, outs)
-                    for pos, entry in enumerate(out.prompt_logprobs[1:], start=1)]
+        logprobs = scored_logprobs(llm, text_windows(ids, window))
         params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
         prompt = [{"prompt_token_ids": ids[:prompt_len]}]
         llm.generate(prompt, params, use_tqdm=False)  # warm-up

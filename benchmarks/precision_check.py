@@ -53,6 +53,22 @@ def first_divergence(a: list[int], b: list[int]) -> int:
     return n
 
 
+def text_windows(ids: list[int], window: int) -> list[list[int]]:
+    """The text's token ids cut into windows of `window` tokens (a last one of at least 2), each
+    scored on its own, so that every engine sees the same contexts."""
+    return [ids[i : i + window] for i in range(0, len(ids) - 1, window) if len(ids[i : i + window]) > 1]
+
+
+def scored_logprobs(llm, windows: list[list[int]]) -> list[float]:
+    """The logprob `llm` gives each token of each window after the first, from prompt logprobs."""
+    from pagedllm import SamplingParams
+
+    outs = llm.generate([{"prompt_token_ids": w} for w in windows],
+                        SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    return [entry[w[pos]].logprob for w, out in zip(windows, outs)
+            for pos, entry in enumerate(out.prompt_logprobs[1:], start=1)]
+
+
 def evaluate(model: str | None, variant: str, window: int, chunk: int, max_tokens: int, text: Path = TEXT) -> dict:
     """`variant`: a dtype, optionally with a KV-cache dtype after a slash ('float32/bfloat16') and a
     quantization after a plus ('float32+int8', 'float32/bfloat16+int8'); 'gguf:act8' / 'gguf:act15'
@@ -75,12 +91,7 @@ def evaluate(model: str | None, variant: str, window: int, chunk: int, max_token
         os.environ.pop(ACT_BITS_ENV, None)
         if saved is not None:
             os.environ[ACT_BITS_ENV] = saved
-    ids = llm.get_tokenizer().encode(text.read_text())
-    windows = [ids[i : i + window] for i in range(0, len(ids) - 1, window) if len(ids[i : i + window]) > 1]
-    outs = llm.generate([{"prompt_token_ids": w} for w in windows],
-                        SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-    token_logprobs = [entry[w[pos]].logprob for w, out in zip(windows, outs)
-                      for pos, entry in enumerate(out.prompt_logprobs[1:], start=1)]
+    token_logprobs = scored_logprobs(llm, text_windows(llm.get_tokenizer().encode(text.read_text()), window))
     nll, count = -sum(token_logprobs), len(token_logprobs)
     greedy = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
     llm.shutdown()
@@ -98,7 +109,7 @@ def llamacpp_perplexity(args: argparse.Namespace) -> dict:
 
     path = resolve_model(args.model).path
     ids = load_gguf_tokenizer(path).encode(Path(args.text).read_text())
-    windows = [ids[i : i + args.window] for i in range(0, len(ids) - 1, args.window) if len(ids[i : i + args.window]) > 1]
+    windows = text_windows(ids, args.window)
     work = Path(tempfile.mkdtemp())
     (work / "windows.json").write_text(json.dumps({"model": path, "windows": windows}))
     subprocess.run([args.llamacpp_python, str(HERE / "peers" / "run_llamacpp_perplexity.py"), str(work / "windows.json"),
